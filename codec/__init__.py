@@ -1,0 +1,19 @@
+"""SimVQ Codec: a streaming neural speech codec with SimVQ residual quantization.
+
+    from codec import load_model, compress, decompress
+    model = load_model()                      # the bundled default model, "simvq-16k"
+    compress("speech.wav", "speech.tok", model, bitrate=3.0)
+    decompress("speech.tok", "restored.wav")
+"""
+
+from codec.api import compress, decode_array, decompress, encode_array, stages_for_bitrate
+from codec.errors import AudioError, CheckpointError, CodecError, TokFormatError, UnknownModelError
+from codec.model import CodecOutput, SimVQCodec
+from codec.presets import DEFAULT_MODEL_ID, list_models, load_model
+from codec.quantizer import QuantizerResult
+
+__all__ = [
+    "AudioError", "CheckpointError", "CodecError", "CodecOutput", "DEFAULT_MODEL_ID", "QuantizerResult",
+    "SimVQCodec", "TokFormatError", "UnknownModelError", "compress", "decode_array", "decompress",
+    "encode_array", "list_models", "load_model", "stages_for_bitrate",
+]

@@ -1,0 +1,208 @@
+"""The public Python API: compress and decompress files and streams, encode and decode arrays.
+
+`compress`/`decompress` stream in blocks through the model's streaming state, so memory stays flat
+whatever the length of the input. `encode_array`/`decode_array` are the in-memory forms the server uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+import soxr
+import torch
+from tqdm import tqdm
+
+from codec.audio import AudioInfo, AudioReader, AudioWriter, output_format
+from codec.errors import AudioError, CodecError, TokFormatError
+from codec.model import SimVQCodec
+from codec.presets import load_model
+from codec.tokfile import TokHeader, TokReader, TokWriter
+
+Source = str | os.PathLike | BinaryIO
+
+
+def stages_for_bitrate(model: SimVQCodec, kbps: float) -> int:
+    """The largest number of stages whose nominal bitrate does not exceed `kbps`."""
+    fitting = [n for n in range(1, model.n_stages + 1) if model.bitrate(n) <= kbps * 1000 + 1e-6]
+    if not fitting:
+        raise CodecError(f"{kbps:g} kbit/s is below this model's lowest bitrate, {model.bitrate(1) / 1000:g} kbit/s")
+    return fitting[-1]
+
+
+def resolve_stages(model: SimVQCodec, n_stages: int | None = None, bitrate: float | None = None) -> int:
+    """Stage count from `n_stages` or `bitrate` (kbit/s), all stages when neither is given."""
+    if n_stages is not None and bitrate is not None:
+        raise CodecError("give either the number of stages or the bitrate, not both")
+    if bitrate is not None:
+        return stages_for_bitrate(model, bitrate)
+    if n_stages is None:
+        return model.n_stages
+    if not 1 <= n_stages <= model.n_stages:
+        raise CodecError(f"stages must be between 1 and {model.n_stages}, got {n_stages}")
+    return n_stages
+
+
+def weights_hash(model: SimVQCodec) -> bytes:
+    """The first 8 bytes of the model's weights sha256, as stored in token files."""
+    if model.weights_sha256 is None:
+        raise CodecError("this model was not loaded from a release directory, so token files cannot name it")
+    return bytes.fromhex(model.weights_sha256)[:8]
+
+
+def make_header(model: SimVQCodec, n_stages: int, num_samples: int | None) -> TokHeader:
+    frames = None if num_samples is None else -(-num_samples // model.hop_length)
+    return TokHeader(model.model_id or "unknown", weights_hash(model), model.sample_rate, model.hop_length,
+                     n_stages, model.bits_per_code, num_samples, frames)
+
+
+def check_model_matches(header: TokHeader, model: SimVQCodec) -> None:
+    """Raise unless `model` is the one that made the file (same weights, rate and framing)."""
+    if header.weights_hash != weights_hash(model):
+        raise TokFormatError(
+            f"the file was made by model {header.model_id!r} with weights {header.weights_hash.hex()}, but the model "
+            f"given ({model.model_id!r}) has weights {model.weights_sha256[:16]}: decode with the matching model")
+    if (header.sample_rate, header.hop_length) != (model.sample_rate, model.hop_length):
+        raise TokFormatError("the file's sample rate or frame size does not match the model")
+    if header.n_stages > model.n_stages or header.bits_per_code != model.bits_per_code:
+        raise TokFormatError(f"the file has {header.n_stages} stages of {header.bits_per_code} bits; the model has "
+                             f"{model.n_stages} of {model.bits_per_code}")
+
+
+def _device(model: SimVQCodec) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --- in memory --------------------------------------------------------------------------------------
+def encode_array(wav: np.ndarray, sample_rate: int, model: SimVQCodec, n_stages: int | None = None
+                 ) -> tuple[TokHeader, np.ndarray]:
+    """Mono or `[T, C]` float audio at any rate -> (header, codes `[S, F]` int64)."""
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim == 2:
+        wav = wav.mean(axis=1)
+    if wav.ndim != 1 or wav.size == 0:
+        raise AudioError("audio must be a non-empty 1-D array (or [samples, channels])")
+    if not np.isfinite(wav).all():
+        raise AudioError("audio contains NaN or infinite samples")
+    if sample_rate != model.sample_rate:
+        wav = soxr.resample(wav, sample_rate, model.sample_rate).astype(np.float32)
+    n = resolve_stages(model, n_stages)
+    codes = model.encode(torch.from_numpy(wav).to(_device(model))[None, None], n)[0]
+    return make_header(model, n, len(wav)), codes.cpu().numpy()
+
+
+def decode_array(header: TokHeader, codes: np.ndarray, model: SimVQCodec) -> np.ndarray:
+    """(header, codes `[S, F]`) -> float32 audio with exactly `header.num_samples` samples."""
+    check_model_matches(header, model)
+    codes = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=_device(model))
+    wav = model.decode(codes[None])[0, 0].cpu().numpy()
+    return wav[: header.num_samples]
+
+
+# --- files and streams ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _open_output(dst: Source) -> Iterator[BinaryIO]:
+    """A binary sink; a path is written to a temporary file renamed into place only on success."""
+    if dst == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    if not isinstance(dst, (str, os.PathLike)):
+        yield dst
+        return
+    path = Path(dst)
+    if not path.parent.exists():
+        raise CodecError(f"cannot write {path}: the folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.chmod(tmp, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _open_input(src: Source) -> Iterator[BinaryIO]:
+    if src == "-":
+        yield sys.stdin.buffer
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise CodecError(f"no such file: {path}")
+        with open(path, "rb") as f:
+            yield f
+    else:
+        yield src
+
+
+def _progress(enabled: bool, total_seconds: float | None, desc: str) -> tqdm:
+    total = None if total_seconds is None else round(total_seconds, 1)
+    return tqdm(total=total, unit="s", unit_scale=False, desc=desc, disable=not enabled, file=sys.stderr,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} s audio [{elapsed}<{remaining}]")
+
+
+def compress(src: Source, dst: Source, model: SimVQCodec | str | None = None, n_stages: int | None = None,
+             bitrate: float | None = None, progress: bool = False) -> tuple[TokHeader, AudioInfo]:
+    """Compress audio (path, `-` or file object) into a .tok file, streaming in blocks.
+
+    Returns the header as written (counts filled in) and what the input was.
+    """
+    codec = model if isinstance(model, SimVQCodec) else load_model(model)
+    n = resolve_stages(codec, n_stages, bitrate)
+    with AudioReader(src, codec.sample_rate) as reader:
+        info = reader.info
+        # The exact length is known up front only when no resampling changes it.
+        known = info.frames if info.sample_rate == codec.sample_rate else None
+        header = make_header(codec, n, known)
+        seconds = None if info.frames is None else info.frames / info.sample_rate
+        total = 0
+        with _open_output(dst) as sink, _progress(progress, seconds, "compress") as bar, codec.streaming(1):
+            writer = TokWriter(sink, header)
+            device = _device(codec)
+            for block in reader.blocks():
+                total += len(block)
+                writer.write(codec.encode(torch.from_numpy(block).to(device)[None, None], n)[0].cpu().numpy())
+                bar.update(len(block) / codec.sample_rate)
+            writer.write(codec.flush_encoder(n)[0].cpu().numpy())
+            writer.close(total)
+    return make_header(codec, n, total), info
+
+
+def decompress(src: Source, dst: Source, model: SimVQCodec | str | None = None, format: str | None = None,
+               progress: bool = False) -> tuple[TokHeader, int]:
+    """Decode a .tok file (path, `-` or file object) to WAV or FLAC. Returns (header, clipped samples).
+
+    The output has exactly the original number of samples. Without `model`, the model named in the file
+    is loaded from this installation's presets.
+    """
+    format = output_format(dst, format)
+    with _open_input(src) as source:
+        reader = TokReader(source)
+        header = reader.header
+        codec = model if isinstance(model, SimVQCodec) else load_model(model or header.model_id)
+        check_model_matches(header, codec)
+        device = _device(codec)
+        seconds = None if header.num_samples is None else header.num_samples / header.sample_rate
+        with (_open_output(dst) as sink, _progress(progress, seconds, "decompress") as bar, codec.streaming(1),
+              AudioWriter(sink, codec.sample_rate, format, num_frames=header.num_samples) as writer):
+            held = np.zeros(0, np.float32)  # the last block waits until the true length is known
+            written = 0
+            for block in reader:
+                audio = codec.decode(torch.from_numpy(block).to(device)[None])[0, 0].cpu().numpy()
+                if len(held):
+                    writer.write(held)
+                    written += len(held)
+                    bar.update(len(held) / codec.sample_rate)
+                held = audio
+            header = reader.header  # counts are filled in once the trailer has been read
+            writer.write(held[: header.num_samples - written])
+            bar.update(len(held) / codec.sample_rate)
+    return header, writer.clipped

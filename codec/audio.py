@@ -1,0 +1,319 @@
+"""Audio input and output: any WAV, FLAC or OGG in, mono float32 at the model rate out, in blocks.
+
+Files go through soundfile; resampling through soxr's streaming resampler, so a long file never sits
+in memory whole. Pipes (`-`) cannot seek, which libsndfile needs, so a WAV on stdin is parsed here
+as a stream and other containers are spooled to a temporary file first; WAV to stdout is written with
+its length in the header when known (else the streaming convention 0xFFFFFFFF).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from codec.errors import AudioError
+
+BLOCK_SECONDS = 10.0
+OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+
+
+@dataclass
+class AudioInfo:
+    """What the input was before conversion."""
+
+    sample_rate: int
+    channels: int
+    frames: int | None  # None when reading a stream of unknown length
+    format: str
+
+    def needs_conversion(self, target_rate: int) -> bool:
+        return self.sample_rate != target_rate or self.channels != 1
+
+    def describe(self) -> str:
+        return f"{self.format}, {self.sample_rate} Hz, {self.channels} channel{'s' if self.channels > 1 else ''}"
+
+
+def _stdin() -> BinaryIO:
+    return sys.stdin.buffer
+
+
+def _stdout() -> BinaryIO:
+    return sys.stdout.buffer
+
+
+# --- reading ----------------------------------------------------------------------------------------
+_WAV_FLOAT, _WAV_PCM, _WAV_EXTENSIBLE = 3, 1, 0xFFFE
+
+
+class _StreamingWav:
+    """A minimal PCM/float WAV reader for non-seekable streams (RIFF chunks in order, data last)."""
+
+    def __init__(self, stream: BinaryIO, head: bytes):
+        self.stream, self._buffer = stream, head
+        if self._read(4) != b"RIFF" or len(self._read(4)) != 4 or self._read(4) != b"WAVE":
+            raise AudioError("stdin is not a RIFF/WAVE stream")
+        fmt = None
+        while True:
+            chunk_id, size = self._read(4), self._read(4)
+            if len(chunk_id) < 4 or len(size) < 4:
+                raise AudioError("WAV stream ended before its data chunk")
+            (size,) = struct.unpack("<I", size)
+            if chunk_id == b"data":
+                break
+            body = self._read(size + (size & 1))
+            if chunk_id == b"fmt ":
+                fmt = body
+        if fmt is None or len(fmt) < 16:
+            raise AudioError("WAV stream has no valid fmt chunk before its data")
+        tag, channels, rate, _, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
+        if tag == _WAV_EXTENSIBLE and len(fmt) >= 26:
+            tag = struct.unpack("<H", fmt[24:26])[0]
+        dtypes = {(_WAV_PCM, 8): "u1", (_WAV_PCM, 16): "<i2", (_WAV_PCM, 32): "<i4", (_WAV_FLOAT, 32): "<f4", (_WAV_FLOAT, 64): "<f8"}
+        if (tag, bits) == (_WAV_PCM, 24):
+            self.dtype = "int24"
+        elif (tag, bits) in dtypes:
+            self.dtype = dtypes[(tag, bits)]
+        else:
+            raise AudioError(f"unsupported WAV sample format on stdin (format tag {tag}, {bits} bits)")
+        if channels == 0 or rate == 0 or block_align != channels * bits // 8:
+            raise AudioError("WAV stream header is inconsistent (channels, rate or block size)")
+        self.channels, self.samplerate, self.block_align = channels, rate, block_align
+        unknown = size in (0, 0xFFFFFFFF)
+        self.frames = None if unknown else size // block_align
+        self._remaining = None if unknown else self.frames * block_align
+
+    def _read(self, n: int) -> bytes:
+        out = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        if len(out) < n:
+            out += self.stream.read(n - len(out))
+        return out
+
+    def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        while self._remaining is None or self._remaining > 0:
+            want = frames * self.block_align
+            if self._remaining is not None:
+                want = min(want, self._remaining)
+            data = self._read(want)
+            data = data[: len(data) - len(data) % self.block_align]
+            if not data:
+                return
+            if self._remaining is not None:
+                self._remaining -= len(data)
+            yield self._decode(data).reshape(-1, self.channels)
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        if self.dtype == "int24":
+            raw = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.int32)
+            ints = (raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)) << 8 >> 8
+            return ints.astype(np.float32) / 2**23
+        x = np.frombuffer(data, self.dtype)
+        if self.dtype == "u1":
+            return (x.astype(np.float32) - 128) / 128
+        if x.dtype.kind == "i":
+            return x.astype(np.float32) / float(2 ** (8 * x.itemsize - 1))
+        return x.astype(np.float32)
+
+
+class AudioReader:
+    """Read audio as mono float32 blocks at `target_rate`.
+
+    Args:
+        src: a path, `-` for stdin, or a binary file object (seekable, or a WAV stream).
+        target_rate: output sample rate (Hz).
+        block_seconds: size of the blocks read from the source.
+    Use as a context manager; `info` describes the source, `blocks()` yields `[n]` arrays.
+    """
+
+    def __init__(self, src: str | os.PathLike | BinaryIO, target_rate: int, block_seconds: float = BLOCK_SECONDS):
+        self.target_rate, self.block_seconds = target_rate, block_seconds
+        self._spool = None
+        self.name = "stdin" if src == "-" else getattr(src, "name", None) or str(src)
+        if isinstance(src, (str, os.PathLike)) and src != "-":
+            path = Path(src)
+            if not path.exists():
+                raise AudioError(f"no such file: {path}")
+            if path.is_dir():
+                raise AudioError(f"{path} is a directory, not an audio file")
+            self._file = self._open_soundfile(path)
+        else:
+            self._file = self._open_stream(_stdin() if src == "-" else src)
+        rate, channels = self._file.samplerate, self._file.channels
+        frames = getattr(self._file, "frames", None)
+        fmt = getattr(self._file, "format", "WAV")
+        self.info = AudioInfo(rate, channels, frames, fmt)
+        if frames == 0:
+            self.close()
+            raise AudioError(f"{self.name} contains no audio samples")
+
+    def _open_soundfile(self, file) -> sf.SoundFile:
+        try:
+            return sf.SoundFile(file)
+        except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+            detail = str(exc).split(": ")[-1]
+            raise AudioError(f"cannot read {self.name} as audio (WAV, FLAC or OGG expected): {detail}") from None
+
+    def _open_stream(self, stream: BinaryIO):
+        seekable = getattr(stream, "seekable", lambda: False)()
+        if seekable:
+            return self._open_soundfile(stream)
+        head = stream.read(12)
+        if head[:4] == b"RIFF":
+            return _StreamingWav(stream, head)
+        # FLAC and OGG need seeking: spool to a temporary file (disk, not memory).
+        self._spool = tempfile.TemporaryFile()
+        self._spool.write(head)
+        shutil.copyfileobj(stream, self._spool, 1 << 20)
+        self._spool.seek(0)
+        return self._open_soundfile(self._spool)
+
+    def __enter__(self) -> "AudioReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if isinstance(self._file, sf.SoundFile):
+            self._file.close()
+        if self._spool is not None:
+            self._spool.close()
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Mono float32 blocks at the target rate; raises AudioError on non-finite samples."""
+        rate = self.info.sample_rate
+        resampler = None if rate == self.target_rate else soxr.ResampleStream(rate, self.target_rate, 1, dtype="float32")
+        block = max(1, int(self.block_seconds * rate))
+        seen, total = 0, 0
+        if isinstance(self._file, sf.SoundFile):
+            source = self._file.blocks(block, dtype="float32", always_2d=True)
+        else:
+            source = self._file.blocks(block)
+        try:
+            for chunk in source:
+                if not np.isfinite(chunk).all():
+                    bad = seen + int(np.argmax(~np.isfinite(chunk).all(axis=1)))
+                    raise AudioError(f"{self.name} has a non-finite sample (NaN or infinity) at {bad / rate:.3f} s")
+                seen += len(chunk)
+                mono = chunk.mean(axis=1, dtype=np.float32) if chunk.shape[1] > 1 else chunk[:, 0].astype(np.float32)
+                out = resampler.resample_chunk(mono) if resampler else mono
+                total += len(out)
+                if len(out):
+                    yield out
+        except sf.LibsndfileError as exc:
+            raise AudioError(f"{self.name} is damaged: {exc}") from None
+        if resampler is not None:
+            tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+            if len(tail):
+                yield tail
+        if seen == 0:
+            raise AudioError(f"{self.name} contains no audio samples")
+
+
+def read_audio(src: str | os.PathLike | BinaryIO, target_rate: int) -> tuple[np.ndarray, AudioInfo]:
+    """Whole-file convenience: mono float32 `[T]` at `target_rate`, and what the source was."""
+    with AudioReader(src, target_rate) as reader:
+        blocks = list(reader.blocks())
+    return np.concatenate(blocks), reader.info
+
+
+def read_audio_bytes(data: bytes, target_rate: int) -> tuple[np.ndarray, AudioInfo]:
+    """`read_audio` for an in-memory upload."""
+    return read_audio(io.BytesIO(data), target_rate)
+
+
+# --- writing ----------------------------------------------------------------------------------------
+def output_format(dst: str | os.PathLike | BinaryIO, requested: str | None = None) -> str:
+    """"WAV" or "FLAC": as requested, else by the destination's extension, else WAV."""
+    if requested:
+        fmt = requested.upper()
+        if fmt not in OUTPUT_FORMATS.values():
+            raise AudioError(f"unsupported output format {requested!r}: use wav or flac")
+        return fmt
+    if isinstance(dst, (str, os.PathLike)) and dst != "-":
+        suffix = Path(dst).suffix.lower()
+        if suffix and suffix not in OUTPUT_FORMATS:
+            raise AudioError(f"cannot write {suffix} files: the output must end in .wav or .flac")
+        return OUTPUT_FORMATS.get(suffix, "WAV")
+    return "WAV"
+
+
+def wav_header(sample_rate: int, num_frames: int | None) -> bytes:
+    """44-byte PCM16 mono WAV header; unknown length uses the streaming convention 0xFFFFFFFF."""
+    data = 0xFFFFFFFF if num_frames is None else num_frames * 2
+    riff = 0xFFFFFFFF if num_frames is None else 36 + data
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", riff, b"WAVE", b"fmt ", 16, _WAV_PCM, 1, sample_rate,
+                       sample_rate * 2, 2, 16, b"data", data)
+
+
+class AudioWriter:
+    """Write mono float32 blocks as 16-bit WAV or FLAC, counting samples that had to be clipped.
+
+    Args:
+        dst: a path, `-` for stdout, or a binary file object.
+        sample_rate: Hz.
+        format: "WAV" or "FLAC" (default: by extension, else WAV).
+        num_frames: total length when known (lets a WAV on a pipe carry its real length).
+    """
+
+    def __init__(self, dst: str | os.PathLike | BinaryIO, sample_rate: int, format: str | None = None,
+                 num_frames: int | None = None):
+        self.format = output_format(dst, format)
+        self.clipped = 0
+        self._stream: BinaryIO | None = None
+        self._spool = None
+        stream = _stdout() if dst == "-" else dst if not isinstance(dst, (str, os.PathLike)) else None
+        if stream is not None and not getattr(stream, "seekable", lambda: False)():
+            if self.format == "WAV":
+                self._stream = stream
+                stream.write(wav_header(sample_rate, num_frames))
+                self._file = None
+                return
+            self._spool, self._target = tempfile.TemporaryFile(), stream  # FLAC needs seeking: spool
+            stream = self._spool
+        self._file = sf.SoundFile(stream if stream is not None else dst, "w", sample_rate, 1,
+                                  format=self.format, subtype="PCM_16")
+
+    def write(self, block: np.ndarray) -> None:
+        over = np.abs(block) > 1.0
+        if over.any():
+            self.clipped += int(over.sum())
+            block = np.clip(block, -1.0, 1.0)
+        if self._file is not None:
+            self._file.write(block)
+        else:
+            self._stream.write((np.round(block * 32767.0)).astype("<i2").tobytes())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._spool is not None:
+            self._spool.seek(0)
+            shutil.copyfileobj(self._spool, self._target, 1 << 20)
+            self._spool.close()
+        if self._stream is not None:
+            self._stream.flush()
+
+    def __enter__(self) -> "AudioWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_audio(dst: str | os.PathLike | BinaryIO, wav: np.ndarray, sample_rate: int, format: str | None = None) -> int:
+    """Whole-array convenience; returns the number of clipped samples."""
+    with AudioWriter(dst, sample_rate, format, num_frames=len(wav)) as writer:
+        writer.write(wav)
+    return writer.clipped

@@ -1,0 +1,194 @@
+"""The `simvq-codec` command line: a thin layer over `codec.api`.
+
+Core commands live here; `train`, `export`, `eval`, `serve` and others are discovered from the entry-point
+group `simvq_codec.commands` (each names a `register(subparsers)`), so `codec` imports nothing from the
+packages that build on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+EPILOG = """examples:
+  simvq-codec compress speech.wav speech.tok           # all stages (6 kbit/s)
+  simvq-codec compress speech.flac speech.tok --bitrate 1.5
+  simvq-codec decompress speech.tok restored.wav
+  simvq-codec info speech.tok
+  cat in.wav | simvq-codec compress - - | simvq-codec decompress - - > out.wav
+"""
+
+
+def _fail(message: str) -> int:
+    print(f"simvq-codec: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _check_paths(src: str, dst: str, force: bool) -> str | None:
+    if src != "-" and dst != "-" and os.path.abspath(src) == os.path.abspath(dst):
+        return "input and output are the same file"
+    if dst != "-" and Path(dst).exists() and not force:
+        return f"{dst} exists: pass --force to overwrite it"
+    return None
+
+
+def _progress_wanted(args) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def cmd_compress(args) -> int:
+    from codec import api
+
+    if problem := _check_paths(args.input, args.output, args.force):
+        return _fail(problem)
+    header, info = api.compress(args.input, args.output, model=args.model, n_stages=args.stages,
+                                bitrate=args.bitrate, progress=_progress_wanted(args))
+    if info.needs_conversion(header.sample_rate) and not args.quiet:
+        print(f"note: input is {info.describe()}; converted to mono {header.sample_rate} Hz", file=sys.stderr)
+    if not args.quiet and args.output != "-":
+        seconds = header.num_samples / header.sample_rate
+        size = Path(args.output).stat().st_size
+        print(f"{args.output}: {seconds:.2f} s, {header.n_stages} stages, {size} bytes "
+              f"({size * 8 / max(seconds, 1e-9) / 1000:.2f} kbit/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from codec import api
+
+    if problem := _check_paths(args.input, args.output, args.force):
+        return _fail(problem)
+    header, clipped = api.decompress(args.input, args.output, model=args.model, format=args.format,
+                                     progress=_progress_wanted(args))
+    if clipped:
+        print(f"warning: {clipped} samples were clipped to [-1, 1]", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from codec import presets
+    from codec.api import _open_input
+    from codec.tokfile import TokReader
+
+    with _open_input(args.file) as f:
+        reader = TokReader(f)
+        for _ in reader:  # reads and verifies the whole file (CRC, counts)
+            pass
+        h, size = reader.header, reader.bytes_read
+    seconds = h.num_samples / h.sample_rate
+    try:
+        config = presets.describe(h.model_id)
+        installed = "yes" if config["sha256"].startswith(h.weights_hash.hex()) else "no (different weights)"
+    except Exception:
+        installed = "no"
+    rows = [
+        ("model", f"{h.model_id} (weights {h.weights_hash.hex()}; installed here: {installed})"),
+        ("sample rate", f"{h.sample_rate} Hz"),
+        ("frame rate", f"{h.frame_rate:g} Hz (hop {h.hop_length} samples)"),
+        ("stages", f"{h.n_stages} x {h.bits_per_code} bits"),
+        ("samples", f"{h.num_samples}"),
+        ("frames", f"{h.num_frames}"),
+        ("duration", f"{seconds:.3f} s"),
+        ("nominal bitrate", f"{h.nominal_bitrate / 1000:.3f} kbit/s"),
+        ("file bitrate", f"{size * 8 / max(seconds, 1e-9) / 1000:.3f} kbit/s ({size} bytes)"),
+    ]
+    for key, value in rows:
+        print(f"{key:16} {value}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from codec import presets
+
+    for model_id in presets.list_models():
+        config = presets.describe(model_id)
+        state = "trained" if config.get("trained") else "UNTRAINED stand-in"
+        rates = ", ".join(f"{r:g}" for r in config["bitrates_kbps"])
+        print(f"{model_id}{' (default)' if model_id == presets.DEFAULT_MODEL_ID else ''}: {presets.MODELS[model_id][1]}")
+        print(f"  {state}; {config['parameters'] / 1e6:.2f} M parameters; kbit/s by stage count: {rates}")
+    return 0
+
+
+CORE_COMMANDS = ("compress", "decompress", "info", "models")
+
+
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    """The full parser; `plugins=False` skips the entry-point commands (faster start for core commands)."""
+    parser = argparse.ArgumentParser(
+        prog="simvq-codec",
+        description="SimVQ neural speech codec: compress speech into discrete tokens (.tok files) and back.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, help="CPU threads for the model (default: all cores)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("compress", help="audio (WAV, FLAC, OGG; any rate and channels) -> .tok",
+                       description="Compress audio into a .tok token file. Input is mixed down to mono and "
+                                   "resampled to the model's rate.")
+    p.add_argument("input", help="audio file, or - for stdin")
+    p.add_argument("output", help=".tok file, or - for stdout")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--bitrate", type=float, metavar="KBPS",
+                      help="target kbit/s: the largest number of stages that fits (default: all stages)")
+    rate.add_argument("--stages", type=int, metavar="N", help="number of residual stages to keep (1..12)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("decompress", help=".tok -> audio (WAV, or FLAC by extension)",
+                       description="Decode a .tok file back to audio with exactly the original length.")
+    p.add_argument("input", help=".tok file, or - for stdin")
+    p.add_argument("output", help="output .wav or .flac, or - for WAV on stdout")
+    p.add_argument("--format", choices=["wav", "flac"], help="output format (default: by extension, else wav)")
+    p.set_defaults(func=cmd_decompress)
+
+    for p in (sub.choices["compress"], sub.choices["decompress"]):
+        p.add_argument("--model", metavar="ID|DIR", help="model id or directory (default: simvq-16k; "
+                                                          "decompress defaults to the model named in the file)")
+        p.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes")
+
+    p = sub.add_parser("info", help="show a .tok file's header, duration and bitrate")
+    p.add_argument("file", help=".tok file, or - for stdin")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the models this installation has")
+    p.set_defaults(func=cmd_models)
+
+    for entry in entry_points(group="simvq_codec.commands") if plugins else ():
+        try:
+            entry.load()(sub)
+        except ImportError as exc:  # an optional part whose dependencies are not installed
+            print(f"simvq-codec: note: command {entry.name!r} unavailable ({exc})", file=sys.stderr)
+    return parser
+
+
+def _is_core_command(argv: list[str]) -> bool:
+    words = [a for a in argv if not a.startswith("-")]
+    return bool(words) and words[0] in CORE_COMMANDS
+
+
+def main(argv: list[str] | None = None) -> int:
+    from codec.errors import CodecError
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(plugins=not _is_core_command(argv)).parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except CodecError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""SimVQCodec: causal STFT encoder -> residual SimVQ -> causal ConvNeXt decoder with an inverse STFT.
+
+All networks run at the frame rate (50 Hz by default), which is what makes the codec cheap: the
+encoder stacks short causal STFT frames into one feature vector per codec frame, and the decoder
+predicts short STFT frames that an inverse STFT overlap-adds (Vocos-style), instead of upsampling
+through stacks of transposed convolutions. Nothing looks ahead: the algorithmic latency is one frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from codec.modules import ConvNeXtBlock, ISTFTSynthesis, STFTFeatures
+from codec.quantizer import ResidualQuantizer
+from codec.streaming import StreamingModule
+
+
+@dataclass
+class CodecOutput:
+    """Training forward result.
+
+    audio: `[B, 1, T]` reconstruction. codes: `[B, S, F]`. latents: `[B, F, D]` encoder output.
+    commit_loss, codebook_loss: scalars (see `QuantizerResult`). stage_counts: `[S, K]` code counts.
+    """
+
+    audio: Tensor
+    codes: Tensor
+    commit_loss: Tensor
+    codebook_loss: Tensor
+    stage_counts: Tensor
+    latents: Tensor
+
+
+@dataclass
+class _PendingSamples:
+    samples: Tensor  # `[B, 1, r]`, r < hop: the start of a frame that is not complete yet
+
+
+class SimVQCodec(StreamingModule):
+    """The streaming SimVQ speech codec.
+
+    Args:
+        sample_rate: audio rate in Hz.
+        hop_length: samples per codec frame (frame rate = sample_rate / hop_length).
+        n_fft: window of the short STFT frames on both sides (samples).
+        sub_hop: hop of the short STFT frames; `hop_length / sub_hop` of them make one codec frame.
+        encoder_dim, encoder_layers: width and depth of the encoder's ConvNeXt stack.
+        decoder_dim, decoder_layers: width and depth of the decoder's ConvNeXt stack.
+        kernel_size: causal depthwise kernel of the ConvNeXt blocks, in frames.
+        expansion: MLP expansion of the ConvNeXt blocks.
+        latent_dim: D, the dimension that is quantized.
+        n_stages: residual quantizer stages S.
+        codebook_size: codes per stage K (a power of two).
+        quantizer: "simvq" or "vq" (the plain-VQ baseline).
+        quantizer_dropout: fraction of training examples that use a random number of stages.
+        init_from_data: rescale each stage's codes to its input on the first training batch.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        hop_length: int = 320,
+        n_fft: int = 320,
+        sub_hop: int = 80,
+        encoder_dim: int = 256,
+        encoder_layers: int = 4,
+        decoder_dim: int = 256,
+        decoder_layers: int = 8,
+        kernel_size: int = 7,
+        expansion: int = 3,
+        latent_dim: int = 64,
+        n_stages: int = 12,
+        codebook_size: int = 1024,
+        quantizer: str = "simvq",
+        quantizer_dropout: float = 0.5,
+        init_from_data: bool = True,
+    ):
+        super().__init__()
+        if hop_length % sub_hop or n_fft < sub_hop:
+            raise ValueError(f"hop_length ({hop_length}) must be a multiple of sub_hop ({sub_hop}) <= n_fft ({n_fft})")
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.sample_rate, self.hop_length = sample_rate, hop_length
+        frames_per_step = hop_length // sub_hop
+
+        self.features = STFTFeatures(n_fft, sub_hop, frames_per_step)
+        self.encoder_in = nn.Sequential(nn.Linear(self.features.out_dim, encoder_dim), nn.LayerNorm(encoder_dim))
+        self.encoder = nn.Sequential(*(ConvNeXtBlock(encoder_dim, kernel_size, expansion) for _ in range(encoder_layers)))
+        self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), nn.Linear(encoder_dim, latent_dim))
+
+        self.quantizer = ResidualQuantizer(latent_dim, n_stages, codebook_size, quantizer, quantizer_dropout, init_from_data)
+
+        self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step)
+        self.decoder_in = nn.Linear(latent_dim, decoder_dim)
+        self.decoder = nn.Sequential(*(ConvNeXtBlock(decoder_dim, kernel_size, expansion) for _ in range(decoder_layers)))
+        self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))
+
+        # Set by codec.checkpoint when loaded from a release directory.
+        self.trained = False
+        self.weights_sha256: str | None = None
+        self.model_id: str | None = None
+
+    # --- properties a caller needs ---------------------------------------------------------------
+    @property
+    def frame_size(self) -> int:
+        return self.hop_length
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    @property
+    def n_stages(self) -> int:
+        return self.quantizer.n_stages
+
+    num_codebooks = n_stages
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def bits_per_code(self) -> int:
+        return self.codebook_size.bit_length() - 1
+
+    def bitrate(self, n_stages: int | None = None) -> float:
+        """Nominal bits per second with `n_stages` stages (all by default)."""
+        return (n_stages or self.n_stages) * self.bits_per_code * self.frame_rate
+
+    # --- the two halves ----------------------------------------------------------------------------
+    def _check_audio(self, wav: Tensor) -> None:
+        if wav.dim() != 3 or wav.shape[1] != 1:
+            raise ValueError(f"expected mono audio shaped [B, 1, T], got {tuple(wav.shape)}")
+
+    def encode_latents(self, wav: Tensor) -> Tensor:
+        """`[B, 1, T]` (T a multiple of hop_length) -> latents `[B, T / hop, D]`."""
+        x = self.encoder(self.encoder_in(self.features(wav)))
+        return self.encoder_out(x)
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Latents `[B, F, D]` -> audio `[B, 1, F * hop]`."""
+        x = self.decoder(self.decoder_in(latents))
+        return self.synthesis(self.decoder_out(x))
+
+    # --- streaming ---------------------------------------------------------------------------------
+    def _init_streaming_state(self, batch_size: int) -> _PendingSamples:
+        return _PendingSamples(self.synthesis.window.new_zeros(batch_size, 1, 0))
+
+    def _take_whole_frames(self, wav: Tensor) -> Tensor:
+        state = self._streaming_state
+        wav = torch.cat([state.samples, wav], dim=-1)
+        whole = wav.shape[-1] - wav.shape[-1] % self.hop_length
+        state.samples = wav[..., whole:]
+        return wav[..., :whole]
+
+    def flush_encoder(self, n_stages: int | None = None) -> Tensor:
+        """End of a stream: zero-pad the buffered partial frame and return its codes (`[B, S, 0 or 1]`)."""
+        state = self._streaming_state
+        if state is None:
+            raise RuntimeError("flush_encoder() is only meaningful inside model.streaming()")
+        pending = state.samples.shape[-1]
+        pad = (self.hop_length - pending) % self.hop_length
+        return self.encode(state.samples.new_zeros(state.samples.shape[0], 1, pad), n_stages)
+
+    # --- public inference calls --------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, wav: Tensor, n_stages: int | None = None) -> Tensor:
+        """Audio `[B, 1, T]` -> codes `[B, S, F]`.
+
+        Offline, F = ceil(T / hop) and the last partial frame is zero-padded. Inside `model.streaming()`,
+        any number of samples is accepted: the codes of the frames completed so far are returned and the
+        rest waits for the next call (or `flush_encoder()`).
+        """
+        self._check_audio(wav)
+        if self.is_streaming:
+            wav = self._take_whole_frames(wav)
+        elif wav.shape[-1] % self.hop_length:
+            wav = nn.functional.pad(wav, (0, self.hop_length - wav.shape[-1] % self.hop_length))
+        n = self.quantizer._check_stages(n_stages)
+        if wav.shape[-1] == 0:
+            return torch.zeros(wav.shape[0], n, 0, dtype=torch.long, device=wav.device)
+        return self.quantizer.encode(self.encode_latents(wav), n)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes `[B, S, F]` (S <= n_stages) -> audio `[B, 1, F * hop]`; streams inside `model.streaming()`."""
+        if codes.dim() != 3:
+            raise ValueError(f"expected codes shaped [B, S, F], got {tuple(codes.shape)}")
+        if codes.shape[-1] == 0:
+            return codes.new_zeros(codes.shape[0], 1, 0, dtype=torch.float32)
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+        return self.decode_latents(self.quantizer.decode(codes))
+
+    def forward(self, wav: Tensor, n_stages: int | None = None) -> CodecOutput:
+        """Training pass on `[B, 1, T]` with T a multiple of hop_length."""
+        self._check_audio(wav)
+        if wav.shape[-1] % self.hop_length:
+            raise ValueError(f"training audio length must be a multiple of hop_length={self.hop_length}")
+        latents = self.encode_latents(wav)
+        q = self.quantizer(latents, n_stages)
+        return CodecOutput(
+            audio=self.decode_latents(q.quantized),
+            codes=q.codes,
+            commit_loss=q.commit_loss,
+            codebook_loss=q.codebook_loss,
+            stage_counts=q.stage_counts,
+            latents=latents,
+        )

@@ -1,0 +1,175 @@
+"""Building blocks of the codec: causal convolution, ConvNeXt block, STFT analysis and iSTFT synthesis.
+
+Every block is causal and keeps one `forward` for offline and streaming use: in streaming mode a block
+carries exactly the context an offline run would have seen (the last input samples or frames, or the
+overlap-add tail), so chunked and whole-signal processing agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codec.streaming import StreamingModule
+
+
+@dataclass
+class _HistoryState:
+    history: Tensor  # the last inputs the next call needs as left context
+
+
+class CausalConv1d(StreamingModule):
+    """Stride-1 causal 1-D convolution: output t sees inputs t - (kernel-1)*dilation ... t.
+
+    Args:
+        in_channels, out_channels, kernel_size, dilation, groups: as in `nn.Conv1d`.
+    Input and output are `[B, C, T]`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation, groups=groups)
+        self.context = (kernel_size - 1) * dilation
+
+    def _init_streaming_state(self, batch_size: int) -> _HistoryState:
+        weight = self.conv.weight
+        return _HistoryState(weight.new_zeros(batch_size, self.conv.in_channels, self.context))
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._streaming_state
+        if state is None:
+            x = F.pad(x, (self.context, 0))
+        else:
+            x = torch.cat([state.history, x], dim=-1)
+            state.history = x[..., x.shape[-1] - self.context :]
+        return self.conv(x)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Causal ConvNeXt block on frame-rate features (Vocos style).
+
+    Depthwise causal conv, LayerNorm, pointwise MLP, layer scale, residual.
+
+    Args:
+        dim: channels C.
+        kernel_size: depthwise kernel, in frames.
+        expansion: hidden width of the MLP is `expansion * dim`.
+        layer_scale: initial value of the per-channel residual scale.
+    Input and output are `[B, T, C]` (channels last, so the pointwise layers are plain matmuls).
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 7, expansion: int = 3, layer_scale: float = 0.1):
+        super().__init__()
+        self.dwconv = CausalConv1d(dim, dim, kernel_size, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1 = nn.Linear(dim, expansion * dim)
+        self.pw2 = nn.Linear(expansion * dim, dim)
+        self.scale = nn.Parameter(torch.full((dim,), layer_scale))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
+        y = self.pw2(F.gelu(self.pw1(self.norm(y))))
+        return x + self.scale * y
+
+
+def hann_window(n_fft: int) -> Tensor:
+    return torch.hann_window(n_fft, periodic=True)
+
+
+class STFTFeatures(StreamingModule):
+    """Causal STFT analysis: waveform -> per-frame spectral features.
+
+    Sub-frames of `n_fft` samples every `hop` samples; sub-frame k ends at sample (k+1)*hop, so it only sees
+    the past. `frames_per_step` consecutive sub-frames are stacked into one output step.
+
+    Args:
+        n_fft: analysis window (samples).
+        hop: sub-frame hop (samples).
+        frames_per_step: sub-frames stacked per output step (the codec frame is `hop * frames_per_step`).
+        compress: power-law exponent for the compressed complex spectrum features.
+    Input `[B, 1, T]` with T a multiple of `hop * frames_per_step`; output `[B, T / (hop*frames_per_step),
+    frames_per_step * 3 * (n_fft // 2 + 1)]`: log magnitude and the compressed real and imaginary parts.
+    """
+
+    def __init__(self, n_fft: int, hop: int, frames_per_step: int, compress: float = 0.3):
+        super().__init__()
+        self.n_fft, self.hop, self.frames_per_step, self.compress = n_fft, hop, frames_per_step, compress
+        self.register_buffer("window", hann_window(n_fft), persistent=False)
+        self.out_dim = frames_per_step * 3 * (n_fft // 2 + 1)
+
+    def _init_streaming_state(self, batch_size: int) -> _HistoryState:
+        return _HistoryState(self.window.new_zeros(batch_size, self.n_fft - self.hop))
+
+    def forward(self, wav: Tensor) -> Tensor:
+        x = wav[:, 0]
+        state = self._streaming_state
+        if state is None:
+            x = F.pad(x, (self.n_fft - self.hop, 0))
+        else:
+            x = torch.cat([state.history, x], dim=-1)
+            state.history = x[:, x.shape[-1] - (self.n_fft - self.hop) :]
+        frames = x.unfold(-1, self.n_fft, self.hop) * self.window  # [B, N, n_fft]
+        spec = torch.fft.rfft(frames, dim=-1)  # [B, N, bins]
+        mag = spec.abs()
+        compressed = spec * (mag + 1e-7).pow(self.compress - 1.0)
+        feats = torch.cat([torch.log(mag + 1e-5), compressed.real, compressed.imag], dim=-1)
+        batch, n_sub, width = feats.shape
+        return feats.reshape(batch, n_sub // self.frames_per_step, self.frames_per_step * width)
+
+
+class ISTFTSynthesis(StreamingModule):
+    """Causal inverse STFT: per-step spectra -> waveform by overlap-add.
+
+    Each step carries `frames_per_step` sub-frames of log magnitude and phase. Sub-frame k covers output
+    samples [k*hop, k*hop + n_fft); after step t all samples before (t+1)*hop*frames_per_step have received
+    every contribution and are returned; the rest of the overlap (the tail) waits for the next step.
+
+    Args:
+        n_fft, hop, frames_per_step: as in `STFTFeatures`.
+    Input `[B, T, frames_per_step * 2 * (n_fft // 2 + 1)]` (log magnitudes, then phases, per sub-frame);
+    output `[B, 1, T * hop * frames_per_step]`.
+    """
+
+    def __init__(self, n_fft: int, hop: int, frames_per_step: int):
+        super().__init__()
+        self.n_fft, self.hop, self.frames_per_step = n_fft, hop, frames_per_step
+        self.bins = n_fft // 2 + 1
+        window = hann_window(n_fft)
+        # Hann^2 at 4x overlap sums to a constant; divide by it so unit spectra give unit gain.
+        overlap_gain = (window**2).sum().item() / hop
+        self.register_buffer("window", window / overlap_gain, persistent=False)
+        self.in_dim = frames_per_step * 2 * self.bins
+
+    def _init_streaming_state(self, batch_size: int) -> _HistoryState:
+        return _HistoryState(self.window.new_zeros(batch_size, self.n_fft - self.hop))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, steps, _ = x.shape
+        x = x.reshape(batch, steps * self.frames_per_step, 2, self.bins)
+        log_mag, phase = x[:, :, 0], x[:, :, 1]
+        mag = torch.exp(log_mag.clamp(max=6.0))
+        spec = torch.polar(mag, phase)
+        frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self.window  # [B, N, n_fft]
+        n_sub = frames.shape[1]
+        total = (n_sub - 1) * self.hop + self.n_fft
+        out = F.fold(
+            frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, self.n_fft), stride=(1, self.hop)
+        ).reshape(batch, total)
+        ready = n_sub * self.hop
+        state = self._streaming_state
+        if state is not None:
+            tail = state.history
+            out = torch.cat([out[:, : tail.shape[-1]] + tail, out[:, tail.shape[-1] :]], dim=-1)
+            state.history = out[:, ready:]
+        return out[:, None, :ready]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0

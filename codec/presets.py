@@ -1,0 +1,61 @@
+"""Named models: one table that the API, the CLI, the server and the decoder all resolve.
+
+A token file names the model that made it; decoding looks that id up here, so a file can only be
+decoded by a model this installation has (or one given explicitly with `--model DIR`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from codec.checkpoint import load_model_dir, read_config
+from codec.errors import UnknownModelError
+from codec.model import SimVQCodec
+
+MODELS_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL_ID = "simvq-16k"
+
+# id -> (directory, one-line description)
+MODELS: dict[str, tuple[Path, str]] = {
+    "simvq-16k": (MODELS_DIR / "simvq-16k", "16 kHz speech, 50 frames/s, 12 x 1024-code SimVQ stages, 0.5-6 kbit/s"),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def model_dir(model: str | os.PathLike | None = None) -> Path:
+    """The directory of a preset id or an explicit model directory."""
+    model = DEFAULT_MODEL_ID if model is None else model
+    if str(model) in MODELS:
+        return MODELS[str(model)][0]
+    path = Path(model)
+    if path.is_dir():
+        return path
+    raise UnknownModelError(f"unknown model {str(model)!r}: this installation has {', '.join(list_models())} (or pass a model directory)")
+
+
+def describe(model: str | os.PathLike | None = None) -> dict:
+    """The config of a model without loading its weights (for `GET /v1/models` and `info`)."""
+    return read_config(model_dir(model))
+
+
+def load_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu", warn: bool = True) -> SimVQCodec:
+    """Load a preset id (default `simvq-16k`) or a model directory, verifying its hash.
+
+    With `warn`, an untrained stand-in model says so on stderr: its output is not speech.
+    """
+    codec = load_model_dir(model_dir(model), device)
+    if warn and not codec.trained:
+        print(f"warning: model {codec.model_id!r} is UNTRAINED (random weights): its output is noise, not speech",
+              file=sys.stderr)
+    return codec
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,74 @@
+"""Release checkpoints and presets: round trip, hash verification, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from codec import presets
+from codec.checkpoint import load_model_dir, save_model
+from codec.errors import CheckpointError, UnknownModelError
+from tests.conftest import tiny_codec
+
+
+def test_round_trip_restores_identical_outputs(tmp_path):
+    model = tiny_codec(seed=5)
+    save_model(model, tmp_path, provenance={"steps": 0}, model_id="tiny", trained=False)
+    loaded = load_model_dir(tmp_path)
+    wav = torch.randn(1, 1, 3200)
+    assert torch.equal(loaded.encode(wav), model.encode(wav))
+    assert loaded.model_id == "tiny" and loaded.trained is False and len(loaded.weights_sha256) == 64
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["latent_dim"] == 16 and config["n_stages"] == 4 and config["provenance"] == {"steps": 0}
+
+
+def test_float16_storage_halves_the_file(tmp_path):
+    model = tiny_codec()
+    save_model(model, tmp_path / "a")
+    save_model(model, tmp_path / "b", dtype=torch.float16)
+    a, b = (tmp_path / "a/model.safetensors").stat().st_size, (tmp_path / "b/model.safetensors").stat().st_size
+    assert b < 0.6 * a
+    assert load_model_dir(tmp_path / "b").quantizer.stages[0].frozen_codebook.dtype == torch.float32
+
+
+def test_altered_weights_are_rejected(tmp_path):
+    save_model(tiny_codec(), tmp_path)
+    data = bytearray((tmp_path / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        load_model_dir(tmp_path)
+
+
+def test_weights_of_another_model_are_rejected(tmp_path):
+    save_model(tiny_codec(seed=1), tmp_path / "a")
+    save_model(tiny_codec(seed=2), tmp_path / "b")
+    (tmp_path / "a/model.safetensors").write_bytes((tmp_path / "b/model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model_dir(tmp_path / "a")
+
+
+def test_missing_or_bad_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(CheckpointError, match="format"):
+        load_model_dir(tmp_path)
+
+
+def test_presets_resolve_ids_and_reject_unknown(tmp_path):
+    assert presets.DEFAULT_MODEL_ID in presets.list_models()
+    assert presets.model_dir(None) == presets.MODELS[presets.DEFAULT_MODEL_ID][0]
+    assert presets.model_dir(tmp_path) == tmp_path
+    with pytest.raises(UnknownModelError, match="simvq-16k"):
+        presets.model_dir("no-such-model")
+
+
+def test_bundled_default_model_loads_and_verifies():
+    model = presets.load_model(warn=False)
+    config = presets.describe()
+    assert model.weights_sha256 == config["sha256"]
+    assert model.sample_rate == 16000 and model.hop_length == 320 and model.codebook_size == 1024

@@ -1,0 +1,114 @@
+"""The command line, run as users run it: round trips, pipes, and clean failures."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from codec import cli
+from tests.conftest import speechlike
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "speech.wav"
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "codec.cli", "--threads", "1", *args], input=stdin,
+                          capture_output=True)
+
+
+@pytest.fixture
+def wav_44k_stereo(tmp_path):
+    mono = speechlike(1.3, 44100)
+    path = tmp_path / "in.flac"
+    sf.write(path, np.stack([mono, 0.5 * mono], axis=1), 44100)
+    return path
+
+
+def test_round_trip_restores_exact_length_and_info(tmp_path, wav_44k_stereo):
+    tok, out = tmp_path / "a.tok", tmp_path / "a.wav"
+    r = run("compress", str(wav_44k_stereo), str(tok), "--bitrate", "3")
+    assert r.returncode == 0, r.stderr
+    assert b"converted to mono 16000 Hz" in r.stderr
+    r = run("decompress", str(tok), str(out))
+    assert r.returncode == 0, r.stderr
+    expected = round(1.3 * 16000)
+    assert abs(sf.info(out).frames - expected) <= 1 and sf.info(out).samplerate == 16000
+    r = run("info", str(tok))
+    text = r.stdout.decode()
+    assert r.returncode == 0 and "6 x 10 bits" in text and "3.000 kbit/s" in text and "simvq-16k" in text
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="example recording not present")
+def test_example_recording_round_trips_exactly(tmp_path):
+    tok, out = tmp_path / "s.tok", tmp_path / "s.flac"
+    assert run("compress", str(EXAMPLE), str(tok)).returncode == 0
+    assert run("decompress", str(tok), str(out)).returncode == 0
+    assert sf.info(out).frames == sf.info(EXAMPLE).frames and sf.info(out).format == "FLAC"
+
+
+def test_pipes_stream_through(tmp_path):
+    audio = speechlike(0.9)
+    src = tmp_path / "in.wav"
+    sf.write(src, audio, 16000, subtype="PCM_16")
+    tok = run("compress", "-", "-", stdin=src.read_bytes())
+    assert tok.returncode == 0, tok.stderr
+    wav = run("decompress", "-", "-", stdin=tok.stdout)
+    assert wav.returncode == 0, wav.stderr
+    assert wav.stdout[:4] == b"RIFF"
+    (tmp_path / "out.wav").write_bytes(wav.stdout)
+    assert sf.info(tmp_path / "out.wav").frames == len(audio)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not audio", b"cannot read"),
+    (None, b"no such file"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, content, message):
+    src, dst = tmp_path / "bad.wav", tmp_path / "out.tok"
+    if content is not None:
+        src.write_bytes(content)
+    r = run("compress", str(src), str(dst))
+    assert r.returncode == 2 and message in r.stderr and b"Traceback" not in r.stderr
+    assert not dst.exists() and list(tmp_path.glob(".*part")) == []
+
+
+def test_nan_and_empty_audio_are_rejected(tmp_path):
+    nan = np.zeros(1600, np.float32)
+    nan[100] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    for name, message in (("nan.wav", b"non-finite"), ("empty.wav", b"no audio")):
+        r = run("compress", str(tmp_path / name), str(tmp_path / "x.tok"))
+        assert r.returncode == 2 and message in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_corrupt_token_file_fails_cleanly(tmp_path, wav_44k_stereo):
+    tok = tmp_path / "a.tok"
+    assert run("compress", str(wav_44k_stereo), str(tok)).returncode == 0
+    data = tok.read_bytes()
+    (tmp_path / "cut.tok").write_bytes(data[: len(data) // 2])
+    r = run("decompress", str(tmp_path / "cut.tok"), str(tmp_path / "out.wav"))
+    assert r.returncode == 2 and b"Traceback" not in r.stderr and not (tmp_path / "out.wav").exists()
+
+
+def test_no_overwrite_without_force(tmp_path, wav_44k_stereo):
+    tok = tmp_path / "a.tok"
+    tok.write_bytes(b"keep me")
+    r = run("compress", str(wav_44k_stereo), str(tok))
+    assert r.returncode == 2 and b"--force" in r.stderr and tok.read_bytes() == b"keep me"
+    assert run("compress", str(wav_44k_stereo), str(tok), "--force").returncode == 0
+    assert tok.read_bytes()[:4] != b"keep"
+
+
+def test_bitrate_below_lowest_is_an_error(tmp_path, wav_44k_stereo):
+    r = run("compress", str(wav_44k_stereo), str(tmp_path / "a.tok"), "--bitrate", "0.2")
+    assert r.returncode == 2 and b"lowest bitrate" in r.stderr
+
+
+def test_help_explains_commands():
+    text = cli.build_parser(plugins=False).format_help()
+    for word in ("compress", "decompress", "info", "examples"):
+        assert word in text

@@ -1,0 +1,172 @@
+"""The codec model: shapes, streaming = offline, causality, quantizer behaviour."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from codec.model import SimVQCodec
+from codec.quantizer import Codebook, ResidualQuantizer
+from tests.conftest import tiny_codec
+
+HOP = 320
+
+
+def _stream_encode(model, wav, chunks, n_stages=None):
+    out, start = [], 0
+    with model.streaming(wav.shape[0]):
+        for size in chunks:
+            out.append(model.encode(wav[..., start : start + size], n_stages))
+            start += size
+        out.append(model.encode(wav[..., start:], n_stages))
+        out.append(model.flush_encoder(n_stages))
+    return torch.cat(out, dim=-1)
+
+
+def _stream_decode(model, codes, chunks):
+    out, start = [], 0
+    with model.streaming(codes.shape[0]):
+        for size in chunks:
+            out.append(model.decode(codes[..., start : start + size]))
+            start += size
+        out.append(model.decode(codes[..., start:]))
+    return torch.cat(out, dim=-1)
+
+
+def test_shapes_and_properties(tiny_model):
+    wav = torch.randn(2, 1, 5 * HOP + 17)
+    codes = tiny_model.encode(wav)
+    assert codes.shape == (2, 4, 6) and codes.dtype == torch.long
+    assert int(codes.min()) >= 0 and int(codes.max()) < 64
+    assert tiny_model.decode(codes).shape == (2, 1, 6 * HOP)
+    assert tiny_model.encode(wav, n_stages=2).shape == (2, 2, 6)
+    assert tiny_model.frame_rate == 50 and tiny_model.bits_per_code == 6 and tiny_model.num_codebooks == 4
+    assert tiny_model.bitrate(2) == 2 * 6 * 50
+
+
+def test_fewer_stages_are_a_prefix(tiny_model):
+    wav = torch.randn(1, 1, 8 * HOP)
+    assert torch.equal(tiny_model.encode(wav, n_stages=2), tiny_model.encode(wav)[:, :2])
+
+
+@settings(max_examples=15, deadline=None)
+@given(chunks=st.lists(st.integers(1, 3 * HOP), min_size=1, max_size=12), extra=st.integers(0, HOP - 1))
+def test_streaming_encode_equals_offline(chunks, extra):
+    # float64 so that no nearest-neighbour tie can flip between differently shaped matmuls.
+    model = tiny_codec(seed=1).double()
+    torch.manual_seed(2)
+    wav = torch.randn(2, 1, 6 * HOP + extra, dtype=torch.float64) * 0.3
+    assert torch.equal(_stream_encode(model, wav, chunks), model.encode(wav))
+
+
+def test_streaming_encode_single_samples(tiny_model):
+    wav = torch.randn(1, 1, 3 * HOP + 5) * 0.3
+    assert torch.equal(_stream_encode(tiny_model, wav, [1] * wav.shape[-1]), tiny_model.encode(wav))
+
+
+def test_streaming_encode_default_architecture_float32():
+    model = SimVQCodec().eval()
+    wav = torch.randn(1, 1, 16000 * 2 + 77) * 0.1
+    assert torch.equal(_stream_encode(model, wav, [1, 319, 700, 5000, 13]), model.encode(wav))
+
+
+@settings(max_examples=15, deadline=None)
+@given(chunks=st.lists(st.integers(1, 5), min_size=1, max_size=8))
+def test_streaming_decode_equals_offline(chunks):
+    model = tiny_codec(seed=3)
+    codes = torch.randint(0, 64, (2, 4, 20))
+    offline = model.decode(codes)
+    streamed = _stream_decode(model, codes, chunks)
+    assert streamed.shape == offline.shape
+    assert (streamed - offline).abs().max() <= 1e-5 * offline.abs().max()
+
+
+def test_causality_appending_audio_keeps_earlier_codes_and_samples(tiny_model):
+    wav = torch.randn(1, 1, 10 * HOP) * 0.3
+    longer = torch.cat([wav, torch.randn(1, 1, 4 * HOP)], dim=-1)
+    assert torch.equal(tiny_model.encode(longer)[..., :10], tiny_model.encode(wav))
+    codes = tiny_model.encode(longer)
+    torch.testing.assert_close(tiny_model.decode(codes[..., :10]), tiny_model.decode(codes)[..., : 10 * HOP])
+
+
+def test_changing_future_audio_does_not_change_past_latents(tiny_model):
+    wav = torch.randn(1, 1, 10 * HOP)
+    changed = wav.clone()
+    changed[..., 6 * HOP :] = torch.randn(1, 1, 4 * HOP)
+    a, b = tiny_model.encode_latents(wav), tiny_model.encode_latents(changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_training_forward_returns_losses_and_counts():
+    model = tiny_codec(quantizer_dropout=0.0).train()
+    out = model(torch.randn(3, 1, 4 * HOP))
+    assert out.audio.shape == (3, 1, 4 * HOP)
+    assert out.stage_counts.shape == (4, 64) and int(out.stage_counts.sum()) == 4 * 3 * 4
+    assert out.commit_loss.item() > 0 and out.codebook_loss.item() > 0
+    (out.audio.pow(2).mean() + out.commit_loss + out.codebook_loss).backward()
+    proj = model.quantizer.stages[0].proj
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    assert model.encoder_in[0].weight.grad.abs().sum() > 0  # straight-through reaches the encoder
+
+
+def test_simvq_codebook_is_linear_map_of_frozen_gaussian():
+    book = Codebook(dim=8, codebook_size=32, init_from_data=False)
+    assert not book.frozen_codebook.requires_grad
+    assert book.frozen_codebook.std().item() == pytest.approx(8**-0.5, rel=0.3)
+    with torch.no_grad():
+        book.proj.weight.mul_(2.0)
+        torch.testing.assert_close(book.codebook(), 2.0 * book.frozen_codebook)
+    # The cached W(C) follows in-place weight changes (optimiser steps, EMA updates).
+    with torch.no_grad():
+        book.proj.bias.fill_(1.0)
+        torch.testing.assert_close(book.codebook(), 2.0 * book.frozen_codebook + 1.0)
+
+
+def test_nearest_is_true_nearest_neighbour():
+    book = Codebook(dim=4, codebook_size=16, init_from_data=False)
+    z = torch.randn(50, 4)
+    with torch.no_grad():
+        codes = book.codebook()
+        expected = torch.cdist(z, codes).argmin(1)
+        assert torch.equal(book.nearest(z, codes), expected)
+
+
+def test_init_from_data_matches_input_scale_and_uses_many_codes():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(dim=16, n_stages=2, codebook_size=256, quantizer_dropout=0.0).train()
+    z = torch.randn(4, 500, 16) * 7.0 + 3.0  # far from the unit-scale frozen codebook
+    result = quantizer(z)
+    used = (result.stage_counts[0] > 0).sum().item()
+    assert used > 128, f"only {used} of 256 codes used after data-dependent init"
+    books = quantizer.stages[0].codebook().detach()
+    assert books.mean().item() == pytest.approx(3.0, abs=0.5)
+
+
+def test_plain_vq_option_has_same_interface():
+    model = tiny_codec(quantizer="vq").train()
+    out = model(torch.randn(2, 1, 4 * HOP))
+    assert out.codes.shape[1] == 4
+    assert not hasattr(model.quantizer.stages[0], "proj")
+    assert model.quantizer.stages[0].codes.requires_grad
+
+
+def test_quantizer_dropout_varies_active_stages():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(dim=8, n_stages=6, codebook_size=16, quantizer_dropout=1.0).train()
+    quantizer(torch.randn(64, 5, 8))  # first batch initialises every stage with all stages active
+    counts = quantizer(torch.randn(64, 5, 8)).stage_counts.sum(1)
+    assert counts[0] == 64 * 5 and counts[-1] < counts[0]
+    assert np.all(np.diff(counts.numpy()) <= 0)
+
+
+def test_rejects_bad_inputs(tiny_model):
+    with pytest.raises(ValueError, match="mono"):
+        tiny_model.encode(torch.randn(1, 2, HOP))
+    with pytest.raises(ValueError, match="n_stages"):
+        tiny_model.encode(torch.randn(1, 1, HOP), n_stages=5)
+    with pytest.raises(ValueError, match="codes must lie"):
+        tiny_model.decode(torch.full((1, 2, 3), 64))
+    with pytest.raises(ValueError, match="power of two"):
+        SimVQCodec(codebook_size=1000)
