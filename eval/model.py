@@ -1,0 +1,128 @@
+"""Our codec as an evaluation subject: real .tok bytes, speed, and per-stage codebook utilisation."""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+from eval import SAMPLE_RATE
+from eval.peers import CodecRun
+
+DEFAULT_STAGES = (1, 2, 3, 4, 6, 8, 12)
+
+_MODELS: dict = {}  # model reference -> loaded SimVQCodec, one per process
+
+
+def get_model(ref: str | None, warn: bool = False):
+    """Load (once per process) the model named by a preset id or directory, None for the default preset."""
+    key = ref or ""
+    if key not in _MODELS:
+        import torch
+
+        from codec.presets import load_model
+
+        model = load_model(ref, warn=warn)
+        model.eval()
+        torch.set_grad_enabled(False)
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+@dataclass(frozen=True)
+class ModelSetting:
+    """The model named ``ref`` (preset id or directory; None = default) run with its first ``n_stages`` stages.
+
+    ``codec`` is the model id shown in reports; ``nominal_kbps`` the bitrate of the codes alone;
+    ``codebook_size`` K, for the utilisation histograms.
+    """
+
+    ref: str | None
+    codec: str
+    n_stages: int
+    nominal_kbps: float
+    codebook_size: int
+    tools = ()
+
+    @property
+    def setting(self) -> str:
+        return f"{self.n_stages}st"
+
+    def run(self, wav: np.ndarray) -> CodecRun:
+        """Encode ``wav`` [T] (16 kHz float) to real .tok bytes, read them back and decode them."""
+        from codec.api import decode_array, encode_array
+        from codec.tokfile import read_tok, write_tok
+
+        model = get_model(self.ref)
+        start = time.perf_counter()
+        header, codes = encode_array(wav, SAMPLE_RATE, model, n_stages=self.n_stages)
+        buf = io.BytesIO()
+        write_tok(buf, header, codes)
+        encode_seconds = time.perf_counter() - start
+        data = buf.getvalue()
+        start = time.perf_counter()
+        header, codes = read_tok(io.BytesIO(data))
+        decoded = decode_array(header, codes, model)
+        decode_seconds = time.perf_counter() - start
+        if header.sample_rate != SAMPLE_RATE:
+            decoded = soxr.resample(decoded, header.sample_rate, SAMPLE_RATE)
+        return CodecRun(decoded, len(data), float(header.payload_bytes), encode_seconds, decode_seconds,
+                        codes=np.asarray(codes))
+
+
+def model_settings(ref: str | None, stages: list[int] | None = None, bitrates: list[float] | None = None
+                   ) -> list[ModelSetting]:
+    """Settings for a list of stage counts or of bitrates in kbit/s (default: :data:`DEFAULT_STAGES` that fit).
+
+    Loads the model in this process (with the untrained-model warning) and checks every value.
+    """
+    from codec.api import stages_for_bitrate
+    from codec.errors import CodecError
+
+    model = get_model(ref, warn=True)
+    if stages and bitrates:
+        raise CodecError("give either stage counts or bitrates, not both")
+    if bitrates:
+        counts = [stages_for_bitrate(model, kbps) for kbps in bitrates]
+    elif stages:
+        bad = [s for s in stages if not 1 <= s <= model.n_stages]
+        if bad:
+            raise CodecError(f"stage counts must be between 1 and {model.n_stages}, got {bad[0]}")
+        counts = list(stages)
+    else:
+        counts = [s for s in DEFAULT_STAGES if s <= model.n_stages] + [model.n_stages]
+    name = model.model_id or "model"
+    return [ModelSetting(ref, name, n, model.bitrate(n) / 1000, model.codebook_size) for n in sorted(set(counts))]
+
+
+@dataclass(frozen=True)
+class StageUsage:
+    """Codebook use of one residual stage over the whole set: ``used`` of ``codebook_size`` codes at least once,
+    ``perplexity`` = exp(entropy of the code histogram) (equals ``codebook_size`` for uniform use)."""
+
+    stage: int
+    used: int
+    codebook_size: int
+    utilisation: float
+    perplexity: float
+
+
+def count_codes(codes: np.ndarray, codebook_size: int) -> np.ndarray:
+    """Histogram [S, K] of codes [S, F]."""
+    return np.stack([np.bincount(row, minlength=codebook_size)[:codebook_size] for row in np.asarray(codes)])
+
+
+def stage_usage(counts: np.ndarray) -> list[StageUsage]:
+    """Per-stage utilisation and perplexity from summed histograms [S, K]."""
+    usage = []
+    for s, row in enumerate(np.asarray(counts, dtype=np.float64)):
+        total = row.sum()
+        p = row[row > 0] / total if total else np.zeros(0)
+        perplexity = float(np.exp(-(p * np.log(p)).sum())) if p.size else math.nan
+        used = int((row > 0).sum())
+        usage.append(StageUsage(s + 1, used, row.size, used / row.size, perplexity))
+    return usage

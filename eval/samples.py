@@ -1,0 +1,94 @@
+"""Real speech for tests and quick runs, from installed system packages: Asterisk prompts or espeak-ng.
+
+`python -m eval.samples DIR --count 20` writes that many Asterisk prompts as 16 kHz mono WAV files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from eval import SAMPLE_RATE
+
+ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en")
+
+
+def asterisk_prompts(min_seconds: float = 2.0, max_seconds: float = 6.0) -> list[Path]:
+    """The English G.722 prompts (64 kbit/s, so 8000 bytes/s) whose length is in range, sorted by name."""
+    if not ASTERISK_DIR.is_dir():
+        return []
+    lo, hi = min_seconds * 8000, max_seconds * 8000
+    return sorted(p for p in ASTERISK_DIR.glob("*.g722") if lo <= p.stat().st_size <= hi)
+
+
+def decode_g722(path: Path) -> np.ndarray:
+    """A raw G.722 file as 16 kHz mono float32 [T], decoded by ffmpeg."""
+    if shutil.which("ffmpeg") is None:
+        raise FileNotFoundError("ffmpeg is needed to decode G.722 prompts")
+    out = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "g722", "-i", str(path),
+                          "-ar", str(SAMPLE_RATE), "-ac", "1", "-f", "s16le", "-"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+    return np.frombuffer(out.stdout, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def espeak(text: str) -> np.ndarray:
+    """``text`` spoken by espeak-ng, as 16 kHz mono float32 [T]."""
+    if shutil.which("espeak-ng") is None:
+        raise FileNotFoundError("espeak-ng is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp, "say.wav")
+        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        data, rate = sf.read(wav, dtype="float32", always_2d=True)
+    return soxr.resample(data.mean(axis=1), rate, SAMPLE_RATE).astype(np.float32)
+
+
+def speech(index: int = 0) -> np.ndarray:
+    """One real recording (the ``index``-th Asterisk prompt of 2-6 s), else espeak-ng speech.
+
+    Raises FileNotFoundError when neither source is installed (tests skip on it).
+    """
+    prompts = asterisk_prompts()
+    if prompts and shutil.which("ffmpeg"):
+        return decode_g722(prompts[index % len(prompts)])
+    return espeak("The quick brown fox jumps over the lazy dog. Please leave a message after the tone.")
+
+
+def write_prompts(out_dir: Path, count: int, skip: int = 0) -> list[Path]:
+    """Write ``count`` Asterisk prompts (after skipping ``skip``) to ``out_dir`` as 16 kHz 16-bit WAV."""
+    prompts = asterisk_prompts()[skip : skip + count]
+    if not prompts:
+        raise FileNotFoundError(f"no Asterisk G.722 prompts under {ASTERISK_DIR}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for p in prompts:
+        dst = out_dir / f"{p.stem}.wav"
+        sf.write(dst, decode_g722(p), SAMPLE_RATE, subtype="PCM_16")
+        written.append(dst)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.samples", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--skip", type=int, default=0, help="skip this many prompts first (sorted by name)")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_prompts(args.out_dir, args.count, args.skip)
+    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} files to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
