@@ -1,0 +1,100 @@
+"""POST /decode: a .tok file or token JSON in, WAV or FLAC out with exactly the original sample count."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import soundfile as sf
+from fastapi import APIRouter, Query, Request, Response
+
+from codec.api import decode_array
+from codec.tokfile import TokHeader
+from server.deps import ModelQuery, RuntimeDep, SettingsDep, SlotDep, within_deadline
+from server.errors import ProblemError, problem_responses
+from server.tokens import model_for_header, parse_tok, parse_token_json
+from server.uploads import media_type, read_body
+
+router = APIRouter(tags=["codec"])
+
+_MEDIA = {"wav": ("audio/wav", "WAV"), "flac": ("audio/flac", "FLAC")}
+
+_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A `.tok` file (as `POST /encode` returns it) or the token JSON of `format=json`.",
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/TokenJSON"}},
+        },
+    }
+}
+
+_OK = {
+    200: {
+        "description": "16-bit mono audio at the model's rate with exactly `num_samples` samples.",
+        "content": {
+            "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+            "audio/flac": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "headers": {
+            "X-Audio-Seconds": {"description": "Duration of the decoded audio.", "schema": {"type": "number"}},
+            "X-Clipped-Samples": {"description": "Samples clipped to [-1, 1].", "schema": {"type": "integer"}},
+        },
+    }
+}
+
+
+def _decode_job(header: TokHeader, codes: np.ndarray, model: Any, container: str) -> tuple[bytes, int]:
+    """Decode to float audio, trim/check the length, write 16-bit WAV/FLAC bytes (a worker job)."""
+    wav = np.asarray(decode_array(header, codes, model), dtype=np.float32).reshape(-1)
+    if wav.shape[0] != header.num_samples:
+        raise RuntimeError(f"decoder returned {wav.shape[0]} samples for a header of {header.num_samples}")
+    over = np.abs(wav) > 1.0
+    clipped = int(over.sum())
+    if clipped:
+        wav = np.clip(wav, -1.0, 1.0)
+    pcm = np.round(wav * 32767.0).astype(np.int16)  # one conversion for every container
+    buf = io.BytesIO()
+    sf.write(buf, pcm, header.sample_rate, format=container, subtype="PCM_16")
+    return buf.getvalue(), clipped
+
+
+@router.post(
+    "/decode",
+    summary="Decode tokens to audio",
+    response_class=Response,
+    responses={**_OK, **problem_responses(413, 415, 422, 500, 503, 504)},
+    openapi_extra=_REQUEST_BODY,
+)
+async def decode(
+    request: Request,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    slot: SlotDep,
+    model: ModelQuery = None,
+    format: Annotated[Literal["wav", "flac"], Query(description="Audio container of the response.")] = "wav",
+) -> Response:
+    """Decode a `.tok` file (`application/octet-stream`) or token JSON (`application/json`) made by
+    `POST /encode`. The model is the one the tokens name unless `model` is given."""
+    kind = media_type(request)
+    if kind not in ("application/octet-stream", "application/json"):
+        shown = kind or "(none)"
+        raise ProblemError(415, "unsupported-media-type", "Unsupported media type",
+                           f"Content-Type {shown} is not accepted; send a .tok file as application/octet-stream "
+                           "or token JSON as application/json")
+    media, container = _MEDIA[format]
+
+    async def work() -> tuple[TokHeader, bytes, int]:
+        body = await read_body(request, settings.max_body_bytes)
+        parse = parse_tok if kind == "application/octet-stream" else parse_token_json
+        header, codes = await runtime.run(slot, parse, body, settings)
+        served = model_for_header(header, runtime, model)
+        return header, *await runtime.run(slot, _decode_job, header, codes, served.model, container)
+
+    header, audio, clipped = await within_deadline(settings.request_timeout_s, work())
+    seconds = header.num_samples / header.sample_rate
+    request.app.state.metrics.audio_seconds.labels(operation="decode").inc(seconds)
+    headers = {"X-Audio-Seconds": f"{seconds:.6f}", "X-Clipped-Samples": str(clipped)}
+    return Response(audio, media_type=media, headers=headers)

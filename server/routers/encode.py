@@ -1,0 +1,130 @@
+"""POST /encode: audio in (WAV, FLAC, Ogg or multipart), .tok bytes or token JSON out."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import soundfile as sf
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from codec.api import encode_array, stages_for_bitrate
+from codec.audio import read_audio
+from codec.errors import AudioError
+from server.deps import ModelDep, RuntimeDep, SettingsDep, SlotDep, within_deadline
+from server.errors import ProblemError, problem_responses
+from server.schemas import TokenJSON
+from server.tokens import tok_bytes, token_json
+from server.uploads import probe_audio, read_audio_upload
+
+router = APIRouter(tags=["codec"])
+
+TOK_MEDIA_TYPE = "application/octet-stream"
+_AUDIO_SCHEMA = {"type": "string", "format": "binary"}
+
+_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The audio: any sample rate and channel count (mixed down and resampled to the model's).",
+        "content": {
+            **{t: {"schema": _AUDIO_SCHEMA} for t in ("audio/wav", "audio/flac", "audio/ogg")},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "The audio file."}},
+                }
+            },
+        },
+    }
+}
+
+_OK = {
+    200: {
+        "description": "The tokens: `.tok` bytes (default) or token JSON (`format=json`).",
+        "content": {
+            TOK_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/TokenJSON"},
+                "example": TokenJSON.model_config["json_schema_extra"]["examples"][0],
+            },
+        },
+        "headers": {
+            "X-Audio-Seconds": {"description": "Duration of the encoded audio.", "schema": {"type": "number"}},
+            "X-Stages": {"description": "Residual stages in the tokens.", "schema": {"type": "integer"}},
+        },
+    }
+}
+
+
+def resolve_stages(model: Any, stages: int | None, bitrate: float | None) -> int:
+    """Stages from `stages` or `bitrate` (kbit/s), 422 with the valid range otherwise."""
+    if stages is not None and bitrate is not None:
+        raise ProblemError(422, "invalid-parameter", "Invalid parameter",
+                           "give either `stages` or `bitrate`, not both")
+    if stages is not None:
+        if stages > model.n_stages:
+            raise ProblemError(422, "invalid-parameter", "Invalid parameter",
+                               f"stages {stages} exceeds the model's {model.n_stages}; use 1..{model.n_stages}")
+        return stages
+    if bitrate is not None:
+        lowest = model.bitrate(1) / 1000
+        if bitrate < lowest:
+            raise ProblemError(422, "invalid-parameter", "Invalid parameter",
+                               f"bitrate {bitrate:g} kbit/s is below one stage ({lowest:g} kbit/s); "
+                               f"use {lowest:g}..{model.bitrate() / 1000:g}")
+        return stages_for_bitrate(model, bitrate)
+    return model.n_stages
+
+
+def _encode_job(data: bytes, model: Any, n_stages: int) -> tuple[Any, np.ndarray]:
+    """Decode, convert to mono at the model rate, reject non-finite samples, encode (a worker job)."""
+    try:
+        wav, _info = read_audio(io.BytesIO(data), model.sample_rate)
+    except sf.LibsndfileError as exc:
+        raise AudioError(f"the audio could not be decoded ({exc.error_string})") from None
+    if not np.isfinite(wav).all():
+        raise AudioError("the audio has non-finite samples (NaN or infinity); send finite samples")
+    header, codes = encode_array(wav, model.sample_rate, model, n_stages=n_stages)
+    return header, np.asarray(codes)
+
+
+@router.post(
+    "/encode",
+    summary="Encode audio to tokens",
+    response_class=Response,
+    responses={**_OK, **problem_responses(400, 413, 415, 422, 500, 503, 504)},
+    openapi_extra=_REQUEST_BODY,
+)
+async def encode(
+    request: Request,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    served: ModelDep,
+    slot: SlotDep,
+    stages: Annotated[int | None, Query(ge=1, le=64, description="Residual stages to keep (1..n_stages).")] = None,
+    bitrate: Annotated[
+        float | None, Query(gt=0, le=1000, description="Target kbit/s; picks the most stages within it.")
+    ] = None,
+    format: Annotated[Literal["tok", "json"], Query(description="Response: .tok bytes or token JSON.")] = "tok",
+) -> Response:
+    """Encode one clip. The body is the audio (`audio/wav`, `audio/flac`, `audio/ogg`) or multipart
+    with a `file` part; any sample rate and channel count are converted as the CLI does."""
+    model = served.model
+    n_stages = resolve_stages(model, stages, bitrate)
+
+    async def work() -> tuple[Any, Any]:
+        data, expected = await read_audio_upload(request, settings)
+        probe_audio(data, expected, settings)
+        header, codes = await runtime.run(slot, _encode_job, data, model, n_stages)
+        return header, await runtime.run(slot, tok_bytes if format == "tok" else token_json, header, codes)
+
+    header, payload = await within_deadline(settings.request_timeout_s, work())
+    seconds = header.num_samples / header.sample_rate
+    request.app.state.metrics.audio_seconds.labels(operation="encode").inc(seconds)
+    headers = {"X-Audio-Seconds": f"{seconds:.6f}", "X-Stages": str(header.n_stages)}
+    if format == "json":
+        return JSONResponse(payload, headers=headers)
+    return Response(payload, media_type=TOK_MEDIA_TYPE, headers=headers)

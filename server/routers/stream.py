@@ -1,0 +1,325 @@
+"""WebSocket /v1/stream/encode and /v1/stream/decode: 16-bit PCM frames in, token frames out, or back.
+
+Protocol (docs/service.md): the client sends a JSON start message, the server answers `ready` with the
+stream's layout, then binary messages flow; each output is sent as soon as its frame is complete. A
+JSON `{"type": "end"}` flushes the last partial frame and ends with `{"type": "end", ...}` and close 1000.
+Token frames are little-endian uint16, frame-major: `n * stages` values for n frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import soxr
+import torch
+from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from server.errors import PROBLEM_MEDIA_TYPE, ProblemError
+from server.runtime import Phase, Runtime, ServedModel
+from server.tokens import weights_hash
+
+log = logging.getLogger("server")
+router = APIRouter()
+
+# WebSocket close codes (RFC 6455 section 7.4.1)
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_UNSUPPORTED, CLOSE_INVALID = 1000, 1001, 1003, 1007
+CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1008, 1009, 1011, 1013
+
+
+class StreamError(Exception):
+    """Ends a stream: an `error` message with the problem fields, then a close with `code`."""
+
+    def __init__(self, code: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.reason, self.detail = code, reason, detail
+
+
+class EncodeStart(BaseModel):
+    """First message of /v1/stream/encode."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["start"] = "start"
+    model: str | None = Field(None, max_length=255)
+    stages: int | None = Field(None, ge=1, le=64)
+    bitrate: float | None = Field(None, gt=0, le=1000)
+    sample_rate: int | None = Field(None, ge=1, description="PCM rate; default the model's (resampled if not).")
+    channels: int = Field(1, ge=1, description="Interleaved PCM channels, mixed down by averaging.")
+    format: Literal["s16le"] = "s16le"
+
+
+class DecodeStart(BaseModel):
+    """First message of /v1/stream/decode."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["start"] = "start"
+    model: str | None = Field(None, max_length=255)
+    stages: int | None = Field(None, ge=1, le=64, description="Codes per incoming frame; default all.")
+    format: Literal["s16le"] = "s16le"
+
+
+@dataclass
+class _Session:
+    websocket: WebSocket
+    runtime: Runtime
+    idle_timeout: float
+
+    async def receive(self) -> dict[str, Any]:
+        try:
+            message = await asyncio.wait_for(self.websocket.receive(), self.idle_timeout)
+        except asyncio.TimeoutError:
+            raise StreamError(CLOSE_POLICY, "idle-timeout",
+                              f"no message for {self.idle_timeout:g} s; send audio or {{\"type\": \"end\"}}") from None
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        return message
+
+    async def start(self, schema: type[BaseModel]) -> Any:
+        message = await self.receive()
+        if message.get("text") is None:
+            raise StreamError(CLOSE_UNSUPPORTED, "expected-start",
+                              "the first message must be a JSON text start message, e.g. {\"type\": \"start\"}")
+        try:
+            return schema.model_validate_json(message["text"])
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(x) for x in first["loc"]) or "message"
+            raise StreamError(CLOSE_POLICY, "invalid-start", f"start message field '{where}': {first['msg']}") from None
+
+    async def send_json(self, payload: dict[str, Any]) -> None:
+        await self.websocket.send_text(json.dumps(payload))
+
+
+def _layout(served: ServedModel, stages: int) -> dict[str, Any]:
+    m = served.model
+    return {
+        "model_id": served.model_id, "weights_hash": weights_hash(served).hex(), "sample_rate": m.sample_rate,
+        "hop_length": m.hop_length, "frame_rate": m.frame_rate, "n_stages": stages,
+        "bits_per_code": m.bits_per_code, "frame_bytes": 2 * stages,
+    }
+
+
+def _pick_model(runtime: Runtime, model_id: str | None) -> ServedModel:
+    try:
+        return runtime.get(model_id)
+    except ProblemError as exc:
+        raise StreamError(CLOSE_POLICY if exc.status == 422 else CLOSE_TRY_LATER, exc.reason, exc.detail) from None
+
+
+def _stages(model: Any, stages: int | None, bitrate: float | None) -> int:
+    from server.routers.encode import resolve_stages
+
+    try:
+        return resolve_stages(model, stages, bitrate)
+    except ProblemError as exc:
+        raise StreamError(CLOSE_POLICY, exc.reason, exc.detail) from None
+
+
+async def _admit(websocket: WebSocket, runtime: Runtime | None, direction: str) -> bool:
+    """Refuse the handshake with 503 problem+json when not ready or every stream slot is taken."""
+    problem = None
+    settings = websocket.app.state.settings
+    if runtime is None or runtime.phase is not Phase.READY:
+        phase = runtime.phase.value if runtime is not None else "starting"
+        problem = ("not-ready", f"the server is {phase}; retry shortly")
+    elif not runtime.stream_slots.try_acquire():
+        problem = ("streams-full",
+                   f"all {runtime.stream_slots.capacity} stream slots are busy; retry after the Retry-After delay")
+    if problem is None:
+        return True
+    reason, detail = problem
+    websocket.app.state.metrics.rejections.labels(reason=reason).inc()
+    body = {"type": f"urn:simvq-codec:problem:{reason}", "title": "Service unavailable", "status": 503,
+            "detail": detail, "instance": websocket.url.path}
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(JSONResponse(
+            body, status_code=503, media_type=PROBLEM_MEDIA_TYPE,
+            headers={"Retry-After": str(settings.retry_after_s)}))
+    else:
+        await websocket.accept()
+        await websocket.send_text(json.dumps({"type": "error", **body}))
+        await websocket.close(CLOSE_TRY_LATER, reason)
+    return False
+
+
+async def _serve(websocket: WebSocket, direction: str, body) -> None:
+    """Admission, accounting and error handling shared by both directions; `body(session)` streams."""
+    runtime: Runtime | None = getattr(websocket.app.state, "runtime", None)
+    if not await _admit(websocket, runtime, direction):
+        return
+    metrics = websocket.app.state.metrics
+    metrics.streams.labels(direction=direction).inc()
+    runtime.enter()
+    settings = websocket.app.state.settings
+    try:
+        await websocket.accept()
+        session = _Session(websocket, runtime, settings.ws_idle_timeout_s)
+        await body(session)
+        await websocket.close(CLOSE_NORMAL)
+    except WebSocketDisconnect:
+        pass
+    except StreamError as exc:
+        metrics.rejections.labels(reason=exc.reason).inc()
+        await _close_with_error(websocket, exc)
+    except Exception:
+        log.exception("stream %s failed", direction)
+        metrics.rejections.labels(reason="internal-error").inc()
+        await _close_with_error(websocket, StreamError(CLOSE_INTERNAL, "internal-error",
+                                                       "the server failed on this stream; it has been logged"))
+    finally:
+        runtime.stream_slots.release()
+        runtime.leave()
+        metrics.streams.labels(direction=direction).dec()
+
+
+async def _close_with_error(websocket: WebSocket, exc: StreamError) -> None:
+    if websocket.application_state != WebSocketState.CONNECTED or websocket.client_state != WebSocketState.CONNECTED:
+        return
+    try:
+        await websocket.send_text(json.dumps({"type": "error", "reason": exc.reason, "detail": exc.detail,
+                                              "code": exc.code}))
+        await websocket.close(exc.code, exc.reason[:120])
+    except Exception:  # the client went away meanwhile
+        pass
+
+
+def _check_message(message: dict[str, Any], limit: int) -> bytes | dict[str, Any]:
+    """Binary payload, or the parsed JSON control message."""
+    data = message.get("bytes")
+    if data is not None:
+        if len(data) > limit:
+            raise StreamError(CLOSE_TOO_BIG, "message-too-large", f"messages are limited to {limit} bytes")
+        return data
+    try:
+        control = json.loads(message.get("text") or "")
+    except json.JSONDecodeError:
+        raise StreamError(CLOSE_UNSUPPORTED, "invalid-control",
+                          "text messages must be JSON, e.g. {\"type\": \"end\"}") from None
+    if not isinstance(control, dict) or control.get("type") != "end":
+        raise StreamError(CLOSE_UNSUPPORTED, "invalid-control", "the only control message is {\"type\": \"end\"}")
+    return control
+
+
+def _codes_bytes(codes: torch.Tensor) -> bytes:
+    """`[1, S, n]` codes -> n*S little-endian uint16, frame-major."""
+    return codes[0].transpose(0, 1).contiguous().cpu().numpy().astype("<u2").tobytes()
+
+
+@router.websocket("/v1/stream/encode")
+async def stream_encode(websocket: WebSocket) -> None:
+    """16-bit PCM in, token frames out (see the module docstring and docs/service.md)."""
+
+    async def body(session: _Session) -> None:
+        runtime, settings = session.runtime, websocket.app.state.settings
+        start = await session.start(EncodeStart)
+        served = _pick_model(runtime, start.model)
+        model = served.model
+        stages = _stages(model, start.stages, start.bitrate)
+        in_rate = start.sample_rate or model.sample_rate
+        if not settings.min_sample_rate <= in_rate <= settings.max_sample_rate:
+            raise StreamError(CLOSE_POLICY, "invalid-sample-rate",
+                              f"sample_rate {in_rate} is outside "
+                              f"{settings.min_sample_rate}..{settings.max_sample_rate}")
+        if start.channels > settings.max_channels:
+            raise StreamError(CLOSE_POLICY, "invalid-channels", f"at most {settings.max_channels} channels")
+        resampler = None if in_rate == model.sample_rate else soxr.ResampleStream(
+            in_rate, model.sample_rate, 1, dtype="float32")
+        block = 2 * start.channels
+        replica = served.streaming_replica()
+        max_in = int(settings.max_stream_duration_s * in_rate)
+        seen, frames, out_samples = 0, 0, 0
+        await session.send_json({"type": "ready", **_layout(served, stages), "input_sample_rate": in_rate,
+                                 "channels": start.channels})
+
+        def step(mono: np.ndarray, last: bool) -> tuple[torch.Tensor, int]:
+            if resampler is not None:
+                mono = resampler.resample_chunk(mono, last=last)
+            wav = torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).view(1, 1, -1)
+            codes = replica.encode(wav, n_stages=stages)
+            if last:
+                codes = torch.cat([codes, replica.flush_encoder(n_stages=stages)], dim=-1)
+            return codes, mono.shape[0]
+
+        with replica.streaming(1):
+            while True:
+                item = _check_message(await session.receive(), settings.ws_max_message_bytes)
+                last = isinstance(item, dict)
+                if last:
+                    mono = np.zeros(0, np.float32)
+                else:
+                    if len(item) % block:
+                        raise StreamError(CLOSE_INVALID, "invalid-pcm",
+                                          f"PCM messages must hold whole frames of {block} bytes "
+                                          f"({start.channels} channel(s) x 16 bits); got {len(item)} bytes")
+                    pcm = np.frombuffer(item, "<i2").reshape(-1, start.channels)
+                    seen += pcm.shape[0]
+                    if seen > max_in:
+                        raise StreamError(CLOSE_POLICY, "stream-too-long",
+                                          f"a stream may carry at most {settings.max_stream_duration_s:g} s")
+                    mono = pcm.astype(np.float32).mean(axis=1) / 32768.0 if start.channels > 1 \
+                        else pcm[:, 0].astype(np.float32) / 32768.0
+                codes, n_out = await runtime.run(None, step, mono, last)
+                out_samples += n_out
+                if codes.shape[-1]:
+                    frames += codes.shape[-1]
+                    await websocket.send_bytes(_codes_bytes(codes))
+                if last:
+                    break
+        websocket.app.state.metrics.audio_seconds.labels(operation="stream_encode").inc(out_samples / model.sample_rate)
+        await session.send_json({"type": "end", "num_samples": out_samples, "num_frames": frames})
+
+    await _serve(websocket, "encode", body)
+
+
+@router.websocket("/v1/stream/decode")
+async def stream_decode(websocket: WebSocket) -> None:
+    """Token frames in, 16-bit PCM out at the model's rate (see docs/service.md)."""
+
+    async def body(session: _Session) -> None:
+        runtime, settings = session.runtime, websocket.app.state.settings
+        start = await session.start(DecodeStart)
+        served = _pick_model(runtime, start.model)
+        model = served.model
+        stages = _stages(model, start.stages, None)
+        replica = served.streaming_replica()
+        max_frames = int(settings.max_stream_duration_s * model.frame_rate)
+        frames, out_samples = 0, 0
+        await session.send_json({"type": "ready", **_layout(served, stages)})
+
+        def step(codes: np.ndarray) -> bytes:
+            wav = replica.decode(torch.from_numpy(codes).view(1, -1, stages).transpose(1, 2))
+            x = wav.reshape(-1).clamp(-1.0, 1.0).cpu().numpy()
+            return np.round(x * 32767.0).astype("<i2").tobytes()
+
+        with replica.streaming(1):
+            while True:
+                item = _check_message(await session.receive(), settings.ws_max_message_bytes)
+                if isinstance(item, dict):
+                    break
+                if len(item) % (2 * stages):
+                    raise StreamError(CLOSE_INVALID, "invalid-tokens",
+                                      f"token messages must hold whole frames of {2 * stages} bytes "
+                                      f"({stages} uint16 codes); got {len(item)} bytes")
+                codes = np.frombuffer(item, "<u2").astype(np.int64)
+                if codes.size and codes.max() >= model.codebook_size:
+                    raise StreamError(CLOSE_INVALID, "invalid-tokens",
+                                      f"codes must lie in [0, {model.codebook_size}); got {int(codes.max())}")
+                frames += codes.size // stages
+                if frames > max_frames:
+                    raise StreamError(CLOSE_POLICY, "stream-too-long",
+                                      f"a stream may carry at most {settings.max_stream_duration_s:g} s")
+                if codes.size:
+                    pcm = await runtime.run(None, step, codes)
+                    out_samples += len(pcm) // 2
+                    await websocket.send_bytes(pcm)
+        websocket.app.state.metrics.audio_seconds.labels(operation="stream_decode").inc(out_samples / model.sample_rate)
+        await session.send_json({"type": "end", "num_samples": out_samples, "num_frames": frames})
+
+    await _serve(websocket, "decode", body)

@@ -1,0 +1,262 @@
+"""The served models, the worker pool that runs torch off the event loop, admission slots and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from server.errors import ProblemError
+from server.settings import Settings
+
+log = logging.getLogger("server")
+T = TypeVar("T")
+
+
+class Phase(str, enum.Enum):  # noqa: UP042 - StrEnum needs Python 3.11
+    """Lifecycle of the service as /readyz reports it."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    DRAINING = "draining"
+
+
+@dataclass
+class ServedModel:
+    """One loaded model and the facts /v1/models reports about it.
+
+    model_id: the id clients pass as `model` (preset id, or the directory name for a checkpoint dir).
+    model: the SimVQCodec in eval mode on the configured device.
+    """
+
+    model_id: str
+    model: Any
+
+    @property
+    def trained(self) -> bool:
+        return bool(getattr(self.model, "trained", False))
+
+    @property
+    def weights_sha256(self) -> str:
+        return str(getattr(self.model, "weights_sha256", "") or "")
+
+    def streaming_replica(self) -> Any:
+        """A copy of the module tree that shares every parameter and buffer with the served model.
+
+        Streaming state lives on the modules (one state per layer); a replica per connection gives each
+        stream its own state without copying weights.
+        """
+        memo: dict[int, Any] = {id(t): t for t in self.model.parameters()}
+        memo.update({id(t): t for t in self.model.buffers()})
+        return copy.deepcopy(self.model, memo)
+
+
+class Slots:
+    """A non-blocking counter of admitted work: `try_acquire` or refuse at once (the caller answers 503)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self._busy >= self.capacity:
+                return False
+            self._busy += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            if self._busy <= 0:
+                raise RuntimeError("Slots.release without acquire")
+            self._busy -= 1
+
+
+@dataclass
+class Slot:
+    """One admitted request's hold on `Slots`; released exactly once, when both the request and its
+    worker jobs are finished (a 504 does not free capacity a still-running job uses)."""
+
+    slots: Slots
+    on_release: Callable[[], None] | None = None
+    _holds: int = 1
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holds += 1
+
+    def drop(self) -> None:
+        with self._lock:
+            self._holds -= 1
+            last = self._holds == 0
+        if last:
+            self.slots.release()
+            if self.on_release is not None:
+                self.on_release()
+
+
+class Runtime:
+    """Everything model-related the routers need, built once per app and loaded in the lifespan."""
+
+    def __init__(self, settings: Settings, models: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.phase = Phase.LOADING
+        self.failure: str | None = None
+        self.models: dict[str, ServedModel] = {}
+        self.default_model_id: str | None = None
+        self._preloaded = models
+        self.pool = ThreadPoolExecutor(
+            max_workers=settings.resolved_pool_size(), thread_name_prefix="simvq-work"
+        )
+        self.slots = Slots(settings.max_concurrency)
+        self.stream_slots = Slots(settings.max_streams)
+        self.active = 0  # HTTP requests and streams being served, for draining
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load (or adopt) the models and warm them up; runs in a worker thread. Sets the phase."""
+        try:
+            torch.set_num_threads(self.settings.torch_threads)
+            if self._preloaded is not None:
+                loaded = dict(self._preloaded)
+            else:
+                from codec.presets import load_model
+
+                loaded = {}
+                for ref in self.settings.models:
+                    model = load_model(ref, device=self.settings.device, warn=False)
+                    if not getattr(model, "trained", False):
+                        log.warning("model %s is UNTRAINED (random weights): its output is noise", ref)
+                    loaded[_model_id(ref, model)] = model
+            for model_id, model in loaded.items():
+                model.eval()
+                served = ServedModel(model_id, model)
+                if self.settings.warmup:
+                    t0 = time.perf_counter()
+                    _warm_up(served)
+                    log.info("warmed up %s in %.2f s", model_id, time.perf_counter() - t0)
+                self.models[model_id] = served
+            self.default_model_id = next(iter(self.models))
+            self.phase = Phase.READY
+        except Exception as exc:  # surfaced by /readyz and /healthz; the process stays up to report it
+            log.exception("model loading failed")
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.phase = Phase.FAILED
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work, wait up to `timeout` s for requests and streams in flight; True if all finished."""
+        self.phase = Phase.DRAINING
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    # --- request helpers ----------------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        """503 unless the models are loaded and warmed up and the server is not draining."""
+        if self.phase is Phase.READY:
+            return
+        retry = str(max(1, self.settings.retry_after_s))
+        if self.phase is Phase.LOADING:
+            raise ProblemError(503, "loading", "Model loading", "the model is still loading; retry shortly",
+                               headers={"Retry-After": retry})
+        if self.phase is Phase.DRAINING:
+            raise ProblemError(503, "draining", "Shutting down",
+                               "this server is shutting down; retry on another instance",
+                               headers={"Retry-After": retry})
+        raise ProblemError(503, "model-failed", "Model unavailable", "the model failed to load on this server")
+
+    def get(self, model_id: str | None) -> ServedModel:
+        """The served model for `model_id` (None: the default); 422 naming the served ids otherwise."""
+        self.require_ready()
+        key = model_id or self.default_model_id
+        if key not in self.models:
+            served = ", ".join(self.models)
+            raise ProblemError(422, "unknown-model", "Unknown model",
+                               f"model '{model_id}' is not served here; use one of: {served} (GET /v1/models)")
+        return self.models[key]
+
+    def admit(self, on_release: Callable[[], None] | None = None) -> Slot:
+        """Take a work slot or raise 503 with Retry-After at once."""
+        if not self.slots.try_acquire():
+            raise ProblemError(
+                503, "overloaded", "Server busy",
+                f"all {self.slots.capacity} work slots are busy; retry after the Retry-After delay",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        return Slot(self.slots, on_release)
+
+    async def run(self, slot: Slot | None, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in the worker pool under inference mode; the slot stays held until it finishes."""
+
+        def job() -> T:
+            with torch.inference_mode():
+                return fn(*args)
+
+        if slot is not None:
+            slot.hold()
+        try:
+            future: Future[T] = self.pool.submit(job)
+        except RuntimeError:  # pool shut down
+            if slot is not None:
+                slot.drop()
+            raise ProblemError(503, "draining", "Shutting down", "this server is shutting down; retry elsewhere",
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        if slot is not None:
+            future.add_done_callback(lambda _f: slot.drop())
+        return await asyncio.wrap_future(future)
+
+
+def _model_id(ref: str, model: Any) -> str:
+    """A preset id stays as given; a checkpoint directory is served under the id its config names."""
+    from codec.presets import MODELS
+
+    if ref in MODELS:
+        return ref
+    return getattr(model, "model_id", None) or ref
+
+
+def _warm_up(served: ServedModel) -> None:
+    """One offline encode/decode and one streaming step, so the first request pays no lazy-init cost."""
+    model = served.model
+    hop = int(model.hop_length)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    wav = torch.zeros(1, 1, hop * 10, device=device)
+    with torch.inference_mode():
+        codes = model.encode(wav)
+        model.decode(codes)
+        replica = served.streaming_replica()
+        with replica.streaming(1):
+            replica.encode(wav[..., : hop + 1])

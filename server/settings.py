@@ -1,0 +1,109 @@
+"""Service settings from environment variables prefixed `SIMVQ_` (pydantic-settings)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# uvicorn's implementation on the `websockets` library; its classic "websockets" name is deprecated in
+# uvicorn 0.54 in favour of this sans-I/O one (same library, same protocol behaviour).
+UVICORN_WS = "websockets-sansio"
+
+
+def _default_model() -> str:
+    try:
+        from codec.presets import DEFAULT_MODEL_ID
+    except ImportError:  # the codec package is always installed with the server; keep settings importable
+        return "simvq-16k"
+    return DEFAULT_MODEL_ID
+
+
+class Settings(BaseSettings):
+    """Every limit and knob of the service; each field is also `SIMVQ_<NAME>` in the environment.
+
+    List fields accept JSON (`["a","b"]`) or a comma-separated string (`a,b`).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SIMVQ_", extra="ignore", validate_default=True)
+
+    # --- models and compute -------------------------------------------------------------------------------
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [_default_model()],
+        description="Model ids (presets) or checkpoint directories to load; the first is the default.",
+    )
+    device: str = Field("cpu", description="Torch device for every model, e.g. 'cpu' or 'cuda:0'.")
+    torch_threads: int = Field(1, ge=1, le=256, description="Intra-op torch threads (torch.set_num_threads).")
+    pool_size: int | None = Field(
+        None, ge=1, le=256,
+        description="Threads running model work; default: CPU count // torch_threads on CPU, 1 on a GPU.",
+    )
+    warmup: bool = Field(True, description="Encode and decode a short clip before readiness turns green.")
+    load_in_background: bool = Field(
+        True, description="Load models in a background task so /healthz answers while loading (tests turn it off)."
+    )
+
+    # --- admission and deadlines --------------------------------------------------------------------------
+    max_concurrency: int = Field(
+        4, ge=1, le=10_000, description="Encode/decode requests admitted at once; beyond it an immediate 503."
+    )
+    max_streams: int = Field(16, ge=1, le=10_000, description="Concurrent WebSocket streams; beyond it 503/1013.")
+    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After seconds sent with 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one HTTP request, upload included (504).")
+    drain_timeout_s: float = Field(30.0, ge=0, description="How long shutdown waits for requests in flight.")
+
+    # --- input limits -------------------------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="Largest request body, checked as it streams (413)."
+    )
+    max_duration_s: float = Field(300.0, gt=0, description="Longest audio accepted or produced, from headers (413).")
+    max_input_samples: int = Field(
+        32_000_000, ge=1, description="Most decoded input samples (frames x channels) per request (413)."
+    )
+    min_sample_rate: int = Field(4000, ge=1, description="Lowest input sample rate accepted (422).")
+    max_sample_rate: int = Field(192_000, ge=1, description="Highest input sample rate accepted (422).")
+    max_channels: int = Field(8, ge=1, le=1024, description="Most input channels accepted (422).")
+
+    # --- streaming ----------------------------------------------------------------------------------------
+    ws_max_message_bytes: int = Field(1024 * 1024, ge=1024, description="Largest WebSocket message (close 1009).")
+    ws_idle_timeout_s: float = Field(60.0, gt=0, description="Close a stream silent for this long (close 1008).")
+    max_stream_duration_s: float = Field(3600.0, gt=0, description="Most audio one stream may carry (close 1008).")
+
+    # --- network ------------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address uvicorn binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port uvicorn binds (0: any free port).")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.models:
+            raise ValueError("models must name at least one model id or directory")
+        if self.min_sample_rate > self.max_sample_rate:
+            raise ValueError("min_sample_rate must not exceed max_sample_rate")
+        return self
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+    def resolved_pool_size(self) -> int:
+        """Worker threads for model work: sized to the CPU (or one per GPU device)."""
+        if self.pool_size is not None:
+            return self.pool_size
+        if not self.device.startswith("cpu"):
+            return 1
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cpus // self.torch_threads)

@@ -1,0 +1,131 @@
+"""Helpers for the server tests and the load script: a tiny codec, test audio, a loopback uvicorn server."""
+
+from __future__ import annotations
+
+import glob
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+import uvicorn
+
+from codec.checkpoint import load_model_dir, save_model
+from codec.model import SimVQCodec
+from server.settings import UVICORN_WS
+
+TINY_CONFIG: dict[str, Any] = dict(
+    encoder_dim=32, encoder_layers=1, decoder_dim=32, decoder_layers=1, kernel_size=3, expansion=2,
+    latent_dim=8, n_stages=4, codebook_size=64, init_from_data=False,
+)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_tiny_model(out_dir: str | Path, model_id: str = "tiny-test", seed: int = 0, **overrides: Any) -> SimVQCodec:
+    """A randomly initialised small SimVQCodec saved as a release directory and loaded back, so it has
+    a weights sha256 and a model id like a shipped model (16 kHz, 320-sample frames, 4 x 64 codes)."""
+    torch.manual_seed(seed)
+    model = SimVQCodec(**{**TINY_CONFIG, **overrides}).eval()
+    save_model(model, out_dir, {"note": "test model"}, model_id=model_id, trained=False)
+    return load_model_dir(out_dir).eval()
+
+
+class GatedCodec(SimVQCodec):
+    """Offline encode waits for the class attribute `gate` (streaming calls do not): holds work in flight."""
+
+    gate: threading.Event
+
+    def encode(self, wav, n_stages=None):  # noqa: ANN001, ANN201 - same signature as SimVQCodec.encode
+        if not self.is_streaming:
+            self.gate.wait(60)
+        return super().encode(wav, n_stages)
+
+
+def gated(model: SimVQCodec) -> GatedCodec:
+    """A copy of `model` (same weights, hash and id) whose offline encode blocks until `.gate.set()`.
+
+    The gate is a class attribute of a fresh subclass, so streaming replicas (deep copies) share it.
+    """
+    cls = type("Gated", (GatedCodec,), {"gate": threading.Event()})
+    clone = cls(**model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    clone.weights_sha256, clone.model_id, clone.trained = model.weights_sha256, model.model_id, model.trained
+    return clone
+
+
+def speech_like(seconds: float, sample_rate: int = 16000, seed: int = 0, channels: int = 1) -> np.ndarray:
+    """Float32 `[T]` (or `[T, C]`) of harmonic bursts with noise: deterministic, bounded in [-0.5, 0.5]."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
+    x = 0.25 * envelope * voiced + 0.02 * rng.standard_normal(t.shape)
+    x = np.clip(x, -0.5, 0.5).astype(np.float32)
+    if channels > 1:
+        x = np.stack([x * (1 - 0.1 * c) for c in range(channels)], axis=1)
+    return x
+
+
+def audio_bytes(x: np.ndarray, sample_rate: int, format: str = "WAV", subtype: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, sample_rate, format=format, subtype=subtype)
+    return buf.getvalue()
+
+
+def real_recording() -> Path | None:
+    """A real speech recording: the repo's examples/speech.wav, else a klettres-data Ogg (Debian package)."""
+    example = REPO / "examples" / "speech.wav"
+    if example.is_file():
+        return example
+    found = sorted(glob.glob("/usr/share/klettres/en*/**/*.ogg", recursive=True))
+    return Path(found[0]) if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackServer:
+    """Run an app on real uvicorn (websockets implementation) in a thread, on 127.0.0.1:<free port>.
+
+    Use as a context manager; `url` and `ws_url` point at it. Leaving stops uvicorn gracefully.
+    """
+
+    def __init__(self, app: Any, ws_max_size: int = 16 * 1024 * 1024, timeout_graceful_shutdown: int = 10) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, ws=UVICORN_WS, log_level="warning", lifespan="on",
+            ws_max_size=ws_max_size, timeout_graceful_shutdown=timeout_graceful_shutdown,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LoopbackServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)

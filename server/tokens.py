@@ -1,0 +1,145 @@
+"""Token payloads of the HTTP API: .tok bytes and token JSON to (TokHeader, codes) and back, under limits."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from pydantic import ValidationError
+
+from codec.errors import TokFormatError
+from codec.tokfile import TokHeader, TokReader, write_tok
+from server.errors import ProblemError
+from server.runtime import Runtime, ServedModel
+from server.schemas import TokenJSON
+from server.settings import Settings
+
+
+def too_long(seconds: float, settings: Settings) -> ProblemError:
+    return ProblemError(
+        413, "audio-too-long", "Audio too long",
+        f"the tokens describe {seconds:.1f} s of audio; at most {settings.max_duration_s:g} s per request: "
+        "split the file or use the streaming endpoint", limit_seconds=settings.max_duration_s,
+    )
+
+
+def max_frames(header: TokHeader, settings: Settings) -> int:
+    return math.ceil(settings.max_duration_s * header.sample_rate / header.hop_length)
+
+
+def parse_tok(data: bytes, settings: Settings) -> tuple[TokHeader, np.ndarray]:
+    """Read .tok bytes; the duration limit is checked from the header before any code is unpacked.
+
+    A streamed file (counts in the trailer) is read block by block and refused as soon as it passes
+    the limit. TokFormatError (422) for anything malformed.
+    """
+    reader = TokReader(io.BytesIO(data), block_frames=4096)
+    header = reader.header
+    limit = max_frames(header, settings)
+    if header.num_frames is not None and header.num_frames > limit:
+        raise too_long(header.num_samples / header.sample_rate, settings)
+    blocks, frames = [], 0
+    for block in reader:
+        frames += block.shape[1]
+        if frames > limit:
+            raise too_long(frames * header.hop_length / header.sample_rate, settings)
+        blocks.append(block)
+    header = reader.header  # a streamed file learns its counts from the trailer
+    codes = np.concatenate(blocks, axis=1) if blocks else np.zeros((header.n_stages, 0), np.int64)
+    return header, codes
+
+
+def parse_token_json(data: bytes, settings: Settings) -> tuple[TokHeader, np.ndarray]:
+    """Validate token JSON (422 naming the field), check the duration (413), then build the codes array."""
+    try:
+        doc = TokenJSON.model_validate_json(data)
+    except ValidationError as exc:
+        errors = [{"location": "body field '" + ".".join(str(x) for x in e["loc"]) + "'", "message": e["msg"]}
+                  for e in exc.errors(include_url=False)[:20]]
+        detail = "; ".join(f"{e['location']}: {e['message']}" for e in errors) or "invalid token JSON"
+        raise ProblemError(422, "invalid-token-json", "Invalid token JSON", detail, errors=errors) from None
+    header = TokHeader(doc.model_id, bytes.fromhex(doc.weights_hash), doc.sample_rate, doc.hop_length,
+                       doc.n_stages, doc.bits_per_code, doc.num_samples, doc.num_frames)
+    if doc.num_samples / doc.sample_rate > settings.max_duration_s:
+        raise too_long(doc.num_samples / doc.sample_rate, settings)
+    if len(doc.codes) != doc.n_stages:
+        raise TokFormatError(f"codes has {len(doc.codes)} rows but n_stages is {doc.n_stages}")
+    for s, row in enumerate(doc.codes):
+        if len(row) != doc.num_frames:
+            raise TokFormatError(f"codes[{s}] has {len(row)} frames but num_frames is {doc.num_frames}")
+    codes = np.array(doc.codes, dtype=np.int64).reshape(doc.n_stages, doc.num_frames)
+    if codes.size and (codes.min() < 0 or codes.max() >= 1 << doc.bits_per_code):
+        raise TokFormatError(f"codes must lie in [0, {1 << doc.bits_per_code}) for {doc.bits_per_code}-bit codes")
+    return header, codes
+
+
+def tok_bytes(header: TokHeader, codes: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    write_tok(buf, header, codes)
+    return buf.getvalue()
+
+
+def token_json(header: TokHeader, codes: np.ndarray) -> dict:
+    return TokenJSON(
+        model_id=header.model_id, weights_hash=header.weights_hash.hex(), sample_rate=header.sample_rate,
+        hop_length=header.hop_length, frame_rate=header.frame_rate, n_stages=header.n_stages,
+        bits_per_code=header.bits_per_code, num_samples=header.num_samples, num_frames=header.num_frames,
+        codes=np.asarray(codes).tolist(),
+    ).model_dump()
+
+
+def model_for_header(header: TokHeader, runtime: Runtime, requested: str | None) -> ServedModel:
+    """The served model that can decode `header`: the requested one, else the one whose weights match.
+
+    422 when the file was made by a model (or weights) this server does not serve, or its layout
+    (sample rate, hop, bits, stages) does not fit the model.
+    """
+    if requested is not None:
+        served = runtime.get(requested)
+    else:
+        runtime.require_ready()
+        matches = [m for m in runtime.models.values() if weights_hash(m) == header.weights_hash]
+        by_id = runtime.models.get(header.model_id)
+        if matches:
+            served = next((m for m in matches if m.model_id == header.model_id), matches[0])
+        elif by_id is not None:
+            raise ProblemError(
+                422, "weights-mismatch", "Different model weights",
+                f"the tokens were made by model '{header.model_id}' with weights {header.weights_hash.hex()}, "
+                f"but this server's '{by_id.model_id}' has weights {weights_hash(by_id).hex()}; "
+                "decode them where they were encoded or re-encode the audio",
+            )
+        else:
+            served_ids = ", ".join(runtime.models)
+            raise ProblemError(422, "unknown-model", "Unknown model",
+                               f"the tokens were made by model '{header.model_id}', which this server does not "
+                               f"serve (it serves: {served_ids})")
+    model = served.model
+    if requested is not None and weights_hash(served) != header.weights_hash:
+        raise ProblemError(
+            422, "weights-mismatch", "Different model weights",
+            f"the tokens were made with weights {header.weights_hash.hex()} but model '{served.model_id}' has "
+            f"{weights_hash(served).hex()}; omit `model` to pick the matching model",
+        )
+    mismatch = [
+        f"{name} {got} (model: {want})"
+        for name, got, want in (
+            ("sample_rate", header.sample_rate, model.sample_rate),
+            ("hop_length", header.hop_length, model.hop_length),
+            ("bits_per_code", header.bits_per_code, model.bits_per_code),
+        )
+        if got != want
+    ]
+    if header.n_stages > model.n_stages:
+        mismatch.append(f"n_stages {header.n_stages} (model has {model.n_stages})")
+    if mismatch:
+        raise ProblemError(422, "layout-mismatch", "Tokens do not fit the model",
+                           f"the tokens do not fit model '{served.model_id}': " + ", ".join(mismatch))
+    return served
+
+
+def weights_hash(served: ServedModel) -> bytes:
+    """The 8-byte weights hash that .tok headers carry for this model."""
+    sha = served.weights_sha256
+    return bytes.fromhex(sha[:16]) if sha else bytes(8)

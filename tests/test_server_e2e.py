@@ -1,0 +1,289 @@
+"""End to end on a real uvicorn server on a loopback port: round trips, streaming, every limit, draining."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from websockets.sync.client import connect
+
+from codec.audio import read_audio
+from codec.tokfile import read_tok
+from server import Settings, create_app
+from server.testing import (
+    REPO,
+    LoopbackServer,
+    audio_bytes,
+    free_port,
+    gated,
+    make_tiny_model,
+    real_recording,
+    speech_like,
+)
+
+torch.set_num_threads(1)
+PROBLEM = "application/problem+json"
+MEDIA = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
+
+
+def wait_ready(client: httpx.Client, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def recording():
+    path = real_recording()
+    if path is None:
+        pytest.skip("no real recording: neither examples/speech.wav nor klettres-data is installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The default model (the shipped stand-in until training finishes), loaded in the background."""
+    settings = Settings(pool_size=2, max_body_bytes=600 * 1024, max_duration_s=30, request_timeout_s=20)
+    with LoopbackServer(create_app(settings)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        assert client.get("/healthz").status_code == 200
+        wait_ready(client)
+        yield srv, client
+
+
+def encode(client, body: bytes, media: str, query: str = "") -> httpx.Response:
+    return client.post(f"/encode{query}", content=body, headers={"content-type": media})
+
+
+def test_round_trip_of_a_real_recording(server, recording):
+    _, client = server
+    body = recording.read_bytes()
+    r = encode(client, body, MEDIA[recording.suffix])
+    assert r.status_code == 200, r.text
+    header, codes = read_tok(io.BytesIO(r.content))
+    expected_samples = len(read_audio(recording, 16000)[0])
+    assert header.model_id == "simvq-16k" and header.sample_rate == 16000 and header.n_stages == 12
+    assert header.num_samples == expected_samples and codes.shape == (12, -(-expected_samples // 320))
+    assert len(r.content) == header.file_bytes()  # bit-packed: ~6 kbit/s
+    info = client.get("/v1/models").json()["models"][0]
+    assert info["weights_hash"] == header.weights_hash.hex()
+    d = client.post("/decode", content=r.content, headers={"content-type": "application/octet-stream"})
+    assert d.status_code == 200 and d.headers["content-type"] == "audio/wav"
+    audio, rate = sf.read(io.BytesIO(d.content), dtype="float32")
+    assert rate == 16000 and audio.shape == (expected_samples,)
+    assert np.isfinite(audio).all() and float(d.headers["x-audio-seconds"]) == pytest.approx(expected_samples / 16000)
+    if info["trained"]:  # once the trained model ships, the round trip must resemble the input
+        original = read_audio(recording, 16000)[0]
+        assert np.corrcoef(original, audio)[0, 1] > 0.5
+
+
+def test_json_binary_and_multipart_forms_agree(server, recording):
+    _, client = server
+    body = recording.read_bytes()
+    tok = encode(client, body, MEDIA[recording.suffix], "?stages=6")
+    js = encode(client, body, MEDIA[recording.suffix], "?stages=6&format=json").json()
+    form = client.post("/encode?bitrate=3", files={"file": (recording.name, body, "application/octet-stream")})
+    header, codes = read_tok(io.BytesIO(tok.content))
+    assert form.content == tok.content  # 3 kbit/s = 6 stages
+    assert np.array_equal(np.array(js["codes"]), codes) and js["n_stages"] == 6
+    for key in ("model_id", "sample_rate", "hop_length", "n_stages", "bits_per_code", "num_samples", "num_frames"):
+        assert js[key] == getattr(header, key)
+    a = client.post("/decode", content=tok.content, headers={"content-type": "application/octet-stream"})
+    b = client.post("/decode", json=js)
+    assert a.status_code == b.status_code == 200 and a.content == b.content
+
+
+def test_websocket_round_trip_equals_offline_tokens(server, recording):
+    srv, client = server
+    pcm = np.round(np.clip(read_audio(recording, 16000)[0], -1, 1) * 32767).astype("<i2")
+    tok = encode(client, audio_bytes(pcm, 16000, "WAV", "PCM_16"), "audio/wav")
+    offline = read_tok(io.BytesIO(tok.content))[1]
+    sizes = [320, 1, 999, 4000, 160]
+    received: list[bytes] = []
+    with connect(srv.ws_url + "/v1/stream/encode") as ws:
+        ws.send(json.dumps({"type": "start"}))
+        ready = json.loads(ws.recv())
+        assert ready["n_stages"] == 12 and ready["frame_bytes"] == 24
+        i = k = 0
+        while i < len(pcm):
+            ws.send(pcm[i : i + sizes[k % len(sizes)]].tobytes())
+            i, k = i + sizes[k % len(sizes)], k + 1
+        ws.send(json.dumps({"type": "end"}))
+        for message in ws:
+            if isinstance(message, str):
+                end = json.loads(message)
+                break
+            received.append(message)
+    assert end == {"type": "end", "num_samples": len(pcm), "num_frames": offline.shape[1]}
+    streamed = np.frombuffer(b"".join(received), "<u2").reshape(-1, 12).T
+    assert np.array_equal(streamed, offline)
+
+    # and back: streamed decode of those frames equals the offline decode (to one LSB)
+    decoded = client.post("/decode", content=tok.content, headers={"content-type": "application/octet-stream"})
+    offline_audio = sf.read(io.BytesIO(decoded.content), dtype="int16")[0]
+    chunks: list[bytes] = []
+    with connect(srv.ws_url + "/v1/stream/decode") as ws:
+        ws.send(json.dumps({"type": "start"}))
+        json.loads(ws.recv())
+        frames = streamed.T.astype("<u2")
+        for lo in range(0, len(frames), 7):
+            ws.send(frames[lo : lo + 7].tobytes())
+        ws.send(json.dumps({"type": "end"}))
+        for message in ws:
+            if isinstance(message, str):
+                break
+            chunks.append(message)
+    audio = np.frombuffer(b"".join(chunks), "<i2")
+    assert len(audio) == offline.shape[1] * 320
+    assert np.abs(audio[: len(offline_audio)].astype(int) - offline_audio).max() <= 1
+
+
+def assert_problem(r: httpx.Response, status: int, reason: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == PROBLEM
+    body = r.json()
+    assert body["status"] == status and body["type"] == f"urn:simvq-codec:problem:{reason}" and body["detail"]
+    assert "Traceback" not in r.text
+    return body
+
+
+def test_every_input_limit_answers_with_its_status(server):
+    _, client = server
+    big = audio_bytes(speech_like(20.0), 16000)  # 640 kB > 600 kB
+    assert_problem(encode(client, big, "audio/wav"), 413, "body-too-large")
+
+    def chunked():
+        for i in range(0, len(big), 16384):
+            yield big[i : i + 16384]
+
+    r = client.post("/encode", content=chunked(), headers={"content-type": "audio/wav"})
+    assert r.request.headers.get("transfer-encoding") == "chunked"
+    assert_problem(r, 413, "body-too-large")
+    long = audio_bytes(np.zeros(31 * 4000, np.float32), 4000, "WAV", "PCM_U8")  # 31 s > 30 s, 124 kB
+    assert_problem(encode(client, long, "audio/wav"), 413, "audio-too-long")
+    assert_problem(encode(client, b"ID3junk", "audio/mpeg"), 415, "unsupported-media-type")
+    assert_problem(encode(client, audio_bytes(np.zeros(800), 8000, "AIFF"), "audio/wav"), 415, "unsupported-container")
+    assert_problem(encode(client, audio_bytes(np.zeros(800), 8000, "WAV", "ALAW"), "audio/wav"), 415,
+                   "unsupported-sample-format")
+    assert_problem(encode(client, audio_bytes(np.zeros(800), 1000, "WAV"), "audio/wav"), 422, "invalid-sample-rate")
+    assert_problem(encode(client, audio_bytes(np.zeros((800, 12)), 8000, "WAV"), "audio/wav"), 422,
+                   "invalid-channels")
+    nan = speech_like(0.2)
+    nan[5] = np.inf
+    assert_problem(encode(client, audio_bytes(nan, 16000, "WAV", "FLOAT"), "audio/wav"), 422, "invalid-audio")
+    assert_problem(encode(client, b"RIFF\x00\x00\x00\x00WAVE", "audio/wav"), 422, "invalid-audio")
+    assert_problem(encode(client, audio_bytes(np.zeros(800), 8000), "audio/wav", "?stages=13"), 422,
+                   "invalid-parameter")
+    tok = encode(client, audio_bytes(speech_like(0.5), 16000), "audio/wav").content
+    assert_problem(client.post("/decode", content=tok[:-1], headers={"content-type": "application/octet-stream"}),
+                   422, "invalid-token-file")
+    js = encode(client, audio_bytes(speech_like(0.5), 16000), "audio/wav", "?format=json").json()
+    assert_problem(client.post("/decode", json={**js, "num_samples": 16000 * 40, "num_frames": 2000}), 413,
+                   "audio-too-long")
+    # none of these affected the next request
+    assert encode(client, audio_bytes(speech_like(0.5), 16000), "audio/wav").status_code == 200
+
+
+@pytest.fixture()
+def busy_server(tmp_path):
+    model = gated(make_tiny_model(tmp_path))
+    settings = Settings(models=["tiny-test"], pool_size=2, max_concurrency=2, request_timeout_s=1.5,
+                        retry_after_s=2, warmup=False)
+    app = create_app(settings, models={"tiny-test": model})
+    with LoopbackServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        wait_ready(client)
+        yield srv, client, model, app
+        model.gate.set()
+
+
+def test_overload_503_and_deadline_504_while_health_stays_answered(busy_server):
+    srv, client, model, app = busy_server
+    body = audio_bytes(speech_like(0.2), 16000)
+    with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=srv.url, timeout=30) as other:
+        stuck = [pool.submit(other.post, "/encode", content=body, headers={"content-type": "audio/wav"})
+                 for _ in range(2)]
+        while app.state.runtime.slots.busy < 2:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        r = encode(client, body, "audio/wav")
+        assert time.perf_counter() - t0 < 1.0  # refused at once, not queued behind the 1.5 s deadline
+        assert_problem(r, 503, "overloaded")
+        assert r.headers["retry-after"] == "2"
+        for path in ("/healthz", "/readyz", "/metrics"):
+            t0 = time.perf_counter()
+            assert client.get(path).status_code == 200
+            assert time.perf_counter() - t0 < 1.0
+        for future in stuck:
+            assert_problem(future.result(), 504, "deadline-exceeded")
+    assert app.state.runtime.slots.busy == 2  # the abandoned encodes still hold their slots
+    model.gate.set()
+    deadline = time.monotonic() + 10
+    while app.state.runtime.slots.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert encode(client, body, "audio/wav").status_code == 200
+    metrics = client.get("/metrics").text
+    assert 'simvq_rejections_total{reason="overloaded"} 1.0' in metrics
+    assert 'simvq_rejections_total{reason="deadline-exceeded"} 2.0' in metrics
+    assert 'simvq_http_requests_total{method="POST",route="/encode",status="504"} 2.0' in metrics
+
+
+def test_graceful_shutdown_drains_requests_in_flight(tmp_path):
+    model = gated(make_tiny_model(tmp_path))
+    app = create_app(Settings(models=["tiny-test"], pool_size=1, warmup=False, request_timeout_s=30),
+                     models={"tiny-test": model})
+    srv = LoopbackServer(app).__enter__()
+    with httpx.Client(base_url=srv.url, timeout=30) as client:
+        wait_ready(client)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(encode, client, audio_bytes(speech_like(0.3), 16000), "audio/wav")
+            while app.state.runtime.slots.busy == 0:
+                time.sleep(0.01)
+            srv.server.should_exit = True  # what SIGTERM does
+            time.sleep(0.3)
+            assert srv.thread.is_alive() and not pending.done()  # still draining
+            model.gate.set()
+            assert pending.result().status_code == 200
+    srv.thread.join(10)
+    assert not srv.thread.is_alive() and app.state.runtime is None
+
+
+def test_cli_serve_starts_uvicorn_and_stops_on_sigterm(tmp_path, recording):
+    port = free_port()
+    env = {**os.environ, "SIMVQ_POOL_SIZE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.2)
+            r = encode(client, recording.read_bytes(), MEDIA[recording.suffix], "?bitrate=1.5")
+            assert r.status_code == 200 and read_tok(io.BytesIO(r.content))[0].n_stages == 3
+            d = client.post("/decode?format=flac", content=r.content,
+                            headers={"content-type": "application/octet-stream"})
+            assert d.status_code == 200 and d.content[:4] == b"fLaC"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+        log = proc.stdout.read()
+        assert "Application shutdown complete" in log and "Traceback" not in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,199 @@
+"""WebSocket streaming at the app level (TestClient): equality with offline tokens, protocol errors, limits."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketDenialResponse
+from starlette.websockets import WebSocketDisconnect
+
+from codec.tokfile import read_tok
+from server import Settings, create_app
+from server.testing import audio_bytes, make_tiny_model, speech_like
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def make_client(tiny, **kw) -> TestClient:
+    base = dict(load_in_background=False, pool_size=1, warmup=False, models=["tiny-test"])
+    return TestClient(create_app(Settings(**{**base, **kw}), models={"tiny-test": tiny}))
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    with make_client(tiny) as c:
+        yield c
+
+
+def drain(ws) -> tuple[list, int | None]:
+    """Every message until the server closes: (messages, close code)."""
+    out = []
+    while True:
+        try:
+            msg = ws.receive()
+        except WebSocketDisconnect as exc:
+            return out, exc.code
+        if msg["type"] == "websocket.close":
+            return out, msg.get("code")
+        out.append(msg.get("bytes") if msg.get("bytes") is not None else json.loads(msg["text"]))
+
+
+def pcm16(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, -1, 1) * 32767).astype("<i2")
+
+
+def offline_codes(client, pcm: np.ndarray, stages: int | None = None) -> np.ndarray:
+    body = audio_bytes(pcm, 16000, "WAV", "PCM_16")
+    q = f"?stages={stages}" if stages else ""
+    r = client.post(f"/encode{q}", content=body, headers={"content-type": "audio/wav"})
+    return read_tok(io.BytesIO(r.content))[1]
+
+
+@pytest.mark.parametrize("chunk_sizes", [[1, 319, 320, 321, 5000], [160], [7777]])
+def test_streamed_tokens_equal_offline_tokens(client, chunk_sizes):
+    pcm = pcm16(speech_like(0.93, seed=7))  # 14880 samples: 46.5 frames
+    expected = offline_codes(client, pcm, stages=3)
+    with client.websocket_connect("/v1/stream/encode") as ws:
+        ws.send_text(json.dumps({"type": "start", "stages": 3}))
+        ready = ws.receive_json()
+        assert ready["type"] == "ready" and ready["n_stages"] == 3 and ready["frame_bytes"] == 6
+        assert ready["sample_rate"] == 16000 and ready["hop_length"] == 320 and ready["model_id"] == "tiny-test"
+        i = k = 0
+        while i < len(pcm):
+            n = chunk_sizes[k % len(chunk_sizes)]
+            ws.send_bytes(pcm[i : i + n].tobytes())
+            i, k = i + n, k + 1
+        ws.send_text(json.dumps({"type": "end"}))
+        messages, code = drain(ws)
+    assert code == 1000
+    end = messages[-1]
+    assert end == {"type": "end", "num_samples": len(pcm), "num_frames": 47}
+    frames = np.frombuffer(b"".join(m for m in messages if isinstance(m, bytes)), "<u2").reshape(-1, 3).T
+    assert np.array_equal(frames, expected)
+
+
+def test_each_frame_is_sent_as_soon_as_it_is_complete(client):
+    pcm = pcm16(speech_like(0.1, seed=8))
+    with client.websocket_connect("/v1/stream/encode") as ws:
+        ws.send_text('{"type": "start"}')
+        ws.receive_json()
+        ws.send_bytes(pcm[:319].tobytes())  # not a whole frame yet: nothing comes back
+        ws.send_bytes(pcm[319:320].tobytes())  # completes frame 0: its 4 codes come back at once
+        first = ws.receive()
+        assert len(first["bytes"]) == 4 * 2
+        ws.send_bytes(pcm[320:960].tobytes())  # two more frames in one message
+        assert len(ws.receive()["bytes"]) == 2 * 4 * 2
+        ws.send_text('{"type": "end"}')
+        messages, code = drain(ws)
+    assert code == 1000 and messages[-1]["num_frames"] == 3
+
+
+def test_stereo_44k_stream_is_mixed_and_resampled(client):
+    x = speech_like(0.5, 44100, seed=9, channels=2)
+    pcm = pcm16(x)
+    with client.websocket_connect("/v1/stream/encode") as ws:
+        ws.send_text(json.dumps({"type": "start", "sample_rate": 44100, "channels": 2}))
+        assert ws.receive_json()["input_sample_rate"] == 44100
+        ws.send_bytes(pcm[:10000].tobytes())
+        ws.send_bytes(pcm[10000:].tobytes())
+        ws.send_text('{"type": "end"}')
+        messages, code = drain(ws)
+    assert code == 1000 and messages[-1]["num_samples"] == 8000 and messages[-1]["num_frames"] == 25
+
+
+def test_streamed_decode_matches_offline_decode(client):
+    pcm = pcm16(speech_like(0.6, seed=10))
+    body = audio_bytes(pcm, 16000, "WAV", "PCM_16")
+    tok = client.post("/encode", content=body, headers={"content-type": "audio/wav"}).content
+    offline = client.post("/decode", content=tok, headers={"content-type": "application/octet-stream"}).content
+    import soundfile as sf
+
+    offline_pcm = sf.read(io.BytesIO(offline), dtype="int16")[0]
+    codes = read_tok(io.BytesIO(tok))[1]  # [4, 30]
+    frames = codes.T.astype("<u2")
+    with client.websocket_connect("/v1/stream/decode") as ws:
+        ws.send_text('{"type": "start"}')
+        ready = ws.receive_json()
+        assert ready["n_stages"] == 4 and ready["frame_bytes"] == 8
+        for lo, hi in ((0, 1), (1, 13), (13, 30)):
+            ws.send_bytes(frames[lo:hi].tobytes())
+        ws.send_text('{"type": "end"}')
+        messages, code = drain(ws)
+    assert code == 1000 and messages[-1]["num_frames"] == 30
+    audio = np.frombuffer(b"".join(m for m in messages if isinstance(m, bytes)), "<i2")
+    assert len(audio) == 30 * 320
+    assert np.abs(audio[: len(offline_pcm)].astype(int) - offline_pcm).max() <= 1
+
+
+def _error(client, path, start, payloads):
+    with client.websocket_connect(path) as ws:
+        if start is not None:
+            ws.send_text(json.dumps(start))
+        for p in payloads:
+            ws.send_bytes(p) if isinstance(p, bytes) else ws.send_text(p)
+        messages, code = drain(ws)
+    errors = [m for m in messages if isinstance(m, dict) and m.get("type") == "error"]
+    assert len(errors) == 1, messages
+    return errors[0], code
+
+
+def test_protocol_errors_close_with_a_reason(client):
+    err, code = _error(client, "/v1/stream/encode", None, [b"\x00\x00"])
+    assert code == 1003 and err["reason"] == "expected-start"
+    err, code = _error(client, "/v1/stream/encode", {"type": "start", "stages": 9}, [])
+    assert code == 1008 and "1..4" in err["detail"]
+    err, code = _error(client, "/v1/stream/encode", {"type": "start", "format": "f32le"}, [])
+    assert code == 1008 and "format" in err["detail"]
+    err, code = _error(client, "/v1/stream/encode", {"type": "start", "model": "nope"}, [])
+    assert code == 1008 and err["reason"] == "unknown-model"
+    err, code = _error(client, "/v1/stream/encode", {"type": "start", "channels": 2}, [b"\x00" * 6])
+    assert code == 1007 and "4 bytes" in err["detail"]
+    err, code = _error(client, "/v1/stream/encode", {"type": "start"}, ['{"type": "pause"}'])
+    assert code == 1003 and err["reason"] == "invalid-control"
+    err, code = _error(client, "/v1/stream/decode", {"type": "start", "stages": 2}, [b"\x00" * 6])
+    assert code == 1007 and "4 bytes" in err["detail"]
+    err, code = _error(client, "/v1/stream/decode", {"type": "start", "stages": 1}, [np.array([64], "<u2").tobytes()])
+    assert code == 1007 and "[0, 64)" in err["detail"]
+
+
+def test_stream_limits(tiny):
+    with make_client(tiny, ws_max_message_bytes=1024, ws_idle_timeout_s=0.3, max_stream_duration_s=0.05) as c:
+        err, code = _error(c, "/v1/stream/encode", {"type": "start"}, [b"\x00" * 2048])
+        assert code == 1009 and err["reason"] == "message-too-large"
+        err, code = _error(c, "/v1/stream/encode", {"type": "start"}, [b"\x00" * 1000, b"\x00" * 1000])
+        assert code == 1008 and err["reason"] == "stream-too-long"  # 1000 samples > 0.05 s x 16 kHz
+        err, code = _error(c, "/v1/stream/encode", {"type": "start"}, [])
+        assert code == 1008 and err["reason"] == "idle-timeout"
+        text = c.get("/metrics").text
+        assert 'simvq_rejections_total{reason="idle-timeout"} 1.0' in text
+        assert 'simvq_streams_open{direction="encode"} 0.0' in text
+
+
+def test_streams_beyond_the_cap_are_refused_with_503(tiny):
+    with make_client(tiny, max_streams=1, retry_after_s=2) as c:
+        with c.websocket_connect("/v1/stream/encode") as first:
+            first.send_text('{"type": "start"}')
+            first.receive_json()
+            with pytest.raises(WebSocketDenialResponse) as denied:
+                with c.websocket_connect("/v1/stream/decode"):
+                    pass
+            r = denied.value
+            assert r.status_code == 503 and r.headers["retry-after"] == "2"
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["type"].endswith(":streams-full")
+            assert c.get("/healthz").status_code == 200
+            first.send_text('{"type": "end"}')
+            assert drain(first)[1] == 1000
+        with c.websocket_connect("/v1/stream/decode") as again:  # the slot is free again
+            again.send_text('{"type": "start"}')
+            assert again.receive_json()["type"] == "ready"
