@@ -25,6 +25,7 @@ from codec.presets import load_model
 from codec.tokfile import TokHeader, TokReader, TokWriter
 
 Source = str | os.PathLike | BinaryIO
+DECODE_BLOCK_FRAMES = 500  # 10 s at 50 Hz: bounds the decoder's activations on long files
 
 
 def stages_for_bitrate(model: SimVQCodec, kbps: float) -> int:
@@ -185,7 +186,7 @@ def decompress(src: Source, dst: Source, model: SimVQCodec | str | None = None, 
     """
     format = output_format(dst, format)
     with _open_input(src) as source:
-        reader = TokReader(source)
+        reader = TokReader(source, block_frames=DECODE_BLOCK_FRAMES)
         header = reader.header
         codec = model if isinstance(model, SimVQCodec) else load_model(model or header.model_id)
         check_model_matches(header, codec)
