@@ -29,7 +29,7 @@ demo: install
 	@echo "restored audio: speech.restored.wav"
 
 test: install system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 corpus: install system-deps
 	$(PY) -m training.corpus --out data/corpus --install

@@ -22,14 +22,10 @@ def get_model(ref: str | None, warn: bool = False):
     """Load (once per process) the model named by a preset id or directory, None for the default preset."""
     key = ref or ""
     if key not in _MODELS:
-        import torch
-
         from codec.presets import load_model
 
         model = load_model(ref, warn=warn)
-        model.eval()
-        torch.set_grad_enabled(False)
-        _MODELS[key] = model
+        _MODELS[key] = model.eval()  # encode/decode run without gradients; no global grad switch
     return _MODELS[key]
 
 
