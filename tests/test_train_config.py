@@ -1,0 +1,67 @@
+"""training.config: defaults, YAML files, dotted overrides, unknown keys and bad values."""
+
+from pathlib import Path
+
+import pytest
+
+from training.config import ConfigError, TrainConfig, config_from_dict, load_config
+
+CONFIGS = Path(__file__).parent.parent / "training" / "configs"
+
+
+def test_overrides_convert_types_and_reach_every_section():
+    cfg = load_config(None, ["optim.lr=3e-4", "model.n_stages=8", "loss.weights.adv/feat=4", "data.dev=null",
+                             "disc.resolutions=[[512, 128]]", "data.gain_db=[-3, 0]", "steps=1000"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.model == {"n_stages": 8}
+    assert cfg.loss.weights["adv/feat"] == 4.0 and cfg.loss.weights["mel"] == 15.0
+    assert cfg.data.dev is None and cfg.disc.resolutions == ((512, 128),)
+    assert cfg.data.gain_db == (-3.0, 0.0) and cfg.steps == 1000
+    assert TrainConfig().optim.lr == pytest.approx(3e-4)  # defaults are untouched
+
+
+def test_yaml_file_then_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  decay: exponential\nsteps: 50\nmodel:\n  n_stages: 6\n")
+    cfg = load_config(path, ["steps=70"])
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.decay == "exponential"
+    assert cfg.steps == 70 and cfg.model == {"n_stages": 6}
+    assert cfg.optim.warmup_steps == TrainConfig().optim.warmup_steps  # keys the file does not name keep defaults
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.learning_rate=1", "unknown config key 'optim.learning_rate'"),
+        ("loss.weights.perceptual=1", "unknown loss weight"),
+        ("model.n_stage=4", "unknown model key 'model.n_stage'"),
+        ("steps=ten", "steps must be an integer"),
+        ("optim.decay=linear", "choose one of"),
+        ("data.gain_db=[1]", "must have 2 items"),
+        ("data.gain_db=[0, -6]", "low end is above"),
+        ("optim=3", "is a section"),
+        ("steps", "is not key=value"),
+    ],
+)
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  segment_seconds: 1.0\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.segment_seconds'"):
+        load_config(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path)
+
+
+def test_shipped_configs_load():
+    default = load_config(CONFIGS / "simvq-16k.yaml")
+    assert default.data.train.endswith("train.csv") and default.data.segment_samples % 320 == 0
+    assert default.data.batch_size == 16
+    tiny = load_config(CONFIGS / "tiny.yaml")
+    assert tiny.model["n_stages"] == 4 and tiny.steps == 4

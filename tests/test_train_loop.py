@@ -1,0 +1,158 @@
+"""training.train: adversarial steps, exact resume, the non-finite guard, checkpoints and export."""
+
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from codec.checkpoint import load_model_dir
+from codec.errors import CheckpointError
+from tests.conftest import speechlike
+from training import checkpoints
+from training.cli import main as cli_main
+from training.config import ConfigError, load_config
+from training.export import export
+from training.monitor import DEV_LOG, TRAIN_LOG, read_jsonl
+from training.train import Trainer
+
+TINY = Path(__file__).parent.parent / "training" / "configs" / "tiny.yaml"
+VOLATILE = ("time", "perf/steps_per_s")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Three speakers of generated speech-like audio at 16, 22.05 and 8 kHz."""
+    root = tmp_path_factory.mktemp("corpus")
+    for spk, rate in enumerate((16000, 22050, 8000)):
+        (root / f"spk{spk}").mkdir()
+        for i in range(3):
+            sf.write(root / f"spk{spk}/u{i}.wav", speechlike(1.2, rate, seed=10 * spk + i), rate)
+    return root
+
+
+def tiny_config(corpus: Path, *overrides: str):
+    return load_config(TINY, [f"data.train={corpus}", "data.dev=null", "data.dev_fraction=0.34", *overrides])
+
+
+def losses(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in read_jsonl(run_dir / TRAIN_LOG)}
+
+
+def test_resume_after_two_adversarial_steps_matches_an_uninterrupted_run(corpus, tmp_path):
+    cfg = tiny_config(corpus, "eval_every=3")
+    straight = Trainer(cfg, tmp_path / "straight")
+    straight.fit()
+    first = Trainer(cfg, tmp_path / "resumed")
+    assert first.fit(until=2).name == "step_00000002.pt"
+    second = Trainer(cfg, tmp_path / "resumed")
+    assert second.resumed_from.name == "step_00000002.pt" and second.step == 2
+    second.fit()
+
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert a[1]["adv/disc"] > 0 and a[2]["adv/gen"] > 0  # adversarial from the first step (adv_start_step=0)
+    for step in (3, 4):
+        assert b[step] == a[step]  # bit-identical losses, gradient norms and learning rates
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    dev_a, dev_b = read_jsonl(tmp_path / "straight" / DEV_LOG), read_jsonl(tmp_path / "resumed" / DEV_LOG)
+    assert [r["step"] for r in dev_a] == [3, 4] and [r["step"] for r in dev_b] == [2, 3, 4]  # + one at the stop
+    assert dev_b[1:] == dev_a
+
+
+def test_nonfinite_loss_or_gradients_skip_the_update_and_are_counted(corpus, tmp_path):
+    trainer = Trainer(tiny_config(corpus, "eval_every=0"), tmp_path / "run")
+    loader, _ = trainer._loader()
+    batches = iter(loader)
+    trainer.train_step(next(batches).audio)
+    gen_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.model.state_dict().items()}
+
+    mel = trainer.mel_loss
+    trainer.mel_loss = lambda output, target: mel(output, target) * float("nan")
+    scalars = trainer.train_step(next(batches).audio)
+    trainer.mel_loss = mel
+    assert scalars["skipped/gen"] == 1 and scalars["skipped/disc"] == 0
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in gen_before.items())
+    assert all(torch.equal(v, trainer.ema.model.state_dict()[k]) for k, v in ema_before.items())
+
+    disc_before = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
+    weight = next(trainer.disc.parameters())
+    hook = weight.register_hook(lambda grad: grad * float("inf"))
+    scalars = trainer.train_step(next(batches).audio)
+    hook.remove()
+    assert scalars["skipped/disc"] == 1 and scalars["skipped/gen"] == 1  # the generator step went through
+    assert all(torch.equal(v, trainer.disc.state_dict()[k]) for k, v in disc_before.items())
+    assert not torch.equal(gen_before["decoder_in.weight"], trainer.model.state_dict()["decoder_in.weight"])
+
+    scalars = trainer.train_step(next(batches).audio)
+    assert scalars["skipped/gen"] == 1 and scalars["skipped/disc"] == 1 and all(
+        v == v for v in scalars.values()
+    )
+    assert trainer.state_dict()["skipped"] == {"gen": 1, "disc": 1}
+
+
+def test_checkpoints_keep_last_k_and_export_loads(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert cli_main(["train", "--config", str(TINY), "--run-dir", str(run), f"data.train={corpus}", "data.dev=null",
+                     "data.dev_fraction=0.34", "steps=6", "ckpt_every=2", "keep_last=2", "eval_every=3"]) == 0
+    names = [p.name for p in checkpoints.list_checkpoints(run / "checkpoints")]
+    assert names == ["step_00000004.pt", "step_00000006.pt"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006.pt"
+    dev = read_jsonl(run / DEV_LOG)
+    assert [r["step"] for r in dev] == [3, 6] and len(dev[0]["utilisation"]) == 4
+    assert all(0 < u <= 1 for u in dev[-1]["utilisation"]) and all(p >= 1 for p in dev[-1]["perplexity"])
+    assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
+
+    out = tmp_path / "model"
+    assert cli_main(["export", str(run), str(out)]) == 0
+    model = load_model_dir(out)
+    state = checkpoints.load_checkpoint(run / "checkpoints" / "step_00000006.pt")
+    for name, tensor in state["ema"]["model"].items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    config = __import__("json").loads((out / "config.json").read_text())
+    assert config["provenance"]["steps"] == 6 and config["provenance"]["corpus"]["train_files"] == 6
+    assert config["model"]["n_stages"] == 4 and model.trained
+    assert cli_main(["export", str(run), str(out)]) == 2  # no overwrite without --force
+    assert cli_main(["export", str(run), str(out), "--force"]) == 0
+    codes = model.encode(torch.from_numpy(speechlike(0.4))[None, None])
+    assert codes.shape == (1, 4, 20)
+
+
+def test_resume_refuses_another_model_and_bad_checkpoints(corpus, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_config(corpus, "eval_every=0"), run).fit(until=2)
+    with pytest.raises(ConfigError, match="use a new --run-dir"):
+        Trainer(tiny_config(corpus, "eval_every=0", "model.n_stages=3"), run)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        checkpoints.load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="no training checkpoint"):
+        export(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_segment_must_be_whole_frames(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="multiple of the hop"):
+        Trainer(tiny_config(corpus, "data.segment_samples=3000"), tmp_path / "run")
+
+
+def test_time_limit_stops_with_a_checkpoint_and_a_dev_pass(corpus, tmp_path):
+    run = tmp_path / "run"
+    last = Trainer(tiny_config(corpus, "max_minutes=0.0001", "eval_every=100"), run).fit()
+    assert last.name == "step_00000001.pt"
+    assert [r["step"] for r in read_jsonl(run / DEV_LOG)] == [1]
+    resumed = Trainer(tiny_config(corpus, "eval_every=100"), run)
+    assert resumed.step == 1 and resumed.elapsed > 0
+
+
+def test_untrained_discriminators_may_change_on_resume_trained_ones_may_not(corpus, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3"), run).fit(until=2)
+    with pytest.warns(UserWarning, match="start fresh"):
+        resumed = Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3", "disc.mrd_channels=8"), run)
+    assert resumed.step == 2
+    resumed.fit(until=4)  # trains the new discriminators from step 3
+    with pytest.raises(CheckpointError, match="do not match disc"):
+        Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3", "disc.mrd_channels=4"), run)

@@ -1,0 +1,1 @@
+"""Training: data, losses, discriminators, the loop, checkpoints and export."""

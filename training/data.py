@@ -1,0 +1,325 @@
+"""Training audio: manifests and folder trees, speaker split, deterministic random crops, dev clips."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from codec.audio import read_audio
+from codec.errors import AudioError
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+TRAIN_SPLITS = ("train",)
+DEV_SPLITS = ("dev", "valid", "validation")
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    """One audio file of a corpus.
+
+    Args:
+        path: absolute path of the file.
+        speaker: speaker (voice) id; the dev split holds out whole speakers.
+        duration: seconds, when known (manifests give it; folder scans read the header).
+        split: "train", "dev", ... when the manifest says, else None.
+    """
+
+    path: Path
+    speaker: str
+    duration: float | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A training batch and where it sits in the data order (what a checkpoint stores to resume).
+
+    Args:
+        audio: [B, 1, T] float32 crops.
+        epoch: epoch of the batch.
+        index: index of the batch within its epoch (counted over all processes).
+    """
+
+    audio: torch.Tensor
+    epoch: int
+    index: int
+
+
+def load_items(source: str | Path) -> list[AudioItem]:
+    """Items of a manifest (CSV with a `path` column, or one path per line) or of a folder tree."""
+    source = Path(source)
+    if source.is_dir():
+        return scan_folder(source)
+    if not source.is_file():
+        raise AudioError(f"no manifest or folder at {source}")
+    return read_manifest(source)
+
+
+def read_manifest(path: Path) -> list[AudioItem]:
+    """Read a CSV manifest (`path[,speaker,duration,split,...]` with a header) or a plain list of paths.
+
+    Relative paths are relative to the manifest's folder; a missing speaker is guessed from the path."""
+    root = path.parent
+    with open(path, newline="", encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip() and not line.startswith("#")]
+    if not lines:
+        raise AudioError(f"manifest {path} lists no files")
+    header = next(csv.reader([lines[0]]))
+    items = []
+    if "path" in [h.strip() for h in header]:
+        for row in csv.DictReader(lines):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            file = _resolve(root, row["path"])
+            duration = float(row["duration"]) if row.get("duration") else None
+            speaker = row.get("speaker") or speaker_from_path(file, root)
+            items.append(AudioItem(file, speaker, duration, row.get("split") or None))
+    else:
+        for line in lines:
+            file = _resolve(root, line.strip())
+            items.append(AudioItem(file, speaker_from_path(file, root)))
+    return items
+
+
+def scan_folder(root: Path) -> list[AudioItem]:
+    """Every wav/flac/ogg file under `root`, with its speaker guessed from the path and its duration."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    if not files:
+        raise AudioError(f"no {'/'.join(e[1:] for e in AUDIO_EXTENSIONS)} files under {root}")
+    return [AudioItem(p.resolve(), speaker_from_path(p, root), _duration(p)) for p in files]
+
+
+def speaker_from_path(path: Path, root: Path) -> str:
+    """Guess a speaker id from a corpus path.
+
+    LibriTTS (`19/198/19_198_000000_000000.wav`), LibriSpeech (`19/198/19-198-0000.flac`) and VCTK
+    (`p225/p225_001_mic1.flac`) name files after their speaker's folder: the outermost folder whose name
+    starts the file name (followed by `_` or `-`) is the speaker. Otherwise the file's folder is."""
+    try:
+        parents = path.relative_to(root).parts[:-1]
+    except ValueError:
+        parents = path.parts[-3:-1]
+    stem = path.stem
+    for name in parents:
+        if stem.startswith(name + "_") or stem.startswith(name + "-"):
+            return name
+    return parents[-1] if parents else path.parent.name or "unknown"
+
+
+def split_items(
+    train: list[AudioItem], dev: list[AudioItem] | None, dev_fraction: float
+) -> tuple[list[AudioItem], list[AudioItem]]:
+    """Train and dev items: the manifests' own split when they have one, else a speaker split of `train`."""
+    has_split = any(item.split for item in train)
+    if has_split:
+        train_part = [item for item in train if item.split in TRAIN_SPLITS]
+        if dev is None:
+            dev = [item for item in train if item.split in DEV_SPLITS]
+        train = train_part
+    if dev is None:
+        train, dev = split_by_speaker(train, dev_fraction)
+    if not train:
+        raise AudioError("the training set is empty (no rows with split 'train'?)")
+    if not dev:
+        raise AudioError("the dev set is empty: give data.dev or a manifest with dev rows")
+    return train, dev
+
+
+def split_by_speaker(items: list[AudioItem], dev_fraction: float) -> tuple[list[AudioItem], list[AudioItem]]:
+    """Hold out whole speakers for dev: the same speakers on every machine and run (sha1 order, no seed)."""
+    speakers = sorted({item.speaker for item in items}, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+    if len(speakers) < 2:
+        raise AudioError(
+            f"cannot hold out a dev speaker: the corpus has {len(speakers)} speaker(s); give data.dev explicitly"
+        )
+    n_dev = min(len(speakers) - 1, max(1, round(dev_fraction * len(speakers))))
+    dev_speakers = set(speakers[:n_dev])
+    return (
+        [item for item in items if item.speaker not in dev_speakers],
+        [item for item in items if item.speaker in dev_speakers],
+    )
+
+
+def decode(path: Path, sample_rate: int) -> np.ndarray:
+    """A file as int16 [T], mono, at `sample_rate` (decoded, mixed down and resampled by codec.audio)."""
+    audio, _ = read_audio(path, sample_rate)
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Random fixed-length crops with random gain; each example is a pure function of (seed, epoch, slot).
+
+    Keys come from `EpochBatchSampler`: `(epoch, batch, item, slot)`. Workers never use their own RNG, so a
+    resumed run reads exactly the batches an uninterrupted run would.
+
+    Args:
+        items: the files.
+        sample_rate: model rate in Hz; files are resampled to it.
+        segment_samples: crop length (a multiple of the model's hop); shorter files are zero-padded at a
+            random offset.
+        gain_db: (low, high) uniform random gain in dB; crops are scaled down to stay below 0.99 peak.
+        seed: run seed.
+        cache: keep decoded audio (int16) in memory in each process.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[AudioItem],
+        sample_rate: int,
+        segment_samples: int,
+        gain_db: tuple[float, float] = (0.0, 0.0),
+        seed: int = 0,
+        cache: bool = True,
+    ):
+        if not items:
+            raise AudioError("no audio files to train on")
+        self.items = list(items)
+        self.sample_rate = sample_rate
+        self.segment_samples = segment_samples
+        self.gain_db = gain_db
+        self.seed = seed
+        self.cache: dict[int, np.ndarray] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def audio(self, index: int) -> np.ndarray:
+        """Decoded int16 audio of item `index` at the model rate (cached when enabled)."""
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        audio = decode(self.items[index].path, self.sample_rate)
+        if self.cache is not None:
+            self.cache[index] = audio
+        return audio
+
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The crop of `key` and its batch's (epoch, index), which `collate` passes on."""
+        return self.crop(key), (key[0], key[1])
+
+    def crop(self, key: tuple[int, int, int, int]) -> torch.Tensor:
+        """The [1, segment_samples] crop of `key` = (epoch, batch, item, slot)."""
+        epoch, _, index, slot = key
+        rng = np.random.default_rng([self.seed, epoch, slot])
+        audio = self.audio(index)
+        n = self.segment_samples
+        crop = np.zeros(n, dtype=np.float32)
+        if len(audio) >= n:
+            start = int(rng.integers(0, len(audio) - n + 1))
+            crop[:] = audio[start : start + n]
+        else:
+            start = int(rng.integers(0, n - len(audio) + 1))
+            crop[start : start + len(audio)] = audio
+        crop *= np.float32(10.0 ** (rng.uniform(*self.gain_db) / 20.0) / 32768.0)
+        peak = float(np.abs(crop).max())
+        if peak > 0.99:
+            crop *= np.float32(0.99 / peak)
+        return torch.from_numpy(crop)[None]
+
+    def slots_per_item(self) -> np.ndarray:
+        """Crops per item per epoch: its duration in segments (at least 1), so long files are seen more."""
+        seconds = self.segment_samples / self.sample_rate
+        durations = [item.duration if item.duration is not None else _duration(item.path) for item in self.items]
+        return np.maximum(1, np.round(np.asarray(durations) / seconds)).astype(np.int64)
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Endless batches of `(epoch, batch, item, slot)` keys for one process of `world_size`.
+
+    Each epoch lists every item `repeats[i]` times, shuffles with a generator seeded by (seed, epoch), drops
+    the incomplete last global batch, and gives process `rank` its share of each global batch.
+
+    Args:
+        repeats: [N] crops per item per epoch.
+        batch_size: examples per process per batch.
+        seed: run seed.
+        rank, world_size: this process and the number of processes.
+        epoch, batch: where to start (a checkpoint's data position).
+    """
+
+    def __init__(
+        self,
+        repeats: np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        batch: int = 0,
+    ):
+        self.slots = np.repeat(np.arange(len(repeats)), repeats)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = len(self.slots) // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise AudioError(
+                f"the training set gives {len(self.slots)} crops per epoch, fewer than one global batch "
+                f"({batch_size} x {world_size} processes)"
+            )
+        self.start = (epoch, batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        epoch, batch = self.start
+        while True:
+            order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.slots))
+            for b in range(batch, self.batches_per_epoch):
+                first = b * self.global_batch + self.rank * self.batch_size
+                positions = order[first : first + self.batch_size]
+                yield [(epoch, b, int(self.slots[p]), int(p)) for p in positions]
+            epoch, batch = epoch + 1, 0
+
+    def next_position(self, epoch: int, batch: int) -> tuple[int, int]:
+        """The data position after batch `batch` of `epoch`."""
+        return (epoch, batch + 1) if batch + 1 < self.batches_per_epoch else (epoch + 1, 0)
+
+
+def collate(examples: list[tuple[torch.Tensor, tuple[int, int]]]) -> Batch:
+    """Stack `AudioDataset` examples of one batch into a `Batch` [B, 1, T] that knows its data position."""
+    audio = torch.stack([audio for audio, _ in examples])
+    epoch, index = examples[0][1]
+    return Batch(audio, epoch, index)
+
+
+def dev_clips(
+    items: Sequence[AudioItem], sample_rate: int, hop_length: int, count: int, max_samples: int
+) -> list[torch.Tensor]:
+    """Fixed dev clips `[1, T]` (T a multiple of the hop, at most `max_samples`), spread over the speakers.
+
+    Items are taken round-robin over speakers, each speaker's files in sha1 order, so the set is the same
+    on every run. Clips shorter than 0.25 s are skipped."""
+    by_speaker: dict[str, list[AudioItem]] = {}
+    for item in sorted(items, key=lambda it: hashlib.sha1(str(it.path).encode()).hexdigest()):
+        by_speaker.setdefault(item.speaker, []).append(item)
+    queues = [by_speaker[s] for s in sorted(by_speaker)]
+    clips: list[torch.Tensor] = []
+    while len(clips) < count and any(queues):
+        for queue in queues:
+            if not queue or len(clips) >= count:
+                continue
+            audio = decode(queue.pop(0).path, sample_rate)[:max_samples]
+            usable = len(audio) // hop_length * hop_length
+            if usable >= sample_rate // 4:
+                clips.append(torch.from_numpy(audio[:usable].astype(np.float32) / 32768.0)[None])
+    if not clips:
+        raise AudioError("no dev file is long enough to score (0.25 s)")
+    return clips
+
+
+def _resolve(root: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else (root / path).resolve()
+
+
+def _duration(path: Path) -> float:
+    try:
+        return sf.info(str(path)).duration
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(f"cannot read {path}: {e}") from None

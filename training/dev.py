@@ -1,0 +1,84 @@
+"""Dev-set evaluation during training: mel loss, per-stage codebook utilisation and perplexity, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from training.losses import MultiScaleMelLoss
+
+
+@dataclass
+class DevResult:
+    """One pass over the fixed dev clips.
+
+    Args:
+        mel: mean multi-scale log-mel L1 over the clips.
+        utilisation: per stage, codes used at least once during the pass / K.
+        perplexity: per stage, exp of the entropy of the code histogram (K when all codes are equally used).
+        outputs: decoded audio [1, T] of the first clips (for TensorBoard).
+    """
+
+    mel: float
+    utilisation: list[float]
+    perplexity: list[float]
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    def to_json(self, step: int) -> dict:
+        return {
+            "step": step,
+            "mel": self.mel,
+            "utilisation": self.utilisation,
+            "perplexity": self.perplexity,
+            "utilisation_mean": sum(self.utilisation) / len(self.utilisation),
+        }
+
+
+def code_usage(counts: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Utilisation (share of codes used) and perplexity of each stage from counts [S, K]."""
+    counts = counts.double()
+    used = (counts > 0).double().mean(1)
+    p = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(1)
+    return used.tolist(), entropy.exp().tolist()
+
+
+@torch.no_grad()
+def evaluate(model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, keep: int = 0) -> DevResult:
+    """Run `model` (eval mode, all stages) over `clips` ([1, T] each), without touching the training RNG."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counts, mels, outputs = None, [], []
+    with torch.random.fork_rng(devices=[]):
+        for i, clip in enumerate(clips):
+            audio = clip[None].to(device)
+            out = model(audio)
+            mels.append(float(mel_loss(out.audio, audio)))
+            counts = out.stage_counts.cpu() if counts is None else counts + out.stage_counts.cpu()
+            if i < keep:
+                outputs.append(out.audio[0].float().cpu())
+    model.train(was_training)
+    utilisation, perplexity = code_usage(counts)
+    return DevResult(sum(mels) / len(mels), utilisation, perplexity, outputs)
+
+
+def mel_figure(reference: torch.Tensor, output: torch.Tensor, mel_loss: MultiScaleMelLoss, n_fft: int = 1024):
+    """A matplotlib figure with the log-mel spectrograms of a dev clip and its reconstruction ([1, T] each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_fft = n_fft if n_fft in mel_loss.n_ffts else mel_loss.n_ffts[-1]
+    device = next(mel_loss.buffers()).device
+    fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    for ax, audio, title in zip(axes, (reference, output), ("reference", "decoded")):
+        mel = mel_loss.log_mel(audio[None].to(device), n_fft)
+        ax.imshow(mel[0].cpu().numpy(), origin="lower", aspect="auto", vmin=-11.5, vmax=3)
+        ax.set_title(title)
+        ax.set_ylabel("mel band")
+    axes[-1].set_xlabel("frame")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,38 @@
+"""Export a training checkpoint's EMA generator as a release directory (codec.checkpoint format)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from codec.checkpoint import save_model
+from codec.errors import CheckpointError
+from codec.model import SimVQCodec
+from training.checkpoints import load_checkpoint, resolve_checkpoint
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, model_id: str = "simvq-16k") -> Path:
+    """Write `out_dir/model.safetensors` + `config.json` from the EMA weights of `checkpoint`.
+
+    `checkpoint` is a checkpoint file, a run directory or its `checkpoints/` folder (the latest is used).
+    Provenance records the steps, the corpus, the full training config, the checkpoint and the date."""
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    config = state["config"]
+    try:
+        model = SimVQCodec(**config["model"])
+        model.load_state_dict(state["ema"]["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not match this version's SimVQCodec: {str(e).splitlines()[0]}") from None
+    provenance = {
+        "steps": int(state["step"]),
+        "ema_updates": int(state["ema"]["updates"]),
+        "ema_decay": config["ema_decay"],
+        "skipped_steps": state["skipped"],
+        "training_minutes": round(float(state["elapsed"]) / 60, 1),
+        "corpus": state["corpus"],
+        "config": config,
+        "checkpoint": path.name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return save_model(model.eval(), out_dir, provenance, model_id=model_id)

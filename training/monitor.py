@@ -1,0 +1,124 @@
+"""What a run reports (rank 0 only): progress bar or plain lines, TensorBoard, and JSON lines files."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from training.dev import DevResult, mel_figure
+from training.losses import MultiScaleMelLoss
+
+TRAIN_LOG = "train_metrics.jsonl"
+DEV_LOG = "dev_metrics.jsonl"
+BAR_KEYS = ("mel", "stft/complex", "adv/gen", "adv/disc")
+
+
+class Monitor:
+    """Reports training scalars every `log_every` steps and dev passes.
+
+    Scalars go to TensorBoard (`RUN_DIR/tb`) and to `RUN_DIR/train_metrics.jsonl`; dev results to TensorBoard
+    and `RUN_DIR/dev_metrics.jsonl`. A tqdm bar shows steps/s and the main losses on a terminal; otherwise a
+    plain line is printed every `log_every` steps. On resume, records after `start_step` (written by the
+    interrupted run after its last checkpoint) are dropped so each step appears once.
+
+    Args:
+        run_dir: the run directory.
+        total_steps: steps of the whole run.
+        start_step: steps already done (0, or the checkpoint's step).
+        log_every: steps between records.
+        sample_rate: Hz, for audio samples.
+    """
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_every: int, sample_rate: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.log_every = log_every
+        self.sample_rate = sample_rate
+        self.tty = sys.stderr.isatty()
+        for name in (TRAIN_LOG, DEV_LOG):
+            _drop_after(run_dir / name, start_step)
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not self.tty, dynamic_ncols=True)
+        self.last = (start_step, time.perf_counter())
+        self.references_logged = False
+
+    def step(self, step: int, scalars: dict[str, float]) -> None:
+        """Record the scalars of `step` (1-based count of finished steps) when it is a logging step."""
+        self.bar.update(1)
+        if step % self.log_every:
+            return
+        last_step, last_time = self.last
+        now = time.perf_counter()
+        scalars = {**scalars, "perf/steps_per_s": (step - last_step) / max(now - last_time, 1e-9)}
+        self.last = (step, now)
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        _append(self.run_dir / TRAIN_LOG, {"step": step, "time": time.time(), **scalars})
+        shown = {k: f"{scalars[k]:.3f}" for k in BAR_KEYS if k in scalars}
+        if self.tty:
+            self.bar.set_postfix(shown, refresh=False)
+        else:
+            text = " ".join(f"{k}={v}" for k, v in shown.items())
+            print(f"step {step}/{self.bar.total} {scalars['perf/steps_per_s']:.2f} steps/s {text}", file=sys.stderr)
+
+    def dev(
+        self,
+        step: int,
+        result: DevResult,
+        clips: list[torch.Tensor],
+        mel_loss: MultiScaleMelLoss,
+    ) -> None:
+        """Record a dev pass: scalars per stage, the JSON line, audio and mel images of the first clips."""
+        w = self.writer
+        w.add_scalar("dev/mel", result.mel, step)
+        for i, (used, ppl) in enumerate(zip(result.utilisation, result.perplexity)):
+            w.add_scalar(f"dev/utilisation/stage_{i:02d}", used, step)
+            w.add_scalar(f"dev/perplexity/stage_{i:02d}", ppl, step)
+        w.add_scalar("dev/utilisation/mean", sum(result.utilisation) / len(result.utilisation), step)
+        for i, audio in enumerate(result.outputs):
+            if not self.references_logged:
+                w.add_audio(f"dev/reference_{i}", clips[i][0].clamp(-1, 1), 0, self.sample_rate)
+            w.add_audio(f"dev/decoded_{i}", audio[0].clamp(-1, 1), step, self.sample_rate)
+            w.add_figure(f"dev/mel_{i}", mel_figure(clips[i], audio, mel_loss), step)
+        self.references_logged = True
+        w.flush()
+        _append(self.run_dir / DEV_LOG, result.to_json(step))
+        line = f"dev step {step}: mel {result.mel:.3f}, utilisation " + " ".join(f"{u:.2f}" for u in result.utilisation)
+        (self.bar.write if self.tty else lambda s: print(s, file=sys.stderr))(line)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All complete records of a JSON lines log (a line torn by a killed process is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _drop_after(path: Path, step: int) -> None:
+    records = read_jsonl(path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) != len(records):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(path)

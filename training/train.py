@@ -1,0 +1,433 @@
+"""The training loop: one CPU, one GPU or many (torchrun + DDP); resumes exactly from its checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from codec.errors import CheckpointError
+from codec.model import SimVQCodec
+from training import checkpoints
+from training.config import ConfigError, TrainConfig, config_from_dict, dump_config
+from training.data import AudioDataset, EpochBatchSampler, collate, dev_clips, load_items, split_items
+from training.dev import evaluate
+from training.discriminators import Discriminators
+from training.ema import EMA
+from training.losses import ComplexSTFTLoss, MultiScaleMelLoss, discriminator_loss, feature_loss, generator_loss
+from training.monitor import Monitor
+from training.schedule import lr_factor
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(cfg: TrainConfig) -> Distributed:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = _use_cuda(cfg)
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+class Trainer:
+    """Generator (the codec), discriminators, EMA, optimisers, data and reporting for one process.
+
+    A new trainer resumes from the latest checkpoint in `run_dir/checkpoints` when there is one.
+
+    Args:
+        cfg: the run's configuration.
+        run_dir: checkpoints, `config.yaml`, TensorBoard logs and JSON lines logs go here.
+        world: this process's place in a distributed job.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, world: Distributed = Distributed()):
+        self.cfg, self.world = cfg, world
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = torch.device(f"cuda:{world.local_rank}" if _use_cuda(cfg) else "cpu")
+        self.amp_dtype = _amp_dtype(cfg, self.device)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+
+        _seed_all(cfg.seed)  # identical initial weights (and frozen codebooks) on every rank
+        try:
+            model = SimVQCodec(**cfg.model)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e}") from None
+        if cfg.data.segment_samples % model.hop_length:
+            raise ConfigError(
+                f"data.segment_samples={cfg.data.segment_samples} must be a multiple of the hop ({model.hop_length})"
+            )
+        self.model = model.to(self.device).train()
+        d = cfg.disc
+        self.disc = Discriminators(d.periods, d.mpd_channels, d.resolutions, d.mrd_channels, d.norm).to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.mel_loss = MultiScaleMelLoss(model.sample_rate, cfg.loss.mel_n_ffts, cfg.loss.mel_n_mels).to(self.device)
+        self.complex_loss = ComplexSTFTLoss(cfg.loss.complex_n_ffts, cfg.loss.complex_hops, cfg.loss.complex_power)
+        self.complex_loss.to(self.device)
+        o = cfg.optim
+        self.gen_opt = torch.optim.AdamW(self.model.parameters(), o.lr, o.betas, weight_decay=o.weight_decay)
+        self.disc_opt = torch.optim.AdamW(self.disc.parameters(), o.disc_lr, o.betas, weight_decay=o.weight_decay)
+        fp16 = self.amp_dtype == torch.float16
+        self.gen_scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.disc_scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.gen, self.disc_ddp = self.model, self.disc
+        if world.enabled:
+            ids = [world.local_rank] if self.device.type == "cuda" else None
+            # Buffers (frozen codebooks, init flags) are identical by construction: no per-step broadcast.
+            self.gen = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
+            self.disc_ddp = DistributedDataParallel(self.disc, device_ids=ids, forward_sync_buffers=False)
+
+        self.step = 0
+        self.skipped = {"gen": 0, "disc": 0}
+        self.data_position = (0, 0)
+        self.elapsed = 0.0
+        self._build_data()
+        self.resumed_from = self._resume()
+        if self.resumed_from is None:
+            _seed_all(cfg.seed + 1 + world.rank)  # per-rank randomness (quantizer dropout) from here on
+        self._stop_requested = False
+
+    # --- data ----------------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        cfg, model = self.cfg.data, self.model
+        train, dev = split_items(
+            load_items(cfg.train), load_items(cfg.dev) if cfg.dev else None, cfg.dev_fraction
+        )
+        self.dataset = AudioDataset(
+            train, model.sample_rate, cfg.segment_samples, cfg.gain_db, self.cfg.seed, cfg.cache
+        )
+        self.repeats = self.dataset.slots_per_item()
+        self.corpus = {
+            "train": str(cfg.train),
+            "dev": str(cfg.dev) if cfg.dev else "speaker split of train",
+            "train_files": len(train),
+            "train_speakers": len({i.speaker for i in train}),
+            "train_hours": _hours(train),
+            "dev_files": len(dev),
+            "dev_speakers": sorted({i.speaker for i in dev}),
+            "dev_hours": _hours(dev),
+        }
+        self.dev_clips: list[torch.Tensor] = []
+        if self.world.is_main and self.cfg.eval_every > 0:
+            self.dev_clips = dev_clips(dev, model.sample_rate, model.hop_length, cfg.dev_clips, cfg.dev_clip_samples)
+
+    def _loader(self) -> tuple[torch.utils.data.DataLoader, EpochBatchSampler]:
+        cfg = self.cfg.data
+        epoch, batch = self.data_position
+        sampler = EpochBatchSampler(
+            self.repeats, cfg.batch_size, self.cfg.seed, self.world.rank, self.world.world_size, epoch, batch
+        )
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,
+            worker_init_fn=_worker_init,
+            generator=torch.Generator(),  # keeps DataLoader seeding off the global RNG that resume restores
+        )
+        return loader, sampler
+
+    # --- one step ------------------------------------------------------------------------------------
+    def train_step(self, audio: torch.Tensor) -> dict[str, float]:
+        """One discriminator update (once adversarial) and one generator update on `audio` [B, 1, T]."""
+        cfg, weights = self.cfg, self.cfg.loss.weights
+        audio = audio.to(self.device, non_blocking=True)
+        adversarial = self.step >= cfg.adv_start_step and (weights["adv/gen"] > 0 or weights["adv/feat"] > 0)
+        lr_gen, lr_disc = self._set_learning_rates()
+        scalars: dict[str, Any] = {"lr/gen": lr_gen, "lr/disc": lr_disc if adversarial else 0.0}
+
+        with self._autocast():
+            out = self.gen(audio)
+        output = out.audio.float()
+
+        if adversarial:
+            real_win, fake_win = self._disc_windows(audio, output)
+            n = audio.shape[0]
+            with self._autocast():
+                d = self.disc_ddp(torch.cat([real_win, fake_win.detach()]))
+            d_loss = discriminator_loss([x[:n] for x in d.logits], [x[n:] for x in d.logits], cfg.loss.adv_loss)
+            ok, norm = self._update(d_loss, self.disc_opt, self.disc_scaler, self.disc, cfg.optim.disc_grad_clip)
+            self.skipped["disc"] += not ok
+            scalars.update({"adv/disc": d_loss.detach(), "grad_norm/disc": norm})
+
+        terms = {"mel": self.mel_loss(output, audio)}
+        if weights["stft/complex"] > 0:
+            terms["stft/complex"] = self.complex_loss(output, audio)
+        terms["vq/commit"] = out.commit_loss.float()
+        terms["vq/codebook"] = out.codebook_loss.float()
+        if adversarial:
+            self.disc.requires_grad_(False)  # gradients flow to the generator only
+            with self._autocast():
+                fake = self.disc(fake_win)
+                with torch.no_grad():
+                    real = self.disc(real_win)
+            self.disc.requires_grad_(True)
+            terms["adv/gen"] = generator_loss(fake.logits, cfg.loss.adv_loss)
+            terms["adv/feat"] = feature_loss(real.features, fake.features)
+        total = sum(weights[k] * v for k, v in terms.items())
+        ok, norm = self._update(total, self.gen_opt, self.gen_scaler, self.model, cfg.optim.grad_clip)
+        if ok:
+            self.ema.update(self.model)
+        self.skipped["gen"] += not ok
+        self.step += 1
+
+        scalars.update({k: v.detach() for k, v in terms.items()})
+        scalars.update({"total": total.detach(), "grad_norm/gen": norm})
+        scalars.update({"skipped/gen": self.skipped["gen"], "skipped/disc": self.skipped["disc"]})
+        return {k: float(v) for k, v in scalars.items()}
+
+    def _disc_windows(self, audio: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same random window of each real and generated crop (`disc.window_samples`), or the crops."""
+        window, length = self.cfg.disc.window_samples, audio.shape[-1]
+        if window <= 0 or window >= length:
+            return audio, output
+        starts = torch.randint(0, length - window + 1, (audio.shape[0], 1, 1))  # CPU RNG, restored on resume
+        index = (starts + torch.arange(window)).to(audio.device)
+        return audio.gather(-1, index), output.gather(-1, index)
+
+    def _update(self, loss, optimizer, scaler, module, clip: float) -> tuple[bool, float]:
+        """Backward, unscale, clip; step only if the loss and the gradient norm are finite on every rank."""
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip if clip > 0 else float("inf"))
+        finite = (torch.isfinite(loss.detach()) & torch.isfinite(norm)).to(torch.int32)
+        if self.world.enabled:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        ok = bool(finite)
+        if ok:
+            scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return ok, float(norm)
+
+    def _set_learning_rates(self) -> tuple[float, float]:
+        o, start = self.cfg.optim, self.cfg.adv_start_step
+        gen = o.lr * lr_factor(self.step, self.cfg.steps, o.warmup_steps, o.decay, o.min_lr_ratio, o.gamma)
+        disc_step = max(0, self.step - start)
+        disc = o.disc_lr * lr_factor(
+            disc_step, max(1, self.cfg.steps - start), o.warmup_steps, o.decay, o.min_lr_ratio, o.gamma
+        )
+        for optimizer, lr in ((self.gen_opt, gen), (self.disc_opt, disc)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        return gen, disc
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> Path | None:
+        """Train until `cfg.steps` (or step `until`, the time limit, SIGTERM); returns the last checkpoint.
+
+        Stopping early (`until`, time limit, SIGTERM) writes a checkpoint, so a later `fit` resumes there."""
+        cfg = self.cfg
+        end = cfg.steps if until is None else min(until, cfg.steps)
+        monitor = None
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+            monitor = Monitor(self.run_dir, cfg.steps, self.step, cfg.log_every, self.model.sample_rate)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        loader, sampler = self._loader()
+        batches = iter(loader)
+        started = time.monotonic() - self.elapsed
+        last_ckpt = checkpoints.latest_checkpoint(self.ckpt_dir) if self.world.is_main else None
+        try:
+            while self.step < end:
+                batch = next(batches)
+                scalars = self.train_step(batch.audio)
+                self.data_position = sampler.next_position(batch.epoch, batch.index)
+                self.elapsed = time.monotonic() - started
+                stop = self._should_stop()
+                if monitor:
+                    monitor.step(self.step, scalars)
+                final = stop or self.step >= end
+                if monitor and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final):
+                    result = evaluate(self.ema.model, self.dev_clips, self.mel_loss, cfg.dev_audio_samples)
+                    monitor.dev(self.step, result, self.dev_clips, self.mel_loss)
+                if self.step % cfg.ckpt_every == 0 or final:
+                    last_ckpt = self.save() or last_ckpt
+                if stop:
+                    break
+        finally:
+            del batches, loader
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if monitor:
+                monitor.close()
+        return last_ckpt
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _should_stop(self) -> bool:
+        """Time limit or SIGTERM, agreed on by every rank so all stop after the same step."""
+        stop = self._stop_requested or (self.cfg.max_minutes > 0 and self.elapsed >= 60 * self.cfg.max_minutes)
+        if not self.world.enabled:
+            return stop
+        flag = torch.tensor([int(stop)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs; RNG states of every rank (gathered on all ranks)."""
+        rng = checkpoints.rng_state()
+        if self.world.enabled:
+            gathered: list[Any] = [None] * self.world.world_size
+            dist.all_gather_object(gathered, rng)
+        else:
+            gathered = [rng]
+        return {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "disc": self.disc.state_dict(),
+            "gen_opt": self.gen_opt.state_dict(),
+            "disc_opt": self.disc_opt.state_dict(),
+            "gen_scaler": self.gen_scaler.state_dict(),
+            "disc_scaler": self.disc_scaler.state_dict(),
+            "skipped": dict(self.skipped),
+            "data_position": list(self.data_position),
+            "rng": gathered,
+            "world_size": self.world.world_size,
+            "elapsed": self.elapsed,
+            "corpus": self.corpus,
+        }
+
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0); every rank must call this, for the RNG gather."""
+        state = self.state_dict()
+        if not self.world.is_main:
+            return None
+        return checkpoints.save_checkpoint(state, self.ckpt_dir, self.step, self.cfg.keep_last)
+
+    def _resume(self) -> Path | None:
+        path = checkpoints.latest_checkpoint(self.ckpt_dir) if self.world.is_main else None
+        if self.world.enabled:
+            box = [str(path) if path else None]
+            dist.broadcast_object_list(box, src=0)  # every rank resumes from the checkpoint rank 0 chose
+            path = Path(box[0]) if box[0] else None
+        if path is None:
+            return None
+        state = checkpoints.load_checkpoint(path)
+        saved = config_from_dict(state["config"])
+        if saved.model != self.cfg.model:
+            raise ConfigError(
+                f"{path} was trained with model={saved.model}, this config says model={self.cfg.model}; "
+                "use a new --run-dir for a different model"
+            )
+        self.step = int(state["step"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.gen_opt.load_state_dict(state["gen_opt"])
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path} does not fit this generator: {str(e).splitlines()[0]}") from None
+        try:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+            self.disc_scaler.load_state_dict(state["disc_scaler"])
+        except (RuntimeError, ValueError) as e:
+            if self.step > self.cfg.adv_start_step:
+                raise CheckpointError(
+                    f"{path}: its discriminators do not match disc.* of this config: {str(e).splitlines()[0]}"
+                ) from None
+            # Never trained yet (the adversary starts at adv_start_step): start them fresh.
+            warnings.warn(f"{path}: discriminators differ from the config's; untrained so far, they start fresh")
+        self.gen_scaler.load_state_dict(state["gen_scaler"])
+        self.skipped = {k: int(v) for k, v in state["skipped"].items()}
+        self.data_position = tuple(int(v) for v in state["data_position"])
+        self.elapsed = float(state["elapsed"])
+        rngs = state["rng"]
+        if len(rngs) == self.world.world_size:
+            checkpoints.set_rng_state(rngs[self.world.rank])
+        else:  # a different number of processes: same data position, fresh per-rank randomness
+            _seed_all(self.cfg.seed + 1 + self.world.rank + 7919 * self.step)
+        return path
+
+
+def train(cfg: TrainConfig, run_dir: str | Path) -> Path | None:
+    """Run (or resume) training in `run_dir`, alone or as one process of a torchrun job."""
+    world = init_distributed(cfg)
+    try:
+        return Trainer(cfg, run_dir, world).fit()
+    finally:
+        if world.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _hours(items) -> float:
+    return round(sum(item.duration or 0.0 for item in items) / 3600, 3)
+
+
+def _use_cuda(cfg: TrainConfig) -> bool:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but CUDA is not available")
+    return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        if cfg.precision in ("bf16", "fp16"):
+            raise ConfigError(f"precision={cfg.precision} needs CUDA; use precision=auto or fp32 on the CPU")
+        return None
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
