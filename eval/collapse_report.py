@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from eval.report import _clean as strict_json  # NaN/inf -> None
 
 CURVES_PLOT = "utilisation_vs_step.png"
 INIT_PLOT = "init_scale.png"
@@ -46,17 +47,6 @@ def final_row(summary: dict) -> dict:
         "mel": last["mel"],
         "train_seconds": summary["train_seconds"],
     }
-
-
-def _clean(value):
-    """NaN/inf -> None so that the JSON is strict."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -202,7 +192,7 @@ def write_report(out: Path, summaries: list[dict], settings: dict, plots: bool =
             plot_init(rows, k, out / INIT_PLOT)
             names.append(INIT_PLOT)
     data = {"settings": settings, "table": rows, "runs": summaries}
-    (out / "collapse.json").write_text(json.dumps(_clean(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    (out / "collapse.json").write_text(json.dumps(strict_json(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     with open(out / "collapse.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
