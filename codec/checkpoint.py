@@ -35,9 +35,9 @@ def sha256_file(path: Path) -> str:
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a release file is for everyone to read
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 (and writers may recreate it): a release is for all to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -56,6 +56,12 @@ class SimVQCodec(StreamingModule):
         codebook_size: codes per stage K (a power of two).
         quantizer: "simvq" or "vq" (the plain-VQ baseline).
         quantizer_dropout: fraction of training examples that use a random number of stages.
+        code_dim: each stage's lookup dimension (linear maps in and out of the latent); None searches
+            the latent itself.
+        normalize_latent: end the encoder with a LayerNorm without affine parameters, which holds the latent
+            (and so every stage's residual) on a fixed scale that the codes need not chase.
+        whiten_codes: whiten each stage's input with running statistics before the search (see `Codebook`).
+        normalize_codes: quantize directions on the unit sphere of the lookup space (see `Codebook`).
         init_from_data: rescale each stage's codes to its input on the first training batch.
     """
 
@@ -76,6 +82,10 @@ class SimVQCodec(StreamingModule):
         codebook_size: int = 1024,
         quantizer: str = "simvq",
         quantizer_dropout: float = 0.5,
+        code_dim: int | None = 8,
+        normalize_latent: bool = False,
+        normalize_codes: bool = False,
+        whiten_codes: bool = True,
         init_from_data: bool = True,
     ):
         super().__init__()
@@ -89,8 +99,13 @@ class SimVQCodec(StreamingModule):
         self.encoder_in = nn.Sequential(nn.Linear(self.features.out_dim, encoder_dim), nn.LayerNorm(encoder_dim))
         self.encoder = nn.Sequential(*(ConvNeXtBlock(encoder_dim, kernel_size, expansion) for _ in range(encoder_layers)))
         self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), nn.Linear(encoder_dim, latent_dim))
+        if normalize_latent:
+            self.encoder_out.append(nn.LayerNorm(latent_dim, elementwise_affine=False))
 
-        self.quantizer = ResidualQuantizer(latent_dim, n_stages, codebook_size, quantizer, quantizer_dropout, init_from_data)
+        self.quantizer = ResidualQuantizer(
+            latent_dim, n_stages, codebook_size, quantizer, quantizer_dropout, code_dim, normalize_codes,
+            whiten_codes, init_from_data,
+        )
 
         self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step)
         self.decoder_in = nn.Linear(latent_dim, decoder_dim)

@@ -36,84 +36,217 @@ class QuantizerResult:
     stage_counts: Tensor
 
 
-class Codebook(nn.Module):
-    """One stage: nearest-neighbour search in squared L2 over the full dimension.
+class RunningWhitener(nn.Module):
+    """ZCA whitening with running statistics: `(z - mean) @ cov^-1/2`, and its inverse.
+
+    The encoder's output is far from isotropic (one direction, roughly loudness, carries most of its
+    variance), while a Gaussian codebook is isotropic: searched as it is, a few codes at the edge of the
+    cloud win every frame and the encoder learns to send nothing else (docs/model-card.md). Whitened, the
+    stage input has the shape of the codebook from the first step. The statistics are buffers updated in
+    training (no gradient flows through them); `eps` (relative to the mean variance) keeps directions that
+    carry almost nothing from being blown up.
 
     Args:
-        dim: code dimension D.
-        codebook_size: K, a power of two.
-        kind: "simvq" (frozen Gaussian C with std D^-1/2, learned linear W with bias, codes = W(C)) or
-            "vq" (learned codes, initialised like C).
-        init_from_data: on the first training batch, rescale the codes to the spread of the input (see
-            `_init_from_data`), so that a stage whose input is much smaller or larger than the codes does not
-            start with a handful of codes winning every search.
+        dim: d, the dimension whitened.
+        momentum: weight of each training batch in the running mean and covariance.
+        eps: ridge added to the covariance, relative to its mean eigenvalue.
     """
 
-    def __init__(self, dim: int, codebook_size: int, kind: str = "simvq", init_from_data: bool = True):
+    def __init__(self, dim: int, momentum: float = 0.05, eps: float = 1e-2):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("cov", torch.eye(dim))
+        self.register_buffer("seen", torch.tensor(False))
+
+    @torch.no_grad()
+    def update(self, z: Tensor, weight: Tensor) -> None:
+        """Fold the rows of `z [N, d]` with `weight [N]` (0 or 1) into the statistics (summed over ranks)."""
+        z, w = z.float(), weight.float()[:, None]
+        sums = torch.cat([w.sum()[None], (z * w).sum(0), ((z * w).t() @ z).flatten()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        if not bool(torch.isfinite(sums).all()):
+            return  # the trainer skips this step; a NaN here would poison every later search
+        count, d = sums[0].clamp_min(1.0), z.shape[1]
+        mean = sums[1 : 1 + d] / count
+        cov = sums[1 + d :].view(d, d) / count - torch.outer(mean, mean)
+        if bool(self.seen):
+            self.mean.lerp_(mean, self.momentum)
+            self.cov.lerp_(cov, self.momentum)
+        else:
+            self.mean.copy_(mean)
+            self.cov.copy_(cov)
+            self.seen.fill_(True)
+
+    def matrices(self) -> tuple[Tensor, Tensor]:
+        """(whitening, colouring) matrices `[d, d]`, both symmetric."""
+        cov = self.cov.float()
+        ridge = self.eps * cov.diagonal().mean().clamp_min(1e-12)
+        values, vectors = torch.linalg.eigh(cov + ridge * torch.eye(cov.shape[0], device=cov.device))
+        values = values.clamp_min(1e-12)
+        whiten = (vectors * values.rsqrt()) @ vectors.t()
+        colour = (vectors * values.sqrt()) @ vectors.t()
+        return whiten.to(self.cov.dtype), colour.to(self.cov.dtype)
+
+
+class Codebook(nn.Module):
+    """One stage: a linear map into a small lookup space, nearest-neighbour search there, a map back.
+
+    Searching in a low-dimensional space (`code_dim`, 8 by default) instead of the full latent is what keeps
+    1024 codes in use (the factorised codes of "Improved VQGAN" and DAC): in 64 dimensions the encoder
+    output fills a thin subspace, the isotropic codes do not, and the few codes whose off-subspace
+    component happens to be small win every search. With `normalize` the stage input and the codes are
+    L2-normalised (as in ViT-VQGAN): the search, the losses and the output all live on the unit sphere of the
+    lookup space, so no drift of the encoder's scale can leave the codes behind.
+
+    Args:
+        dim: latent dimension D (what the stage reads and writes).
+        codebook_size: K, a power of two.
+        kind: "simvq" (frozen Gaussian C [K, d] with std d^-1/2, learned linear W with bias, codes = W(C)) or
+            "vq" (learned codes, initialised like C).
+        code_dim: d, the lookup dimension; None searches the latent itself (no projections).
+        normalize: L2-normalise inputs and codes (search by cosine similarity; losses and output on the sphere).
+        whiten: whiten the lookup-space input with running statistics (`RunningWhitener`) before the search
+            and colour the selected code back after it.
+        init_from_data: on the first training batch, rescale the codes to the spread of the stage's input
+            (see `_init_from_data`), so that a stage whose input is much smaller or larger than the codes does
+            not start with a handful of codes winning every search.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        kind: str = "simvq",
+        code_dim: int | None = None,
+        normalize: bool = False,
+        whiten: bool = False,
+        init_from_data: bool = True,
+    ):
         super().__init__()
         if not is_power_of_two(codebook_size):
             raise ValueError(f"codebook_size must be a power of two, got {codebook_size}")
         if kind not in ("simvq", "vq"):
             raise ValueError(f"quantizer kind must be 'simvq' or 'vq', got {kind!r}")
-        self.kind, self.dim, self.codebook_size = kind, dim, codebook_size
-        gaussian = torch.randn(codebook_size, dim) * dim**-0.5
+        self.kind, self.dim, self.codebook_size, self.normalize = kind, dim, codebook_size, normalize
+        self.code_dim = code_dim or dim
+        if code_dim:
+            self.in_proj, self.out_proj = nn.Linear(dim, code_dim), nn.Linear(code_dim, dim)
+        else:
+            self.in_proj, self.out_proj = nn.Identity(), nn.Identity()
+        self.whitener = RunningWhitener(self.code_dim) if whiten else None
+        gaussian = torch.randn(codebook_size, self.code_dim) * self.code_dim**-0.5
         if kind == "simvq":
             self.register_buffer("frozen_codebook", gaussian)
-            self.proj = nn.Linear(dim, dim)
+            self.proj = nn.Linear(self.code_dim, self.code_dim)
             nn.init.eye_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
         else:
             self.codes = nn.Parameter(gaussian)
-        self.register_buffer("initialized", torch.tensor(not init_from_data))
-        self._cache: tuple[tuple, Tensor] | None = None
+        # On the sphere the isotropic C already spreads its directions evenly: no data-dependent rescaling.
+        self.register_buffer("initialized", torch.tensor(not init_from_data or normalize))
+        self._cache: tuple[tuple, tuple[Tensor, ...]] | None = None
 
     def _compute_codebook(self) -> Tensor:
-        return self.proj(self.frozen_codebook) if self.kind == "simvq" else self.codes
+        codes = self.proj(self.frozen_codebook) if self.kind == "simvq" else self.codes
+        return F.normalize(codes, dim=1) if self.normalize else codes
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        """What defines the codes: W and its bias (SimVQ) or the codes themselves (plain VQ)."""
+        return list(self.proj.parameters()) if self.kind == "simvq" else [self.codes]
+
+    def _whitening(self) -> tuple[Tensor, Tensor] | None:
+        if self.whitener is None:
+            return None
+        return self.whitener.matrices() if torch.is_grad_enabled() else self._cached()[2:]
+
+    def lookup_input(self, x: Tensor) -> Tensor:
+        """Latents `[N, D]` -> the lookup space `[N, d]` where the codes are searched."""
+        z = self.in_proj(x)
+        if (matrices := self._whitening()) is not None:
+            z = (z - self.whitener.mean) @ matrices[0]
+        return F.normalize(z, dim=1) if self.normalize else z
+
+    def to_latent(self, q: Tensor) -> Tensor:
+        """Lookup-space vectors `[N, d]` -> their contribution to the latent `[N, D]`."""
+        return self._to_latent(q, self._whitening())
+
+    def _to_latent(self, q: Tensor, matrices: tuple[Tensor, Tensor] | None) -> Tensor:
+        if matrices is not None:
+            q = q @ matrices[1] + self.whitener.mean
+        return self.out_proj(q)
 
     def codebook(self) -> Tensor:
-        """The codes `[K, D]`. Without gradients W(C) is computed once and cached until a weight changes."""
+        """The codes `[K, d]` in the lookup space."""
         if torch.is_grad_enabled():
             return self._compute_codebook()
+        return self._cached()[0]
+
+    def output_codebook(self) -> Tensor:
+        """What each code contributes to the latent, `[K, D]`."""
+        if torch.is_grad_enabled():
+            return self.to_latent(self._compute_codebook())
+        return self._cached()[1]
+
+    def _cached(self) -> tuple[Tensor, ...]:
+        """Without gradients, W(C), its image in the latent and the whitening matrices are computed once,
+        until a weight or a statistic changes."""
         # In-place updates (optimiser steps, EMA, load_state_dict) bump a tensor's version counter.
-        sources = [self.proj.weight, self.proj.bias, self.frozen_codebook] if self.kind == "simvq" else [self.codes]
+        sources = [*self.parameters(), *self.buffers()]
         key = tuple((id(t), t._version) for t in sources)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._compute_codebook())
+            matrices = self.whitener.matrices() if self.whitener is not None else None
+            codes = self._compute_codebook()
+            self._cache = (key, (codes, self._to_latent(codes, matrices), *(matrices or ())))
         return self._cache[1]
 
     @torch.no_grad()
     def _init_from_data(self, z: Tensor) -> None:
-        """Match the codes' mean and spread to the input's (averaged over ranks under DDP)."""
+        """Match the codes' mean and spread to the lookup-space input `z` (averaged over ranks under DDP)."""
         stats = torch.stack([z.mean(0), z.pow(2).mean(0)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
             stats /= dist.get_world_size()
         mean = stats[0]
         std = (stats[1] - mean.pow(2)).mean().clamp_min(1e-12).sqrt()
-        # C has per-dimension std D^-1/2, so W = std * sqrt(D) * I gives codes with the input's spread.
+        # C has per-dimension std d^-1/2, so W = std * sqrt(d) * I gives codes with the input's spread.
+        d = self.code_dim
         if self.kind == "simvq":
-            self.proj.weight.copy_(torch.eye(self.dim, device=z.device) * std * self.dim**0.5)
+            self.proj.weight.copy_(torch.eye(d, device=z.device) * std * d**0.5)
             self.proj.bias.copy_(mean)
         else:
-            self.codes.mul_(std * self.dim**0.5).add_(mean)
+            self.codes.mul_(std * d**0.5).add_(mean)
         self.initialized.fill_(True)
 
     def nearest(self, z: Tensor, codebook: Tensor) -> Tensor:
-        """Indices of the nearest codes for `z [N, D]`."""
+        """Indices of the nearest codes for lookup-space inputs `z [N, d]`."""
         # ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2; the first term does not change the argmin.
         distances = torch.addmm(codebook.pow(2).sum(1)[None], z, codebook.t(), alpha=-2.0)
         return distances.argmin(dim=1)
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """`z [N, D]` -> (codes selected `[N, D]` with gradients to the codebook, indices `[N]`)."""
+    def forward(self, x: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Training search for latents `x [N, D]`; `weight [N]` (0 or 1) marks the rows that count.
+
+        Returns (z, q, indices): the lookup-space input `z [N, d]` (with gradients to the encoder), the
+        selected codes `q [N, d]` (with gradients to the codebook) and their indices `[N]`."""
+        if self.training and self.whitener is not None:
+            weight = torch.ones(x.shape[0], device=x.device) if weight is None else weight
+            self.whitener.update(self.in_proj(x).detach(), weight)
+        z = self.lookup_input(x)
         if self.training and not bool(self.initialized):
             self._init_from_data(z.detach())
         codebook = self.codebook()
         indices = self.nearest(z.detach(), codebook.detach())
-        return F.embedding(indices, codebook), indices
+        return z, F.embedding(indices, codebook), indices
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Indices `[N]` of the nearest codes for latents `x [N, D]` (inference)."""
+        return self.nearest(self.lookup_input(x), self.codebook())
 
     def lookup(self, indices: Tensor) -> Tensor:
-        return F.embedding(indices, self.codebook())
+        """Latent contribution `[..., D]` of code indices `[...]`."""
+        return F.embedding(indices, self.output_codebook())
 
 
 class ResidualQuantizer(nn.Module):
@@ -126,7 +259,7 @@ class ResidualQuantizer(nn.Module):
         kind: "simvq" or "vq" (see `Codebook`).
         quantizer_dropout: in training, the fraction of examples that use a random number of stages
             1..S instead of all S, so that one model serves every bitrate.
-        init_from_data: see `Codebook`.
+        code_dim, normalize, whiten, init_from_data: see `Codebook`.
     """
 
     def __init__(
@@ -136,11 +269,16 @@ class ResidualQuantizer(nn.Module):
         codebook_size: int = 1024,
         kind: str = "simvq",
         quantizer_dropout: float = 0.5,
+        code_dim: int | None = None,
+        normalize: bool = False,
+        whiten: bool = False,
         init_from_data: bool = True,
     ):
         super().__init__()
         self.n_stages, self.codebook_size, self.quantizer_dropout = n_stages, codebook_size, quantizer_dropout
-        self.stages = nn.ModuleList(Codebook(dim, codebook_size, kind, init_from_data) for _ in range(n_stages))
+        self.stages = nn.ModuleList(
+            Codebook(dim, codebook_size, kind, code_dim, normalize, whiten, init_from_data) for _ in range(n_stages)
+        )
 
     def _check_stages(self, n_stages: int | None) -> int:
         n = self.n_stages if n_stages is None else int(n_stages)
@@ -166,14 +304,16 @@ class ResidualQuantizer(nn.Module):
         residual, quantized = flat, torch.zeros_like(flat)
         codes, counts, commit, codebook = [], [], flat.new_zeros(()), flat.new_zeros(())
         for i, stage in enumerate(self.stages[:n]):
-            q, idx = stage(residual)
             mask = (frame_active > i).to(flat.dtype)[:, None]
-            n_active = mask.sum().clamp_min(1.0) * dim
-            commit = commit + ((residual - q.detach()).pow(2) * mask).sum() / n_active
-            codebook = codebook + ((residual.detach() - q).pow(2) * mask).sum() / n_active
-            q_st = residual + (q - residual).detach()  # straight-through estimator
-            quantized = quantized + q_st * mask
-            residual = residual - q.detach() * mask
+            z, q, idx = stage(residual, mask[:, 0])
+            n_active = mask.sum().clamp_min(1.0) * z.shape[1]
+            # Both losses live in the stage's lookup space, where the search happens.
+            commit = commit + ((z - q.detach()).pow(2) * mask).sum() / n_active
+            codebook = codebook + ((z.detach() - q).pow(2) * mask).sum() / n_active
+            q_st = z + (q - z).detach()  # straight-through estimator
+            contribution = stage.to_latent(q_st)
+            quantized = quantized + contribution * mask
+            residual = residual - contribution.detach() * mask
             codes.append(idx)
             counts.append(torch.bincount(idx[frame_active > i], minlength=self.codebook_size))
         return QuantizerResult(
@@ -191,9 +331,8 @@ class ResidualQuantizer(nn.Module):
         residual = z.reshape(batch * steps, dim)
         codes = []
         for stage in self.stages[:n]:
-            codebook = stage.codebook()
-            idx = stage.nearest(residual, codebook)
-            residual = residual - F.embedding(idx, codebook)
+            idx = stage.encode(residual)
+            residual = residual - stage.lookup(idx)
             codes.append(idx)
         return torch.stack(codes, 1).reshape(batch, steps, n).transpose(1, 2)
 

@@ -158,7 +158,8 @@ def measure(model, dev: DevSet, mel_loss: MultiScaleMelLoss | None = None, batch
             for i, clip in enumerate(group):
                 frames = z[i, : clip.shape[-1] // model.hop_length]
                 latents.append(frames.cpu())
-                counts += torch.bincount(_nearest(stage, frames, codebook).cpu(), minlength=model.codebook_size)
+                found = _nearest(stage, stage.lookup_input(frames), codebook)
+                counts += torch.bincount(found.cpu(), minlength=model.codebook_size)
         mels = []
         if mel_loss is not None:
             for clip in dev.clips[: dev.mel_clips]:
@@ -182,6 +183,7 @@ def measure(model, dev: DevSet, mel_loss: MultiScaleMelLoss | None = None, batch
 
 
 def _nearest(stage, z: Tensor, codebook: Tensor) -> Tensor:
-    """The stage's own nearest-code search, in chunks so that `[chunk, K]` distances stay small."""
+    """The stage's own nearest-code search on lookup-space inputs, in chunks so that `[chunk, K]` distances
+    stay small."""
     chunk = max(1, SEARCH_ELEMENTS // codebook.shape[0])
     return torch.cat([stage.nearest(z[i : i + chunk], codebook) for i in range(0, z.shape[0], chunk)])

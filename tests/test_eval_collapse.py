@@ -76,7 +76,7 @@ def test_scale_codebook_multiplies_the_initial_codes_and_data_init_keeps_the_fac
     scale_codebook(scaled, 10.0)
     a, b = base.quantizer.stages[0], scaled.quantizer.stages[0]
     assert torch.allclose(b.codebook(), 10 * a.codebook(), atol=1e-6)
-    z = torch.randn(500, 16) * 0.3 + 1.0
+    z = torch.randn(500, a.code_dim) * 0.3 + 1.0  # lookup-space input
     for stage in (a, b):
         stage._init_from_data(z)
     centred = lambda s: s.codebook().detach() - z.mean(0)  # noqa: E731

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codec.model import SimVQCodec
-from codec.quantizer import Codebook, ResidualQuantizer
+from codec.quantizer import Codebook, ResidualQuantizer, RunningWhitener
 from tests.conftest import tiny_codec
 
 HOP = 320
@@ -170,3 +170,45 @@ def test_rejects_bad_inputs(tiny_model):
         tiny_model.decode(torch.full((1, 2, 3), 64))
     with pytest.raises(ValueError, match="power of two"):
         SimVQCodec(codebook_size=1000)
+
+
+def test_running_whitener_whitens_and_colours_back():
+    torch.manual_seed(0)
+    mixing = torch.tensor([[10.0, 0.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.5, 0.5]])
+    z = torch.randn(4000, 3) @ mixing.t() + torch.tensor([5.0, -2.0, 1.0])
+    whitener = RunningWhitener(3, eps=1e-4)
+    whitener.update(z, torch.ones(len(z)))
+    whiten, colour = whitener.matrices()
+    white = (z - whitener.mean) @ whiten
+    torch.testing.assert_close(torch.cov(white.t()), torch.eye(3), atol=0.02, rtol=0)
+    torch.testing.assert_close(white @ colour + whitener.mean, z, atol=1e-3, rtol=1e-4)
+    # Rows with weight 0 (inactive stages under quantizer dropout) do not count.
+    polluted = RunningWhitener(3, eps=1e-4)
+    polluted.update(torch.cat([z, torch.full((4000, 3), 1e3)]), torch.cat([torch.ones(4000), torch.zeros(4000)]))
+    torch.testing.assert_close(polluted.mean, whitener.mean)
+    # A non-finite batch (a step the trainer will skip) leaves the statistics alone.
+    polluted.update(torch.full((10, 3), float("nan")), torch.ones(10))
+    torch.testing.assert_close(polluted.mean, whitener.mean)
+
+
+def test_whitening_keeps_codes_in_use_on_anisotropic_input():
+    """The collapse of the default model's first runs, in miniature: one direction dominates the input."""
+    torch.manual_seed(0)
+    z = torch.randn(2000, 16) * torch.logspace(1, -2, 16)  # variances spanning six orders of magnitude
+    used = {}
+    for whiten in (False, True):
+        book = Codebook(16, 256, code_dim=None, whiten=whiten).train()
+        _, _, idx = book(z)
+        used[whiten] = int(idx.unique().numel())
+    assert used[True] > 150 and used[False] < 0.5 * used[True], used
+
+
+def test_codebook_parameters_get_their_own_learning_rate():
+    from training.train import _param_groups
+
+    model = tiny_codec()
+    groups = _param_groups(model, 10.0)
+    books = {id(p) for p in groups[1]["params"]}
+    assert groups[1]["lr_scale"] == 10.0 and groups[0]["lr_scale"] == 1.0
+    assert books == {id(p) for s in model.quantizer.stages for p in s.proj.parameters()}
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())

@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("out_dir", help="output model directory")
     p.add_argument("--model-id", default="simvq-16k", help="model id written into token files (default: simvq-16k)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="storage precision of the weights; float16 halves the size (default: float32)")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=cmd_export)
 
@@ -62,12 +64,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import torch
+
     from training.export import export
 
     out = Path(args.out_dir)
     if (out / "config.json").exists() and not args.force:
         raise CodecError(f"{out} already holds a model: pass --force to replace it")
-    path = export(args.checkpoint, out, args.model_id)
+    path = export(args.checkpoint, out, args.model_id, dtype=getattr(torch, args.dtype))
     print(f"exported {path}", file=sys.stderr)
     return 0
 

@@ -63,6 +63,9 @@ class OptimConfig:
         decay: "cosine" (to `min_lr_ratio * lr` at the last step), "exponential" (`gamma` per step) or "none".
         min_lr_ratio: floor of the cosine decay, relative to the peak.
         gamma: per-step factor of the exponential decay.
+        codebook_lr_scale: learning-rate multiplier of the quantizer's codebook parameters (SimVQ's linear
+            layer W, or plain VQ's codes). W is a handful of parameters that must follow the encoder: at the
+            base rate Adam moves each entry by about `lr` per step, far too slowly (docs/model-card.md).
         grad_clip: max global gradient norm of the generator (0 disables clipping).
         disc_grad_clip: the same for the discriminator.
     """
@@ -75,6 +78,7 @@ class OptimConfig:
     decay: str = "cosine"
     min_lr_ratio: float = 0.05
     gamma: float = 0.999996
+    codebook_lr_scale: float = 1.0
     grad_clip: float = 100.0
     disc_grad_clip: float = 10.0
 

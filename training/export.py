@@ -5,13 +5,17 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
+import torch
+
 from codec.checkpoint import save_model
 from codec.errors import CheckpointError
 from codec.model import SimVQCodec
 from training.checkpoints import load_checkpoint, resolve_checkpoint
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, model_id: str = "simvq-16k") -> Path:
+def export(
+    checkpoint: str | Path, out_dir: str | Path, model_id: str = "simvq-16k", dtype: torch.dtype = torch.float32
+) -> Path:
     """Write `out_dir/model.safetensors` + `config.json` from the EMA weights of `checkpoint`.
 
     `checkpoint` is a checkpoint file, a run directory or its `checkpoints/` folder (the latest is used).
@@ -35,4 +39,4 @@ def export(checkpoint: str | Path, out_dir: str | Path, model_id: str = "simvq-1
         "checkpoint": path.name,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    return save_model(model.eval(), out_dir, provenance, model_id=model_id)
+    return save_model(model.eval(), out_dir, provenance, model_id=model_id, dtype=dtype)

@@ -98,7 +98,9 @@ class Trainer:
         self.complex_loss = ComplexSTFTLoss(cfg.loss.complex_n_ffts, cfg.loss.complex_hops, cfg.loss.complex_power)
         self.complex_loss.to(self.device)
         o = cfg.optim
-        self.gen_opt = torch.optim.AdamW(self.model.parameters(), o.lr, o.betas, weight_decay=o.weight_decay)
+        self.gen_opt = torch.optim.AdamW(
+            _param_groups(self.model, o.codebook_lr_scale), o.lr, o.betas, weight_decay=o.weight_decay
+        )
         self.disc_opt = torch.optim.AdamW(self.disc.parameters(), o.disc_lr, o.betas, weight_decay=o.weight_decay)
         fp16 = self.amp_dtype == torch.float16
         self.gen_scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -244,7 +246,7 @@ class Trainer:
         )
         for optimizer, lr in ((self.gen_opt, gen), (self.disc_opt, disc)):
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         return gen, disc
 
     def _autocast(self):
@@ -403,6 +405,14 @@ def _use_cuda(cfg: TrainConfig) -> bool:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but CUDA is not available")
     return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+def _param_groups(model: SimVQCodec, codebook_lr_scale: float) -> list[dict[str, Any]]:
+    """The generator's parameters, with the quantizer's codebooks in a group of their own learning rate."""
+    codebook = {id(p) for stage in model.quantizer.stages for p in stage.codebook_parameters()}
+    rest = [p for p in model.parameters() if id(p) not in codebook]
+    books = [p for p in model.parameters() if id(p) in codebook]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": books, "lr_scale": codebook_lr_scale}]
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
