@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 EPILOG = """examples:
   simvq-codec serve                               # 127.0.0.1:8000, one process
   simvq-codec serve --host 0.0.0.0 --port 9000 --workers 2
   SIMVQ_MAX_CONCURRENCY=8 SIMVQ_TORCH_THREADS=2 simvq-codec serve
-every setting is an environment variable SIMVQ_<NAME> (docs/service.md)"""
+  simvq-codec serve --ray --replicas 2            # through Ray Serve: replicas, batching, queue limit
+every setting is an environment variable SIMVQ_<NAME> (docs/service.md); Ray Serve's are SIMVQ_RAY_<NAME>
+(docs/deploy.md)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="uvicorn worker processes, each loading the model (default: 1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ray = p.add_argument_group("Ray Serve (pip install 'simvq-codec[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve through Ray Serve: local Ray, or the cluster of --ray-address / RAY_ADDRESS")
+    ray.add_argument("--ray-address", help="Ray cluster to join (e.g. auto or ray://head:10001)")
+    ray.add_argument("--replicas", type=int, help="replicas; 0 autoscales (default: SIMVQ_RAY_REPLICAS or 1)")
+    ray.add_argument("--no-batching", action="store_true", help="send each clip to the model alone")
     p.set_defaults(func=cmd_serve)
 
 
@@ -54,6 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = "SIMVQ_" + ".".join(str(x) for x in first["loc"]).upper()
         print(f"simvq-codec: error: {name}: {first['msg']}", file=sys.stderr)
         return 2
+    if getattr(args, "ray", False):
+        return _serve_ray(args, settings)
     if args.workers < 1:
         print("simvq-codec: error: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -70,6 +84,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers, timeout_worker_healthcheck=60,
                     **common)
     return 0
+
+
+def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from server import ray_serve
+    except ImportError as exc:
+        print(f"simvq-codec: error: --ray needs Ray Serve ({exc.name} is missing): pip install 'simvq-codec[ray]'",
+              file=sys.stderr)
+        return 2
+    try:
+        options = ray_serve.options_from_env(replicas=args.replicas, batching=False if args.no_batching else None)
+    except ValueError as exc:
+        print(f"simvq-codec: error: {exc}", file=sys.stderr)
+        return 2
+    return ray_serve.run(settings, options, address=args.ray_address)
 
 
 def main(argv: list[str] | None = None) -> int:
