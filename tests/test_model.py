@@ -212,3 +212,4 @@ def test_codebook_parameters_get_their_own_learning_rate():
     assert groups[1]["lr_scale"] == 10.0 and groups[0]["lr_scale"] == 1.0
     assert books == {id(p) for s in model.quantizer.stages for p in s.proj.parameters()}
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+

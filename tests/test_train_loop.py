@@ -158,3 +158,16 @@ def test_untrained_discriminators_may_change_on_resume_trained_ones_may_not(corp
     resumed.fit(until=4)  # trains the new discriminators from step 3
     with pytest.raises(CheckpointError, match="do not match disc"):
         Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3", "disc.mrd_channels=4"), run)
+
+
+def test_codebook_learning_rate_multiplier_applies_and_follows_the_config_on_resume(corpus, tmp_path):
+    run = tmp_path / "run"
+    first = Trainer(tiny_config(corpus, "eval_every=0", "optim.codebook_lr_scale=10"), run)
+    first.fit(until=2)
+    base, books = first.gen_opt.param_groups
+    assert books["lr"] == pytest.approx(10 * base["lr"]) and base["lr"] > 0
+    resumed = Trainer(tiny_config(corpus, "eval_every=0", "optim.codebook_lr_scale=3"), run)
+    assert resumed.step == 2
+    resumed.fit(until=3)
+    base, books = resumed.gen_opt.param_groups
+    assert books["lr"] == pytest.approx(3 * base["lr"]) and base["lr"] > 0

@@ -362,6 +362,9 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
             self.gen_opt.load_state_dict(state["gen_opt"])
+            fresh_groups = _param_groups(self.model, self.cfg.optim.codebook_lr_scale)
+            for group, fresh in zip(self.gen_opt.param_groups, fresh_groups):
+                group["lr_scale"] = fresh["lr_scale"]  # the config's multiplier, not the checkpoint's
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path} does not fit this generator: {str(e).splitlines()[0]}") from None
         try:
@@ -435,6 +438,10 @@ def _seed_all(seed: int) -> None:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    # A stop signal sent to the whole process group (Ctrl-C, `pkill -f`, a job scheduler) is the main
+    # process's to handle: it finishes the step and writes a checkpoint; a worker dying first would crash it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _main_thread() -> bool:
