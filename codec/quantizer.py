@@ -163,8 +163,10 @@ class Codebook(nn.Module):
 
     def lookup_input(self, x: Tensor) -> Tensor:
         """Latents `[N, D]` -> the lookup space `[N, d]` where the codes are searched."""
-        z = self.in_proj(x)
-        if (matrices := self._whitening()) is not None:
+        return self._to_lookup(self.in_proj(x), self._whitening())
+
+    def _to_lookup(self, z: Tensor, matrices: tuple[Tensor, Tensor] | None) -> Tensor:
+        if matrices is not None:
             z = (z - self.whitener.mean) @ matrices[0]
         return F.normalize(z, dim=1) if self.normalize else z
 
@@ -225,20 +227,25 @@ class Codebook(nn.Module):
         distances = torch.addmm(codebook.pow(2).sum(1)[None], z, codebook.t(), alpha=-2.0)
         return distances.argmin(dim=1)
 
-    def forward(self, x: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Training search for latents `x [N, D]`; `weight [N]` (0 or 1) marks the rows that count.
 
-        Returns (z, q, indices): the lookup-space input `z [N, d]` (with gradients to the encoder), the
-        selected codes `q [N, d]` (with gradients to the codebook) and their indices `[N]`."""
+        Returns (z, q, contribution, indices): the lookup-space input `z [N, d]` (with gradients to the
+        encoder), the selected codes `q [N, d]` (with gradients to the codebook), their contribution to the
+        latent `[N, D]` (straight-through: its gradient reaches the encoder through `z`) and the indices `[N]`."""
+        projected = self.in_proj(x)
         if self.training and self.whitener is not None:
             weight = torch.ones(x.shape[0], device=x.device) if weight is None else weight
-            self.whitener.update(self.in_proj(x).detach(), weight)
-        z = self.lookup_input(x)
+            self.whitener.update(projected.detach(), weight)
+        matrices = self._whitening()  # once per step: the same matrices whiten and colour back
+        z = self._to_lookup(projected, matrices)
         if self.training and not bool(self.initialized):
             self._init_from_data(z.detach())
         codebook = self.codebook()
         indices = self.nearest(z.detach(), codebook.detach())
-        return z, F.embedding(indices, codebook), indices
+        q = F.embedding(indices, codebook)
+        contribution = self._to_latent(z + (q - z).detach(), matrices)  # straight-through estimator
+        return z, q, contribution, indices
 
     def encode(self, x: Tensor) -> Tensor:
         """Indices `[N]` of the nearest codes for latents `x [N, D]` (inference)."""
@@ -305,13 +312,11 @@ class ResidualQuantizer(nn.Module):
         codes, counts, commit, codebook = [], [], flat.new_zeros(()), flat.new_zeros(())
         for i, stage in enumerate(self.stages[:n]):
             mask = (frame_active > i).to(flat.dtype)[:, None]
-            z, q, idx = stage(residual, mask[:, 0])
+            z, q, contribution, idx = stage(residual, mask[:, 0])
             n_active = mask.sum().clamp_min(1.0) * z.shape[1]
             # Both losses live in the stage's lookup space, where the search happens.
             commit = commit + ((z - q.detach()).pow(2) * mask).sum() / n_active
             codebook = codebook + ((z.detach() - q).pow(2) * mask).sum() / n_active
-            q_st = z + (q - z).detach()  # straight-through estimator
-            contribution = stage.to_latent(q_st)
             quantized = quantized + contribution * mask
             residual = residual - contribution.detach() * mask
             codes.append(idx)

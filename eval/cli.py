@@ -23,7 +23,8 @@ EPILOG = """examples:
 """
 
 
-def _list(kind):
+def comma_list(kind):
+    """An argparse type: a comma-separated list of `kind` values (not empty)."""
     def parse(text: str) -> list:
         try:
             values = [kind(v.strip()) for v in text.split(",") if v.strip()]
@@ -54,17 +55,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--model", metavar="ID|DIR", help="preset id or model directory (default: simvq-16k)")
     model.add_argument("--no-model", action="store_true", help="score the peer codecs only")
     rate = model.add_mutually_exclusive_group()
-    rate.add_argument("--stages", type=_list(int), metavar="LIST",
+    rate.add_argument("--stages", type=comma_list(int), metavar="LIST",
                       help="stage counts to score (default: 1,2,3,4,6,8,12 up to the model's stage count, plus all stages)")
-    rate.add_argument("--bitrates", type=_list(float), metavar="LIST",
+    rate.add_argument("--bitrates", type=comma_list(float), metavar="LIST",
                       help="kbit/s targets, e.g. 1.5,3,6 (each -> the most stages that fit)")
     peers = p.add_argument_group("peer codecs")
-    peers.add_argument("--peers", type=_list(str), default=["opus", "codec2"], metavar="LIST",
+    peers.add_argument("--peers", type=comma_list(str), default=["opus", "codec2"], metavar="LIST",
                        help="peer codecs to run: opus,codec2 (default both)")
     peers.add_argument("--no-peers", action="store_true", help="score the model only")
-    peers.add_argument("--opus-kbps", type=_list(float), default=[6.0, 8.0, 12.0], metavar="LIST",
+    peers.add_argument("--opus-kbps", type=comma_list(float), default=[6.0, 8.0, 12.0], metavar="LIST",
                        help="Opus target bitrates (default 6,8,12)")
-    peers.add_argument("--codec2-modes", type=_list(str), default=["3200", "1600", "700C"], metavar="LIST",
+    peers.add_argument("--codec2-modes", type=comma_list(str), default=["3200", "1600", "700C"], metavar="LIST",
                        help="Codec 2 modes (default 3200,1600,700C)")
     p.add_argument("--pesq-nb", action="store_true", help="also score narrowband PESQ (8 kHz)")
     p.add_argument("--max-delay-ms", type=float, default=100.0, metavar="MS",

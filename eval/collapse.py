@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from codec.errors import CodecError
+from eval.cli import comma_list
 
 SNAPSHOT = Path("/work/data/corpus-snapshot")
 RUNS = "runs"
@@ -226,27 +227,14 @@ def _check_overrides(overrides: list[str]) -> None:
             raise CodecError(f"{key} is set by the experiment for each run; use the options (--ks, --steps, ...)")
 
 
-def _list(kind):
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
-        if not values:
-            raise argparse.ArgumentTypeError("the list is empty")
-        return values
-
-    return parse
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (a rerun resumes it)")
     study = p.add_argument_group("study")
-    study.add_argument("--ks", type=_list(int), default=[1024, 8192, 65536], metavar="LIST",
+    study.add_argument("--ks", type=comma_list(int), default=[1024, 8192, 65536], metavar="LIST",
                        help="codebook sizes of the main study (default 1024,8192,65536)")
-    study.add_argument("--quantizers", type=_list(str), default=["vq", "simvq"], metavar="LIST",
+    study.add_argument("--quantizers", type=comma_list(str), default=["vq", "simvq"], metavar="LIST",
                        help="vq,simvq (default both)")
-    study.add_argument("--init-scales", type=_list(float), default=[0.1, 1.0, 10.0], metavar="LIST",
+    study.add_argument("--init-scales", type=comma_list(float), default=[0.1, 1.0, 10.0], metavar="LIST",
                        help="initial codebook scale factors of the init study (default 0.1,1,10)")
     study.add_argument("--init-k", type=int, default=1024, metavar="K", help="K of the init study (default 1024)")
     study.add_argument("--no-init-study", action="store_true", help="main study only")

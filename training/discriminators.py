@@ -58,13 +58,7 @@ class PeriodDiscriminator(nn.Module):
             audio = F.pad(audio, (0, pad), mode="reflect" if pad < t else "constant")
             t += pad
         x = audio.view(b, c, t // self.period, self.period)
-        features = []
-        for layer in self.layers:
-            x = F.leaky_relu(layer(x), LEAK)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _run_stack(self.layers, self.post, x)
 
 
 class ResolutionDiscriminator(nn.Module):
@@ -94,13 +88,18 @@ class ResolutionDiscriminator(nn.Module):
     def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         spec = torch.stft(audio.float().flatten(0, 1), self.n_fft, self.hop, window=self.window, return_complex=True)
         x = torch.log1p(spec.abs())  # [B, bins, frames]
-        features = []
-        for layer in self.layers:
-            x = F.leaky_relu(layer(x), LEAK)
-            features.append(x)
-        x = self.post(x)
+        return _run_stack(self.layers, self.post, x)
+
+
+def _run_stack(layers: nn.ModuleList, post: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Leaky-ReLU conv stack then the output conv: (logits flattened per example, every layer's output)."""
+    features = []
+    for layer in layers:
+        x = F.leaky_relu(layer(x), LEAK)
         features.append(x)
-        return x.flatten(1), features
+    x = post(x)
+    features.append(x)
+    return x.flatten(1), features
 
 
 class Discriminators(nn.Module):
