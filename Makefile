@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # Debian tools the optional parts call: Opus and Codec 2 for evaluation, ffmpeg for the corpus recipe.
 APT_PACKAGES := ffmpeg opus-tools codec2 espeak-ng
 
-.PHONY: install demo test system-deps corpus
+.PHONY: install demo test system-deps corpus golden
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,3 +33,7 @@ test: install system-deps
 
 corpus: install system-deps
 	$(PY) -m training.corpus --out data/corpus --install
+
+# After a deliberate new export of the default model: re-pin its hash and the reference recording's tokens.
+golden: install
+	$(PY) tests/test_golden.py --update

@@ -18,6 +18,7 @@ and per-stage codebook use. Writes results.json, results.csv, report.md and PNG 
 EPILOG = """examples:
   simvq-codec eval /work/data/corpus/manifest.csv --split test --out runs/eval
   simvq-codec eval clips/ --out /tmp/eval --stages 1,4,12 --limit 20
+  simvq-codec eval dev.csv --out runs/eval-dev --per-speaker 25      # every voice, 25 files each
   simvq-codec eval clips/ --out /tmp/eval --no-model --jobs 1        # peers only
   python -m eval clips/ --out /tmp/eval --bitrates 1.5,3,6 --peers opus
 """
@@ -50,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "paths relative to the CSV) or audio file")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--split", help="keep only manifest rows of this split (e.g. test)")
+    p.add_argument("--per-speaker", type=_positive, metavar="N",
+                   help="at most N files per speaker (manifest column, or a folder's subfolder), evenly spread")
     p.add_argument("--limit", type=_positive, metavar="N", help="only the first N files")
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="ID|DIR", help="preset id or model directory (default: simvq-16k)")
@@ -96,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CodecError(f"{args.out} already holds results: pass --force to overwrite them")
     if args.no_model and args.no_peers:
         raise CodecError("--no-model and --no-peers leave nothing to evaluate")
-    items = list_inputs(args.inputs, split=args.split, limit=args.limit)
+    items = list_inputs(args.inputs, split=args.split, limit=args.limit, per_speaker=args.per_speaker)
     codecs: list = []
     if not args.no_model:
         from eval.model import model_settings

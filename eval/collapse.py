@@ -1,7 +1,8 @@
 """The codebook collapse experiment: plain VQ against SimVQ, codebook sizes, and codebook initial scale.
 
 Every run trains the same single-stage codec (mel + VQ losses, no adversary) with `training.train.Trainer`
-on the same data and budget; only the quantizer, K, the initial codebook scale and `init_from_data` change.
+on the same data and budget; only the quantizer, K, the whitening of the lookup space, the initial codebook
+scale and `init_from_data` change.
 At fixed steps the live weights are measured on a fixed dev set (`eval.collapse_metrics`): utilisation,
 perplexity, effective rank of the encoder outputs and of the codes, reconstruction mel distance.
 Runs resume from their checkpoints when the command is repeated with the same --out.
@@ -30,7 +31,8 @@ SUMMARY = "summary.json"
 EXPERIMENT = "experiment.json"
 MACHINE_KEYS = ("threads", "device", "data.num_workers", "data.cache", "precision")
 """Overrides that may change between a run and its resumption (they do not change what is trained)."""
-CONTROLLED = ("model.quantizer", "model.codebook_size", "model.n_stages", "model.init_from_data", "steps")
+CONTROLLED = ("model.quantizer", "model.codebook_size", "model.n_stages", "model.init_from_data", "model.whiten_codes",
+              "steps")
 
 SIZES = {
     # For tests: a second per step is already generous.
@@ -63,17 +65,20 @@ class RunSpec:
         init_scale: factor applied to the codebook's random initial values (SimVQ: the frozen C; VQ: the
             learned codes) before training; `init_from_data` rescales relative to it, so it persists.
         init_from_data: the model's data-dependent rescaling of the codes on the first batch.
+        whiten: whiten the stage's lookup input with running statistics (the shipped model's fix for the
+            encoder's nearly one-dimensional output, docs/model-card.md); off is the paper's setting.
     """
 
     quantizer: str
     codebook_size: int
     init_scale: float = 1.0
     init_from_data: bool = True
+    whiten: bool = False
 
     @property
     def name(self) -> str:
         init = "datainit" if self.init_from_data else "noinit"
-        return f"{self.quantizer}-K{self.codebook_size}-x{self.init_scale:g}-{init}"
+        return f"{self.quantizer}-K{self.codebook_size}-x{self.init_scale:g}-{init}" + ("-whiten" if self.whiten else "")
 
     def overrides(self) -> list[str]:
         return _overrides({
@@ -82,6 +87,7 @@ class RunSpec:
             "model.quantizer": self.quantizer,
             "model.codebook_size": self.codebook_size,
             "model.init_from_data": self.init_from_data,
+            "model.whiten_codes": self.whiten,
         })
 
 
@@ -104,11 +110,12 @@ class Experiment:
     settings: dict = field(default_factory=dict)
 
 
-def plan(ks, quantizers, init_scales, init_k: int | None, init_modes=(True, False)) -> list[RunSpec]:
-    """The main study (every K x quantizer, scale 1, data init) then the init-scale study at K = init_k."""
-    specs = [RunSpec(q, k) for k in ks for q in quantizers]
+def plan(ks, quantizers, init_scales, init_k: int | None, init_modes=(True, False), whitens=(False,)) -> list[RunSpec]:
+    """The main study (every K x whitening x quantizer, scale 1, data init), then the init-scale study at K = init_k
+    with the first of `whitens`."""
+    specs = [RunSpec(q, k, whiten=w) for k in ks for w in whitens for q in quantizers]
     if init_k:
-        specs += [RunSpec(q, init_k, s, d) for q in quantizers for d in init_modes for s in init_scales]
+        specs += [RunSpec(q, init_k, s, d, whitens[0]) for q in quantizers for d in init_modes for s in init_scales]
     seen, unique = set(), []
     for spec in specs:
         if spec not in seen:
@@ -220,6 +227,14 @@ def base_overrides(args) -> list[str]:
     return _overrides(values)
 
 
+def _switches(values: list[str], option: str, words: tuple[str, str]) -> list[bool]:
+    """["off", "on"] -> [False, True] (words = the false and the true spelling)."""
+    bad = [v for v in values if v not in words]
+    if bad or not values:
+        raise CodecError(f"{option} takes {words[0]} and/or {words[1]}, got {','.join(values) or 'nothing'}")
+    return [v == words[1] for v in values]
+
+
 def _check_overrides(overrides: list[str]) -> None:
     for item in overrides:
         key = item.partition("=")[0].strip()
@@ -234,9 +249,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="codebook sizes of the main study (default 1024,8192,65536)")
     study.add_argument("--quantizers", type=comma_list(str), default=["vq", "simvq"], metavar="LIST",
                        help="vq,simvq (default both)")
+    study.add_argument("--whitening", type=comma_list(str), default=["off", "on"], metavar="LIST",
+                       help="lookup-space whitening of the main study: off (the paper's setting), on (the shipped "
+                            "model's), or both (default off,on); the init study uses the first")
     study.add_argument("--init-scales", type=comma_list(float), default=[0.1, 1.0, 10.0], metavar="LIST",
                        help="initial codebook scale factors of the init study (default 0.1,1,10)")
     study.add_argument("--init-k", type=int, default=1024, metavar="K", help="K of the init study (default 1024)")
+    study.add_argument("--init-data", type=comma_list(str), default=["yes", "no"], metavar="LIST",
+                       help="data-dependent code init in the init study: yes, no or both (default yes,no)")
     study.add_argument("--no-init-study", action="store_true", help="main study only")
     budget = p.add_argument_group("budget (the same for every run)")
     budget.add_argument("--size", choices=sorted(SIZES), default="small",
@@ -276,8 +296,11 @@ def build(args) -> tuple[list[RunSpec], Experiment]:
             raise CodecError(f"codebook sizes must be powers of two >= 2, got {k}")
     if any(s <= 0 for s in args.init_scales):
         raise CodecError("--init-scales must be positive")
+    whitens = _switches(args.whitening, "--whitening", ("off", "on"))
+    init_modes = _switches(args.init_data, "--init-data", ("no", "yes"))
     _check_overrides(args.overrides)
-    specs = plan(args.ks, args.quantizers, args.init_scales, None if args.no_init_study else args.init_k)
+    specs = plan(args.ks, args.quantizers, args.init_scales, None if args.no_init_study else args.init_k,
+                 init_modes, whitens)
     overrides = [*base_overrides(args), *args.overrides]
     from training.config import load_config
 
@@ -340,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add a `collapse` subcommand (for an entry point of `simvq_codec.commands`, if the lead wants one)."""
-    p = subparsers.add_parser("collapse", help="codebook collapse study: VQ vs SimVQ, K, init scale",
+    p = subparsers.add_parser("collapse", help="codebook collapse study: VQ vs SimVQ, K, whitening, init scale",
                               description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)

@@ -10,7 +10,7 @@ from eval.report import _clean as strict_json  # NaN/inf -> None
 
 CURVES_PLOT = "utilisation_vs_step.png"
 INIT_PLOT = "init_scale.png"
-COLUMNS = ("name", "quantizer", "codebook_size", "init_scale", "init_from_data", "steps", "frames", "used",
+COLUMNS = ("name", "quantizer", "whiten", "codebook_size", "init_scale", "init_from_data", "steps", "frames", "used",
            "utilisation", "ceiling", "peak_utilisation", "perplexity", "perplexity_per_k", "latent_rank",
            "codebook_rank", "latent_rms", "codebook_rms", "mel", "train_seconds")
 
@@ -29,6 +29,7 @@ def final_row(summary: dict) -> dict:
     return {
         "name": summary["name"],
         "quantizer": summary["quantizer"],
+        "whiten": summary.get("whiten", False),  # studies from before the whitening option
         "codebook_size": k,
         "init_scale": summary["init_scale"],
         "init_from_data": summary["init_from_data"],
@@ -55,6 +56,11 @@ def _fmt(value, digits: int = 2) -> str:
 
 def _is_main(row: dict) -> bool:
     return row["init_scale"] == 1.0 and row["init_from_data"]
+
+
+def _label(run: dict) -> str:
+    """"simvq" or "simvq + whitening" (a summary or a table row)."""
+    return run["quantizer"] + (" + whitening" if run.get("whiten") else "")
 
 
 def markdown(rows: list[dict], settings: dict, plots: list[str]) -> str:
@@ -84,15 +90,17 @@ def markdown(rows: list[dict], settings: dict, plots: list[str]) -> str:
                 _fmt(r["mel"], 3), _fmt(r["train_seconds"], 0)]) + " |")
         return lines
 
-    main = sorted((r for r in rows if _is_main(r)), key=lambda r: (r["codebook_size"], r["quantizer"]))
+    main = sorted((r for r in rows if _is_main(r)), key=lambda r: (r["codebook_size"], r["whiten"], r["quantizer"]))
     if main:
-        out += ["", "## Quantizer and codebook size (init scale 1, data-dependent init)"]
-        out += table(main, ["quantizer"], lambda r: [r["quantizer"]])
-    init_k = _init_study_k(rows)
+        out += ["", "## Quantizer, whitening and codebook size (init scale 1, data-dependent init)", "",
+                "whitening = the stage's lookup input whitened with running statistics (the shipped model's setting); "
+                "without it, the paper's setting."]
+        out += table(main, ["quantizer"], lambda r: [_label(r)])
+    init_k, init_whiten = _init_study(rows)
     if init_k is not None:
-        init = sorted((r for r in rows if r["codebook_size"] == init_k),
+        init = sorted((r for r in rows if r["codebook_size"] == init_k and r["whiten"] == init_whiten),
                       key=lambda r: (r["quantizer"], not r["init_from_data"], r["init_scale"]))
-        out += ["", f"## Initial codebook scale (K = {init_k})", "",
+        out += ["", f"## Initial codebook scale (K = {init_k}, {'with' if init_whiten else 'no'} whitening)", "",
                 "scale multiplies the random initial codebook (SimVQ: the frozen C; VQ: the codes). With data init "
                 "the model rescales the codes to the encoder output's spread on the first batch, relative to that "
                 "scale; without it, codes start with std scale x D^-1/2 per dimension."]
@@ -107,9 +115,10 @@ def _model_text(model: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in model.items()) or "SimVQCodec defaults"
 
 
-def _init_study_k(rows: list[dict]) -> int | None:
-    ks = [r["codebook_size"] for r in rows if not _is_main(r)]
-    return ks[0] if ks else None
+def _init_study(rows: list[dict]) -> tuple[int | None, bool]:
+    """K and whitening of the init-scale study (the runs that are not scale 1 with data init), or (None, False)."""
+    other = [r for r in rows if not _is_main(r)]
+    return (other[0]["codebook_size"], other[0]["whiten"]) if other else (None, False)
 
 
 def plot_curves(summaries: list[dict], path: Path) -> None:
@@ -126,7 +135,8 @@ def plot_curves(summaries: list[dict], path: Path) -> None:
     for col, k in enumerate(ks):
         for s in (s for s in main if s["codebook_size"] == k):
             steps = [r["step"] for r in s["curve"]]
-            style = dict(marker="o", markersize=3, color=colors.get(s["quantizer"]), label=s["quantizer"])
+            style = dict(marker="o", markersize=3, color=colors.get(s["quantizer"]), label=_label(s),
+                         linestyle="--" if s.get("whiten") else "-")
             axes[0, col].plot(steps, [100 * r["utilisation"] for r in s["curve"]], **style)
             axes[1, col].plot(steps, [r["perplexity"] / k for r in s["curve"]], **style)
             axes[2, col].plot(steps, [r["latent_rank"] for r in s["curve"]], **style)
@@ -150,7 +160,7 @@ def plot_curves(summaries: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_init(rows: list[dict], k: int, path: Path) -> None:
+def plot_init(rows: list[dict], k: int, whiten: bool, path: Path) -> None:
     """Final utilisation against initial codebook scale at K = k, a line per quantizer x data init."""
     import matplotlib
 
@@ -161,7 +171,8 @@ def plot_init(rows: list[dict], k: int, path: Path) -> None:
     for q, color in (("vq", "tab:red"), ("simvq", "tab:blue")):
         for data_init, style in ((True, "-"), (False, "--")):
             pts = sorted((r["init_scale"], 100 * r["utilisation"]) for r in rows
-                         if r["codebook_size"] == k and r["quantizer"] == q and r["init_from_data"] == data_init)
+                         if r["codebook_size"] == k and r["whiten"] == whiten and r["quantizer"] == q
+                         and r["init_from_data"] == data_init)
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", color=color,
                         label=f"{q}, {'data init' if data_init else 'no data init'}")
@@ -170,7 +181,7 @@ def plot_init(rows: list[dict], k: int, path: Path) -> None:
     ax.set_ylim(50 / k, 150)
     ax.set_xlabel("initial codebook scale")
     ax.set_ylabel("final dev utilisation %")
-    ax.set_title(f"Codebook initial scale, K = {k}")
+    ax.set_title(f"Codebook initial scale, K = {k}" + (", whitened" if whiten else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -187,9 +198,9 @@ def write_report(out: Path, summaries: list[dict], settings: dict, plots: bool =
     if plots and summaries:
         plot_curves(summaries, out / CURVES_PLOT)
         names.append(CURVES_PLOT)
-        k = _init_study_k(rows)
+        k, whiten = _init_study(rows)
         if k is not None:
-            plot_init(rows, k, out / INIT_PLOT)
+            plot_init(rows, k, whiten, out / INIT_PLOT)
             names.append(INIT_PLOT)
     data = {"settings": settings, "table": rows, "runs": summaries}
     (out / "collapse.json").write_text(json.dumps(strict_json(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ import soundfile as sf
 
 from codec.errors import AudioError
 from eval.cli import register
-from eval.dataset import list_inputs, load_audio
+from eval.dataset import Item, list_inputs, load_audio, spread_per_speaker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,15 @@ def test_folder_and_manifest_inputs(folder, tmp_path):
     with pytest.raises(AudioError, match="no audio"):
         list_inputs([tmp_path / "empty"])
     manifest.unlink()
+
+
+def test_per_speaker_keeps_every_voice_evenly_spread():
+    items = [Item(Path(f"{spk}/{i}.wav"), f"{spk}/{i}.wav", speaker=spk) for spk, n in (("a", 10), ("b", 2))
+             for i in range(n)]
+    picked = spread_per_speaker(items, 4)
+    assert [it.name for it in picked] == ["a/0.wav", "a/2.wav", "a/5.wav", "a/7.wav", "b/0.wav", "b/1.wav"]
+    folders = [Item(Path(n), n) for n in ("x/1.wav", "x/2.wav", "y/1.wav")]  # no speaker column: the folder
+    assert [it.name for it in spread_per_speaker(folders, 1)] == ["x/1.wav", "y/1.wav"]
 
 
 def test_subcommand_runs_and_refuses_to_overwrite(folder, tmp_path, capsys):

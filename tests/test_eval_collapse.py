@@ -88,6 +88,10 @@ def test_plan_and_schedule():
     assert len(specs) == len(set(specs)) == 4 + 2 * 2 * 3 - 2  # the scale-1 data-init runs are shared
     assert specs[:2] == [RunSpec("vq", 64), RunSpec("simvq", 64)]
     assert RunSpec("vq", 64, 0.1, False).name == "vq-K64-x0.1-noinit"
+    both = plan([64], ["vq", "simvq"], [10.0], 64, (False,), (False, True))
+    assert [s.name for s in both] == ["vq-K64-x1-datainit", "simvq-K64-x1-datainit", "vq-K64-x1-datainit-whiten",
+                                      "simvq-K64-x1-datainit-whiten", "vq-K64-x10-noinit", "simvq-K64-x10-noinit"]
+    assert "model.whiten_codes=true" in both[2].overrides() and "model.whiten_codes=false" in both[0].overrides()
     assert eval_schedule(10, 4) == [0, 2, 5, 8, 10]
     assert eval_schedule(3, 3) == [0, 1, 2, 3]
 
@@ -109,7 +113,7 @@ def study_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return ["--out", str(out), "--size", "tiny", "--ks", "64,128", "--init-k", "64", "--init-scales", "10",
             "--steps", "2", "--evals", "2", "--batch-size", "2", "--segment-seconds", "0.2",
             "--train", str(corpus / "train"), "--dev", str(corpus / "dev"), "--dev-minutes", "0",
-            "--mel-clips", "1", *extra]
+            "--mel-clips", "1", "--whitening", "off", *extra]
 
 
 def test_a_tiny_study_writes_the_table_json_and_plots_and_resumes(corpus, tmp_path, capsys):
@@ -170,3 +174,19 @@ def test_bad_options_are_one_line_errors(corpus, tmp_path, capsys):
     assert "set by the experiment" in capsys.readouterr().err
     assert main(study_args(corpus, tmp_path / "c", "optim.nope=1")) == 2
     assert "unknown config key" in capsys.readouterr().err
+    assert main(study_args(corpus, tmp_path / "d", "--whitening", "maybe")) == 2
+    assert "--whitening takes off and/or on" in capsys.readouterr().err
+
+
+def test_a_whitened_run_is_trained_whitened_and_reported_beside_the_plain_one(corpus, tmp_path):
+    out = tmp_path / "study"
+    assert main(study_args(corpus, out, "--ks", "64", "--whitening", "off,on", "--no-init-study",
+                           "--keep-checkpoints")) == 0
+    ckpt = torch.load(next((out / RUNS / "simvq-K64-x1-datainit-whiten" / "checkpoints").glob("step_*.pt")),
+                      weights_only=False)
+    whitened = [k for k in ckpt["model"] if "whitener" in k]
+    assert whitened and not [k for k in torch.load(next((out / RUNS / "simvq-K64-x1-datainit" / "checkpoints")
+                                                        .glob("step_*.pt")), weights_only=False)["model"]
+                             if "whitener" in k]
+    md = (out / "collapse.md").read_text()
+    assert md.count("| simvq + whitening | 64 |") == 1 and md.count("| simvq | 64 |") == 1

@@ -1,0 +1,76 @@
+"""The shipped model, pinned: its weights hash and the tokens it gives a committed recording.
+
+An accidental change to the weights, the quantizer search, the streaming encoder or the token file shows up
+here as a different hash or different tokens. After a deliberate change (a new export of the default model),
+regenerate the golden file with `make golden` and commit it with the model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from codec import DEFAULT_MODEL_ID, compress, load_model
+from codec.checkpoint import sha256_file
+from codec.presets import model_dir
+from codec.tokfile import read_tok
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "examples" / "reference.wav"
+GOLDEN = ROOT / "tests" / "golden" / f"{DEFAULT_MODEL_ID}.tok"
+GOLDEN_INFO = GOLDEN.with_suffix(".json")
+MAX_FLIPPED_FRAMES = 0.02
+"""Frames allowed to differ. Nearest-neighbour search can flip between two nearly equidistant codes when
+another CPU sums in another order, and a residual stage inherits the flip; a changed model or code path moves
+most frames, a rounding difference a handful."""
+
+
+def encode_reference(model) -> bytes:
+    out = io.BytesIO()
+    compress(REFERENCE, out, model)
+    return out.getvalue()
+
+
+def test_the_shipped_weights_are_the_pinned_ones():
+    info = json.loads(GOLDEN_INFO.read_text())
+    weights = model_dir(DEFAULT_MODEL_ID) / "model.safetensors"
+    config = json.loads((weights.parent / "config.json").read_text())
+    assert sha256_file(weights) == config["sha256"], "model.safetensors does not match its config.json"
+    assert config["sha256"] == info["model_sha256"], (
+        "the default model changed since the golden tokens were made: if that was meant, run `make golden`")
+
+
+def test_the_reference_recording_gives_the_golden_tokens():
+    model = load_model(DEFAULT_MODEL_ID, warn=False)
+    header, codes = read_tok(io.BytesIO(encode_reference(model)))
+    golden_header, golden = read_tok(GOLDEN)
+    assert header == golden_header  # model id, weights hash, stages, sample and frame counts
+    assert codes.shape == golden.shape == (model.n_stages, json.loads(GOLDEN_INFO.read_text())["frames"])
+    flipped = np.any(codes != golden, axis=0)
+    assert flipped.mean() <= MAX_FLIPPED_FRAMES, (
+        f"{flipped.sum()} of {flipped.size} frames differ from {GOLDEN.name}: the model or its code path changed")
+
+
+def update() -> None:
+    """Rewrite the golden token file and its record from the current default model."""
+    model = load_model(DEFAULT_MODEL_ID, warn=False)
+    data = encode_reference(model)
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_bytes(data)
+    header, codes = read_tok(io.BytesIO(data))
+    GOLDEN_INFO.write_text(json.dumps({
+        "model_id": DEFAULT_MODEL_ID, "model_sha256": model.weights_sha256, "reference": "examples/reference.wav",
+        "stages": int(codes.shape[0]), "frames": int(codes.shape[1]), "tok_bytes": len(data),
+    }, indent=1) + "\n")
+    print(f"wrote {GOLDEN} ({len(data)} bytes, {codes.shape[1]} frames x {codes.shape[0]} stages)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--update"]:
+        sys.exit("usage: python tests/test_golden.py --update   (after a deliberate change of the default model)")
+    update()
