@@ -203,6 +203,7 @@ def decompress(src: Source, dst: Source, model: SimVQCodec | str | None = None, 
                     written += len(held)
                     bar.update(len(held) / codec.sample_rate)
                 held = audio
+            held = np.concatenate([held, codec.flush_decoder()[0, 0].cpu().numpy()])
             header = reader.header  # counts are filled in once the trailer has been read
             writer.write(held[: header.num_samples - written])
             bar.update(len(held) / codec.sample_rate)

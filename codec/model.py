@@ -3,7 +3,9 @@
 All networks run at the frame rate (50 Hz by default), which is what makes the codec cheap: the
 encoder stacks short causal STFT frames into one feature vector per codec frame, and the decoder
 predicts short STFT frames that an inverse STFT overlap-adds (Vocos-style), instead of upsampling
-through stacks of transposed convolutions. Nothing looks ahead: the algorithmic latency is one frame.
+through stacks of transposed convolutions. Nothing looks ahead: a frame is encoded once its last sample
+has arrived (20 ms), and the decoder's short frames overlap by `n_fft - sub_hop` samples (15 ms), the
+only other delay. The algorithmic latency is 35 ms.
 """
 
 from __future__ import annotations
@@ -140,6 +142,14 @@ class SimVQCodec(StreamingModule):
     def bits_per_code(self) -> int:
         return self.codebook_size.bit_length() - 1
 
+    @property
+    def decoder_delay(self) -> int:
+        """Samples by which streamed decoder output lags the stream (the iSTFT overlap, `n_fft - sub_hop`).
+
+        The last this many samples of any decode need frames after the end of the signal: offline they
+        come out as a short fade-out, streaming they come from `flush_decoder()`."""
+        return self.synthesis.delay
+
     def bitrate(self, n_stages: int | None = None) -> float:
         """Nominal bits per second with `n_stages` stages (all by default)."""
         return (n_stages or self.n_stages) * self.bits_per_code * self.frame_rate
@@ -179,6 +189,12 @@ class SimVQCodec(StreamingModule):
         pad = (self.hop_length - pending) % self.hop_length
         return self.encode(state.samples.new_zeros(state.samples.shape[0], 1, pad), n_stages)
 
+    def flush_decoder(self) -> Tensor:
+        """End of a decoded stream: its last `decoder_delay` samples (`[B, 1, n]`; n = 0 if nothing was decoded)."""
+        if not self.is_streaming:
+            raise RuntimeError("flush_decoder() is only meaningful inside model.streaming()")
+        return self.synthesis.flush()
+
     # --- public inference calls --------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, wav: Tensor, n_stages: int | None = None) -> Tensor:
@@ -200,7 +216,11 @@ class SimVQCodec(StreamingModule):
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
-        """Codes `[B, S, F]` (S <= n_stages) -> audio `[B, 1, F * hop]`; streams inside `model.streaming()`."""
+        """Codes `[B, S, F]` (S <= n_stages) -> audio `[B, 1, F * hop]`.
+
+        Inside `model.streaming()`, the samples completed so far: `decoder_delay` fewer than F * hop on the
+        first call, then F * hop per call; `flush_decoder()` returns the rest at the end of the stream.
+        """
         if codes.dim() != 3:
             raise ValueError(f"expected codes shaped [B, S, F], got {tuple(codes.shape)}")
         if codes.shape[-1] == 0:

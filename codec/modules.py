@@ -120,31 +120,41 @@ class STFTFeatures(StreamingModule):
         return feats.reshape(batch, n_sub // self.frames_per_step, self.frames_per_step * width)
 
 
-class ISTFTSynthesis(StreamingModule):
-    """Causal inverse STFT: per-step spectra -> waveform by overlap-add.
+@dataclass
+class _SynthesisState:
+    tail: Tensor  # `[B, n_fft - hop]`: overlap-add sums still waiting for later sub-frames
+    skip: int  # leading samples still to drop (they lie before the start of the stream)
 
-    Each step carries `frames_per_step` sub-frames of log magnitude and phase. Sub-frame k covers output
-    samples [k*hop, k*hop + n_fft); after step t all samples before (t+1)*hop*frames_per_step have received
-    every contribution and are returned; the rest of the overlap (the tail) waits for the next step.
+
+class ISTFTSynthesis(StreamingModule):
+    """Causal inverse STFT: per-step spectra -> waveform by overlap-add, aligned with `STFTFeatures`.
+
+    Each step carries `frames_per_step` sub-frames of log magnitude and phase. Sub-frame k synthesises the
+    samples its analysis frame saw, [(k+1)*hop - n_fft, (k+1)*hop), so the decoder never has to predict the
+    waveform ahead of its input. A sample is complete once the `n_fft / hop - 1` later sub-frames that also
+    cover it have been added: the output lags the input by `delay = n_fft - hop` samples. Offline, the
+    last `delay` samples of a signal lack those sub-frames (a short fade-out); streaming, they wait for the
+    next step or `flush()`.
 
     Args:
         n_fft, hop, frames_per_step: as in `STFTFeatures`.
     Input `[B, T, frames_per_step * 2 * (n_fft // 2 + 1)]` (log magnitudes, then phases, per sub-frame);
-    output `[B, 1, T * hop * frames_per_step]`.
+    output `[B, 1, T * hop * frames_per_step]` offline; streaming, the samples completed so far.
     """
 
     def __init__(self, n_fft: int, hop: int, frames_per_step: int):
         super().__init__()
         self.n_fft, self.hop, self.frames_per_step = n_fft, hop, frames_per_step
         self.bins = n_fft // 2 + 1
+        self.delay = n_fft - hop
         window = hann_window(n_fft)
         # Hann^2 at 4x overlap sums to a constant; divide by it so unit spectra give unit gain.
         overlap_gain = (window**2).sum().item() / hop
         self.register_buffer("window", window / overlap_gain, persistent=False)
         self.in_dim = frames_per_step * 2 * self.bins
 
-    def _init_streaming_state(self, batch_size: int) -> _HistoryState:
-        return _HistoryState(self.window.new_zeros(batch_size, self.n_fft - self.hop))
+    def _init_streaming_state(self, batch_size: int) -> _SynthesisState:
+        return _SynthesisState(self.window.new_zeros(batch_size, self.delay), self.delay)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, steps, _ = x.shape
@@ -154,17 +164,28 @@ class ISTFTSynthesis(StreamingModule):
         spec = torch.polar(mag, phase)
         frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self.window  # [B, N, n_fft]
         n_sub = frames.shape[1]
-        total = (n_sub - 1) * self.hop + self.n_fft
+        total = (n_sub - 1) * self.hop + self.n_fft  # = n_sub * hop + delay
         out = F.fold(
             frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, self.n_fft), stride=(1, self.hop)
         ).reshape(batch, total)
-        ready = n_sub * self.hop
         state = self._streaming_state
-        if state is not None:
-            tail = state.history
-            out = torch.cat([out[:, : tail.shape[-1]] + tail, out[:, tail.shape[-1] :]], dim=-1)
-            state.history = out[:, ready:]
-        return out[:, None, :ready]
+        if state is None:
+            return out[:, None, self.delay :]  # its first `delay` samples lie before the signal's start
+        out = torch.cat([out[:, : self.delay] + state.tail, out[:, self.delay :]], dim=-1)
+        ready = n_sub * self.hop
+        state.tail = out[:, ready:]
+        drop = min(state.skip, ready)
+        state.skip -= drop
+        return out[:, None, drop:ready]
+
+    def flush(self) -> Tensor:
+        """End of a stream: the last `delay` samples (`[B, 1, delay]`, or none before any input)."""
+        state = self._streaming_state
+        if state is None:
+            raise RuntimeError("flush() is only meaningful while streaming")
+        tail = state.tail[:, None, state.skip :]
+        state.tail, state.skip = torch.zeros_like(state.tail), self.delay
+        return tail
 
 
 def count_parameters(module: nn.Module) -> int:

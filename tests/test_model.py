@@ -31,6 +31,7 @@ def _stream_decode(model, codes, chunks):
             out.append(model.decode(codes[..., start : start + size]))
             start += size
         out.append(model.decode(codes[..., start:]))
+        out.append(model.flush_decoder())
     return torch.cat(out, dim=-1)
 
 
@@ -87,7 +88,34 @@ def test_causality_appending_audio_keeps_earlier_codes_and_samples(tiny_model):
     longer = torch.cat([wav, torch.randn(1, 1, 4 * HOP)], dim=-1)
     assert torch.equal(tiny_model.encode(longer)[..., :10], tiny_model.encode(wav))
     codes = tiny_model.encode(longer)
-    torch.testing.assert_close(tiny_model.decode(codes[..., :10]), tiny_model.decode(codes)[..., : 10 * HOP])
+    complete = 10 * HOP - tiny_model.decoder_delay  # the rest needs frames 10 and later
+    torch.testing.assert_close(tiny_model.decode(codes[..., :10])[..., :complete], tiny_model.decode(codes)[..., :complete])
+
+
+def test_streamed_decoder_output_lags_by_the_delay_and_the_flush_returns_the_rest(tiny_model):
+    codes = torch.randint(0, 64, (1, 4, 3))
+    with tiny_model.streaming(1):
+        first = tiny_model.decode(codes[..., :1])
+        assert first.shape[-1] == HOP - tiny_model.decoder_delay
+        assert tiny_model.decode(codes[..., 1:]).shape[-1] == 2 * HOP
+        assert tiny_model.flush_decoder().shape[-1] == tiny_model.decoder_delay
+        assert tiny_model.flush_decoder().shape[-1] == 0  # flushed: nothing pending
+    with pytest.raises(RuntimeError, match="streaming"):
+        tiny_model.flush_decoder()
+
+
+def test_synthesis_frames_line_up_with_the_analysis_frames():
+    """Feeding the encoder's own STFT to the decoder's inverse STFT gives the signal back, sample for sample:
+    each synthesis frame covers the samples its analysis frame saw, so nothing is predicted ahead."""
+    model = SimVQCodec()
+    feats, synth = model.features, model.synthesis
+    torch.manual_seed(0)
+    wav = torch.randn(1, 1, 8 * model.hop_length, dtype=torch.float64)
+    f = feats.double()(wav).reshape(1, -1, 3, feats.n_fft // 2 + 1)  # [B, sub-frames, (log|X|, re, im), bins]
+    spectra = torch.stack([f[:, :, 0], torch.atan2(f[:, :, 2], f[:, :, 1])], dim=2)  # log magnitude, phase
+    out = synth.double()(spectra.reshape(1, 8, -1))
+    complete = wav.shape[-1] - model.decoder_delay
+    torch.testing.assert_close(out[..., :complete], wav[..., :complete], rtol=0, atol=1e-4)
 
 
 def test_changing_future_audio_does_not_change_past_latents(tiny_model):

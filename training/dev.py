@@ -55,7 +55,8 @@ def evaluate(model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, keep
         for i, clip in enumerate(clips):
             audio = clip[None].to(device)
             out = model(audio)
-            mels.append(float(mel_loss(out.audio, audio)))
+            complete = audio.shape[-1] - model.decoder_delay  # as in training: the fade-out is not scored
+            mels.append(float(mel_loss(out.audio[..., :complete], audio[..., :complete])))
             counts = out.stage_counts.cpu() if counts is None else counts + out.stage_counts.cpu()
             if i < keep:
                 outputs.append(out.audio[0].float().cpu())

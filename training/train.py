@@ -175,7 +175,9 @@ class Trainer:
 
         with self._autocast():
             out = self.gen(audio)
-        output = out.audio.float()
+        # The last `decoder_delay` samples need frames past the crop's end (a fade-out): not a target.
+        complete = audio.shape[-1] - self.model.decoder_delay
+        audio, output = audio[..., :complete], out.audio.float()[..., :complete]
 
         if adversarial:
             real_win, fake_win = self._disc_windows(audio, output)

@@ -293,8 +293,12 @@ async def stream_decode(websocket: WebSocket) -> None:
         frames, out_samples = 0, 0
         await session.send_json({"type": "ready", **_layout(served, stages)})
 
-        def step(codes: np.ndarray) -> bytes:
-            wav = replica.decode(torch.from_numpy(codes).view(1, -1, stages).transpose(1, 2))
+        def step(codes: np.ndarray | None) -> bytes:
+            """PCM of the samples these codes complete; None = the end of the stream (the decoder's tail)."""
+            if codes is None:
+                wav = replica.flush_decoder()
+            else:
+                wav = replica.decode(torch.from_numpy(codes).view(1, -1, stages).transpose(1, 2))
             x = wav.reshape(-1).clamp(-1.0, 1.0).cpu().numpy()
             return np.round(x * 32767.0).astype("<i2").tobytes()
 
@@ -302,6 +306,10 @@ async def stream_decode(websocket: WebSocket) -> None:
             while True:
                 item = _check_message(await session.receive(), settings.ws_max_message_bytes)
                 if isinstance(item, dict):
+                    pcm = await runtime.run(None, step, None)
+                    if pcm:
+                        out_samples += len(pcm) // 2
+                        await websocket.send_bytes(pcm)
                     break
                 if len(item) % (2 * stages):
                     raise StreamError(CLOSE_INVALID, "invalid-tokens",
