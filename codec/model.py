@@ -65,6 +65,8 @@ class SimVQCodec(StreamingModule):
         whiten_codes: whiten each stage's input with running statistics before the search (see `Codebook`).
         normalize_codes: quantize directions on the unit sphere of the lookup space (see `Codebook`).
         init_from_data: rescale each stage's codes to its input on the first training batch.
+        phase: how the decoder's phase outputs are read: "absolute" phases, or "propagated" advances
+            (see `ISTFTSynthesis`).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class SimVQCodec(StreamingModule):
         normalize_codes: bool = False,
         whiten_codes: bool = True,
         init_from_data: bool = True,
+        phase: str = "absolute",
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:
@@ -109,7 +112,7 @@ class SimVQCodec(StreamingModule):
             whiten_codes, init_from_data,
         )
 
-        self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step)
+        self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase)
         self.decoder_in = nn.Linear(latent_dim, decoder_dim)
         self.decoder = nn.Sequential(*(ConvNeXtBlock(decoder_dim, kernel_size, expansion) for _ in range(decoder_layers)))
         self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))

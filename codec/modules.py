@@ -7,6 +7,7 @@ overlap-add tail), so chunked and whole-signal processing agree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,7 @@ class STFTFeatures(StreamingModule):
 class _SynthesisState:
     tail: Tensor  # `[B, n_fft - hop]`: overlap-add sums still waiting for later sub-frames
     skip: int  # leading samples still to drop (they lie before the start of the stream)
+    phase: Tensor  # `[B, bins]` float64: the last sub-frame's phase ("propagated" phase only)
 
 
 class ISTFTSynthesis(StreamingModule):
@@ -138,15 +140,24 @@ class ISTFTSynthesis(StreamingModule):
 
     Args:
         n_fft, hop, frames_per_step: as in `STFTFeatures`.
+        phase: "absolute": the input's second half is each sub-frame's phase. "propagated": it is the
+            deviation of each bin's phase advance from its centre frequency's (phase-vocoder style); the
+            phases are the running sum of the advances, so a steady partial stays coherent from frame to
+            frame however the absolute phase drifts.
     Input `[B, T, frames_per_step * 2 * (n_fft // 2 + 1)]` (log magnitudes, then phases, per sub-frame);
     output `[B, 1, T * hop * frames_per_step]` offline; streaming, the samples completed so far.
     """
 
-    def __init__(self, n_fft: int, hop: int, frames_per_step: int):
+    def __init__(self, n_fft: int, hop: int, frames_per_step: int, phase: str = "absolute"):
         super().__init__()
-        self.n_fft, self.hop, self.frames_per_step = n_fft, hop, frames_per_step
+        if phase not in ("absolute", "propagated"):
+            raise ValueError(f"phase must be 'absolute' or 'propagated', got {phase!r}")
+        self.n_fft, self.hop, self.frames_per_step, self.phase = n_fft, hop, frames_per_step, phase
         self.bins = n_fft // 2 + 1
         self.delay = n_fft - hop
+        # Phase advance of each bin's centre frequency over one hop.
+        self.register_buffer("centre_advance", 2 * math.pi * hop / n_fft * torch.arange(self.bins, dtype=torch.float64),
+                             persistent=False)
         window = hann_window(n_fft)
         # Hann^2 at 4x overlap sums to a constant; divide by it so unit spectra give unit gain.
         overlap_gain = (window**2).sum().item() / hop
@@ -154,12 +165,29 @@ class ISTFTSynthesis(StreamingModule):
         self.in_dim = frames_per_step * 2 * self.bins
 
     def _init_streaming_state(self, batch_size: int) -> _SynthesisState:
-        return _SynthesisState(self.window.new_zeros(batch_size, self.delay), self.delay)
+        return _SynthesisState(self.window.new_zeros(batch_size, self.delay), self.delay,
+                               self.centre_advance.new_zeros(batch_size, self.bins))
+
+    def _propagate(self, deviation: Tensor) -> Tensor:
+        """Advance deviations `[B, N, bins]` -> phases: a running sum (float64, wrapped to 2 pi) from the
+        previous call's last phase when streaming, else from 0."""
+        advance = deviation.double() + self.centre_advance
+        state = self._streaming_state
+        if state is not None:
+            advance = torch.cat([state.phase[:, None], advance], dim=1)
+        phase = torch.remainder(torch.cumsum(advance, dim=1), 2 * math.pi)
+        if state is not None:
+            phase = phase[:, 1:]
+            if phase.shape[1]:
+                state.phase = phase[:, -1].detach()
+        return phase.to(deviation.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, steps, _ = x.shape
         x = x.reshape(batch, steps * self.frames_per_step, 2, self.bins)
         log_mag, phase = x[:, :, 0], x[:, :, 1]
+        if self.phase == "propagated":
+            phase = self._propagate(phase)
         mag = torch.exp(log_mag.clamp(max=6.0))
         spec = torch.polar(mag, phase)
         frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self.window  # [B, N, n_fft]
@@ -184,7 +212,7 @@ class ISTFTSynthesis(StreamingModule):
         if state is None:
             raise RuntimeError("flush() is only meaningful while streaming")
         tail = state.tail[:, None, state.skip :]
-        state.tail, state.skip = torch.zeros_like(state.tail), self.delay
+        state.tail, state.skip, state.phase = torch.zeros_like(state.tail), self.delay, torch.zeros_like(state.phase)
         return tail
 
 

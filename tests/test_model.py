@@ -1,5 +1,7 @@
 """The codec model: shapes, streaming = offline, causality, quantizer behaviour."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +104,29 @@ def test_streamed_decoder_output_lags_by_the_delay_and_the_flush_returns_the_res
         assert tiny_model.flush_decoder().shape[-1] == 0  # flushed: nothing pending
     with pytest.raises(RuntimeError, match="streaming"):
         tiny_model.flush_decoder()
+
+
+@pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [3, 2, 4], [7]])
+def test_propagated_phase_streams_like_offline(chunks):
+    model = tiny_codec(seed=4, phase="propagated")
+    codes = torch.randint(0, 64, (2, 4, 9))
+    torch.testing.assert_close(_stream_decode(model, codes, chunks), model.decode(codes), rtol=0, atol=1e-5)
+
+
+def test_propagated_phase_with_zero_deviation_is_a_steady_tone():
+    """Zero advance deviations in one bin give that bin's centre frequency as one continuous sinusoid."""
+    synth = SimVQCodec(phase="propagated").synthesis
+    bins, k, steps = synth.bins, 21, 10  # k not a multiple of 4: its centre advance is not a whole turn per hop
+    x = torch.zeros(1, steps * synth.frames_per_step, 2, bins)
+    x[:, :, 0] = -30.0  # log magnitude: silence ...
+    x[:, :, 0, k] = 0.0  # ... but bin k
+    out = synth(x.reshape(1, steps, -1))[0, 0, : -synth.delay].double()
+    n = torch.arange(out.shape[-1], dtype=torch.float64)
+    w = 2 * math.pi * k / synth.n_fft
+    basis = torch.stack([torch.cos(w * n), torch.sin(w * n)], dim=1)
+    fit = basis @ torch.linalg.lstsq(basis[synth.n_fft:], out[synth.n_fft:, None]).solution
+    residual = (out[synth.n_fft:] - fit[synth.n_fft:, 0]).norm() / out[synth.n_fft:].norm()
+    assert residual < 1e-3  # after the first window, where the sum builds up
 
 
 def test_synthesis_frames_line_up_with_the_analysis_frames():
