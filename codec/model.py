@@ -167,10 +167,10 @@ class SimVQCodec(StreamingModule):
         x = self.encoder(self.encoder_in(self.features(wav)))
         return self.encoder_out(x)
 
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Latents `[B, F, D]` -> audio `[B, 1, F * hop]`."""
+    def decode_latents(self, latents: Tensor, num_frames: Tensor | None = None) -> Tensor:
+        """Latents `[B, F, D]` -> audio `[B, 1, F * hop]` (`num_frames`: see `decode`)."""
         x = self.decoder(self.decoder_in(latents))
-        return self.synthesis(self.decoder_out(x))
+        return self.synthesis(self.decoder_out(x), num_frames)
 
     # --- streaming ---------------------------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> _PendingSamples:
@@ -218,8 +218,11 @@ class SimVQCodec(StreamingModule):
         return self.quantizer.encode(self.encode_latents(wav), n)
 
     @torch.no_grad()
-    def decode(self, codes: Tensor) -> Tensor:
+    def decode(self, codes: Tensor, num_frames: Tensor | None = None) -> Tensor:
         """Codes `[B, S, F]` (S <= n_stages) -> audio `[B, 1, F * hop]`.
+
+        `num_frames` `[B]` (offline only) decodes a padded batch: item b's first `num_frames[b] * hop`
+        samples then equal a decode of its first `num_frames[b]` frames alone.
 
         Inside `model.streaming()`, the samples completed so far: `decoder_delay` fewer than F * hop on the
         first call, then F * hop per call; `flush_decoder()` returns the rest at the end of the stream.
@@ -230,7 +233,9 @@ class SimVQCodec(StreamingModule):
             return codes.new_zeros(codes.shape[0], 1, 0, dtype=torch.float32)
         if codes.min() < 0 or codes.max() >= self.codebook_size:
             raise ValueError(f"codes must lie in [0, {self.codebook_size})")
-        return self.decode_latents(self.quantizer.decode(codes))
+        if num_frames is not None and self.is_streaming:
+            raise ValueError("num_frames is for padded offline batches, not streams")
+        return self.decode_latents(self.quantizer.decode(codes), num_frames)
 
     def forward(self, wav: Tensor, n_stages: int | None = None) -> CodecOutput:
         """Training pass on `[B, 1, T]` with T a multiple of hop_length."""

@@ -182,13 +182,18 @@ class ISTFTSynthesis(StreamingModule):
                 state.phase = phase[:, -1].detach()
         return phase.to(deviation.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, steps_present: Tensor | None = None) -> Tensor:
+        """`steps_present` `[B]` (offline only): item b has that many real steps, the rest is batch padding,
+        silenced here so that it does not overlap into the item's last samples."""
         batch, steps, _ = x.shape
         x = x.reshape(batch, steps * self.frames_per_step, 2, self.bins)
         log_mag, phase = x[:, :, 0], x[:, :, 1]
         if self.phase == "propagated":
             phase = self._propagate(phase)
         mag = torch.exp(log_mag.clamp(max=6.0))
+        if steps_present is not None:
+            real = torch.arange(steps, device=x.device) < steps_present.to(x.device)[:, None]  # [B, steps]
+            mag = mag * real.repeat_interleave(self.frames_per_step, dim=1)[..., None]
         spec = torch.polar(mag, phase)
         frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self.window  # [B, N, n_fft]
         n_sub = frames.shape[1]

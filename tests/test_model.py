@@ -129,6 +129,18 @@ def test_propagated_phase_with_zero_deviation_is_a_steady_tone():
     assert residual < 1e-3  # after the first window, where the sum builds up
 
 
+@pytest.mark.parametrize("phase", ["absolute", "propagated"])
+def test_a_padded_batch_decodes_like_lone_clips(phase):
+    model = tiny_codec(seed=5, phase=phase)
+    short, long = torch.randint(0, 64, (1, 4, 3)), torch.randint(0, 64, (1, 4, 7))
+    batch = torch.cat([torch.cat([short, torch.zeros(1, 4, 4, dtype=torch.long)], dim=-1), long])
+    audio = model.decode(batch, torch.tensor([3, 7]))
+    torch.testing.assert_close(audio[:1, :, : 3 * HOP], model.decode(short), rtol=0, atol=1e-6)
+    torch.testing.assert_close(audio[1:], model.decode(long), rtol=0, atol=1e-6)
+    unmasked = model.decode(batch)[:1, :, : 3 * HOP]  # without num_frames the padding reaches the tail
+    assert not torch.allclose(unmasked, model.decode(short), atol=1e-6)
+
+
 def test_synthesis_frames_line_up_with_the_analysis_frames():
     """Feeding the encoder's own STFT to the decoder's inverse STFT gives the signal back, sample for sample:
     each synthesis frame covers the samples its analysis frame saw, so nothing is predicted ahead."""
