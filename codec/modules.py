@@ -155,9 +155,6 @@ class ISTFTSynthesis(StreamingModule):
         self.n_fft, self.hop, self.frames_per_step, self.phase = n_fft, hop, frames_per_step, phase
         self.bins = n_fft // 2 + 1
         self.delay = n_fft - hop
-        # Phase advance of each bin's centre frequency over one hop.
-        self.register_buffer("centre_advance", 2 * math.pi * hop / n_fft * torch.arange(self.bins, dtype=torch.float64),
-                             persistent=False)
         window = hann_window(n_fft)
         # Hann^2 at 4x overlap sums to a constant; divide by it so unit spectra give unit gain.
         overlap_gain = (window**2).sum().item() / hop
@@ -166,12 +163,14 @@ class ISTFTSynthesis(StreamingModule):
 
     def _init_streaming_state(self, batch_size: int) -> _SynthesisState:
         return _SynthesisState(self.window.new_zeros(batch_size, self.delay), self.delay,
-                               self.centre_advance.new_zeros(batch_size, self.bins))
+                               self.window.new_zeros(batch_size, self.bins, dtype=torch.float64))
 
     def _propagate(self, deviation: Tensor) -> Tensor:
         """Advance deviations `[B, N, bins]` -> phases: a running sum (float64, wrapped to 2 pi) from the
-        previous call's last phase when streaming, else from 0."""
-        advance = deviation.double() + self.centre_advance
+        previous call's last phase when streaming, else from 0. Built here in float64, not kept as a buffer
+        that `model.half()` would round."""
+        centre = 2 * math.pi * self.hop / self.n_fft * torch.arange(self.bins, dtype=torch.float64, device=deviation.device)
+        advance = deviation.double() + centre
         state = self._streaming_state
         if state is not None:
             advance = torch.cat([state.phase[:, None], advance], dim=1)
