@@ -26,6 +26,8 @@ class CodecOutput:
 
     audio: `[B, 1, T]` reconstruction. codes: `[B, S, F]`. latents: `[B, F, D]` encoder output.
     commit_loss, codebook_loss: scalars (see `QuantizerResult`). stage_counts: `[S, K]` code counts.
+    spectrum: `[B, F, synthesis.in_dim]` the decoder's output, the log magnitudes and phases the inverse STFT
+    turns into `audio` (see `ISTFTSynthesis.split`).
     """
 
     audio: Tensor
@@ -34,6 +36,7 @@ class CodecOutput:
     codebook_loss: Tensor
     stage_counts: Tensor
     latents: Tensor
+    spectrum: Tensor
 
 
 @dataclass
@@ -169,8 +172,11 @@ class SimVQCodec(StreamingModule):
 
     def decode_latents(self, latents: Tensor, num_frames: Tensor | None = None) -> Tensor:
         """Latents `[B, F, D]` -> audio `[B, 1, F * hop]` (`num_frames`: see `decode`)."""
-        x = self.decoder(self.decoder_in(latents))
-        return self.synthesis(self.decoder_out(x), num_frames)
+        return self.synthesis(self.decode_spectrum(latents), num_frames)
+
+    def decode_spectrum(self, latents: Tensor) -> Tensor:
+        """Latents `[B, F, D]` -> the inverse STFT's input `[B, F, synthesis.in_dim]`."""
+        return self.decoder_out(self.decoder(self.decoder_in(latents)))
 
     # --- streaming ---------------------------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> _PendingSamples:
@@ -244,8 +250,10 @@ class SimVQCodec(StreamingModule):
             raise ValueError(f"training audio length must be a multiple of hop_length={self.hop_length}")
         latents = self.encode_latents(wav)
         q = self.quantizer(latents, n_stages)
+        spectrum = self.decode_spectrum(q.quantized)
         return CodecOutput(
-            audio=self.decode_latents(q.quantized),
+            audio=self.synthesis(spectrum),
+            spectrum=spectrum,
             codes=q.codes,
             commit_loss=q.commit_loss,
             codebook_loss=q.codebook_loss,

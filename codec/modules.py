@@ -80,6 +80,17 @@ def hann_window(n_fft: int) -> Tensor:
     return torch.hann_window(n_fft, periodic=True)
 
 
+def causal_stft(x: Tensor, window: Tensor, hop: int, padded: bool = True) -> Tensor:
+    """`[B, T]` -> complex `[B, N, bins]`: frame k is the `n_fft` samples ending at sample (k+1)*hop.
+
+    `padded` prepends the `n_fft - hop` zeros that the first frames see before the signal starts (pass
+    False when `x` already begins with that history)."""
+    n_fft = window.shape[-1]
+    if padded:
+        x = F.pad(x, (n_fft - hop, 0))
+    return torch.fft.rfft(x.unfold(-1, n_fft, hop) * window, dim=-1)
+
+
 class STFTFeatures(StreamingModule):
     """Causal STFT analysis: waveform -> per-frame spectral features.
 
@@ -107,13 +118,10 @@ class STFTFeatures(StreamingModule):
     def forward(self, wav: Tensor) -> Tensor:
         x = wav[:, 0]
         state = self._streaming_state
-        if state is None:
-            x = F.pad(x, (self.n_fft - self.hop, 0))
-        else:
+        if state is not None:
             x = torch.cat([state.history, x], dim=-1)
             state.history = x[:, x.shape[-1] - (self.n_fft - self.hop) :]
-        frames = x.unfold(-1, self.n_fft, self.hop) * self.window  # [B, N, n_fft]
-        spec = torch.fft.rfft(frames, dim=-1)  # [B, N, bins]
+        spec = causal_stft(x, self.window, self.hop, padded=state is None)  # [B, N, bins]
         mag = spec.abs()
         compressed = spec * (mag + 1e-7).pow(self.compress - 1.0)
         feats = torch.cat([torch.log(mag + 1e-5), compressed.real, compressed.imag], dim=-1)
@@ -165,12 +173,27 @@ class ISTFTSynthesis(StreamingModule):
         return _SynthesisState(self.window.new_zeros(batch_size, self.delay), self.delay,
                                self.window.new_zeros(batch_size, self.bins, dtype=torch.float64))
 
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder output `[B, T, in_dim]` -> log magnitudes and phase parameters, each `[B, N, bins]`."""
+        batch, steps, _ = x.shape
+        x = x.reshape(batch, steps * self.frames_per_step, 2, self.bins)
+        return x[:, :, 0], x[:, :, 1]
+
+    def phase_advances(self, phase: Tensor) -> Tensor:
+        """Phase parameters `[B, N, bins]` -> each sub-frame's phase advance over the previous one (radians,
+        not wrapped; `[B, N - 1, bins]` for absolute phases, which have no advance into their first frame)."""
+        if self.phase == "propagated":
+            return phase + self._centre_advance(phase.device).to(phase.dtype)
+        return phase.diff(dim=1)
+
+    def _centre_advance(self, device: torch.device) -> Tensor:
+        return 2 * math.pi * self.hop / self.n_fft * torch.arange(self.bins, dtype=torch.float64, device=device)
+
     def _propagate(self, deviation: Tensor) -> Tensor:
         """Advance deviations `[B, N, bins]` -> phases: a running sum (float64, wrapped to 2 pi) from the
         previous call's last phase when streaming, else from 0. Built here in float64, not kept as a buffer
         that `model.half()` would round."""
-        centre = 2 * math.pi * self.hop / self.n_fft * torch.arange(self.bins, dtype=torch.float64, device=deviation.device)
-        advance = deviation.double() + centre
+        advance = deviation.double() + self._centre_advance(deviation.device)
         state = self._streaming_state
         if state is not None:
             advance = torch.cat([state.phase[:, None], advance], dim=1)
@@ -185,8 +208,7 @@ class ISTFTSynthesis(StreamingModule):
         """`steps_present` `[B]` (offline only): item b has that many real steps, the rest is batch padding,
         silenced here so that it does not overlap into the item's last samples."""
         batch, steps, _ = x.shape
-        x = x.reshape(batch, steps * self.frames_per_step, 2, self.bins)
-        log_mag, phase = x[:, :, 0], x[:, :, 1]
+        log_mag, phase = self.split(x)
         if self.phase == "propagated":
             phase = self._propagate(phase)
         mag = torch.exp(log_mag.clamp(max=6.0))

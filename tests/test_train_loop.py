@@ -135,6 +135,25 @@ def test_resume_refuses_another_model_and_bad_checkpoints(corpus, tmp_path):
         export(tmp_path / "nowhere", tmp_path / "out")
 
 
+def test_init_from_starts_a_new_run_from_a_checkpoint_of_another_config(corpus, tmp_path):
+    source = tmp_path / "source"
+    Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=2)
+    saved = checkpoints.load_checkpoint(checkpoints.resolve_checkpoint(source))
+    # model.phase changes what the decoder's outputs mean, not any parameter's shape
+    changed = ("eval_every=0", "model.phase=propagated", f"init_from={source}")
+    with pytest.warns(UserWarning, match="init_from"):
+        warm = Trainer(tiny_config(corpus, *changed), tmp_path / "warm")
+    assert warm.step == 2 and warm.model.synthesis.phase == "propagated"
+    assert all(torch.equal(warm.model.state_dict()[k], v) for k, v in saved["model"].items())
+    warm.fit(until=3)
+    assert (tmp_path / "warm" / "checkpoints" / "step_00000003.pt").is_file()
+    # once the new run has its own checkpoint, it resumes from that, not from init_from
+    again = Trainer(tiny_config(corpus, *changed), tmp_path / "warm")
+    assert again.step == 3
+    with pytest.raises(CheckpointError, match="does not fit"), pytest.warns(UserWarning, match="init_from"):
+        Trainer(tiny_config(corpus, "eval_every=0", "model.n_stages=3", f"init_from={source}"), tmp_path / "other")
+
+
 def test_segment_must_be_whole_frames(corpus, tmp_path):
     with pytest.raises(ConfigError, match="multiple of the hop"):
         Trainer(tiny_config(corpus, "data.segment_samples=3000"), tmp_path / "run")

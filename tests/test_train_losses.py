@@ -7,7 +7,10 @@ import torch
 
 from tests.conftest import speechlike
 from training.discriminators import Discriminators
-from training.losses import ComplexSTFTLoss, MultiScaleMelLoss, discriminator_loss, feature_loss, generator_loss
+from codec.modules import ISTFTSynthesis, causal_stft, hann_window
+from training.losses import (
+    ComplexSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss, wrapped_distance,
+)
 from training.schedule import lr_factor
 
 
@@ -37,6 +40,65 @@ def test_complex_loss_sees_phase_that_the_mel_loss_ignores():
     silent = torch.zeros_like(x, requires_grad=True)  # |X| = 0: the compression must stay differentiable
     cx(silent, x).backward()
     assert torch.isfinite(silent.grad).all()
+
+
+def _spectrum_of(x, synthesis, phase_offset=0.0):
+    """The decoder output that reproduces `x`'s causal STFT exactly, in `synthesis`'s format."""
+    spec = causal_stft(x[:, 0], hann_window(synthesis.n_fft), synthesis.hop)
+    phase = spec.angle() + phase_offset
+    if synthesis.phase == "propagated":
+        first = torch.zeros_like(phase[:, :1])
+        phase = phase.diff(dim=1, prepend=first) - synthesis.phase_advances(torch.zeros_like(phase))
+    out = torch.stack([torch.log(spec.abs() + 1e-12), phase], dim=2)  # [B, N, 2, bins]
+    return out.reshape(x.shape[0], -1, synthesis.frames_per_step * 2 * synthesis.bins)
+
+
+@pytest.mark.parametrize("phase", ["absolute", "propagated"])
+def test_spectrum_loss_is_zero_at_the_input_stft_and_sees_each_half(phase):
+    synthesis = ISTFTSynthesis(320, 80, 4, phase)
+    loss = SpectrumLoss(synthesis)
+    x = _speech(seconds=0.4)
+    exact = _spectrum_of(x, synthesis)
+    zero = loss(exact, x)
+    assert zero["spec/mag"].item() < 1e-4 and zero["spec/phase"].item() < 1e-3
+    # the decoder's output must really be what the inverse STFT plays: it reconstructs x
+    assert torch.allclose(synthesis(exact)[..., : x.shape[-1] - synthesis.delay], x[..., : -synthesis.delay], atol=1e-4)
+
+    louder = exact.clone().reshape(1, -1, 2, synthesis.bins)
+    louder[:, :, 0] += math.log(2.0)
+    hit = loss(louder.reshape(exact.shape), x)
+    assert hit["spec/mag"].item() == pytest.approx(math.log(2.0), rel=0.05) and hit["spec/phase"].item() < 1e-3
+
+    noisy = exact.clone().reshape(1, -1, 2, synthesis.bins)
+    noisy[:, :, 1] += torch.randn_like(noisy[:, :, 1])
+    hit = loss(noisy.reshape(exact.shape), x)
+    assert hit["spec/mag"].item() < 1e-4 and hit["spec/phase"].item() > 0.3
+
+
+def test_spectrum_loss_ignores_a_constant_phase_offset_and_wraps():
+    # Only advances are judged: a whole-signal phase shift costs nothing; so does a 2 pi error.
+    synthesis = ISTFTSynthesis(320, 80, 4, "absolute")
+    x = _speech(seconds=0.4)
+    shifted = SpectrumLoss(synthesis)(_spectrum_of(x, synthesis, phase_offset=1.0), x)
+    assert shifted["spec/phase"].item() < 1e-3
+    a = torch.tensor([0.1, 3.0, -3.0, 2 * math.pi + 0.2])
+    b = torch.tensor([-0.1, -3.0, 3.0, 0.0])
+    assert torch.allclose(wrapped_distance(a, b), torch.tensor([0.2, 2 * math.pi - 6.0, 2 * math.pi - 6.0, 0.2]), atol=1e-5)
+
+
+def test_spectrum_loss_weights_phase_by_magnitude():
+    # A phase error confined to a bin with no energy costs (almost) nothing; the same error on a loud bin does.
+    synthesis = ISTFTSynthesis(320, 80, 4, "propagated")
+    t = torch.arange(6400) / 16000
+    x = (0.5 * torch.sin(2 * math.pi * 1000 * t))[None, None]  # bin 20 (50 Hz bins)
+    exact = _spectrum_of(x, synthesis).reshape(1, -1, 2, synthesis.bins)
+    loss = SpectrumLoss(synthesis)
+    quiet, loud = exact.clone(), exact.clone()
+    quiet[:, :, 1, 120] += 1.0
+    loud[:, :, 1, 20] += 1.0
+    quiet_loss = loss(quiet.reshape(1, -1, exact.shape[2] * exact.shape[3] * 4), x)["spec/phase"].item()
+    loud_loss = loss(loud.reshape(1, -1, exact.shape[2] * exact.shape[3] * 4), x)["spec/phase"].item()
+    assert loud_loss > 20 * max(quiet_loss, 1e-6)
 
 
 def test_adversarial_losses_on_known_logits():

@@ -14,7 +14,7 @@ import yaml
 
 from codec.errors import CodecError
 
-LOSS_KEYS = ("mel", "stft/complex", "adv/gen", "adv/feat", "vq/commit", "vq/codebook")
+LOSS_KEYS = ("mel", "stft/complex", "spec/mag", "spec/phase", "adv/gen", "adv/feat", "vq/commit", "vq/codebook")
 
 
 class ConfigError(CodecError, ValueError):
@@ -101,6 +101,8 @@ class LossConfig:
         default_factory=lambda: {
             "mel": 15.0,
             "stft/complex": 5.0,
+            "spec/mag": 0.0,
+            "spec/phase": 0.0,
             "adv/gen": 1.0,
             "adv/feat": 2.0,
             "vq/commit": 0.25,
@@ -146,6 +148,9 @@ class TrainConfig:
         data, optim, loss, disc: see their classes.
         steps: total generator steps.
         adv_start_step: steps trained without the adversary (reconstruction and VQ losses only).
+        init_from: a checkpoint file or run directory to start from when `run_dir` has no checkpoint yet:
+            weights, EMA, optimisers, step and data position carry over as on resume, but the model config
+            may differ wherever the parameter shapes do not (e.g. `model.phase`). "" starts from scratch.
         ema_decay: decay of the generator's exponential moving average (export uses the EMA).
         seed: seeds weights, data order, crops and gains.
         log_every: steps between logged training scalars (and plain progress lines off a TTY).
@@ -166,6 +171,7 @@ class TrainConfig:
     disc: DiscConfig = field(default_factory=DiscConfig)
     steps: int = 200_000
     adv_start_step: int = 2000
+    init_from: str = ""
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 50

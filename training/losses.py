@@ -1,11 +1,16 @@
-"""Reconstruction and adversarial losses: multi-scale log-mel L1, compressed complex STFT MSE, hinge/LSGAN."""
+"""Reconstruction and adversarial losses: multi-scale log-mel L1, compressed complex STFT MSE, direct targets
+for the decoder's spectrum (log magnitude, phase advance), hinge/LSGAN."""
 
 from __future__ import annotations
+
+import math
 
 import librosa
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from codec.modules import causal_stft, hann_window
 
 
 class MultiScaleMelLoss(nn.Module):
@@ -76,6 +81,52 @@ class ComplexSTFTLoss(nn.Module):
             F.mse_loss(self.compressed(output, n, h), self.compressed(target, n, h)) for n, h in self.resolutions
         ]
         return torch.stack(losses).mean()
+
+
+class SpectrumLoss(nn.Module):
+    """Direct targets for the decoder's output spectrum, taken from the input's STFT in the same framing.
+
+    The mel and complex losses judge the waveform, in which a wrong phase also smears the magnitudes; these
+    two judge the decoder's outputs themselves (APNet, Ai & Ling 2023, does the same for a vocoder):
+      - "spec/mag": L1 between log magnitudes (floored at `floor`).
+      - "spec/phase": anti-wrapped L1 (distance on the circle) between each bin's phase advance from one
+        sub-frame to the next and the input's, weighted by the input's magnitude**`weight_power` (normalised
+        to mean 1 per item) so that the harmonics count and the phase of noise and silence hardly does.
+        Right advances keep partials coherent whatever their absolute phase.
+
+    Args:
+        synthesis: the model's `ISTFTSynthesis` (framing, and how its phase outputs are read).
+        floor: magnitude floor before the log.
+        weight_power: exponent of the magnitude weighting of the phase term.
+    `forward(spectrum, audio)`: `spectrum` `[B, F, in_dim]` (`CodecOutput.spectrum`), `audio` `[B, 1, T]` the
+    input; returns `{"spec/mag": scalar, "spec/phase": scalar}`.
+    """
+
+    def __init__(self, synthesis: nn.Module, floor: float = 1e-4, weight_power: float = 0.5):
+        super().__init__()
+        self.synthesis, self.floor, self.weight_power = synthesis, floor, weight_power
+
+    def forward(self, spectrum: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+        syn = self.synthesis
+        target = causal_stft(audio.float()[:, 0], hann_window(syn.n_fft).to(audio.device), syn.hop)
+        log_mag, phase = syn.split(spectrum.float())
+        target_mag = target.abs()
+        mag_loss = F.l1_loss(
+            torch.log(torch.exp(log_mag.clamp(max=6.0)) + self.floor), torch.log(target_mag + self.floor)
+        )
+        advance = syn.phase_advances(phase)
+        target_advance = target.angle().diff(dim=1)
+        advance = advance[:, advance.shape[1] - target_advance.shape[1] :]  # absolute phases lack frame 0's
+        weight = target_mag[:, 1:].pow(self.weight_power)
+        weight = weight / weight.mean(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+        phase_loss = (wrapped_distance(advance, target_advance) * weight).mean()
+        return {"spec/mag": mag_loss, "spec/phase": phase_loss}
+
+
+def wrapped_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| on the circle, in [0, pi]."""
+    d = a - b
+    return (d - 2 * math.pi * torch.round(d / (2 * math.pi))).abs()
 
 
 def discriminator_loss(real: list[torch.Tensor], fake: list[torch.Tensor], kind: str = "hinge") -> torch.Tensor:

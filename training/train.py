@@ -25,7 +25,9 @@ from training.data import AudioDataset, EpochBatchSampler, collate, dev_clips, l
 from training.dev import evaluate
 from training.discriminators import Discriminators
 from training.ema import EMA
-from training.losses import ComplexSTFTLoss, MultiScaleMelLoss, discriminator_loss, feature_loss, generator_loss
+from training.losses import (
+    ComplexSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss,
+)
 from training.monitor import Monitor
 from training.schedule import lr_factor
 
@@ -97,6 +99,7 @@ class Trainer:
         self.mel_loss = MultiScaleMelLoss(model.sample_rate, cfg.loss.mel_n_ffts, cfg.loss.mel_n_mels).to(self.device)
         self.complex_loss = ComplexSTFTLoss(cfg.loss.complex_n_ffts, cfg.loss.complex_hops, cfg.loss.complex_power)
         self.complex_loss.to(self.device)
+        self.spectrum_loss = SpectrumLoss(model.synthesis)
         o = cfg.optim
         self.gen_opt = torch.optim.AdamW(
             _param_groups(self.model, o.codebook_lr_scale), o.lr, o.betas, weight_decay=o.weight_decay
@@ -177,6 +180,7 @@ class Trainer:
             out = self.gen(audio)
         # The last `decoder_delay` samples need frames past the crop's end (a fade-out): not a target.
         complete = audio.shape[-1] - self.model.decoder_delay
+        full_audio = audio  # the spectrum's frames all lie inside the crop
         audio, output = audio[..., :complete], out.audio.float()[..., :complete]
 
         if adversarial:
@@ -192,6 +196,8 @@ class Trainer:
         terms = {"mel": self.mel_loss(output, audio)}
         if weights["stft/complex"] > 0:
             terms["stft/complex"] = self.complex_loss(output, audio)
+        if weights["spec/mag"] > 0 or weights["spec/phase"] > 0:
+            terms.update(self.spectrum_loss(out.spectrum, full_audio))
         terms["vq/commit"] = out.commit_loss.float()
         terms["vq/codebook"] = out.codebook_loss.float()
         if adversarial:
@@ -346,6 +352,9 @@ class Trainer:
 
     def _resume(self) -> Path | None:
         path = checkpoints.latest_checkpoint(self.ckpt_dir) if self.world.is_main else None
+        warm_start = path is None and bool(self.cfg.init_from)
+        if warm_start and self.world.is_main:
+            path = checkpoints.resolve_checkpoint(self.cfg.init_from)
         if self.world.enabled:
             box = [str(path) if path else None]
             dist.broadcast_object_list(box, src=0)  # every rank resumes from the checkpoint rank 0 chose
@@ -354,10 +363,12 @@ class Trainer:
             return None
         state = checkpoints.load_checkpoint(path)
         saved = config_from_dict(state["config"])
-        if saved.model != self.cfg.model:
+        if saved.model != self.cfg.model and warm_start:
+            warnings.warn(f"init_from {path}: model config {saved.model} -> {self.cfg.model}")
+        elif saved.model != self.cfg.model:
             raise ConfigError(
                 f"{path} was trained with model={saved.model}, this config says model={self.cfg.model}; "
-                "use a new --run-dir for a different model"
+                f"use a new --run-dir for a different model (init_from={path} starts it from this checkpoint)"
             )
         self.step = int(state["step"])
         try:
