@@ -1,0 +1,97 @@
+"""Where the decoder loses quality: its magnitudes and phases, each swapped for the input's own.
+
+The decoder outputs an STFT (log magnitude and phase per sub-frame) that an inverse STFT plays. This tool
+re-synthesises each file from mixes of the decoder's halves and the input's exact STFT in the same framing,
+and scores every mix with `eval.metrics.score`:
+
+    model/model    what the codec plays
+    model/input    the decoder's magnitudes with the input's phases: the ceiling of a perfect phase
+    input/model    the input's magnitudes with the decoder's phases
+    input/random   the input's magnitudes with random phases: what phase carrying no information scores
+    input/advance  the input's magnitudes and phase advances, from a random start per bin: what a decoder
+                   whose advances were exact would score ("propagated" phase, `training.losses.SpectrumLoss`)
+
+    python -m eval.oracle /work/data/corpus-snapshot/dev.csv --per-speaker 2 --stages 12
+
+See docs/model-card.md (the decoder trail) for what it showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import numpy as np
+import torch
+
+from codec.errors import CodecError
+from codec.modules import ISTFTSynthesis, causal_stft, hann_window
+from eval.dataset import list_inputs, load_audio
+from eval.metrics import score
+from eval.model import get_model
+
+MIXES = ("model/model", "model/input", "input/model", "input/random", "input/advance")
+
+
+@torch.no_grad()
+def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """`[1, 1, T]` (T a multiple of the hop) -> the audio `[T - decoder_delay]` of every mix in `MIXES`."""
+    syn = model.synthesis
+    log_mag, phase = syn.split(model.decode_spectrum(model.quantizer.decode(model.encode(wav, n_stages))))
+    if syn.phase == "propagated":
+        phase = syn._propagate(phase)
+    model_mag = log_mag.clamp(max=6.0).exp()
+    spec = causal_stft(wav[:, 0], hann_window(syn.n_fft), syn.hop)
+    input_mag, input_phase = spec.abs(), spec.angle()
+    random_phase = torch.rand(input_phase.shape, generator=generator) * 2 * math.pi
+    advance_phase = input_phase - input_phase[:, :1] + random_phase[:, :1]
+    chosen = {
+        "model/model": (model_mag, phase), "model/input": (model_mag, input_phase),
+        "input/model": (input_mag, phase), "input/random": (input_mag, random_phase),
+        "input/advance": (input_mag, advance_phase),
+    }
+    play = ISTFTSynthesis(syn.n_fft, syn.hop, syn.frames_per_step, "absolute")
+    out = {}
+    for name, (mag, ph) in chosen.items():
+        frames = torch.stack([mag.clamp_min(1e-12).log(), ph], dim=2)  # [1, N, 2, bins]
+        audio = play(frames.reshape(1, -1, syn.in_dim))
+        out[name] = audio[0, 0, : wav.shape[-1] - syn.delay]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.oracle", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="folders, manifest CSVs or audio files")
+    parser.add_argument("--model", default=None, help="model id or directory (default: the bundled model)")
+    parser.add_argument("--stages", type=int, default=None, help="quantizer stages (default: all)")
+    parser.add_argument("--per-speaker", type=int, default=2, help="files per voice (default 2)")
+    parser.add_argument("--split", default="dev", help="manifest split (default dev)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random phases")
+    args = parser.parse_args(argv)
+    try:
+        model = get_model(args.model)
+        n_stages = args.stages or model.n_stages
+        items = list_inputs(args.inputs, args.split, per_speaker=args.per_speaker)
+        generator = torch.Generator().manual_seed(args.seed)
+        scores: dict[str, list[tuple[float, float, float]]] = {name: [] for name in MIXES}
+        for item in items:
+            ref = load_audio(item.path)
+            ref = ref[: len(ref) - len(ref) % model.hop_length]
+            if len(ref) == 0:
+                continue
+            for name, audio in mixes(model, torch.from_numpy(ref)[None, None], n_stages, generator).items():
+                s = score(ref[: len(audio)], audio.numpy())
+                scores[name].append((s.pesq_wb, s.stoi, s.mel_distance))
+    except CodecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(items)} files, {n_stages} stages (magnitude/phase: mean PESQ-WB, STOI, mel distance)")
+    for name, rows in scores.items():
+        pesq, stoi, mel = np.nanmean(np.array(rows, dtype=float), axis=0)
+        print(f"{name:14s} PESQ {pesq:.2f}  STOI {stoi:.3f}  mel {mel:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
