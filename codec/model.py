@@ -25,7 +25,7 @@ class CodecOutput:
     """Training forward result.
 
     audio: `[B, 1, T]` reconstruction. codes: `[B, S, F]`. latents: `[B, F, D]` encoder output.
-    commit_loss, codebook_loss: scalars (see `QuantizerResult`). stage_counts: `[S, K]` code counts.
+    commit_loss, codebook_loss, residual_loss: scalars (see `QuantizerResult`). stage_counts: `[S, K]` code counts.
     spectrum: `[B, F, synthesis.in_dim]` the decoder's output, the log magnitudes and phases the inverse STFT
     turns into `audio` (see `ISTFTSynthesis.split`).
     """
@@ -34,6 +34,7 @@ class CodecOutput:
     codes: Tensor
     commit_loss: Tensor
     codebook_loss: Tensor
+    residual_loss: Tensor
     stage_counts: Tensor
     latents: Tensor
     spectrum: Tensor
@@ -257,6 +258,7 @@ class SimVQCodec(StreamingModule):
             codes=q.codes,
             commit_loss=q.commit_loss,
             codebook_loss=q.codebook_loss,
+            residual_loss=q.residual_loss,
             stage_counts=q.stage_counts,
             latents=latents,
         )

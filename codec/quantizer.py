@@ -26,6 +26,8 @@ class QuantizerResult:
     codes: `[B, S, T]` indices (S = stages used).
     commit_loss: mean over stages of ||z - sg(q)||^2 (pulls the encoder to the codes).
     codebook_loss: mean over stages of ||sg(z) - q||^2 (pulls the codes to the encoder).
+    residual_loss: mean over stages of ||sg(r) - out(q)||^2 / mean sg(z0)^2 in the latent: how far each stage's
+        contribution out(q) is from the residual r it was chosen for, relative to the latent's size.
     stage_counts: `[S, K]` how often each code was picked in this batch (for utilisation and perplexity).
     """
 
@@ -33,6 +35,7 @@ class QuantizerResult:
     codes: Tensor
     commit_loss: Tensor
     codebook_loss: Tensor
+    residual_loss: Tensor
     stage_counts: Tensor
 
 
@@ -309,7 +312,8 @@ class ResidualQuantizer(nn.Module):
         frame_active = active.repeat_interleave(steps)
 
         residual, quantized = flat, torch.zeros_like(flat)
-        codes, counts, commit, codebook = [], [], flat.new_zeros(()), flat.new_zeros(())
+        codes, counts, commit, codebook, fit = [], [], flat.new_zeros(()), flat.new_zeros(()), flat.new_zeros(())
+        latent_scale = flat.detach().float().pow(2).mean().clamp_min(1e-12)
         for i, stage in enumerate(self.stages[:n]):
             mask = (frame_active > i).to(flat.dtype)[:, None]
             z, q, contribution, idx = stage(residual, mask[:, 0])
@@ -317,6 +321,11 @@ class ResidualQuantizer(nn.Module):
             # Both losses live in the stage's lookup space, where the search happens.
             commit = commit + ((z - q.detach()).pow(2) * mask).sum() / n_active
             codebook = codebook + ((z.detach() - q).pow(2) * mask).sum() / n_active
+            # The map back to the latent has no target of its own otherwise: unchecked, a stage's contribution
+            # can outgrow the latent, and the next stage's "residual" then mostly restates this stage's code.
+            if self.training:
+                misfit = (residual.detach() - stage.to_latent(q)).float().pow(2) * mask
+                fit = fit + misfit.sum() / (mask.sum().clamp_min(1.0) * dim) / latent_scale
             quantized = quantized + contribution * mask
             residual = residual - contribution.detach() * mask
             codes.append(idx)
@@ -326,6 +335,7 @@ class ResidualQuantizer(nn.Module):
             codes=torch.stack(codes, 1).reshape(batch, steps, n).transpose(1, 2),
             commit_loss=commit / n,
             codebook_loss=codebook / n,
+            residual_loss=fit / n,
             stage_counts=torch.stack(counts),
         )
 

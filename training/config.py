@@ -14,7 +14,7 @@ import yaml
 
 from codec.errors import CodecError
 
-LOSS_KEYS = ("mel", "stft/complex", "spec/mag", "spec/phase", "adv/gen", "adv/feat", "vq/commit", "vq/codebook")
+LOSS_KEYS = ("mel", "stft/complex", "spec/mag", "spec/phase", "adv/gen", "adv/feat", "vq/commit", "vq/codebook", "vq/residual")
 
 
 class ConfigError(CodecError, ValueError):
@@ -107,6 +107,7 @@ class LossConfig:
             "adv/feat": 2.0,
             "vq/commit": 0.25,
             "vq/codebook": 1.0,
+            "vq/residual": 0.0,
         }
     )
     mel_n_ffts: tuple[int, ...] = (256, 512, 1024, 2048)

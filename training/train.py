@@ -200,6 +200,8 @@ class Trainer:
             terms.update(self.spectrum_loss(out.spectrum, full_audio))
         terms["vq/commit"] = out.commit_loss.float()
         terms["vq/codebook"] = out.codebook_loss.float()
+        if weights["vq/residual"] > 0:
+            terms["vq/residual"] = out.residual_loss.float()
         if adversarial:
             self.disc.requires_grad_(False)  # gradients flow to the generator only
             with self._autocast():
