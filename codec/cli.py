@@ -170,11 +170,24 @@ def _is_core_command(argv: list[str]) -> bool:
     return bool(words) and words[0] in CORE_COMMANDS
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, except that KEY=VALUE words after an option still join the command's
+    `overrides` list (argparse stops collecting it at the first option: `train a=1 --run-dir R b=2`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+        "=" in e and not e.startswith("-") for e in extra
+    ):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from codec.errors import CodecError
 
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(plugins=not _is_core_command(argv)).parse_args(argv)
+    args = parse_command_line(build_parser(plugins=not _is_core_command(argv)), argv)
     if args.threads:
         import torch
 

@@ -65,3 +65,19 @@ def test_shipped_configs_load():
     assert default.data.batch_size == 16
     tiny = load_config(CONFIGS / "tiny.yaml")
     assert tiny.model["n_stages"] == 4 and tiny.steps == 4
+
+
+@pytest.mark.parametrize("entry", ["simvq-codec", "python -m training"])
+def test_overrides_after_an_option_still_count(entry, tmp_path, monkeypatch):
+    import codec.cli
+    import training.cli
+    import training.train
+
+    seen = {}
+    monkeypatch.setattr(training.train, "train", lambda cfg, run_dir: seen.update(cfg=cfg, run_dir=run_dir))
+    main = codec.cli.main if entry == "simvq-codec" else training.cli.main
+    assert main(["train", "steps=3", "--run-dir", str(tmp_path / "run"), "seed=5", "optim.lr=0.001"]) == 0
+    assert (seen["cfg"].steps, seen["cfg"].seed, seen["cfg"].optim.lr) == (3, 5, 0.001)
+    assert seen["run_dir"] == tmp_path / "run"
+    with pytest.raises(SystemExit):  # an unknown option is still an error
+        main(["train", "steps=3", "--run-dir", str(tmp_path / "run"), "--bogus"])

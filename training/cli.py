@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from codec.cli import parse_command_line
 from codec.errors import CodecError
 
 TRAIN_EPILOG = """examples:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m training train|export ...` (the same commands without the rest of the CLI)."""
     parser = argparse.ArgumentParser(prog="python -m training", description="SimVQ codec training commands.")
     register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except CodecError as e:
