@@ -71,6 +71,8 @@ class SimVQCodec(StreamingModule):
         init_from_data: rescale each stage's codes to its input on the first training batch.
         phase: how the decoder's phase outputs are read: "absolute" phases, or "propagated" advances
             (see `ISTFTSynthesis`).
+        straight_through: where the decoder's gradient enters the quantizer, "stage" or "latent" (see
+            `ResidualQuantizer`; training only).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class SimVQCodec(StreamingModule):
         whiten_codes: bool = True,
         init_from_data: bool = True,
         phase: str = "absolute",
+        straight_through: str = "stage",
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:
@@ -113,7 +116,7 @@ class SimVQCodec(StreamingModule):
 
         self.quantizer = ResidualQuantizer(
             latent_dim, n_stages, codebook_size, quantizer, quantizer_dropout, code_dim, normalize_codes,
-            whiten_codes, init_from_data,
+            whiten_codes, init_from_data, straight_through,
         )
 
         self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase)

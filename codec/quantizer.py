@@ -270,6 +270,11 @@ class ResidualQuantizer(nn.Module):
         quantizer_dropout: in training, the fraction of examples that use a random number of stages
             1..S instead of all S, so that one model serves every bitrate.
         code_dim, normalize, whiten, init_from_data: see `Codebook`.
+        straight_through: where the decoder's gradient enters. "stage": through each stage's maps into and
+            out of its lookup space (DAC's factorised codes), so the decoder also shapes what a code
+            contributes. "latent": straight to the encoder's latent (VQ-VAE, SoundStream); the stages'
+            maps then learn only from `residual_loss` to reconstruct their residual, which makes the
+            quantizer a residual quantizer of the latent by construction. The forward values are the same.
     """
 
     def __init__(
@@ -283,9 +288,13 @@ class ResidualQuantizer(nn.Module):
         normalize: bool = False,
         whiten: bool = False,
         init_from_data: bool = True,
+        straight_through: str = "stage",
     ):
         super().__init__()
+        if straight_through not in ("stage", "latent"):
+            raise ValueError(f"straight_through must be 'stage' or 'latent', got {straight_through!r}")
         self.n_stages, self.codebook_size, self.quantizer_dropout = n_stages, codebook_size, quantizer_dropout
+        self.straight_through = straight_through
         self.stages = nn.ModuleList(
             Codebook(dim, codebook_size, kind, code_dim, normalize, whiten, init_from_data) for _ in range(n_stages)
         )
@@ -324,12 +333,17 @@ class ResidualQuantizer(nn.Module):
             # The map back to the latent has no target of its own otherwise: unchecked, a stage's contribution
             # can outgrow the latent, and the next stage's "residual" then mostly restates this stage's code.
             if self.training:
-                misfit = (residual.detach() - stage.to_latent(q)).float().pow(2) * mask
+                # "latent": the maps learn through the straight-through contribution (a linear autoencoder
+                # of the residual around the lookup); "stage": only the map back, from the selected code.
+                fitted = contribution if self.straight_through == "latent" else stage.to_latent(q)
+                misfit = (residual.detach() - fitted).float().pow(2) * mask
                 fit = fit + misfit.sum() / (mask.sum().clamp_min(1.0) * dim) / latent_scale
             quantized = quantized + contribution * mask
             residual = residual - contribution.detach() * mask
             codes.append(idx)
             counts.append(torch.bincount(idx[frame_active > i], minlength=self.codebook_size))
+        if self.straight_through == "latent":
+            quantized = flat + (quantized - flat).detach()
         return QuantizerResult(
             quantized=quantized.reshape(batch, steps, dim),
             codes=torch.stack(codes, 1).reshape(batch, steps, n).transpose(1, 2),

@@ -281,13 +281,14 @@ def test_codebook_parameters_get_their_own_learning_rate():
 
 
 
-def _train_behind_a_decoder(residual_weight: float, steps: int = 300) -> list[float]:
+def _train_behind_a_decoder(residual_weight: float, straight_through: str = "stage", steps: int = 300) -> list[float]:
     """Train a 4-stage quantizer with projections, as the codec does, behind a learned linear "decoder" whose
     target is not the latent itself; return the mean squared residual after 0, 1, ... 4 stages."""
     torch.manual_seed(0)
     z = torch.randn(1024, 16) @ torch.randn(16, 16)
     target = z @ torch.randn(16, 16)
-    rq = ResidualQuantizer(16, 4, 64, code_dim=4, whiten=True, quantizer_dropout=0.0).train()
+    rq = ResidualQuantizer(16, 4, 64, code_dim=4, whiten=True, quantizer_dropout=0.0,
+                           straight_through=straight_through).train()
     decoder = torch.nn.Linear(16, 16)
     optimizer = torch.optim.Adam([*rq.parameters(), *decoder.parameters()], lr=1e-2)
     for _ in range(steps):
@@ -315,6 +316,22 @@ def test_residual_loss_makes_every_stage_shrink_the_residual():
     assert x.grad is None or not x.grad.any()
     without = _train_behind_a_decoder(0.0)
     assert without[-1] > without[0], without
-    energies = _train_behind_a_decoder(1.0)
-    assert all(after < before for before, after in zip(energies, energies[1:])), energies
-    assert energies[-1] < 0.5 * energies[0], energies
+    for straight_through in ("stage", "latent"):
+        energies = _train_behind_a_decoder(1.0, straight_through)
+        assert all(after < before for before, after in zip(energies, energies[1:])), (straight_through, energies)
+        assert energies[-1] < 0.5 * energies[0], (straight_through, energies)
+
+
+def test_latent_straight_through_sends_the_decoder_gradient_to_the_latent_only():
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(16, 3, 64, code_dim=4, whiten=True, quantizer_dropout=0.0, straight_through="latent").train()
+    stage_mode = ResidualQuantizer(16, 3, 64, code_dim=4, whiten=True, quantizer_dropout=0.0)
+    stage_mode.load_state_dict(rq.state_dict())
+    x = (torch.randn(1, 64, 16) * 3).requires_grad_(True)
+    out = rq(x)
+    out.quantized.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # the identity, whatever the codes
+    assert all(p.grad is None for p in rq.parameters())  # the maps learn from residual_loss alone
+    assert torch.allclose(stage_mode.train()(x).quantized, out.quantized, atol=1e-5)  # same forward values
+    with pytest.raises(ValueError, match="straight_through"):
+        ResidualQuantizer(16, 3, 64, straight_through="nowhere")
