@@ -117,7 +117,11 @@ def test_checkpoints_keep_last_k_and_export_loads(corpus, tmp_path):
     assert config["provenance"]["steps"] == 6 and config["provenance"]["corpus"]["train_files"] == 6
     assert config["model"]["n_stages"] == 4 and model.trained
     assert cli_main(["export", str(run), str(out)]) == 2  # no overwrite without --force
-    assert cli_main(["export", str(run), str(out), "--force"]) == 0
+    assert cli_main(["export", str(run), str(out), "--force", "--weights", "live"]) == 0
+    live = load_model_dir(out)
+    assert all(torch.equal(live.state_dict()[name], t) for name, t in state["model"].items())
+    assert any(not torch.equal(state["model"][name], t) for name, t in state["ema"]["model"].items())
+    assert __import__("json").loads((out / "config.json").read_text())["provenance"]["weights"] == "live"
     codes = model.encode(torch.from_numpy(speechlike(0.4))[None, None])
     assert codes.shape == (1, 4, 20)
 

@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--model-id", default="simvq-16k", help="model id written into token files (default: simvq-16k)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="storage precision of the weights; float16 halves the size (default: float32)")
+    p.add_argument("--weights", choices=["ema", "live"], default="ema",
+                   help="the EMA of the weights (default), or the optimiser's current weights: better for a "
+                   "checkpoint taken soon after a run changed course, when the EMA still mixes before and after")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=cmd_export)
 
@@ -72,7 +75,7 @@ def cmd_export(args) -> int:
     out = Path(args.out_dir)
     if (out / "config.json").exists() and not args.force:
         raise CodecError(f"{out} already holds a model: pass --force to replace it")
-    path = export(args.checkpoint, out, args.model_id, dtype=getattr(torch, args.dtype))
+    path = export(args.checkpoint, out, args.model_id, dtype=getattr(torch, args.dtype), weights=args.weights)
     print(f"exported {path}", file=sys.stderr)
     return 0
 

@@ -1,4 +1,4 @@
-"""Export a training checkpoint's EMA generator as a release directory (codec.checkpoint format)."""
+"""Export a training checkpoint's generator (EMA or live weights) as a release directory (codec.checkpoint format)."""
 
 from __future__ import annotations
 
@@ -14,22 +14,28 @@ from training.checkpoints import load_checkpoint, resolve_checkpoint
 
 
 def export(
-    checkpoint: str | Path, out_dir: str | Path, model_id: str = "simvq-16k", dtype: torch.dtype = torch.float32
+    checkpoint: str | Path, out_dir: str | Path, model_id: str = "simvq-16k", dtype: torch.dtype = torch.float32,
+    weights: str = "ema",
 ) -> Path:
-    """Write `out_dir/model.safetensors` + `config.json` from the EMA weights of `checkpoint`.
+    """Write `out_dir/model.safetensors` + `config.json` from the EMA (or, `weights="live"`, the optimiser's
+    current) weights of `checkpoint`. Right after a run changes course (a new loss, a warm start), the EMA
+    averages weights from before and after that do not belong together, for about 1 / (1 - decay) steps.
 
     `checkpoint` is a checkpoint file, a run directory or its `checkpoints/` folder (the latest is used).
     Provenance records the steps, the corpus, the full training config, the checkpoint and the date."""
+    if weights not in ("ema", "live"):
+        raise ValueError(f"weights must be 'ema' or 'live', got {weights!r}")
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)
     config = state["config"]
     try:
         model = SimVQCodec(**config["model"])
-        model.load_state_dict(state["ema"]["model"])
+        model.load_state_dict(state["ema"]["model"] if weights == "ema" else state["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not match this version's SimVQCodec: {str(e).splitlines()[0]}") from None
     provenance = {
         "steps": int(state["step"]),
+        "weights": weights,
         "ema_updates": int(state["ema"]["updates"]),
         "ema_decay": config["ema_decay"],
         "skipped_steps": state["skipped"],
