@@ -82,6 +82,15 @@ class RunningWhitener(nn.Module):
             self.cov.copy_(cov)
             self.seen.fill_(True)
 
+    @torch.no_grad()
+    def set_statistics(self, z: Tensor) -> None:
+        """Replace the running statistics by the exact mean and covariance of the rows of `z [N, d]`."""
+        z = z.float()
+        mean = z.mean(0)
+        self.mean.copy_(mean)
+        self.cov.copy_((z - mean).t() @ (z - mean) / max(z.shape[0], 1))
+        self.seen.fill_(True)
+
     def matrices(self) -> tuple[Tensor, Tensor]:
         """(whitening, colouring) matrices `[d, d]`, both symmetric."""
         cov = self.cov.float()
@@ -352,6 +361,20 @@ class ResidualQuantizer(nn.Module):
             residual_loss=fit / n,
             stage_counts=torch.stack(counts),
         )
+
+    @torch.no_grad()
+    def calibrate_whiteners(self, z: Tensor) -> None:
+        """Re-estimate every stage's whitening statistics from latents `z [..., D]`, stage after stage (each
+        stage's residual depends on the stages before it).
+
+        The running statistics describe the `in_proj` that produced them. A copy whose weights were averaged
+        (the trainer's EMA) has a different `in_proj`, and searching with the trained model's statistics
+        mis-whitens it: calibrate it on real latents before use."""
+        residual = z.reshape(-1, z.shape[-1])
+        for stage in self.stages:
+            if stage.whitener is not None:
+                stage.whitener.set_statistics(stage.in_proj(residual))
+            residual = residual - stage.lookup(stage.encode(residual))
 
     def encode(self, z: Tensor, n_stages: int | None = None) -> Tensor:
         """Indices `[B, S, T]` for `z [B, T, D]` (inference: no losses, no dropout)."""

@@ -335,3 +335,29 @@ def test_latent_straight_through_sends_the_decoder_gradient_to_the_latent_only()
     assert torch.allclose(stage_mode.train()(x).quantized, out.quantized, atol=1e-5)  # same forward values
     with pytest.raises(ValueError, match="straight_through"):
         ResidualQuantizer(16, 3, 64, straight_through="nowhere")
+
+
+def test_calibrate_whiteners_fits_the_statistics_to_the_weights_in_hand():
+    """The trainer's EMA averages `in_proj` but copies the whitening statistics of the trained weights; a
+    search with statistics of another `in_proj` is mis-whitened until `calibrate_whiteners` refits them."""
+    torch.manual_seed(0)
+    z = torch.randn(4000, 16) @ torch.randn(16, 16)
+    rq = ResidualQuantizer(16, 3, 256, code_dim=4, whiten=True, quantizer_dropout=0.0).train()
+    rq(z[None])  # the running statistics of these weights
+    with torch.no_grad():
+        for stage in rq.stages:
+            stage.in_proj.weight.mul_(5.0).add_(torch.randn_like(stage.in_proj.weight))  # "averaged" weights
+    rq.eval()
+
+    def first_stage_input_cov():
+        x = rq.stages[0].lookup_input(z)
+        return torch.cov(x.t())
+
+    def used():
+        return [int(c.unique().numel()) for c in rq.encode(z[None])[0]]
+
+    stale, stale_used = first_stage_input_cov(), used()
+    assert not torch.allclose(stale, torch.eye(4), atol=0.5)
+    rq.calibrate_whiteners(z)
+    assert torch.allclose(first_stage_input_cov(), torch.eye(4), atol=0.05)  # white again (up to the ridge)
+    assert all(after > before for before, after in zip(stale_used, used())), (stale_used, used())

@@ -13,7 +13,9 @@ class EMA:
     """A frozen copy of a model whose parameters follow the trained ones: `ema = d * ema + (1 - d) * param`.
 
     The decay ramps up as `min(decay, (1 + n) / (10 + n))` after n updates, so the average is not dominated
-    by the random initial weights early in training. Buffers are copied as they are.
+    by the random initial weights early in training. Buffers are copied as they are, which leaves the
+    quantizer's whitening statistics describing the trained weights, not the averaged ones: `calibrate`
+    re-estimates them before the copy is used (dev passes, checkpoints).
 
     Args:
         model: the model to follow (its current weights are the starting point).
@@ -33,6 +35,11 @@ class EMA:
             ema.lerp_(param.detach(), 1.0 - decay)
         for ema, buffer in zip(self.model.buffers(), model.buffers()):
             ema.copy_(buffer)
+
+    @torch.no_grad()
+    def calibrate(self, audio: torch.Tensor) -> None:
+        """Re-estimate the averaged model's quantizer whitening from its own latents of `audio [B, 1, T]`."""
+        self.model.quantizer.calibrate_whiteners(self.model.encode_latents(audio))
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "updates": self.updates}

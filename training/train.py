@@ -291,7 +291,10 @@ class Trainer:
                 if monitor:
                     monitor.step(self.step, scalars)
                 final = stop or self.step >= end
-                if monitor and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final):
+                dev_due = monitor and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final)
+                if dev_due or self.step % cfg.ckpt_every == 0 or final:
+                    self.ema.calibrate(batch.audio.to(self.device))  # the batch just trained on
+                if dev_due:
                     result = evaluate(self.ema.model, self.dev_clips, self.mel_loss, cfg.dev_audio_samples)
                     monitor.dev(self.step, result, self.dev_clips, self.mel_loss)
                 if self.step % cfg.ckpt_every == 0 or final:
