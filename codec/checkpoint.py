@@ -44,6 +44,13 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t
+    cast = t.to(dtype)
+    return cast if bool(torch.isfinite(cast).all()) or not bool(torch.isfinite(t).all()) else t.float()
+
+
 def save_model(
     model: SimVQCodec,
     out_dir: str | os.PathLike,
@@ -60,14 +67,12 @@ def save_model(
         provenance: free-form facts (steps, corpus, date, git commit, ...).
         model_id: the id written into token files made with this model.
         trained: False for a randomly initialised stand-in; every tool then says so.
-        dtype: storage precision of floating-point tensors (float16 halves the size).
+        dtype: storage precision of floating-point tensors (float16 halves the size); a tensor with values
+            beyond that precision's range (a whitening covariance, say) stays float32.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
-        for name, t in model.state_dict().items()
-    }
+    tensors = {name: _stored(t, dtype).detach().cpu().contiguous() for name, t in model.state_dict().items()}
     _atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     config = {
         "format": FORMAT,

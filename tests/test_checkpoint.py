@@ -31,6 +31,22 @@ def test_float16_storage_halves_the_file(tmp_path):
     assert load_model_dir(tmp_path / "b").quantizer.stages[0].frozen_codebook.dtype == torch.float32
 
 
+def test_float16_storage_keeps_what_float16_cannot_hold_in_float32(tmp_path):
+    model = tiny_codec()
+    with torch.no_grad():
+        model.quantizer.stages[0].whitener.cov.mul_(1e5)  # a loud latent: covariances beyond 65504
+    wav = torch.randn(1, 1, 3200)
+    save_model(model, tmp_path, dtype=torch.float16)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "model.safetensors")
+    assert stored["quantizer.stages.0.whitener.cov"].dtype == torch.float32
+    assert stored["quantizer.stages.1.whitener.cov"].dtype == torch.float16
+    loaded = load_model_dir(tmp_path)
+    assert torch.equal(loaded.quantizer.stages[0].whitener.cov, model.quantizer.stages[0].whitener.cov)
+    assert loaded.encode(wav).shape == model.encode(wav).shape
+
+
 def test_altered_weights_are_rejected(tmp_path):
     save_model(tiny_codec(), tmp_path)
     data = bytearray((tmp_path / "model.safetensors").read_bytes())
