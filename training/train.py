@@ -361,9 +361,9 @@ class Trainer:
         if warm_start and self.world.is_main:
             path = checkpoints.resolve_checkpoint(self.cfg.init_from)
         if self.world.enabled:
-            box = [str(path) if path else None]
+            box = [str(path) if path else None, warm_start]
             dist.broadcast_object_list(box, src=0)  # every rank resumes from the checkpoint rank 0 chose
-            path = Path(box[0]) if box[0] else None
+            path, warm_start = (Path(box[0]) if box[0] else None), bool(box[1])
         if path is None:
             return None
         state = checkpoints.load_checkpoint(path)
