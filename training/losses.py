@@ -105,10 +105,11 @@ class SpectrumLoss(nn.Module):
     def __init__(self, synthesis: nn.Module, floor: float = 1e-4, weight_power: float = 0.5):
         super().__init__()
         self.synthesis, self.floor, self.weight_power = synthesis, floor, weight_power
+        self.register_buffer("window", hann_window(synthesis.n_fft), persistent=False)  # the analysis window
 
     def forward(self, spectrum: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
         syn = self.synthesis
-        target = causal_stft(audio.float()[:, 0], hann_window(syn.n_fft).to(audio.device), syn.hop)
+        target = causal_stft(audio.float()[:, 0], self.window, syn.hop)
         log_mag, phase = syn.split(spectrum.float())
         target_mag = target.abs()
         mag_loss = F.l1_loss(

@@ -99,7 +99,7 @@ class Trainer:
         self.mel_loss = MultiScaleMelLoss(model.sample_rate, cfg.loss.mel_n_ffts, cfg.loss.mel_n_mels).to(self.device)
         self.complex_loss = ComplexSTFTLoss(cfg.loss.complex_n_ffts, cfg.loss.complex_hops, cfg.loss.complex_power)
         self.complex_loss.to(self.device)
-        self.spectrum_loss = SpectrumLoss(model.synthesis)
+        self.spectrum_loss = SpectrumLoss(model.synthesis).to(self.device)
         o = cfg.optim
         self.gen_opt = torch.optim.AdamW(
             _param_groups(self.model, o.codebook_lr_scale), o.lr, o.betas, weight_decay=o.weight_decay
@@ -292,8 +292,9 @@ class Trainer:
                     monitor.step(self.step, scalars)
                 final = stop or self.step >= end
                 dev_due = monitor and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final)
-                if dev_due or self.step % cfg.ckpt_every == 0 or final:
-                    self.ema.calibrate(batch.audio.to(self.device))  # the batch just trained on
+                if self.world.is_main and (dev_due or self.step % cfg.ckpt_every == 0 or final):
+                    # only rank 0's EMA is scored and saved; calibrate it on the batch just trained on
+                    self.ema.calibrate(batch.audio.to(self.device))
                 if dev_due:
                     result = evaluate(self.ema.model, self.dev_clips, self.mel_loss, cfg.dev_audio_samples)
                     monitor.dev(self.step, result, self.dev_clips, self.mel_loss)
