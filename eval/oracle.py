@@ -10,6 +10,11 @@ and scores every mix with `eval.metrics.score`:
     input/random   the input's magnitudes with random phases: what phase carrying no information scores
     input/advance  the input's magnitudes and phase advances, from a random start per bin: what a decoder
                    whose advances were exact would score ("propagated" phase, `training.losses.SpectrumLoss`)
+    model/pghi     the decoder's magnitudes, phased from themselves by phase-gradient heap integration
+    input/pghi     the same from the input's magnitudes: near-transparent, so any gap to it is the magnitudes'
+    model/harmonic the decoder's magnitudes with harmonic phases on the input's pYIN f0 track: the most a
+                   decoder that knew the pitch exactly could take from these magnitudes this way
+    input/harmonic the input's magnitudes with the same harmonic phases
 
     python -m eval.oracle /work/data/corpus-snapshot/dev.csv --per-speaker 2 --stages 12
 
@@ -30,8 +35,10 @@ from codec.modules import ISTFTSynthesis, causal_stft, hann_window
 from eval.dataset import list_inputs, load_audio
 from eval.metrics import score
 from eval.model import get_model
+from eval.phase import f0_track, harmonic_phase, pghi_phase
 
-MIXES = ("model/model", "model/input", "input/model", "input/random", "input/advance")
+MIXES = ("model/model", "model/input", "input/model", "input/random", "input/advance", "model/pghi", "input/pghi",
+         "model/harmonic", "input/harmonic")
 
 
 @torch.no_grad()
@@ -46,18 +53,29 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
     input_mag, input_phase = spec.abs(), spec.angle()
     random_phase = torch.rand(input_phase.shape, generator=generator) * 2 * math.pi
     advance_phase = input_phase - input_phase[:, :1] + random_phase[:, :1]
+    frames, bins = input_mag.shape[1:]
+    f0 = f0_track(wav[0, 0].numpy(), frames, syn.n_fft, syn.hop, model.sample_rate)
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))
+    harmonic = torch.from_numpy(harmonic_phase(f0, bins, syn.n_fft, syn.hop, model.sample_rate, rng))
     chosen = {
         "model/model": (model_mag, phase), "model/input": (model_mag, input_phase),
         "input/model": (input_mag, phase), "input/random": (input_mag, random_phase),
         "input/advance": (input_mag, advance_phase),
+        "model/pghi": (model_mag, _pghi(model_mag, syn)), "input/pghi": (input_mag, _pghi(input_mag, syn)),
+        "model/harmonic": (model_mag, harmonic[None]), "input/harmonic": (input_mag, harmonic[None]),
     }
     play = ISTFTSynthesis(syn.n_fft, syn.hop, syn.frames_per_step, "absolute")
     out = {}
     for name, (mag, ph) in chosen.items():
-        frames = torch.stack([mag.clamp_min(1e-12).log(), ph], dim=2)  # [1, N, 2, bins]
-        audio = play(frames.reshape(1, -1, syn.in_dim))
+        spectra = torch.stack([mag.clamp_min(1e-12).log(), ph.to(mag.dtype)], dim=2)  # [1, N, 2, bins]
+        audio = play(spectra.reshape(1, -1, syn.in_dim))
         out[name] = audio[0, 0, : wav.shape[-1] - syn.delay]
     return out
+
+
+def _pghi(mag: torch.Tensor, syn: ISTFTSynthesis) -> torch.Tensor:
+    log_mag = mag[0].clamp_min(1e-12).log().double().numpy()
+    return torch.from_numpy(pghi_phase(log_mag, syn.n_fft, syn.hop))[None]
 
 
 def main(argv: list[str] | None = None) -> int:
