@@ -158,7 +158,8 @@ class TrainConfig:
         eval_every: steps between dev passes (0 disables them).
         ckpt_every: steps between checkpoints.
         keep_last: checkpoints kept on disk (plus the one `latest` names).
-        max_minutes: stop (with a checkpoint) after this wall time; 0 means no limit.
+        max_minutes: stop (with a checkpoint) once the run's training time, summed over every resume, reaches
+            this many minutes; 0 means no limit.
         precision: "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU), "fp32", "bf16" or "fp16".
         device: "auto", "cpu" or "cuda".
         dev_audio_samples: dev clips whose audio and mel image go to TensorBoard.
