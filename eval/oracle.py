@@ -12,8 +12,8 @@ and scores every mix with `eval.metrics.score`:
                    whose advances were exact would score ("propagated" phase, `training.losses.SpectrumLoss`)
     model/pghi     the decoder's magnitudes, phased from themselves by phase-gradient heap integration
     input/pghi     the same from the input's magnitudes: near-transparent, so any gap to it is the magnitudes'
-    model/harmonic the decoder's magnitudes with harmonic phases on the input's pYIN f0 track: the most a
-                   decoder that knew the pitch exactly could take from these magnitudes this way
+    model/harmonic the decoder's magnitudes with harmonic phases on the input's pYIN f0 track: what a decoder
+                   that knew the pitch would get from these magnitudes by the simplest harmonic rule
     input/harmonic the input's magnitudes with the same harmonic phases
 
     python -m eval.oracle /work/data/corpus-snapshot/dev.csv --per-speaker 2 --stages 12
