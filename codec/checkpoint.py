@@ -45,10 +45,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in the storage `dtype`, or in float32 if casting would overflow values that were finite."""
     if not t.is_floating_point():
         return t
     cast = t.to(dtype)
-    return cast if bool(torch.isfinite(cast).all()) or not bool(torch.isfinite(t).all()) else t.float()
+    overflows = bool(torch.isfinite(t).all()) and not bool(torch.isfinite(cast).all())
+    return t.float() if overflows else cast
 
 
 def save_model(

@@ -179,6 +179,11 @@ class ISTFTSynthesis(StreamingModule):
         x = x.reshape(batch, steps * self.frames_per_step, 2, self.bins)
         return x[:, :, 0], x[:, :, 1]
 
+    @staticmethod
+    def magnitudes(log_mag: Tensor) -> Tensor:
+        """Log magnitudes -> linear ones, capped at e^6 so that an untrained decoder cannot overflow."""
+        return torch.exp(log_mag.clamp(max=6.0))
+
     def phase_advances(self, phase: Tensor) -> Tensor:
         """Phase parameters `[B, N, bins]` -> each sub-frame's phase advance over the previous one (radians,
         not wrapped; `[B, N - 1, bins]` for absolute phases, which have no advance into their first frame)."""
@@ -211,7 +216,7 @@ class ISTFTSynthesis(StreamingModule):
         log_mag, phase = self.split(x)
         if self.phase == "propagated":
             phase = self._propagate(phase)
-        mag = torch.exp(log_mag.clamp(max=6.0))
+        mag = self.magnitudes(log_mag)
         if steps_present is not None:
             real = torch.arange(steps, device=x.device) < steps_present.to(x.device)[:, None]  # [B, steps]
             mag = mag * real.repeat_interleave(self.frames_per_step, dim=1)[..., None]

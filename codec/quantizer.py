@@ -63,11 +63,12 @@ class RunningWhitener(nn.Module):
         self.register_buffer("seen", torch.tensor(False))
 
     @torch.no_grad()
-    def update(self, z: Tensor, weight: Tensor) -> None:
-        """Fold the rows of `z [N, d]` with `weight [N]` (0 or 1) into the statistics (summed over ranks)."""
+    def update(self, z: Tensor, weight: Tensor, across_ranks: bool = True) -> None:
+        """Fold the rows of `z [N, d]` with `weight [N]` (0 or 1) into the statistics (summed over ranks
+        unless `across_ranks` is False)."""
         z, w = z.float(), weight.float()[:, None]
         sums = torch.cat([w.sum()[None], (z * w).sum(0), ((z * w).t() @ z).flatten()])
-        if dist.is_available() and dist.is_initialized():
+        if across_ranks and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         if not bool(torch.isfinite(sums).all()):
             return  # the trainer skips this step; a NaN here would poison every later search
@@ -84,12 +85,10 @@ class RunningWhitener(nn.Module):
 
     @torch.no_grad()
     def set_statistics(self, z: Tensor) -> None:
-        """Replace the running statistics by the exact mean and covariance of the rows of `z [N, d]`."""
-        z = z.float()
-        mean = z.mean(0)
-        self.mean.copy_(mean)
-        self.cov.copy_((z - mean).t() @ (z - mean) / max(z.shape[0], 1))
-        self.seen.fill_(True)
+        """Replace the running statistics by the exact mean and covariance of the rows of `z [N, d]`, from this
+        process alone (the trainer calibrates its EMA on rank 0 only)."""
+        self.seen.fill_(False)  # the first update copies instead of blending
+        self.update(z, z.new_ones(z.shape[0]), across_ranks=False)
 
     def matrices(self) -> tuple[Tensor, Tensor]:
         """(whitening, colouring) matrices `[d, d]`, both symmetric."""

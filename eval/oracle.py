@@ -48,7 +48,7 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
     log_mag, phase = syn.split(model.decode_spectrum(model.quantizer.decode(model.encode(wav, n_stages))))
     if syn.phase == "propagated":
         phase = syn._propagate(phase)
-    model_mag = log_mag.clamp(max=6.0).exp()
+    model_mag = syn.magnitudes(log_mag)
     spec = causal_stft(wav[:, 0], hann_window(syn.n_fft), syn.hop)
     input_mag, input_phase = spec.abs(), spec.angle()
     random_phase = torch.rand(input_phase.shape, generator=generator) * 2 * math.pi

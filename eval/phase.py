@@ -26,6 +26,7 @@ import numpy as np
 # A Hann window of L samples behaves, for phase-gradient purposes, like a Gaussian exp(-pi t^2 / lambda)
 # with lambda = 0.25645 L^2 (the value LTFAT uses for PGHI).
 HANN_LAMBDA = 0.25645
+F0_MIN, F0_MAX = 60.0, 450.0  # Hz: the pitch range searched, low male to high child voices
 
 
 def pghi_phase(log_mag: np.ndarray, n_fft: int, hop: int, floor_db: float = 100.0) -> np.ndarray:
@@ -79,7 +80,7 @@ def pghi_phase(log_mag: np.ndarray, n_fft: int, hop: int, floor_db: float = 100.
 
 def f0_track(audio: np.ndarray, frames: int, n_fft: int, hop: int, sample_rate: int) -> np.ndarray:
     """pYIN's f0 (Hz, 0 where unvoiced) at the centre of each of `frames` causal STFT frames."""
-    f0, voiced, _ = librosa.pyin(audio.astype(np.float64), fmin=60, fmax=450, sr=sample_rate,
+    f0, voiced, _ = librosa.pyin(audio.astype(np.float64), fmin=F0_MIN, fmax=F0_MAX, sr=sample_rate,
                                  frame_length=1024, hop_length=hop, center=True)
     # causal frame n covers [(n+1)*hop - n_fft, (n+1)*hop); pYIN's frame i is centred on sample i*hop
     index = np.clip(np.arange(frames) + 1 - n_fft // (2 * hop), 0, len(f0) - 1)
@@ -94,7 +95,7 @@ def harmonic_phase(f0: np.ndarray, bins: int, n_fft: int, hop: int, sample_rate:
     each voicing onset, and bin k takes the phase of its nearest harmonic, shifted by the frame-start
     reference. Unvoiced frames: random phases.
     """
-    harmonics = np.arange(int(sample_rate / 2 / 50) + 2)
+    harmonics = np.arange(int(sample_rate / 2 / F0_MIN) + 2)  # enough for the lowest pitch up to Nyquist
     k = np.arange(bins)
     theta = np.zeros(len(harmonics))
     phase = rng.uniform(0, 2 * math.pi, (len(f0), bins))

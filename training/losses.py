@@ -113,7 +113,7 @@ class SpectrumLoss(nn.Module):
         log_mag, phase = syn.split(spectrum.float())
         target_mag = target.abs()
         mag_loss = F.l1_loss(
-            torch.log(torch.exp(log_mag.clamp(max=6.0)) + self.floor), torch.log(target_mag + self.floor)
+            torch.log(syn.magnitudes(log_mag) + self.floor), torch.log(target_mag + self.floor)
         )
         advance = syn.phase_advances(phase)
         target_advance = target.angle().diff(dim=1)
