@@ -308,7 +308,7 @@ def _train_behind_a_decoder(residual_weight: float, straight_through: str = "sta
 
 
 def test_residual_loss_makes_every_stage_shrink_the_residual():
-    """The shipped model's stage 1 once contributed 13x the latent's energy, so later stages mostly restated
+    """The shipped model's stage 1 once contributed 14x the latent's variance, so later stages mostly restated
     its code. In miniature: without `residual_loss` the residual grows stage after stage; with it, each stage
     leaves less than it was given. The loss reaches the maps back, not the encoder."""
     x = (torch.randn(64, 16) * 3).requires_grad_(True)
