@@ -73,6 +73,8 @@ class SimVQCodec(StreamingModule):
             (see `ISTFTSynthesis`).
         straight_through: where the decoder's gradient enters the quantizer, "stage" or "latent" (see
             `ResidualQuantizer`; training only).
+        quantize_fraction: share of training examples decoded from quantized latents; 0 trains the
+            unquantized twin (see `ResidualQuantizer`; training only).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class SimVQCodec(StreamingModule):
         init_from_data: bool = True,
         phase: str = "absolute",
         straight_through: str = "stage",
+        quantize_fraction: float = 1.0,
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:
@@ -116,7 +119,7 @@ class SimVQCodec(StreamingModule):
 
         self.quantizer = ResidualQuantizer(
             latent_dim, n_stages, codebook_size, quantizer, quantizer_dropout, code_dim, normalize_codes,
-            whiten_codes, init_from_data, straight_through,
+            whiten_codes, init_from_data, straight_through, quantize_fraction,
         )
 
         self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase)

@@ -277,6 +277,10 @@ class ResidualQuantizer(nn.Module):
         kind: "simvq" or "vq" (see `Codebook`).
         quantizer_dropout: in training, the fraction of examples that use a random number of stages
             1..S instead of all S, so that one model serves every bitrate.
+        quantize_fraction: in training, the fraction of examples whose decoder input is quantized; the others
+            pass the encoder's latent through unchanged (Mimi trains with 0.5). Their codes are still searched,
+            so the stages keep learning their residuals. 0 trains the unquantized twin, the ceiling that
+            measures what the quantizer costs; inference always quantizes.
         code_dim, normalize, whiten, init_from_data: see `Codebook`.
         straight_through: where the decoder's gradient enters. "stage": through each stage's maps into and
             out of its lookup space (DAC's factorised codes), so the decoder also shapes what a code
@@ -297,11 +301,15 @@ class ResidualQuantizer(nn.Module):
         whiten: bool = False,
         init_from_data: bool = True,
         straight_through: str = "stage",
+        quantize_fraction: float = 1.0,
     ):
         super().__init__()
         if straight_through not in ("stage", "latent"):
             raise ValueError(f"straight_through must be 'stage' or 'latent', got {straight_through!r}")
+        if not 0.0 <= quantize_fraction <= 1.0:
+            raise ValueError(f"quantize_fraction must lie in [0, 1], got {quantize_fraction}")
         self.n_stages, self.codebook_size, self.quantizer_dropout = n_stages, codebook_size, quantizer_dropout
+        self.quantize_fraction = quantize_fraction
         self.straight_through = straight_through
         self.stages = nn.ModuleList(
             Codebook(dim, codebook_size, kind, code_dim, normalize, whiten, init_from_data) for _ in range(n_stages)
@@ -352,6 +360,9 @@ class ResidualQuantizer(nn.Module):
             counts.append(torch.bincount(idx[frame_active > i], minlength=self.codebook_size))
         if self.straight_through == "latent":
             quantized = flat + (quantized - flat).detach()
+        if self.training and self.quantize_fraction < 1.0:
+            bypass = torch.rand(batch, device=z.device) >= self.quantize_fraction
+            quantized = torch.where(bypass.repeat_interleave(steps)[:, None], flat, quantized)
         return QuantizerResult(
             quantized=quantized.reshape(batch, steps, dim),
             codes=torch.stack(codes, 1).reshape(batch, steps, n).transpose(1, 2),

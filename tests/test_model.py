@@ -226,6 +226,22 @@ def test_quantizer_dropout_varies_active_stages():
     assert np.all(np.diff(counts.numpy()) <= 0)
 
 
+def test_quantize_fraction_passes_the_latent_through_for_the_other_examples():
+    torch.manual_seed(0)
+    z = torch.randn(200, 3, 8)
+    twin = ResidualQuantizer(dim=8, n_stages=2, codebook_size=16, quantizer_dropout=0.0, quantize_fraction=0.0).train()
+    result = twin(z)
+    assert torch.equal(result.quantized, z)  # the twin's decoder sees the latent itself
+    assert result.stage_counts.sum() == 2 * 200 * 3  # its stages still search every frame
+    half = ResidualQuantizer(dim=8, n_stages=2, codebook_size=16, quantizer_dropout=0.0, quantize_fraction=0.5).train()
+    half(z)
+    passed = (half(z).quantized == z).all(-1).all(-1)
+    assert 50 < int(passed.sum()) < 150  # whole examples, about half of them
+    assert not torch.equal(half.eval()(z).quantized, z)  # inference always quantizes
+    with pytest.raises(ValueError, match="quantize_fraction"):
+        ResidualQuantizer(quantize_fraction=1.5)
+
+
 def test_rejects_bad_inputs(tiny_model):
     with pytest.raises(ValueError, match="mono"):
         tiny_model.encode(torch.randn(1, 2, HOP))

@@ -158,6 +158,27 @@ def test_init_from_starts_a_new_run_from_a_checkpoint_of_another_config(corpus, 
         Trainer(tiny_config(corpus, "eval_every=0", "model.n_stages=3", f"init_from={source}"), tmp_path / "other")
 
 
+def test_init_from_a_released_model_takes_its_weights_and_starts_at_step_zero(corpus, tmp_path):
+    source = tmp_path / "source"
+    Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=2)
+    released = export(source, tmp_path / "release", model_id="tiny")
+    warm = Trainer(tiny_config(corpus, "eval_every=0", f"init_from={released}"), tmp_path / "warm")
+    expected = load_model_dir(released).state_dict()
+    assert warm.step == 0 and warm.elapsed == 0
+    for weights in (warm.model.state_dict(), warm.ema.model.state_dict()):
+        assert all(torch.equal(weights[k], v) for k, v in expected.items())
+    assert not warm.gen_opt.state  # a fresh optimiser
+    warm.fit(until=1)
+    assert Trainer(tiny_config(corpus, "eval_every=0", f"init_from={released}"), tmp_path / "warm").step == 1
+
+
+def test_dev_pass_reports_the_unquantized_latent_beside_the_codes(corpus, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_config(corpus, "eval_every=1", "model.quantize_fraction=0"), run).fit(until=1)
+    [record] = read_jsonl(run / DEV_LOG)
+    assert record["mel_unquantized"] > 0 and record["mel_unquantized"] != record["mel"]
+
+
 def test_segment_must_be_whole_frames(corpus, tmp_path):
     with pytest.raises(ConfigError, match="multiple of the hop"):
         Trainer(tiny_config(corpus, "data.segment_samples=3000"), tmp_path / "run")

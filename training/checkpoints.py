@@ -71,6 +71,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no training checkpoint at {path}")
 
 
+def resolve_init(ref: str | Path) -> Path:
+    """What `init_from` names: a training checkpoint (file or run directory, as `resolve_checkpoint`), or a
+    released model (an installed id such as `simvq-16k`, or a directory with `config.json`), returned as
+    its directory."""
+    from codec.presets import MODELS
+
+    if str(ref) in MODELS:
+        return MODELS[str(ref)][0]
+    path = Path(ref)
+    if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+        return path
+    return resolve_checkpoint(path)
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a trainer checkpoint with `weights_only=True`: tensors and plain containers, never code."""
     try:

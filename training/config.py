@@ -151,7 +151,9 @@ class TrainConfig:
         adv_start_step: steps trained without the adversary (reconstruction and VQ losses only).
         init_from: a checkpoint file or run directory to start from when `run_dir` has no checkpoint yet:
             weights, EMA, optimisers, step and data position carry over as on resume, but the model config
-            may differ wherever the parameter shapes do not (e.g. `model.phase`). "" starts from scratch.
+            may differ wherever the parameter shapes do not (e.g. `model.phase`). A released model (an
+            installed id such as `simvq-16k`, or an exported directory) gives its weights only, from step 0.
+            "" starts from scratch.
         ema_decay: decay of the generator's exponential moving average (export uses the EMA).
         seed: seeds weights, data order, crops and gains.
         log_every: steps between logged training scalars (and plain progress lines off a TTY).

@@ -14,13 +14,16 @@ class DevResult:
     """One pass over the fixed dev clips.
 
     Args:
-        mel: mean multi-scale log-mel L1 over the clips.
+        mel: mean multi-scale log-mel L1 over the clips, all stages.
+        mel_unquantized: the same with the encoder's latent decoded as it is: the gap to `mel` is what the
+            quantizer costs this model.
         utilisation: per stage, codes used at least once during the pass / K.
         perplexity: per stage, exp of the entropy of the code histogram (K when all codes are equally used).
         outputs: decoded audio [1, T] of the first clips (for TensorBoard).
     """
 
     mel: float
+    mel_unquantized: float
     utilisation: list[float]
     perplexity: list[float]
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -29,6 +32,7 @@ class DevResult:
         return {
             "step": step,
             "mel": self.mel,
+            "mel_unquantized": self.mel_unquantized,
             "utilisation": self.utilisation,
             "perplexity": self.perplexity,
             "utilisation_mean": sum(self.utilisation) / len(self.utilisation),
@@ -50,19 +54,21 @@ def evaluate(model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, keep
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    counts, mels, outputs = None, [], []
+    counts, mels, unquantized, outputs = None, [], [], []
     with torch.random.fork_rng(devices=[]):
         for i, clip in enumerate(clips):
             audio = clip[None].to(device)
             out = model(audio)
             complete = audio.shape[-1] - model.decoder_delay  # as in training: the fade-out is not scored
             mels.append(float(mel_loss(out.audio[..., :complete], audio[..., :complete])))
+            continuous = model.decode_latents(out.latents)
+            unquantized.append(float(mel_loss(continuous[..., :complete], audio[..., :complete])))
             counts = out.stage_counts.cpu() if counts is None else counts + out.stage_counts.cpu()
             if i < keep:
                 outputs.append(out.audio[0].float().cpu())
     model.train(was_training)
     utilisation, perplexity = code_usage(counts)
-    return DevResult(sum(mels) / len(mels), utilisation, perplexity, outputs)
+    return DevResult(sum(mels) / len(mels), sum(unquantized) / len(unquantized), utilisation, perplexity, outputs)
 
 
 def mel_figure(reference: torch.Tensor, output: torch.Tensor, mel_loss: MultiScaleMelLoss, n_fft: int = 1024):

@@ -77,6 +77,7 @@ class Monitor:
         """Record a dev pass: scalars per stage, the JSON line, audio and mel images of the first clips."""
         w = self.writer
         w.add_scalar("dev/mel", result.mel, step)
+        w.add_scalar("dev/mel_unquantized", result.mel_unquantized, step)
         for i, (used, ppl) in enumerate(zip(result.utilisation, result.perplexity)):
             w.add_scalar(f"dev/utilisation/stage_{i:02d}", used, step)
             w.add_scalar(f"dev/perplexity/stage_{i:02d}", ppl, step)
@@ -89,7 +90,8 @@ class Monitor:
         self.references_logged = True
         w.flush()
         _append(self.run_dir / DEV_LOG, result.to_json(step))
-        line = f"dev step {step}: mel {result.mel:.3f}, utilisation " + " ".join(f"{u:.2f}" for u in result.utilisation)
+        line = (f"dev step {step}: mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f}), utilisation "
+                + " ".join(f"{u:.2f}" for u in result.utilisation))
         (self.bar.write if self.tty else lambda s: print(s, file=sys.stderr))(line)
 
     def close(self) -> None:

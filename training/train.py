@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from codec.checkpoint import load_model_dir
 from codec.errors import CheckpointError
 from codec.model import SimVQCodec
 from training import checkpoints
@@ -360,13 +361,16 @@ class Trainer:
         path = checkpoints.latest_checkpoint(self.ckpt_dir) if self.world.is_main else None
         warm_start = path is None and bool(self.cfg.init_from)
         if warm_start and self.world.is_main:
-            path = checkpoints.resolve_checkpoint(self.cfg.init_from)
+            path = checkpoints.resolve_init(self.cfg.init_from)
         if self.world.enabled:
             box = [str(path) if path else None, warm_start]
             dist.broadcast_object_list(box, src=0)  # every rank resumes from the checkpoint rank 0 chose
             path, warm_start = (Path(box[0]) if box[0] else None), bool(box[1])
         if path is None:
             return None
+        if path.is_dir():  # a released model: its weights only, a fresh optimiser, step 0
+            self._start_from_release(path)
+            return path
         state = checkpoints.load_checkpoint(path)
         saved = config_from_dict(state["config"])
         if saved.model != self.cfg.model and warm_start:
@@ -407,6 +411,16 @@ class Trainer:
         else:  # a different number of processes: same data position, fresh per-rank randomness
             _seed_all(self.cfg.seed + 1 + self.world.rank + 7919 * self.step)
         return path
+
+    def _start_from_release(self, model_dir: Path) -> None:
+        released = load_model_dir(model_dir)
+        if released.config != {**released.config, **self.cfg.model}:
+            warnings.warn(f"init_from {model_dir}: model config {released.config} -> {self.cfg.model}")
+        try:
+            self.model.load_state_dict(released.state_dict())
+        except RuntimeError as e:
+            raise CheckpointError(f"{model_dir} does not fit this generator: {str(e).splitlines()[0]}") from None
+        self.ema.model.load_state_dict(released.state_dict())
 
 
 def train(cfg: TrainConfig, run_dir: str | Path) -> Path | None:
