@@ -1,6 +1,7 @@
-"""Real speech for tests and quick runs, from installed system packages: Asterisk prompts or espeak-ng.
+"""Real speech for quick runs from the installed Asterisk prompts (Debian `asterisk-core-sounds-*`).
 
-`python -m eval.samples DIR --count 20` writes that many Asterisk prompts as 16 kHz mono WAV files.
+`python -m eval.samples DIR --count 20` writes that many prompts as 16 kHz mono WAV files. Tests do not use
+this module: what it finds depends on the machine, so they use the recordings in `examples/` instead.
 """
 
 from __future__ import annotations
@@ -9,12 +10,10 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 
 from eval import SAMPLE_RATE
 
@@ -37,28 +36,6 @@ def decode_g722(path: Path) -> np.ndarray:
                           "-ar", str(SAMPLE_RATE), "-ac", "1", "-f", "s16le", "-"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
     return np.frombuffer(out.stdout, dtype="<i2").astype(np.float32) / 32768.0
-
-
-def espeak(text: str) -> np.ndarray:
-    """``text`` spoken by espeak-ng, as 16 kHz mono float32 [T]."""
-    if shutil.which("espeak-ng") is None:
-        raise FileNotFoundError("espeak-ng is not installed")
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp, "say.wav")
-        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        data, rate = sf.read(wav, dtype="float32", always_2d=True)
-    return soxr.resample(data.mean(axis=1), rate, SAMPLE_RATE).astype(np.float32)
-
-
-def speech(index: int = 0) -> np.ndarray:
-    """One real recording (the ``index``-th Asterisk prompt of 2-6 s), else espeak-ng speech.
-
-    Raises FileNotFoundError when neither source is installed (tests skip on it).
-    """
-    prompts = asterisk_prompts()
-    if prompts and shutil.which("ffmpeg"):
-        return decode_g722(prompts[index % len(prompts)])
-    return espeak("The quick brown fox jumps over the lazy dog. Please leave a message after the tone.")
 
 
 def write_prompts(out_dir: Path, count: int, skip: int = 0) -> list[Path]:

@@ -1,10 +1,15 @@
-"""Shared fixtures: tiny models that make the suite fast on two CPU cores."""
+"""Shared fixtures: tiny models that make the suite fast on two CPU cores, and the shipped recordings."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from codec.model import SimVQCodec
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 TINY = dict(encoder_dim=32, encoder_layers=2, decoder_dim=32, decoder_layers=2, latent_dim=16, n_stages=4,
             codebook_size=64)
@@ -34,3 +39,14 @@ def speechlike(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.nd
     voiced = sum(np.sin(k * phase) / k for k in range(1, 20))
     envelope = 0.5 * (1 + np.sin(2 * np.pi * 3 * t)) ** 2
     return (0.1 * envelope * voiced + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def example_speech(name: str = "speech.wav") -> np.ndarray:
+    """A real recording the repository ships (examples/, 16 kHz mono float32 [T]; examples/README.md).
+
+    Tests whose expectations depend on the signal use these, never speech found on the machine, so a
+    fresh clone scores exactly what the expectations were set on.
+    """
+    wav, rate = sf.read(EXAMPLES / name, dtype="float32")
+    assert rate == 16000 and wav.ndim == 1, f"examples/{name} must be 16 kHz mono"
+    return wav

@@ -14,22 +14,19 @@ import soundfile as sf
 from codec.errors import AudioError
 from eval.cli import register
 from eval.dataset import Item, list_inputs, load_audio, spread_per_speaker
+from tests.conftest import example_speech
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from eval.samples import speech
-
     root = tmp_path_factory.mktemp("clips")
-    try:
-        sf.write(root / "one.wav", speech(2)[:32000], 16000)
-        sub = root / "sub"
-        sub.mkdir()
-        sf.write(sub / "two.wav", np.stack([speech(3)[:48000]] * 2, axis=1), 48000)  # stereo, 48 kHz, 1 s
-    except FileNotFoundError as exc:
-        pytest.skip(f"no speech source installed: {exc}")
+    sf.write(root / "one.wav", example_speech("reference.wav")[:32000], 16000)
+    sub = root / "sub"
+    sub.mkdir()
+    stereo = np.stack([example_speech()[100000:148000]] * 2, axis=1)  # 3 s of the second prompt
+    sf.write(sub / "two.wav", stereo, 48000)  # read as stereo at 48 kHz: 1 s
     return root
 
 

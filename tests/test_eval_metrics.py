@@ -8,16 +8,12 @@ import pytest
 from codec.errors import AudioError
 from eval.align import align, estimate_delay
 from eval.metrics import mel_distance, score, si_sdr
+from tests.conftest import example_speech
 
 
 @pytest.fixture(scope="module")
 def clip() -> np.ndarray:
-    from eval.samples import speech
-
-    try:
-        return speech(0)[:48000].astype(np.float64)  # 3 s of a real recording
-    except FileNotFoundError as exc:
-        pytest.skip(f"no speech source installed: {exc}")
+    return example_speech()[:48000].astype(np.float64)  # 3 s of the shipped recording
 
 
 def test_identical_signal_scores_top(clip):

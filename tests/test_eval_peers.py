@@ -10,6 +10,7 @@ from eval.metrics import score
 from eval.oggopus import read_opus_stream
 from eval.peers import Codec2, Opus, missing_tools, peer_codecs
 from eval.run import evaluate
+from tests.conftest import example_speech
 
 needs_opus = pytest.mark.skipif(shutil.which("opusenc") is None or shutil.which("opusdec") is None,
                                 reason="opus-tools not installed")
@@ -19,12 +20,7 @@ needs_codec2 = pytest.mark.skipif(shutil.which("c2enc") is None or shutil.which(
 
 @pytest.fixture(scope="module")
 def clip() -> np.ndarray:
-    from eval.samples import speech
-
-    try:
-        return speech(0)[:48000]
-    except FileNotFoundError as exc:
-        pytest.skip(f"no speech source installed: {exc}")
+    return example_speech()[:48000]  # 3 s of the shipped recording
 
 
 @needs_opus

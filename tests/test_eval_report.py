@@ -14,6 +14,7 @@ from eval.model import count_codes, model_settings, stage_usage
 from eval.peers import Codec2
 from eval.report import write_report
 from eval.run import MEAN, evaluate
+from tests.conftest import example_speech
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,9 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from eval.samples import speech
-
     root = tmp_path_factory.mktemp("clips")
-    try:
-        sf.write(root / "a.wav", speech(0)[:40000], 16000)  # 2.5 s
-        sf.write(root / "b.flac", speech(1)[:24000], 16000)  # 1.5 s
-    except FileNotFoundError as exc:
-        pytest.skip(f"no speech source installed: {exc}")
+    sf.write(root / "a.wav", example_speech()[:40000], 16000)  # 2.5 s
+    sf.write(root / "b.flac", example_speech("reference.wav")[:24000], 16000)  # 1.5 s
     (root / "notes.txt").write_text("not audio")
     return root
 
