@@ -5,12 +5,36 @@ from __future__ import annotations
 
 import math
 
-import librosa
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from codec.modules import causal_stft, hann_window
+
+
+def slaney_mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """Triangular mel filters [n_mels, n_fft // 2 + 1] float32 from 0 Hz to Nyquist, Slaney's scale and area norm.
+
+    Slaney's Auditory Toolbox scale: linear below 1 kHz (200/3 Hz per mel), logarithmic above (a factor of 6.4
+    per 27 mels); each filter is divided by its width in Hz so all have the same area. These are the filters
+    `librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)` returns (its defaults; a test checks),
+    computed here so that training needs neither librosa nor its numba.
+    """
+    f_sp, knee_hz = 200.0 / 3.0, 1000.0
+    knee_mel, log_step = knee_hz / f_sp, math.log(6.4) / 27.0
+
+    def to_mel(hz: float) -> float:
+        return hz / f_sp if hz < knee_hz else knee_mel + math.log(hz / knee_hz) / log_step
+
+    mels = np.linspace(0.0, to_mel(sample_rate / 2.0), n_mels + 2)
+    edges = np.where(mels < knee_mel, mels * f_sp, knee_hz * np.exp(log_step * (mels - knee_mel)))
+    bins = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    widths = np.diff(edges)
+    rising = (bins[None, :] - edges[:-2, None]) / widths[:-1, None]
+    falling = (edges[2:, None] - bins[None, :]) / widths[1:, None]
+    triangles = np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)  # rounded twice, as librosa does
+    return (triangles * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
 
 
 class MultiScaleMelLoss(nn.Module):
@@ -19,7 +43,7 @@ class MultiScaleMelLoss(nn.Module):
     Args:
         sample_rate: Hz.
         n_ffts: FFT (and Hann window) sizes; hop = n_fft / 4.
-        n_mels: mel bands for each FFT size (librosa Slaney filters).
+        n_mels: mel bands for each FFT size (Slaney filters, `slaney_mel_filters`).
         floor: magnitude floor before the log.
     Inputs `output, target` are [B, 1, T]; the result is a scalar.
     """
@@ -29,7 +53,7 @@ class MultiScaleMelLoss(nn.Module):
         self.n_ffts = tuple(n_ffts)
         self.floor = floor
         for n_fft, mels in zip(self.n_ffts, n_mels):
-            fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=mels)
+            fb = slaney_mel_filters(sample_rate, n_fft, mels)
             self.register_buffer(f"fb_{n_fft}", torch.from_numpy(fb).float(), persistent=False)
             self.register_buffer(f"win_{n_fft}", torch.hann_window(n_fft), persistent=False)
 
