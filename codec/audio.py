@@ -26,6 +26,7 @@ from codec.errors import AudioError
 
 BLOCK_SECONDS = 10.0
 OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+UNNAMED_INPUT = "the input"  # how messages name an in-memory input (never its Python repr)
 
 
 @dataclass
@@ -54,63 +55,141 @@ def _stdout() -> BinaryIO:
 
 # --- reading ----------------------------------------------------------------------------------------
 _WAV_FLOAT, _WAV_PCM, _WAV_EXTENSIBLE = 3, 1, 0xFFFE
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # data sizes that mean "until the end" (how WAV is streamed)
+_SKIP_PIECE = 1 << 16
+
+
+def _read_exactly(stream: BinaryIO, n: int) -> bytes:
+    """Up to `n` bytes, looping over short reads (pipes, raw files); fewer only at the end of the stream."""
+    parts, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class WavLayout:
+    """What a RIFF/WAVE header declares. `data_bytes` is None for the streaming "until the end" size."""
+
+    tag: int
+    channels: int
+    sample_rate: int
+    block_align: int
+    bits: int
+    data_bytes: int | None
+
+    @property
+    def frames(self) -> int | None:
+        return None if self.data_bytes is None or self.block_align == 0 else self.data_bytes // self.block_align
+
+
+def read_wav_layout(stream: BinaryIO, name: str, head: bytes = b"") -> WavLayout:
+    """Parse RIFF chunks up to the start of the data chunk (`head`: bytes already taken from `stream`).
+
+    Leaves `stream` at the first sample. Raises AudioError when this is not a WAV with a fmt chunk
+    before its data.
+    """
+    buffer = head
+
+    def take(n: int) -> bytes:
+        nonlocal buffer
+        out, buffer = buffer[:n], buffer[n:]
+        return out + _read_exactly(stream, n - len(out)) if len(out) < n else out
+
+    if take(4) != b"RIFF" or len(take(4)) != 4 or take(4) != b"WAVE":
+        raise AudioError(f"{name} is not a RIFF/WAVE stream")
+    fmt = None
+    while True:
+        chunk_id, size = take(4), take(4)
+        if len(chunk_id) < 4 or len(size) < 4:
+            raise AudioError(f"{name} ended before its data chunk")
+        (size,) = struct.unpack("<I", size)
+        if chunk_id == b"data":
+            break
+        left = size + (size & 1)
+        body = take(min(left, _SKIP_PIECE))
+        left -= len(body)
+        if chunk_id == b"fmt ":
+            fmt = body
+        while left > 0:  # skip the rest in pieces: a chunk's claimed size costs no memory
+            piece = take(min(left, _SKIP_PIECE))
+            if not piece:
+                break
+            left -= len(piece)
+    if fmt is None or len(fmt) < 16:
+        raise AudioError(f"{name} has no valid fmt chunk before its data")
+    tag, channels, rate, _, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
+    if tag == _WAV_EXTENSIBLE and len(fmt) >= 26:
+        tag = struct.unpack("<H", fmt[24:26])[0]
+    return WavLayout(tag, channels, rate, block_align, bits, None if size in _UNKNOWN_SIZES else size)
+
+
+def truncated(name: str, declared: int, found: int, sample_rate: int) -> AudioError:
+    """The one message for audio that holds fewer frames than its header declares (every input path)."""
+    return AudioError(f"{name} is truncated: its header declares {declared} frames ({declared / sample_rate:.2f} s) "
+                      f"but it holds {found} ({found / sample_rate:.2f} s)")
+
+
+def check_wav_complete(file, name: str, frames: int, sample_rate: int) -> None:
+    """Raise `truncated` when a seekable WAV (path or file object) declares more frames than the `frames`
+    libsndfile found in it (libsndfile quietly shortens the count to the data present)."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as f:
+            return check_wav_complete(f, name, frames, sample_rate)
+    start = file.tell()
+    try:
+        file.seek(0)
+        layout = read_wav_layout(file, name)
+    except AudioError:
+        return  # libsndfile read it as WAV anyway (RF64, say): nothing to compare with
+    finally:
+        file.seek(start)
+    if layout.frames is not None and layout.frames > frames:
+        raise truncated(name, layout.frames, frames, sample_rate)
 
 
 class _StreamingWav:
     """A minimal PCM/float WAV reader for non-seekable streams (RIFF chunks in order, data last)."""
 
-    def __init__(self, stream: BinaryIO, head: bytes):
-        self.stream, self._buffer = stream, head
-        if self._read(4) != b"RIFF" or len(self._read(4)) != 4 or self._read(4) != b"WAVE":
-            raise AudioError("stdin is not a RIFF/WAVE stream")
-        fmt = None
-        while True:
-            chunk_id, size = self._read(4), self._read(4)
-            if len(chunk_id) < 4 or len(size) < 4:
-                raise AudioError("WAV stream ended before its data chunk")
-            (size,) = struct.unpack("<I", size)
-            if chunk_id == b"data":
-                break
-            body = self._read(size + (size & 1))
-            if chunk_id == b"fmt ":
-                fmt = body
-        if fmt is None or len(fmt) < 16:
-            raise AudioError("WAV stream has no valid fmt chunk before its data")
-        tag, channels, rate, _, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
-        if tag == _WAV_EXTENSIBLE and len(fmt) >= 26:
-            tag = struct.unpack("<H", fmt[24:26])[0]
+    def __init__(self, stream: BinaryIO, head: bytes, name: str):
+        self.stream, self.name = stream, name
+        layout = read_wav_layout(stream, name, head)
+        tag, bits, channels, rate, block_align = layout.tag, layout.bits, layout.channels, layout.sample_rate, \
+            layout.block_align
         dtypes = {(_WAV_PCM, 8): "u1", (_WAV_PCM, 16): "<i2", (_WAV_PCM, 32): "<i4", (_WAV_FLOAT, 32): "<f4", (_WAV_FLOAT, 64): "<f8"}
         if (tag, bits) == (_WAV_PCM, 24):
             self.dtype = "int24"
         elif (tag, bits) in dtypes:
             self.dtype = dtypes[(tag, bits)]
         else:
-            raise AudioError(f"unsupported WAV sample format on stdin (format tag {tag}, {bits} bits)")
+            raise AudioError(f"unsupported WAV sample format in {name} (format tag {tag}, {bits} bits)")
         if channels == 0 or rate == 0 or block_align != channels * bits // 8:
-            raise AudioError("WAV stream header is inconsistent (channels, rate or block size)")
+            raise AudioError(f"the WAV header of {name} is inconsistent (channels, rate or block size)")
         self.channels, self.samplerate, self.block_align = channels, rate, block_align
-        unknown = size in (0, 0xFFFFFFFF)
-        self.frames = None if unknown else size // block_align
-        self._remaining = None if unknown else self.frames * block_align
-
-    def _read(self, n: int) -> bytes:
-        out = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        if len(out) < n:
-            out += self.stream.read(n - len(out))
-        return out
+        self.frames = layout.frames
+        self._remaining = None if self.frames is None else self.frames * block_align
 
     def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        """`[n, channels]` blocks; a stream that ends before its declared length raises `truncated`
+        before the short block is handed out."""
+        done = 0
         while self._remaining is None or self._remaining > 0:
             want = frames * self.block_align
             if self._remaining is not None:
                 want = min(want, self._remaining)
-            data = self._read(want)
+            data = _read_exactly(self.stream, want)
+            if self._remaining is not None and len(data) < want:
+                raise truncated(self.name, self.frames, done + len(data) // self.block_align, self.samplerate)
             data = data[: len(data) - len(data) % self.block_align]
             if not data:
                 return
             if self._remaining is not None:
                 self._remaining -= len(data)
+            done += len(data) // self.block_align
             yield self._decode(data).reshape(-1, self.channels)
 
     def _decode(self, data: bytes) -> np.ndarray:
@@ -126,6 +205,16 @@ class _StreamingWav:
         return x.astype(np.float32)
 
 
+def input_name(src: str | os.PathLike | BinaryIO) -> str:
+    """How messages name an input: its path, "stdin", or "the input" (an in-memory upload, say)."""
+    if src == "-":
+        return "stdin"
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    name = getattr(src, "name", None)
+    return name if isinstance(name, str) and name else UNNAMED_INPUT
+
+
 class AudioReader:
     """Read audio as mono float32 blocks at `target_rate`.
 
@@ -139,7 +228,7 @@ class AudioReader:
     def __init__(self, src: str | os.PathLike | BinaryIO, target_rate: int, block_seconds: float = BLOCK_SECONDS):
         self.target_rate, self.block_seconds = target_rate, block_seconds
         self._spool = None
-        self.name = "stdin" if src == "-" else getattr(src, "name", None) or str(src)
+        self.name = input_name(src)
         if isinstance(src, (str, os.PathLike)) and src != "-":
             path = Path(src)
             if not path.exists():
@@ -147,6 +236,7 @@ class AudioReader:
             if path.is_dir():
                 raise AudioError(f"{path} is a directory, not an audio file")
             self._file = self._open_soundfile(path)
+            self._check_complete(path)
         else:
             self._file = self._open_stream(_stdin() if src == "-" else src)
         rate, channels = self._file.samplerate, self._file.channels
@@ -156,6 +246,14 @@ class AudioReader:
         if frames == 0:
             self.close()
             raise AudioError(f"{self.name} contains no audio samples")
+
+    def _check_complete(self, file) -> None:
+        if self._file.format in ("WAV", "WAVEX"):
+            try:
+                check_wav_complete(file, self.name, self._file.frames, self._file.samplerate)
+            except AudioError:
+                self.close()
+                raise
 
     def _open_soundfile(self, file) -> sf.SoundFile:
         try:
@@ -167,10 +265,12 @@ class AudioReader:
     def _open_stream(self, stream: BinaryIO):
         seekable = getattr(stream, "seekable", lambda: False)()
         if seekable:
-            return self._open_soundfile(stream)
-        head = stream.read(12)
+            self._file = self._open_soundfile(stream)
+            self._check_complete(stream)
+            return self._file
+        head = _read_exactly(stream, 12)
         if head[:4] == b"RIFF":
-            return _StreamingWav(stream, head)
+            return _StreamingWav(stream, head, self.name)
         # FLAC and OGG need seeking: spool to a temporary file (disk, not memory).
         self._spool = tempfile.TemporaryFile()
         self._spool.write(head)

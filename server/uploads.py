@@ -11,6 +11,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from codec.audio import UNNAMED_INPUT, check_wav_complete
 from server.errors import ProblemError
 from server.settings import Settings
 
@@ -31,7 +32,6 @@ ALLOWED_SUBTYPES: dict[str, frozenset[str]] = {
     "OGG": frozenset({"VORBIS", "OPUS"}),
 }
 _CONTAINER_FAMILY = {"WAV": "WAV", "WAVEX": "WAV", "FLAC": "FLAC", "OGG": "OGG"}
-_BYTES_PER_SAMPLE = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
 ACCEPTED_TEXT = "audio/wav, audio/flac, audio/ogg or multipart/form-data with a 'file' part"
 
 
@@ -121,7 +121,8 @@ def probe_audio(data: bytes, expected: str | None, settings: Settings) -> AudioP
     """Open the header only and enforce the container/sample-format allowlist and the size limits.
 
     415: container or sample format not allowed, or not what the Content-Type says.
-    422: unreadable header, sample rate or channel count out of bounds, empty, or frames the body cannot hold.
+    422: unreadable header, sample rate or channel count out of bounds, empty, or truncated (fewer frames
+         than the header declares: the same rule and message as the CLI, `codec.audio.check_wav_complete`).
     413: declared duration or decoded size above the limits.
     """
     if not data:
@@ -168,9 +169,6 @@ def probe_audio(data: bytes, expected: str | None, settings: Settings) -> AudioP
         raise ProblemError(413, "audio-too-large", "Audio too large once decoded",
                            f"{frames} frames x {channels} channels exceed {settings.max_input_samples} samples; "
                            "send fewer channels or a lower sample rate")
-    width = _BYTES_PER_SAMPLE.get(subtype) if _CONTAINER_FAMILY[container] == "WAV" else None
-    if width is not None and frames * channels * width > len(data):
-        raise ProblemError(422, "invalid-audio", "Invalid audio",
-                           f"the header declares {frames} frames but the body holds only {len(data)} bytes; "
-                           "the file is truncated")
+    if _CONTAINER_FAMILY[container] == "WAV":
+        check_wav_complete(io.BytesIO(data), UNNAMED_INPUT, frames, rate)  # AudioError: 422
     return probe

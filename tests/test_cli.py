@@ -112,3 +112,16 @@ def test_help_explains_commands():
     text = cli.build_parser(plugins=False).format_help()
     for word in ("compress", "decompress", "info", "examples"):
         assert word in text
+
+
+def test_truncated_wav_exits_2_with_the_same_line_from_a_file_and_a_pipe(tmp_path):
+    half = tmp_path / "half.wav"
+    half.write_bytes(EXAMPLE.read_bytes()[:150_000])  # `head -c 150000`: the header says 165,842 frames
+    r = run("compress", str(half), str(tmp_path / "a.tok"))
+    line = r.stderr.decode().strip()
+    assert r.returncode == 2 and line == (f"simvq-codec: error: {half} is truncated: its header declares 165842 "
+                                          "frames (10.37 s) but it holds 74978 (4.69 s)")
+    assert not (tmp_path / "a.tok").exists()
+    piped = run("compress", "-", "-", stdin=half.read_bytes())
+    assert piped.returncode == 2 and piped.stderr.decode().strip() == line.replace(str(half), "stdin")
+

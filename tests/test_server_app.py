@@ -194,7 +194,21 @@ def test_non_finite_samples_are_rejected(client):
     x = speech_like(0.3)
     x[1000] = np.nan
     r = client.post("/encode", content=audio_bytes(x, 16000, "WAV", "FLOAT"), headers={"content-type": "audio/wav"})
-    assert_problem(r, 422, "invalid-audio", "non-finite")
+    body = assert_problem(r, 422, "invalid-audio", "non-finite")
+    assert body["detail"] == "the input has a non-finite sample (NaN or infinity) at 0.062 s"
+
+
+def test_truncated_wav_is_refused_as_the_cli_refuses_it(client):
+    whole = wav(2.0)
+    half = whole[: len(whole) // 2]  # the header still declares 32000 frames
+    r = client.post("/encode", content=half, headers={"content-type": "audio/wav"})
+    assert_problem(r, 422, "invalid-audio", "the input is truncated: its header declares 32000 frames (2.00 s) "
+                                            "but it holds 15989 (1.00 s)")
+    r = client.post("/encode", files={"file": ("half.wav", half, "audio/wav")})
+    assert_problem(r, 422, "invalid-audio", "truncated")
+    huge = whole[:40] + (2**32 - 2).to_bytes(4, "little") + whole[44:54]  # 2**31 frames declared, 10 bytes
+    assert_problem(client.post("/encode", content=huge, headers={"content-type": "audio/wav"}),
+                   422, "invalid-audio", "declares 2147483647 frames")
 
 
 def test_parameter_errors_name_the_parameter(client):

@@ -80,13 +80,12 @@ def resolve_stages(model: Any, stages: int | None, bitrate: float | None) -> int
 
 
 def _encode_job(data: bytes, model: Any, n_stages: int) -> tuple[Any, np.ndarray]:
-    """Decode, convert to mono at the model rate, reject non-finite samples, encode (a worker job)."""
+    """Decode and convert to mono at the model rate (codec.audio's rules: truncation, non-finite samples),
+    then encode (a worker job)."""
     try:
         wav, _info = read_audio(io.BytesIO(data), model.sample_rate)
     except sf.LibsndfileError as exc:
         raise AudioError(f"the audio could not be decoded ({exc.error_string})") from None
-    if not np.isfinite(wav).all():
-        raise AudioError("the audio has non-finite samples (NaN or infinity); send finite samples")
     header, codes = encode_array(wav, model.sample_rate, model, n_stages=n_stages)
     return header, np.asarray(codes)
 
