@@ -166,12 +166,15 @@ def compress(src: Source, dst: Source, model: SimVQCodec | str | None = None, n_
         seconds = None if info.frames is None else info.frames / info.sample_rate
         total = 0
         with _open_output(dst) as sink, _progress(progress, seconds, "compress") as bar, codec.streaming(1):
-            writer = TokWriter(sink, header)
-            device = _device(codec)
+            writer = None  # nothing is written until the first block has passed the input checks (on a pipe,
+            device = _device(codec)  # input that fails within its first block leaves no output at all)
             for block in reader.blocks():
                 total += len(block)
-                writer.write(codec.encode(torch.from_numpy(block).to(device)[None, None], n)[0].cpu().numpy())
+                codes = codec.encode(torch.from_numpy(block).to(device)[None, None], n)[0].cpu().numpy()
+                writer = writer or TokWriter(sink, header)
+                writer.write(codes)
                 bar.update(len(block) / codec.sample_rate)
+            writer = writer or TokWriter(sink, header)
             writer.write(codec.flush_encoder(n)[0].cpu().numpy())
             writer.close(total)
     return make_header(codec, n, total), info

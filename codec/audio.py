@@ -360,6 +360,10 @@ def wav_header(sample_rate: int, num_frames: int | None) -> bytes:
 class AudioWriter:
     """Write mono float32 blocks as 16-bit WAV or FLAC, counting samples that had to be clipped.
 
+    On a non-seekable stream (a pipe), WAV is written as it comes, its header with the first block;
+    FLAC is spooled to a temporary file and copied out on a successful close. Leaving the context on an
+    exception writes nothing more: an error before the first block leaves the stream untouched.
+
     Args:
         dst: a path, `-` for stdout, or a binary file object.
         sample_rate: Hz.
@@ -372,12 +376,12 @@ class AudioWriter:
         self.format = output_format(dst, format)
         self.clipped = 0
         self._stream: BinaryIO | None = None
+        self._header: bytes | None = None  # a piped WAV's header, until the first block goes with it
         self._spool = None
         stream = _stdout() if dst == "-" else dst if not isinstance(dst, (str, os.PathLike)) else None
         if stream is not None and not getattr(stream, "seekable", lambda: False)():
             if self.format == "WAV":
-                self._stream = stream
-                stream.write(wav_header(sample_rate, num_frames))
+                self._stream, self._header = stream, wav_header(sample_rate, num_frames)
                 self._file = None
                 return
             self._spool, self._target = tempfile.TemporaryFile(), stream  # FLAC needs seeking: spool
@@ -393,9 +397,16 @@ class AudioWriter:
         if self._file is not None:
             self._file.write(block)
         else:
+            self._write_header()
             self._stream.write((np.round(block * 32767.0)).astype("<i2").tobytes())
 
+    def _write_header(self) -> None:
+        if self._header is not None:
+            self._stream.write(self._header)
+            self._header = None
+
     def close(self) -> None:
+        """Finish the output (the header of an empty piped WAV, a spooled FLAC's bytes)."""
         if self._file is not None:
             self._file.close()
         if self._spool is not None:
@@ -403,13 +414,26 @@ class AudioWriter:
             shutil.copyfileobj(self._spool, self._target, 1 << 20)
             self._spool.close()
         if self._stream is not None:
+            self._write_header()
+            self._stream.flush()
+
+    def abort(self) -> None:
+        """Stop without finishing: nothing more reaches a stream (a spooled FLAC is dropped)."""
+        if self._file is not None:
+            self._file.close()
+        if self._spool is not None:
+            self._spool.close()
+        if self._stream is not None:
             self._stream.flush()
 
     def __enter__(self) -> "AudioWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_audio(dst: str | os.PathLike | BinaryIO, wav: np.ndarray, sample_rate: int, format: str | None = None) -> int:

@@ -24,6 +24,17 @@ EPILOG = """examples:
 """
 
 
+OUTPUT_NOTE = """\
+output: a file is written under a temporary name and renamed into place on success, so a failure leaves
+nothing. Output to - streams as it is made: nothing is written before the first 10 s of input have been
+read, so a shorter input that fails leaves no output at all, but a longer one can leave partial output.
+The exit status (0 only when the output is complete) is what to check; {partial}
+"""
+COMPRESS_PARTIAL = "a partial .tok has no CRC trailer, so every reader refuses it."
+DECOMPRESS_PARTIAL = ("a partial WAV's header declares the full length when the .tok knows it (so compress "
+                      "refuses it as truncated), and FLAC on a pipe is written only on success.")
+
+
 def _fail(message: str) -> int:
     print(f"simvq-codec: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -128,7 +139,8 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="audio (WAV, FLAC, OGG; any rate and channels) -> .tok",
                        description="Compress audio into a .tok token file. Input is mixed down to mono and "
-                                   "resampled to the model's rate.")
+                                   "resampled to the model's rate.",
+                       epilog=OUTPUT_NOTE.format(partial=COMPRESS_PARTIAL))
     p.add_argument("input", help="audio file, or - for stdin")
     p.add_argument("output", help=".tok file, or - for stdout")
     rate = p.add_mutually_exclusive_group()
@@ -138,7 +150,8 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("decompress", help=".tok -> audio (WAV, or FLAC by extension)",
-                       description="Decode a .tok file back to audio with exactly the original length.")
+                       description="Decode a .tok file back to audio with exactly the original length.",
+                       epilog=OUTPUT_NOTE.format(partial=DECOMPRESS_PARTIAL))
     p.add_argument("input", help=".tok file, or - for stdin")
     p.add_argument("output", help="output .wav or .flac, or - for WAV on stdout")
     p.add_argument("--format", choices=["wav", "flac"], help="output format (default: by extension, else wav)")

@@ -125,3 +125,23 @@ def test_truncated_wav_exits_2_with_the_same_line_from_a_file_and_a_pipe(tmp_pat
     piped = run("compress", "-", "-", stdin=half.read_bytes())
     assert piped.returncode == 2 and piped.stderr.decode().strip() == line.replace(str(half), "stdin")
 
+
+def test_a_pipe_gets_no_output_from_input_that_fails_in_its_first_block(tmp_path):
+    nan = np.zeros(16000, np.float32)
+    nan[8000] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    r = run("compress", "-", "-", stdin=(tmp_path / "nan.wav").read_bytes())
+    assert r.returncode == 2 and b"stdin has a non-finite sample" in r.stderr and r.stdout == b""
+    sf.write(tmp_path / "ok.wav", speechlike(0.9), 16000, subtype="PCM_16")
+    tok = run("compress", "-", "-", stdin=(tmp_path / "ok.wav").read_bytes()).stdout
+    for cut in (tok[:-3], tok[:60]):  # a truncated .tok, with and without whole frames
+        for fmt in ("wav", "flac"):
+            r = run("decompress", "-", "-", "--format", fmt, stdin=cut)
+            assert r.returncode == 2 and b"truncated token file" in r.stderr and r.stdout == b"", (len(cut), fmt)
+
+
+def test_help_says_what_a_pipe_can_leave_behind():
+    parser = cli.build_parser(plugins=False)
+    for command in ("compress", "decompress"):
+        text = " ".join(parser._subparsers._group_actions[0].choices[command].format_help().split())
+        assert "first 10 s" in text and "exit status" in text, text
