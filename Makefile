@@ -1,8 +1,9 @@
 # Set-up and everyday commands. `make demo` and `make test` are all a fresh machine needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Debian tools the optional parts call: Opus and Codec 2 for evaluation, ffmpeg for the corpus recipe.
-APT_PACKAGES := ffmpeg opus-tools codec2 espeak-ng
+# Debian tools the optional parts call: Opus and Codec 2 for evaluation, ffmpeg for the corpus recipe,
+# Chromium and its WebDriver for the listening page's browser test.
+APT_PACKAGES := ffmpeg opus-tools codec2 espeak-ng chromium chromium-driver
 
 .PHONY: install demo test system-deps corpus golden
 

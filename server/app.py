@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 
 from server.errors import Problem, install_error_handlers
 from server.metrics import Metrics, MetricsMiddleware
-from server.routers import decode, encode, health, stream
+from server.routers import decode, encode, health, listen, stream
 from server.routers import models as models_router
 from server.runtime import Phase, Runtime
 from server.schemas import TokenJSON
@@ -25,6 +25,7 @@ DESCRIPTION = """\
 Neural speech codec service. `POST /encode` turns audio into tokens (`.tok` bytes or JSON),
 `POST /decode` turns them back into audio with the original number of samples. WebSocket
 `/v1/stream/encode` and `/v1/stream/decode` stream 16-bit PCM and token frames (docs/service.md).
+`GET /` is a listening page: record or upload a clip and hear it at several bitrates.
 Every error is `application/problem+json` (RFC 9457).
 """
 
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None, models: dict[str, Any] | None =
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    for module in (health, models_router, encode, decode, stream):
+    for module in (health, models_router, encode, decode, stream, listen):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:

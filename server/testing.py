@@ -1,9 +1,11 @@
-"""Helpers for the server tests and the load script: a tiny codec, test audio, a loopback uvicorn server."""
+"""Helpers for the server tests and the bench scripts: a tiny codec, test audio, a loopback uvicorn server,
+headless Chromium."""
 
 from __future__ import annotations
 
 import glob
 import io
+import shutil
 import socket
 import threading
 import time
@@ -129,3 +131,39 @@ class LoopbackServer:
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+
+
+# Headless Chromium on a closed network: without these it keeps trying (and failing) to reach Google's services.
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--mute-audio", "--window-size=1100,1000", "--force-device-scale-factor=1",
+    # a fake microphone (a beep) that needs no permission prompt, so the recording path can be driven too
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+)
+
+
+def chromium_missing() -> str | None:
+    """Why headless Chromium cannot be driven here, or None when it can (Debian's chromium and chromium-driver)."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    for binary, package in (("chromium", "chromium"), ("chromedriver", "chromium-driver")):
+        if shutil.which(binary) is None:
+            return f"no {binary} on PATH (apt-get install {package}, or `make system-deps` as root)"
+    return None
+
+
+def headless_chromium(user_data_dir: str | Path) -> Any:
+    """A selenium Chrome driver on Debian's chromium and chromedriver, with a fresh profile in `user_data_dir`.
+
+    The driver and browser paths are given, so selenium never tries to download either. Call `.quit()`.
+    """
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "chromium"
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(executable_path=shutil.which("chromedriver")))
