@@ -21,7 +21,7 @@ from tqdm import tqdm
 from codec.audio import AudioInfo, AudioReader, AudioWriter, output_format
 from codec.errors import AudioError, CodecError, TokFormatError
 from codec.model import SimVQCodec
-from codec.presets import load_model
+from codec.presets import file_model_dir, load_model
 from codec.tokfile import TokHeader, TokReader, TokWriter
 
 Source = str | os.PathLike | BinaryIO
@@ -185,13 +185,16 @@ def decompress(src: Source, dst: Source, model: SimVQCodec | str | None = None, 
     """Decode a .tok file (path, `-` or file object) to WAV or FLAC. Returns (header, clipped samples).
 
     The output has exactly the original number of samples. Without `model`, the model named in the file
-    is loaded from this installation's presets.
+    is loaded from this installation's presets; a file naming anything else (a path, say) is refused.
     """
     format = output_format(dst, format)
     with _open_input(src) as source:
         reader = TokReader(source, block_frames=DECODE_BLOCK_FRAMES)
         header = reader.header
-        codec = model if isinstance(model, SimVQCodec) else load_model(model or header.model_id)
+        if isinstance(model, SimVQCodec):
+            codec = model
+        else:  # the file's own model id names an installed model only, never a folder
+            codec = load_model(model if model is not None else file_model_dir(header.model_id))
         check_model_matches(header, codec)
         device = _device(codec)
         seconds = None if header.num_samples is None else header.num_samples / header.sample_rate

@@ -84,6 +84,7 @@ def cmd_decompress(args) -> int:
 def cmd_info(args) -> int:
     from codec import presets
     from codec.api import _open_input
+    from codec.errors import CodecError
     from codec.tokfile import TokReader
 
     with _open_input(args.file) as f:
@@ -93,9 +94,9 @@ def cmd_info(args) -> int:
         h, size = reader.header, reader.bytes_read
     seconds = h.num_samples / h.sample_rate
     try:
-        config = presets.describe(h.model_id)
+        config = presets.describe(presets.file_model_dir(h.model_id))
         installed = "yes" if config["sha256"].startswith(h.weights_hash.hex()) else "no (different weights)"
-    except Exception:
+    except CodecError:
         installed = "no"
     rows = [
         ("model", f"{h.model_id} (weights {h.weights_hash.hex()}; installed here: {installed})"),

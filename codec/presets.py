@@ -1,7 +1,8 @@
 """Named models: one table that the API, the CLI, the server and the decoder all resolve.
 
-A token file names the model that made it; decoding looks that id up here, so a file can only be
-decoded by a model this installation has (or one given explicitly with `--model DIR`).
+A token file names the model that made it; decoding looks that id up here (`file_model_dir`), so a
+file can only be decoded by a model this installation has, or one the user gives with `--model ID|DIR`.
+A file never chooses a folder: a model id that is a path is refused, not loaded.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ def model_dir(model: str | os.PathLike | None = None) -> Path:
     if path.is_dir():
         return path
     raise UnknownModelError(f"unknown model {str(model)!r}: this installation has {', '.join(list_models())} (or pass a model directory)")
+
+
+def file_model_dir(model_id: str) -> Path:
+    """The directory of the model a token file names: installed ids only (the file is untrusted input).
+
+    Raises UnknownModelError naming the id, saying when it is a path, and that `--model` decodes the file
+    with a model the user chooses.
+    """
+    if model_id in MODELS:
+        return MODELS[model_id][0]
+    if any(sep in model_id for sep in ("/", "\\")) or model_id.startswith((".", "~")):
+        why = "which is a path, not a model id: a token file cannot choose a folder to load a model from"
+    else:
+        why = "which this installation does not have"
+    raise UnknownModelError(f"the file names the model {model_id!r}, {why} (installed: {', '.join(list_models())}); "
+                            "pass --model ID|DIR to decode it with a model you choose")
 
 
 def describe(model: str | os.PathLike | None = None) -> dict:

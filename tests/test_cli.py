@@ -145,3 +145,24 @@ def test_help_says_what_a_pipe_can_leave_behind():
     for command in ("compress", "decompress"):
         text = " ".join(parser._subparsers._group_actions[0].choices[command].format_help().split())
         assert "first 10 s" in text and "exit status" in text, text
+
+
+@pytest.mark.parametrize("model_id", ["{dir}", "../{name}", "not-installed"])
+def test_a_token_file_cannot_pick_the_folder_a_model_is_loaded_from(tmp_path, model_id):
+    from codec.checkpoint import save_model
+    from tests.conftest import tiny_codec
+
+    folder = tmp_path / "planted"
+    model_id = model_id.format(dir=folder, name=folder.name)
+    save_model(tiny_codec(), folder, model_id=model_id, trained=False)  # a header naming this id
+    src, tok, out = tmp_path / "in.wav", tmp_path / "a.tok", tmp_path / "out.wav"
+    sf.write(src, speechlike(0.5), 16000)
+    assert run("compress", str(src), str(tok), "--model", str(folder)).returncode == 0
+    r = run("decompress", str(tok), str(out))
+    assert r.returncode == 2 and not out.exists() and b"Traceback" not in r.stderr
+    line = r.stderr.decode()
+    assert f"the file names the model {model_id!r}" in line and "--model" in line and "simvq-16k" in line
+    assert ("a path" in line) == (model_id != "not-installed")
+    info = run("info", str(tok)).stdout.decode()
+    assert "installed here: no" in info
+    assert run("decompress", str(tok), str(out), "--model", str(folder)).returncode == 0  # an explicit choice
