@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="stage counts to score (default: 1,2,3,4,6,8,12 up to the model's stage count, plus all stages)")
     rate.add_argument("--bitrates", type=comma_list(float), metavar="LIST",
                       help="kbit/s targets, e.g. 1.5,3,6 (each -> the most stages that fit)")
+    model.add_argument("--unquantized", action="store_true",
+                      help="also score the model's latent decoded without its quantizer (no tokens, no bitrate): "
+                           "the ceiling that shows what the quantizer costs a model in training")
     peers = p.add_argument_group("peer codecs")
     peers.add_argument("--peers", type=comma_list(str), default=["opus", "codec2"], metavar="LIST",
                        help="peer codecs to run: opus,codec2 (default both)")
@@ -105,6 +108,10 @@ def _run(args: argparse.Namespace) -> int:
         from eval.model import model_settings
 
         codecs += model_settings(args.model, stages=args.stages, bitrates=args.bitrates)
+        if args.unquantized:
+            from eval.model import UnquantizedSetting
+
+            codecs.append(UnquantizedSetting(args.model, codecs[0].codec))
     if not args.no_peers:
         try:
             codecs += peer_codecs(tuple(args.peers), tuple(args.opus_kbps), tuple(args.codec2_modes))

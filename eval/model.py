@@ -70,6 +70,34 @@ class ModelSetting:
                         codes=np.asarray(codes))
 
 
+@dataclass(frozen=True)
+class UnquantizedSetting:
+    """The model named ``ref`` with its quantizer bypassed: the encoder's latent decoded as it is.
+
+    Not a codec setting (nothing is transmitted, so it has no bitrate): the ceiling that the quantized
+    settings are measured against, for models in training (docs/model-card.md)."""
+
+    ref: str | None
+    codec: str
+    setting = "unquantized"
+    nominal_kbps = math.nan
+    tools = ()
+
+    def run(self, wav: np.ndarray) -> CodecRun:
+        import torch
+
+        model = get_model(self.ref)
+        hop = model.hop_length
+        padded = np.pad(wav, (0, -len(wav) % hop)).astype(np.float32)
+        start = time.perf_counter()
+        with torch.no_grad():
+            latents = model.encode_latents(torch.from_numpy(padded)[None, None])
+            encode_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            decoded = model.decode_latents(latents)[0, 0, : len(wav)].numpy()
+        return CodecRun(decoded, math.nan, None, encode_seconds, time.perf_counter() - start)
+
+
 def model_settings(ref: str | None, stages: list[int] | None = None, bitrates: list[float] | None = None
                    ) -> list[ModelSetting]:
     """Settings for a list of stage counts or of bitrates in kbit/s (default: :data:`DEFAULT_STAGES` that fit).

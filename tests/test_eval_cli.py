@@ -106,3 +106,15 @@ def test_python_m_eval_with_bad_path_skips_peers(folder, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Skipped codecs" in report and "- codec2: c2enc, c2dec not found on PATH" in report
     assert json.loads((out / "results.json").read_text())["rows"] == []
+
+
+def test_unquantized_row_scores_the_latent_without_tokens(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _parser().parse_args(["eval", str(folder), "--out", str(out), "--no-peers", "--stages", "1",
+                                 "--unquantized", "--jobs", "1", "--no-plots", "--quiet"])
+    assert args.func(args) == 0
+    rows = {r["setting"]: r for r in json.loads((out / "results.json").read_text())["averages"]}
+    assert set(rows) == {"1st", "unquantized"}
+    assert rows["unquantized"]["kbps"] is None  # no bitrate: nothing is transmitted
+    # one stage of codes loses much of the latent: decoding the latent itself scores closer to the input
+    assert rows["unquantized"]["mel_distance"] < rows["1st"]["mel_distance"]
