@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -22,9 +23,10 @@ class Monitor:
     """Reports training scalars every `log_every` steps and dev passes.
 
     Scalars go to TensorBoard (`RUN_DIR/tb`) and to `RUN_DIR/train_metrics.jsonl`; dev results to TensorBoard
-    and `RUN_DIR/dev_metrics.jsonl`. A tqdm bar shows steps/s and the main losses on a terminal; otherwise a
-    plain line is printed every `log_every` steps. On resume, records after `start_step` (written by the
-    interrupted run after its last checkpoint) are dropped so each step appears once.
+    and `RUN_DIR/dev_metrics.jsonl`. TensorBoard (and its mel images, which need matplotlib) is skipped where
+    it is not installed. A tqdm bar shows steps/s and the main losses on a terminal; otherwise a plain line
+    is printed every `log_every` steps. On resume, records after `start_step` (written by the interrupted
+    run after its last checkpoint) are dropped so each step appears once.
 
     Args:
         run_dir: the run directory.
@@ -35,15 +37,14 @@ class Monitor:
     """
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_every: int, sample_rate: int):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.run_dir = run_dir
         self.log_every = log_every
         self.sample_rate = sample_rate
         self.tty = sys.stderr.isatty()
         for name in (TRAIN_LOG, DEV_LOG):
             _drop_after(run_dir / name, start_step)
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.writer = _summary_writer(run_dir / "tb", start_step)
+        self.figures = not isinstance(self.writer, _NoWriter) and importlib.util.find_spec("matplotlib") is not None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not self.tty, dynamic_ncols=True)
         self.last = (start_step, time.perf_counter())
         self.references_logged = False
@@ -86,7 +87,8 @@ class Monitor:
             if not self.references_logged:
                 w.add_audio(f"dev/reference_{i}", clips[i][0].clamp(-1, 1), 0, self.sample_rate)
             w.add_audio(f"dev/decoded_{i}", audio[0].clamp(-1, 1), step, self.sample_rate)
-            w.add_figure(f"dev/mel_{i}", mel_figure(clips[i], audio, mel_loss), step)
+            if self.figures:
+                w.add_figure(f"dev/mel_{i}", mel_figure(clips[i], audio, mel_loss), step)
         self.references_logged = True
         w.flush()
         _append(self.run_dir / DEV_LOG, result.to_json(step))
@@ -97,6 +99,23 @@ class Monitor:
     def close(self) -> None:
         self.bar.close()
         self.writer.close()
+
+
+def _summary_writer(folder: Path, start_step: int):
+    """A TensorBoard writer, or one that drops everything where tensorboard is not installed (training.bundle_run
+    on a bare GPU machine)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return _NoWriter()
+    return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
+
+
+class _NoWriter:
+    """Takes `SummaryWriter` calls and does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def read_jsonl(path: Path) -> list[dict]:
