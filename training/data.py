@@ -295,19 +295,28 @@ def dev_clips(
 
     Items are taken round-robin over speakers, each speaker's files in sha1 order, so the set is the same
     on every run. Clips shorter than 0.25 s are skipped."""
+    clips = dev_clip_audio(items, sample_rate, hop_length, count, max_samples)
+    return [torch.from_numpy(audio.astype(np.float32) / 32768.0)[None] for _, audio in clips]
+
+
+def dev_clip_audio(
+    items: Sequence[AudioItem], sample_rate: int, hop_length: int, count: int, max_samples: int
+) -> list[tuple[AudioItem, np.ndarray]]:
+    """The files `dev_clips` chooses, each with its clip as int16 [T] (training.bundle packs these)."""
     by_speaker: dict[str, list[AudioItem]] = {}
     for item in sorted(items, key=lambda it: hashlib.sha1(str(it.path).encode()).hexdigest()):
         by_speaker.setdefault(item.speaker, []).append(item)
     queues = [by_speaker[s] for s in sorted(by_speaker)]
-    clips: list[torch.Tensor] = []
+    clips: list[tuple[AudioItem, np.ndarray]] = []
     while len(clips) < count and any(queues):
         for queue in queues:
             if not queue or len(clips) >= count:
                 continue
-            audio = decode(queue.pop(0).path, sample_rate)[:max_samples]
+            item = queue.pop(0)
+            audio = decode(item.path, sample_rate)[:max_samples]
             usable = len(audio) // hop_length * hop_length
             if usable >= sample_rate // 4:
-                clips.append(torch.from_numpy(audio[:usable].astype(np.float32) / 32768.0)[None])
+                clips.append((item, audio[:usable]))
     if not clips:
         raise AudioError("no dev file is long enough to score (0.25 s)")
     return clips

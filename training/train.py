@@ -10,7 +10,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from codec.errors import CheckpointError
 from codec.model import SimVQCodec
 from training import checkpoints
 from training.config import ConfigError, TrainConfig, config_from_dict, dump_config
-from training.data import AudioDataset, EpochBatchSampler, collate, dev_clips, load_items, split_items
+from training.data import AudioDataset, Batch, EpochBatchSampler, collate, dev_clips, load_items, split_items
 from training.dev import evaluate
 from training.discriminators import Discriminators
 from training.ema import EMA
@@ -73,10 +73,15 @@ class Trainer:
         cfg: the run's configuration.
         run_dir: checkpoints, `config.yaml`, TensorBoard logs and JSON lines logs go here.
         world: this process's place in a distributed job.
+        batches: where training batches come from: None for a DataLoader over `data.train`, or an object
+            with `iterate(epoch, batch)` (endless `Batch`es from that data position) and `next_position(epoch,
+            batch)`, as `training.bundle_run.DeviceCorpus` (crops drawn on the device). Settable later.
     """
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, world: Distributed = Distributed()):
-        self.cfg, self.world = cfg, world
+    def __init__(
+        self, cfg: TrainConfig, run_dir: str | Path, world: Distributed = Distributed(), batches: Any = None
+    ):
+        self.cfg, self.world, self.batches = cfg, world, batches
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = torch.device(f"cuda:{world.local_rank}" if _use_cuda(cfg) else "cpu")
@@ -150,9 +155,12 @@ class Trainer:
         if self.world.is_main and self.cfg.eval_every > 0:
             self.dev_clips = dev_clips(dev, model.sample_rate, model.hop_length, cfg.dev_clips, cfg.dev_clip_samples)
 
-    def _loader(self) -> tuple[torch.utils.data.DataLoader, EpochBatchSampler]:
+    def _loader(self) -> tuple[Iterable[Batch], Any]:
+        """Batches from the data position on, and the object whose `next_position` follows them."""
         cfg = self.cfg.data
         epoch, batch = self.data_position
+        if self.batches is not None:
+            return self.batches.iterate(epoch, batch), self.batches
         sampler = EpochBatchSampler(
             self.repeats, cfg.batch_size, self.cfg.seed, self.world.rank, self.world.world_size, epoch, batch
         )
