@@ -61,13 +61,18 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the latest one of a run directory or its `checkpoints/` folder."""
+    """A checkpoint file, or the latest one of a run directory or its `checkpoints/` folder, or the portable
+    checkpoint (`training.portable`) of a `training.bundle_run` output folder."""
+    from training.portable import PORTABLE
+
     path = Path(path)
     if path.is_file():
         return path
     for folder in (path / "checkpoints", path):
         if folder.is_dir() and (found := latest_checkpoint(folder)):
             return found
+    if (path / PORTABLE).is_file():
+        return path / PORTABLE
     raise CheckpointError(f"no training checkpoint at {path}")
 
 
@@ -86,7 +91,13 @@ def resolve_init(ref: str | Path) -> Path:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a trainer checkpoint with `weights_only=True`: tensors and plain containers, never code."""
+    """Load a trainer checkpoint with `weights_only=True`: tensors and plain containers, never code.
+
+    A `.json` path is a portable checkpoint (`training.portable`), loaded onto the CPU."""
+    if Path(path).suffix == ".json":
+        from training.portable import load_portable
+
+        return load_portable(Path(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
