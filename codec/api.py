@@ -29,10 +29,16 @@ DECODE_BLOCK_FRAMES = 500  # 10 s at 50 Hz: bounds the decoder's activations on 
 
 
 def stages_for_bitrate(model: SimVQCodec, kbps: float) -> int:
-    """The largest number of stages whose nominal bitrate does not exceed `kbps`."""
+    """The largest number of stages whose nominal bitrate does not exceed `kbps` (the one bitrate rule of
+    the CLI, the API and the service): NaN and rates <= 0 are refused, any rate at or above the top one
+    (infinity included) means every stage, and a positive rate below one stage's is refused."""
+    if not kbps > 0:  # NaN included
+        raise CodecError(f"the bitrate must be a number of kbit/s above 0, got {kbps:g}")
     fitting = [n for n in range(1, model.n_stages + 1) if model.bitrate(n) <= kbps * 1000 + 1e-6]
     if not fitting:
-        raise CodecError(f"{kbps:g} kbit/s is below this model's lowest bitrate, {model.bitrate(1) / 1000:g} kbit/s")
+        lowest, top = model.bitrate(1) / 1000, model.bitrate() / 1000
+        raise CodecError(f"{kbps:g} kbit/s is below this model's lowest bitrate, {lowest:g} kbit/s (one stage); "
+                         f"use {lowest:g} to {top:g} kbit/s")
     return fitting[-1]
 
 

@@ -146,7 +146,8 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("output", help=".tok file, or - for stdout")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--bitrate", type=float, metavar="KBPS",
-                      help="target kbit/s: the largest number of stages that fits (default: all stages)")
+                      help="target kbit/s: the largest number of stages that fits; any rate at or above the "
+                           "top one (inf included) means all stages (default: all stages)")
     rate.add_argument("--stages", type=int, metavar="N", help="number of residual stages to keep (1..12)")
     p.set_defaults(func=cmd_compress)
 

@@ -89,9 +89,10 @@ async def read_audio_upload(request: Request, settings: Settings) -> tuple[bytes
     )
     try:
         form = await parser.parse()
-    except MultiPartException as exc:
+    except MultiPartException as exc:  # starlette's messages are sentences ("Invalid multipart data.")
+        said = exc.message.strip().rstrip(".")
         raise ProblemError(400, "invalid-multipart", "Malformed multipart body",
-                           f"{exc.message}; send one file part named 'file'") from None
+                           f"{said[:1].lower()}{said[1:]}; send one file part named 'file'") from None
     try:
         part = form.get("file")
         if not isinstance(part, UploadFile):

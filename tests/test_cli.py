@@ -166,3 +166,11 @@ def test_a_token_file_cannot_pick_the_folder_a_model_is_loaded_from(tmp_path, mo
     info = run("info", str(tok)).stdout.decode()
     assert "installed here: no" in info
     assert run("decompress", str(tok), str(out), "--model", str(folder)).returncode == 0  # an explicit choice
+
+
+def test_bitrate_nan_is_refused_as_not_a_rate(tmp_path, wav_44k_stereo):
+    r = run("compress", str(wav_44k_stereo), str(tmp_path / "a.tok"), "--bitrate", "nan")
+    assert r.returncode == 2 and r.stderr.decode().strip() == (
+        "simvq-codec: error: the bitrate must be a number of kbit/s above 0, got nan")
+    assert "inf included) means all stages" in " ".join(cli.build_parser(plugins=False)._subparsers._group_actions[0]
+                                                        .choices["compress"].format_help().split())

@@ -216,13 +216,40 @@ def test_parameter_errors_name_the_parameter(client):
     h = {"content-type": "audio/wav"}
     p = assert_problem(client.post("/encode?stages=0", content=body, headers=h), 422, "invalid-parameter", "stages")
     assert p["errors"][0]["location"] == "query parameter 'stages'"
-    assert_problem(client.post("/encode?stages=9", content=body, headers=h), 422, "invalid-parameter", "1..4")
+    assert_problem(client.post("/encode?stages=9", content=body, headers=h), 422, "invalid-parameter",
+                   "between 1 and 4")
     assert_problem(client.post("/encode?stages=2&bitrate=1", content=body, headers=h), 422, "invalid-parameter",
                    "not both")
     assert_problem(client.post("/encode?bitrate=0.1", content=body, headers=h), 422, "invalid-parameter", "0.3")
     assert_problem(client.post("/encode?format=mp3", content=body, headers=h), 422, "invalid-parameter", "format")
     assert_problem(client.post("/encode?model=nope", content=body, headers=h), 422, "unknown-model",
                    "tiny-test, tiny-other")
+
+
+def test_bitrate_follows_the_cli_rule_with_the_same_message(client, tiny):
+    from codec.api import resolve_stages
+    from codec.errors import CodecError
+
+    h = {"content-type": "audio/wav"}
+    messages = {}
+    for value in ("nan", "-1", "0", "0.1"):
+        with pytest.raises(CodecError) as err:
+            resolve_stages(tiny, bitrate=float(value))
+        messages[value] = str(err.value)
+        assert_problem(client.post(f"/encode?bitrate={value}", content=wav(0.2), headers=h),
+                       422, "invalid-parameter", messages[value])
+    assert messages["nan"] == "the bitrate must be a number of kbit/s above 0, got nan"
+    assert messages["0.1"].startswith("0.1 kbit/s is below this model's lowest bitrate, 0.3 kbit/s")
+    for value in ("1e9", "inf"):  # at or above the top rate: every stage, as on the command line
+        r = client.post(f"/encode?bitrate={value}&format=json", content=wav(0.2), headers=h)
+        assert r.status_code == 200 and r.json()["n_stages"] == tiny.n_stages, r.text
+
+
+def test_malformed_multipart_detail_reads_as_one_sentence(client):
+    r = client.post("/encode", content=b"--x\r\nnot a part",
+                    headers={"content-type": "multipart/form-data; boundary=x"})
+    body = assert_problem(r, 400, "invalid-multipart", "send one file part named 'file'")
+    assert ".;" not in body["detail"] and body["detail"][0].islower(), body["detail"]
 
 
 def test_token_errors(client, tiny, other, tmp_path):

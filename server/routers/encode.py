@@ -10,9 +10,10 @@ import soundfile as sf
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from codec.api import encode_array, stages_for_bitrate
+from codec.api import encode_array
+from codec.api import resolve_stages as codec_resolve_stages
 from codec.audio import read_audio
-from codec.errors import AudioError
+from codec.errors import AudioError, CodecError
 from server.deps import ModelDep, RuntimeDep, SettingsDep, SlotDep, within_deadline
 from server.errors import ProblemError, problem_responses
 from server.schemas import TokenJSON
@@ -60,23 +61,12 @@ _OK = {
 
 
 def resolve_stages(model: Any, stages: int | None, bitrate: float | None) -> int:
-    """Stages from `stages` or `bitrate` (kbit/s), 422 with the valid range otherwise."""
-    if stages is not None and bitrate is not None:
-        raise ProblemError(422, "invalid-parameter", "Invalid parameter",
-                           "give either `stages` or `bitrate`, not both")
-    if stages is not None:
-        if stages > model.n_stages:
-            raise ProblemError(422, "invalid-parameter", "Invalid parameter",
-                               f"stages {stages} exceeds the model's {model.n_stages}; use 1..{model.n_stages}")
-        return stages
-    if bitrate is not None:
-        lowest = model.bitrate(1) / 1000
-        if bitrate < lowest:
-            raise ProblemError(422, "invalid-parameter", "Invalid parameter",
-                               f"bitrate {bitrate:g} kbit/s is below one stage ({lowest:g} kbit/s); "
-                               f"use {lowest:g}..{model.bitrate() / 1000:g}")
-        return stages_for_bitrate(model, bitrate)
-    return model.n_stages
+    """Stages from `stages` or `bitrate` (kbit/s) by the CLI's rule (`codec.api.resolve_stages`), with its
+    message in a 422 otherwise."""
+    try:
+        return codec_resolve_stages(model, stages, bitrate)
+    except CodecError as exc:
+        raise ProblemError(422, "invalid-parameter", "Invalid parameter", str(exc)) from None
 
 
 def _encode_job(data: bytes, model: Any, n_stages: int) -> tuple[Any, np.ndarray]:
@@ -105,7 +95,9 @@ async def encode(
     slot: SlotDep,
     stages: Annotated[int | None, Query(ge=1, le=64, description="Residual stages to keep (1..n_stages).")] = None,
     bitrate: Annotated[
-        float | None, Query(gt=0, le=1000, description="Target kbit/s; picks the most stages within it.")
+        float | None,
+        Query(description="Target kbit/s: the most stages within it; at or above the top rate, every stage; "
+                          "above 0 (422 otherwise, as the CLI's --bitrate)."),
     ] = None,
     format: Annotated[Literal["tok", "json"], Query(description="Response: .tok bytes or token JSON.")] = "tok",
 ) -> Response:

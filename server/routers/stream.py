@@ -49,7 +49,7 @@ class EncodeStart(BaseModel):
     type: Literal["start"] = "start"
     model: str | None = Field(None, max_length=255)
     stages: int | None = Field(None, ge=1, le=64)
-    bitrate: float | None = Field(None, gt=0, le=1000)
+    bitrate: float | None = Field(None, description="Target kbit/s, by the rule of POST /encode's `bitrate`.")
     sample_rate: int | None = Field(None, ge=1, description="PCM rate; default the model's (resampled if not).")
     channels: int = Field(1, ge=1, description="Interleaved PCM channels, mixed down by averaging.")
     format: Literal["s16le"] = "s16le"
