@@ -8,9 +8,11 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# uvicorn's implementation on the `websockets` library; its classic "websockets" name is deprecated in
-# uvicorn 0.54 in favour of this sans-I/O one (same library, same protocol behaviour).
-UVICORN_WS = "websockets-sansio"
+# uvicorn's WebSocket implementation on the `wsproto` library. The one on `websockets` ("websockets-sansio";
+# the classic "websockets" is deprecated) logs "ASGI callable returned without completing handshake" at
+# ERROR after every denial response, so each 503 for a full server would page someone (uvicorn PR #3138,
+# open); wsproto's marks the handshake done when the denial is sent. Clients are unaffected.
+UVICORN_WS = "wsproto"
 
 
 def _default_model() -> str:

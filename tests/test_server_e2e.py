@@ -156,6 +156,36 @@ def test_websocket_round_trip_equals_offline_tokens(server, recording):
     assert np.abs(audio[: len(offline_audio)].astype(int) - offline_audio).max() <= 1
 
 
+def test_a_refused_websocket_logs_no_error(tmp_path):
+    import logging
+
+    from websockets.exceptions import InvalidStatus
+
+    app = create_app(Settings(models=["tiny-test"], pool_size=1, max_streams=1, warmup=False),
+                     models={"tiny-test": make_tiny_model(tmp_path)})
+    srv = LoopbackServer(app)  # configures uvicorn's loggers: listen after that
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        with srv, connect(srv.ws_url + "/v1/stream/encode") as first:
+            first.send(json.dumps({"type": "start"}))
+            assert json.loads(first.recv())["type"] == "ready"
+            for _ in range(3):
+                with pytest.raises(InvalidStatus) as refused:
+                    connect(srv.ws_url + "/v1/stream/decode").close()
+                response = refused.value.response
+                assert response.status_code == 503 and response.headers["retry-after"] == "1"
+                assert json.loads(response.body)["type"].endswith(":streams-full")
+            first.send(json.dumps({"type": "end"}))
+            assert json.loads([m for m in first if isinstance(m, str)][-1])["type"] == "end"
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+
+
 def assert_problem(r: httpx.Response, status: int, reason: str) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == PROBLEM
