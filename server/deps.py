@@ -1,9 +1,11 @@
-"""Reusable FastAPI dependencies: settings, the runtime (models, pool, slots), a ready model, a work slot."""
+"""Reusable FastAPI dependencies (settings, the runtime, a ready model) and the work slot a request takes
+once its body has arrived."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Query, Request
@@ -45,11 +47,14 @@ def get_model(runtime: RuntimeDep, model: ModelQuery = None) -> ServedModel:
     return runtime.get(model)
 
 
-async def work_slot(request: Request, runtime: RuntimeDep) -> AsyncIterator[Slot]:
-    """Admit the request (immediate 503 with Retry-After when every slot is busy) for its whole life.
+@asynccontextmanager
+async def work_slot(request: Request, runtime: Runtime) -> AsyncIterator[Slot]:
+    """Admit the request's work (immediate 503 with Retry-After when every slot is busy).
 
-    The slot is returned to the pool when the request is over and every worker job it started has
-    finished, so a request abandoned at its deadline keeps its slot until its computation ends.
+    Take it only once the body has been read and checked (`server.uploads`): a slot stands for model
+    work, and a client that is slow to send must not hold one. The slot is returned to the pool when
+    the block is left and every worker job it started has finished, so a request abandoned at its
+    deadline keeps its slot until its computation ends.
     """
     runtime.require_ready()
     metrics = request.app.state.metrics
@@ -62,7 +67,6 @@ async def work_slot(request: Request, runtime: RuntimeDep) -> AsyncIterator[Slot
 
 
 ModelDep = Annotated[ServedModel, Depends(get_model)]
-SlotDep = Annotated[Slot, Depends(work_slot)]
 
 
 async def within_deadline(seconds: float, work: Awaitable[T]) -> T:

@@ -154,6 +154,9 @@ _PROBLEM_EXAMPLES: dict[int, dict[str, Any]] = {
                   "the multipart body has no file part named 'file'; send the audio as 'file'"),
     404: _example(404, "not-found", "Not found", "no route /v1/nope; see /docs for the endpoints"),
     405: _example(405, "method-not-allowed", "Method not allowed", "GET is not allowed on /encode; allowed: POST"),
+    408: _example(408, "upload-too-slow", "Upload too slow",
+                  "1200 bytes of the body arrived in 5.0 s; after the first 5 s a body must arrive at 16384 "
+                  "bytes/s or more: send it over a faster link or in a smaller file", min_bytes_per_s=16384),
     413: _example(413, "body-too-large", "Request body too large",
                   "the body exceeds 26214400 bytes; send a shorter clip or split it", limit=26214400),
     415: _example(415, "unsupported-media-type", "Unsupported media type",
@@ -173,9 +176,10 @@ _PROBLEM_EXAMPLES: dict[int, dict[str, Any]] = {
 }
 
 _DESCRIPTIONS = {
-    400: "Malformed multipart body.",
+    400: "Malformed multipart body, or the connection closed before the body was complete.",
     404: "No such route.",
     405: "Method not allowed on this route.",
+    408: "The body arrived slower than the minimum upload rate (after a grace period).",
     413: "Body, duration or decoded size above the configured limits.",
     415: "Content-Type or audio container/sample format not accepted.",
     422: "A parameter, the audio or the token file is invalid.",

@@ -62,7 +62,8 @@ class ServedModel:
 
 
 class Slots:
-    """A non-blocking counter of admitted work: `try_acquire` or refuse at once (the caller answers 503)."""
+    """A non-blocking counter of admitted work (or of bytes): `try_acquire` or refuse at once (the caller
+    answers 503)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -73,18 +74,18 @@ class Slots:
     def busy(self) -> int:
         return self._busy
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, n: int = 1) -> bool:
         with self._lock:
-            if self._busy >= self.capacity:
+            if self._busy + n > self.capacity:
                 return False
-            self._busy += 1
+            self._busy += n
             return True
 
-    def release(self) -> None:
+    def release(self, n: int = 1) -> None:
         with self._lock:
-            if self._busy <= 0:
+            if self._busy < n:
                 raise RuntimeError("Slots.release without acquire")
-            self._busy -= 1
+            self._busy -= n
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Runtime:
         )
         self.slots = Slots(settings.max_concurrency)
         self.stream_slots = Slots(settings.max_streams)
+        self.upload_bytes = Slots(settings.max_upload_bytes)  # bodies being received, before a work slot
         self.active = 0  # HTTP requests and streams being served, for draining
         self._idle = asyncio.Event()
         self._idle.set()

@@ -53,12 +53,28 @@ class Settings(BaseSettings):
     )
     max_streams: int = Field(16, ge=1, le=10_000, description="Concurrent WebSocket streams; beyond it 503/1013.")
     retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After seconds sent with 503.")
-    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one HTTP request, upload included (504).")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one request's work once its body has arrived (504); the upload "
+                                "has its own limit, upload_min_bytes_per_s.",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="How long shutdown waits for requests in flight.")
 
     # --- input limits -------------------------------------------------------------------------------------
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body, checked as it streams (413)."
+    )
+    upload_min_bytes_per_s: int = Field(
+        16 * 1024, ge=1,
+        description="Slowest average rate a request body may arrive at once upload_grace_s have passed (408). "
+                    "Bodies are read before a work slot is taken, so a slow sender costs a connection only.",
+    )
+    upload_grace_s: float = Field(
+        5.0, gt=0, description="Seconds an upload may take before upload_min_bytes_per_s applies (408)."
+    )
+    max_upload_bytes: int = Field(
+        128 * 1024 * 1024, ge=1024,
+        description="Bytes of request bodies being received at once, over all requests (503 beyond it): "
+                    "with max_concurrency x max_body_bytes for admitted work, the bound on body memory.",
     )
     max_duration_s: float = Field(300.0, gt=0, description="Longest audio accepted or produced, from headers (413).")
     max_input_samples: int = Field(
@@ -95,6 +111,8 @@ class Settings(BaseSettings):
             raise ValueError("models must name at least one model id or directory")
         if self.min_sample_rate > self.max_sample_rate:
             raise ValueError("min_sample_rate must not exceed max_sample_rate")
+        if self.max_upload_bytes < self.max_body_bytes:
+            raise ValueError("max_upload_bytes must be at least max_body_bytes, or a largest body never fits")
         return self
 
     @property

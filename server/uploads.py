@@ -1,7 +1,9 @@
-"""Request bodies under limits: a byte cap enforced while streaming, multipart, and audio header checks."""
+"""Request bodies under limits: a byte cap and a minimum rate enforced while streaming, multipart, and
+audio header checks."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,8 +12,10 @@ import soundfile as sf
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from codec.audio import UNNAMED_INPUT, check_wav_complete
+from server.deps import get_runtime
 from server.errors import ProblemError
 from server.settings import Settings
 
@@ -47,52 +51,109 @@ def too_large(limit: int) -> ProblemError:
     )
 
 
-async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """Yield the body chunks, raising 413 as soon as more than `limit` bytes arrived.
+def too_slow(settings: Settings, received: int, seconds: float) -> ProblemError:
+    return ProblemError(
+        408, "upload-too-slow", "Upload too slow",
+        f"{received} bytes of the body arrived in {seconds:.1f} s; after the first {settings.upload_grace_s:g} s "
+        f"a body must arrive at {settings.upload_min_bytes_per_s} bytes/s or more: send it over a faster link "
+        "or in a smaller file", headers={"Connection": "close"}, min_bytes_per_s=settings.upload_min_bytes_per_s,
+    )
 
-    A declared Content-Length above the limit is refused before reading; without one (chunked
-    transfer) the count is kept while the body streams in.
+
+def uploads_busy(settings: Settings) -> ProblemError:
+    return ProblemError(
+        503, "uploads-busy", "Server busy",
+        f"the server is already receiving {settings.max_upload_bytes} bytes of uploads; retry after the "
+        "Retry-After delay", headers={"Retry-After": str(settings.retry_after_s)},
+    )
+
+
+async def limited_stream(request: Request, settings: Settings) -> AsyncIterator[bytes]:
+    """Yield the body chunks under the upload limits: 413 as soon as more than `max_body_bytes` arrived,
+    408 as soon as the body falls behind `upload_min_bytes_per_s` after `upload_grace_s`, 503 when the
+    bodies being received by all requests would pass `max_upload_bytes`.
+
+    A declared Content-Length above the limit is refused before reading, and a declared length is held
+    against `max_upload_bytes` whole; without one (chunked transfer) the bytes are counted and held as
+    they arrive. The rate rule: the bytes received by `t` seconds must be at least (t - grace) * rate, so
+    the wait for the next chunk ends at grace + received / rate. The hold ends with the stream.
     """
+    limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = int(declared) if declared is not None and declared.isdigit() else None
+    if declared is not None and declared > limit:
         raise too_large(limit)
+    budget = get_runtime(request).upload_bytes
+    held = 0
+
+    def hold(n: int) -> None:
+        nonlocal held
+        if not budget.try_acquire(n):
+            raise uploads_busy(settings)
+        held += n
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise too_large(limit)
-        if chunk:
-            yield chunk
+    chunks = request.stream().__aiter__()
+    try:
+        hold(declared or 0)
+        while True:
+            allowed = start + settings.upload_grace_s + received / settings.upload_min_bytes_per_s - loop.time()
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), max(allowed, 0.0))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11
+                raise too_slow(settings, received, loop.time() - start) from None
+            except ClientDisconnect:
+                raise ProblemError(400, "upload-incomplete", "Upload incomplete",
+                                   f"the connection closed after {received} bytes of the body; send the whole "
+                                   "body") from None
+            received += len(chunk)
+            if received > limit:
+                raise too_large(limit)
+            if received > held:
+                hold(received - held)
+            if chunk:
+                yield chunk
+    finally:
+        budget.release(held)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, at most `limit` bytes (413 otherwise)."""
-    return b"".join([chunk async for chunk in limited_stream(request, limit)])
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The whole body, under the upload limits of `limited_stream` (413, 408, 503)."""
+    stream = limited_stream(request, settings)
+    try:
+        return b"".join([chunk async for chunk in stream])
+    finally:
+        await stream.aclose()
 
 
 async def read_audio_upload(request: Request, settings: Settings) -> tuple[bytes, str | None]:
     """The audio bytes of an upload and the container its Content-Type names (None for multipart).
 
-    415 for a Content-Type outside the allowlist; 400 for a malformed multipart body or no `file` part.
+    415 for a Content-Type outside the allowlist; 400 for a malformed multipart body or no `file` part;
+    413 and 408 from the upload limits.
     """
     kind = media_type(request)
     if kind in AUDIO_MEDIA_TYPES:
-        data = await read_body(request, settings.max_body_bytes)
+        data = await read_body(request, settings)
         return data, AUDIO_MEDIA_TYPES[kind]
     if kind != MULTIPART:
         shown = kind or "(none)"
         raise ProblemError(415, "unsupported-media-type", "Unsupported media type",
                            f"Content-Type {shown} is not accepted; send {ACCEPTED_TEXT}")
-    parser = MultiPartParser(
-        request.headers, limited_stream(request, settings.max_body_bytes),
-        max_files=1, max_fields=16, max_part_size=64 * 1024,
-    )
+    stream = limited_stream(request, settings)
+    parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=16, max_part_size=64 * 1024)
     try:
         form = await parser.parse()
     except MultiPartException as exc:  # starlette's messages are sentences ("Invalid multipart data.")
         said = exc.message.strip().rstrip(".")
         raise ProblemError(400, "invalid-multipart", "Malformed multipart body",
                            f"{said[:1].lower()}{said[1:]}; send one file part named 'file'") from None
+    finally:
+        await stream.aclose()  # ends its hold on max_upload_bytes even when the parser stopped early
     try:
         part = form.get("file")
         if not isinstance(part, UploadFile):

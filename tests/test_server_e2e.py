@@ -275,6 +275,80 @@ def test_overload_503_and_deadline_504_while_health_stays_answered(busy_server):
     assert 'simvq_http_requests_total{method="POST",route="/encode",status="504"} 2.0' in metrics
 
 
+def slow_upload(port: int, body: bytes, stop, byte_every_s: float = 0.1) -> bytes:
+    """POST /encode whose body trickles in a byte at a time; returns what the server answered (b"" if
+    it only closed the connection)."""
+    import select
+    import socket
+
+    head = (f"POST /encode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head + body[:10])
+        for i in range(10, len(body)):
+            if select.select([sock], [], [], byte_every_s)[0] or stop.is_set():
+                break
+            try:
+                sock.sendall(body[i : i + 1])
+            except OSError:
+                break
+        sock.settimeout(10)
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer
+
+
+def test_slow_uploads_take_no_work_slot_and_are_cut_at_the_minimum_rate(tmp_path):
+    import threading
+
+    settings = Settings(models=["tiny-test"], pool_size=1, max_concurrency=1, warmup=False,
+                        upload_min_bytes_per_s=4000, upload_grace_s=2.0)
+    app = create_app(settings, models={"tiny-test": make_tiny_model(tmp_path)})
+    body = audio_bytes(speech_like(0.5), 16000)
+    stop = threading.Event()
+    with LoopbackServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client, \
+            ThreadPoolExecutor(2) as pool:
+        wait_ready(client)
+        slow = [pool.submit(slow_upload, srv.port, body, stop) for _ in range(2)]
+        time.sleep(0.5)  # both are connected and trickling
+        try:
+            for _ in range(3):  # the one work slot stays free for clients that send their body
+                assert encode(client, body, "audio/wav").status_code == 200
+            assert app.state.runtime.slots.busy == 0
+        finally:
+            stop.set()  # before the fix, the slow senders would hold out for minutes
+        answers = [f.result(timeout=30) for f in slow]
+        assert all(a.startswith(b"HTTP/1.1 408") and b"upload-too-slow" in a for a in answers), answers
+        metrics = client.get("/metrics").text
+        assert 'simvq_rejections_total{reason="upload-too-slow"} 2.0' in metrics
+
+
+def test_bodies_being_received_are_bounded_in_bytes(tmp_path):
+    import threading
+
+    body = audio_bytes(speech_like(0.5), 16000)  # 16,044 bytes
+    settings = Settings(models=["tiny-test"], pool_size=1, warmup=False, max_body_bytes=20_000,
+                        max_upload_bytes=20_000, upload_min_bytes_per_s=4000, upload_grace_s=1.0)
+    app = create_app(settings, models={"tiny-test": make_tiny_model(tmp_path)})
+    stop = threading.Event()
+    with LoopbackServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client, \
+            ThreadPoolExecutor(1) as pool:
+        wait_ready(client)
+        slow = pool.submit(slow_upload, srv.port, body, stop)
+        while app.state.runtime.upload_bytes.busy == 0:
+            time.sleep(0.01)
+        r = encode(client, body, "audio/wav")  # its declared length does not fit beside the slow one
+        assert_problem(r, 503, "uploads-busy")
+        assert r.headers["retry-after"] == "1"
+        assert slow.result(timeout=30).startswith(b"HTTP/1.1 408")  # cut at the minimum rate
+        assert app.state.runtime.upload_bytes.busy == 0
+        assert encode(client, body, "audio/wav").status_code == 200
+
+
 def test_graceful_shutdown_drains_requests_in_flight(tmp_path):
     model = gated(make_tiny_model(tmp_path))
     app = create_app(Settings(models=["tiny-test"], pool_size=1, warmup=False, request_timeout_s=30),

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from codec.api import decode_array
 from codec.tokfile import TokHeader
-from server.deps import ModelQuery, RuntimeDep, SettingsDep, SlotDep, within_deadline
+from server.deps import ModelQuery, RuntimeDep, SettingsDep, within_deadline, work_slot
 from server.errors import ProblemError, problem_responses
 from server.tokens import model_for_header, parse_tok, parse_token_json
 from server.uploads import media_type, read_body
@@ -65,14 +65,13 @@ def _decode_job(header: TokHeader, codes: np.ndarray, model: Any, container: str
     "/decode",
     summary="Decode tokens to audio",
     response_class=Response,
-    responses={**_OK, **problem_responses(413, 415, 422, 500, 503, 504)},
+    responses={**_OK, **problem_responses(400, 408, 413, 415, 422, 500, 503, 504)},
     openapi_extra=_REQUEST_BODY,
 )
 async def decode(
     request: Request,
     settings: SettingsDep,
     runtime: RuntimeDep,
-    slot: SlotDep,
     model: ModelQuery = None,
     format: Annotated[Literal["wav", "flac"], Query(description="Audio container of the response.")] = "wav",
 ) -> Response:
@@ -85,15 +84,17 @@ async def decode(
                            f"Content-Type {shown} is not accepted; send a .tok file as application/octet-stream "
                            "or token JSON as application/json")
     media, container = _MEDIA[format]
+    runtime.require_ready()
+    body = await read_body(request, settings)  # under the upload limits, before a slot
+    parse = parse_tok if kind == "application/octet-stream" else parse_token_json
 
-    async def work() -> tuple[TokHeader, bytes, int]:
-        body = await read_body(request, settings.max_body_bytes)
-        parse = parse_tok if kind == "application/octet-stream" else parse_token_json
-        header, codes = await runtime.run(slot, parse, body, settings)
-        served = model_for_header(header, runtime, model)
-        return header, *await runtime.run(slot, _decode_job, header, codes, served.model, container)
+    async with work_slot(request, runtime) as slot:
+        async def work() -> tuple[TokHeader, bytes, int]:
+            header, codes = await runtime.run(slot, parse, body, settings)
+            served = model_for_header(header, runtime, model)
+            return header, *await runtime.run(slot, _decode_job, header, codes, served.model, container)
 
-    header, audio, clipped = await within_deadline(settings.request_timeout_s, work())
+        header, audio, clipped = await within_deadline(settings.request_timeout_s, work())
     seconds = header.num_samples / header.sample_rate
     request.app.state.metrics.audio_seconds.labels(operation="decode").inc(seconds)
     headers = {"X-Audio-Seconds": f"{seconds:.6f}", "X-Clipped-Samples": str(clipped)}

@@ -14,7 +14,7 @@ from codec.api import encode_array
 from codec.api import resolve_stages as codec_resolve_stages
 from codec.audio import read_audio
 from codec.errors import AudioError, CodecError
-from server.deps import ModelDep, RuntimeDep, SettingsDep, SlotDep, within_deadline
+from server.deps import ModelDep, RuntimeDep, SettingsDep, within_deadline, work_slot
 from server.errors import ProblemError, problem_responses
 from server.schemas import TokenJSON
 from server.tokens import tok_bytes, token_json
@@ -84,7 +84,7 @@ def _encode_job(data: bytes, model: Any, n_stages: int) -> tuple[Any, np.ndarray
     "/encode",
     summary="Encode audio to tokens",
     response_class=Response,
-    responses={**_OK, **problem_responses(400, 413, 415, 422, 500, 503, 504)},
+    responses={**_OK, **problem_responses(400, 408, 413, 415, 422, 500, 503, 504)},
     openapi_extra=_REQUEST_BODY,
 )
 async def encode(
@@ -92,7 +92,6 @@ async def encode(
     settings: SettingsDep,
     runtime: RuntimeDep,
     served: ModelDep,
-    slot: SlotDep,
     stages: Annotated[int | None, Query(ge=1, le=64, description="Residual stages to keep (1..n_stages).")] = None,
     bitrate: Annotated[
         float | None,
@@ -105,14 +104,15 @@ async def encode(
     with a `file` part; any sample rate and channel count are converted as the CLI does."""
     model = served.model
     n_stages = resolve_stages(model, stages, bitrate)
+    data, expected = await read_audio_upload(request, settings)  # under the upload limits, before a slot
+    probe_audio(data, expected, settings)
 
-    async def work() -> tuple[Any, Any]:
-        data, expected = await read_audio_upload(request, settings)
-        probe_audio(data, expected, settings)
-        header, codes = await runtime.run(slot, _encode_job, data, model, n_stages)
-        return header, await runtime.run(slot, tok_bytes if format == "tok" else token_json, header, codes)
+    async with work_slot(request, runtime) as slot:
+        async def work() -> tuple[Any, Any]:
+            header, codes = await runtime.run(slot, _encode_job, data, model, n_stages)
+            return header, await runtime.run(slot, tok_bytes if format == "tok" else token_json, header, codes)
 
-    header, payload = await within_deadline(settings.request_timeout_s, work())
+        header, payload = await within_deadline(settings.request_timeout_s, work())
     seconds = header.num_samples / header.sample_rate
     request.app.state.metrics.audio_seconds.labels(operation="encode").inc(seconds)
     headers = {"X-Audio-Seconds": f"{seconds:.6f}", "X-Stages": str(header.n_stages)}
