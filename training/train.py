@@ -422,8 +422,9 @@ class Trainer:
 
     def _start_from_release(self, model_dir: Path) -> None:
         released = load_model_dir(model_dir)
-        if released.config != {**released.config, **self.cfg.model}:
-            warnings.warn(f"init_from {model_dir}: model config {released.config} -> {self.cfg.model}")
+        changed = {k: v for k, v in self.cfg.model.items() if released.config.get(k) != v}
+        if changed:
+            warnings.warn(f"init_from {model_dir}: model config changed: {changed}")
         try:
             self.model.load_state_dict(released.state_dict())
         except RuntimeError as e:
