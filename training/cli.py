@@ -1,4 +1,4 @@
-"""`simvq-codec train` and `simvq-codec export`: the training commands of the CLI (entry-point plugin)."""
+"""`simvq-codec train`, `export`, `bundle` and `train-bundle`: the training commands of the CLI (entry-point plugin)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ TRAIN_EPILOG = """examples:
   torchrun --nproc-per-node 4 -m training train --config training/configs/simvq-16k.yaml --run-dir runs/x
 """
 
+BUNDLE_EPILOG = """examples:
+  simvq-codec bundle /work/data/corpus bundle/ --wheels        # 40 MiB: corpus as Opus, config, wheels
+  simvq-codec bundle data/corpus bundle/ --init runs/simvq-16k --max-mb 100 steps=60000
+  python -m training.bundle_run bundle/ --minutes 9 --out out/   # on the GPU machine (docs/training.md)
+"""
+
 
 def register(subparsers) -> None:
-    """Add `train` and `export` to the `simvq-codec` subcommands."""
+    """Add `train`, `export`, `bundle` and `train-bundle` to the `simvq-codec` subcommands."""
     p = subparsers.add_parser(
         "train",
         help="train a codec (resumes when the run directory has a checkpoint)",
@@ -50,6 +56,60 @@ def register(subparsers) -> None:
     p.add_argument("-f", "--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=cmd_export)
 
+    p = subparsers.add_parser(
+        "bundle",
+        help="pack a corpus (as Opus), a config and wheels into one folder for a GPU machine without network",
+        description="Pack the training files of CORPUS (as Ogg Opus), the dev clips, the training config and "
+        "optionally a starting point and the wheels the run needs into OUT_DIR, at most --max-mb in all; "
+        "`python -m training.bundle_run OUT_DIR` trains from it. When not all files fit, whole files are taken "
+        "round-robin over the speakers.",
+        epilog=BUNDLE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("corpus", help="corpus folder (train.csv, dev.csv), manifest, or folder of audio")
+    p.add_argument("out_dir", help="the bundle folder to write")
+    p.add_argument("--config", metavar="FILE", default=str(Path(__file__).parent / "configs" / "simvq-16k.yaml"),
+                   help="training config (default: training/configs/simvq-16k.yaml)")
+    p.add_argument("--max-mb", type=float, default=40.0, help="cap on the whole bundle in MiB (default 40)")
+    p.add_argument("--kbps", type=float, default=24.0, help="Opus bitrate of the audio (default 24)")
+    p.add_argument("--init", metavar="REF", help="start from: an installed model id or model directory "
+                   "(weights), or a run directory, checkpoint or bundle_run output (all training state)")
+    p.add_argument("--wheels", action="store_true", help="add the wheels of every package beyond torch, numpy "
+                   "and scipy that the run needs, for CPython 3.12 on manylinux x86_64 (pip download)")
+    p.add_argument("--min-hours", type=float, default=0.25, help="refuse when less speech fits (default 0.25)")
+    p.add_argument("--jobs", type=int, help="encoding threads (default: all cores)")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(func=cmd_bundle)
+
+    p = subparsers.add_parser(
+        "train-bundle",
+        help="train from a bundle for a fixed number of minutes (python -m training.bundle_run)",
+        description="Decode the bundle's corpus onto the device once and train until shortly before --minutes "
+        "are up, writing the exported model and a portable checkpoint into --out every few minutes.",
+    )
+    add_bundle_run_arguments(p)
+    p.set_defaults(func=cmd_train_bundle)
+
+
+def add_bundle_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `python -m training.bundle_run` and `simvq-codec train-bundle`."""
+    p.add_argument("bundle", help="a folder written by `simvq-codec bundle`")
+    p.add_argument("--minutes", type=float, required=True,
+                   help="wall-clock minutes for this run, start-up and the last export included")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the exported model and the portable checkpoint (a rerun with the same DIR resumes)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="crops per step (default: 64 on CUDA, the config's data.batch_size on the CPU)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: the config's (auto)")
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0,
+                   help="minutes between checkpoints written into --out (default 3)")
+    p.add_argument("--work", metavar="DIR",
+                   help="full checkpoints and logs (default: a folder named after --out in the temporary directory)")
+    p.add_argument("--workers", type=int, help="threads that decode the corpus (default: one per core)")
+    p.add_argument("--model-id", default="simvq-16k", help="model id written into token files (default: simvq-16k)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (steps=..., optim.lr=...)")
+
 
 def cmd_train(args) -> int:
     from training.config import load_config
@@ -78,6 +138,27 @@ def cmd_export(args) -> int:
     path = export(args.checkpoint, out, args.model_id, dtype=getattr(torch, args.dtype), weights=args.weights)
     print(f"exported {path}", file=sys.stderr)
     return 0
+
+
+def cmd_bundle(args) -> int:
+    from training.bundle import pack
+    from training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    s = pack(Path(args.corpus), Path(args.out_dir), cfg, args.kbps, int(args.max_mb * 2**20), args.init,
+             args.wheels, args.min_hours, args.jobs, args.force, log)
+    share = f"all {s.corpus_files} files" if s.train_files == s.corpus_files else (
+        f"{s.train_files} of {s.corpus_files} files, {s.corpus_hours:.2f} h in the corpus")
+    log(f"{s.path}: {s.bytes / 2**20:.1f} MiB; {s.train_hours:.2f} h of training speech fit ({share}, "
+        f"{s.train_speakers} speakers), {s.dev_clips} dev clips, Opus {s.kbps:.1f} kbit/s as packed")
+    return 0
+
+
+def cmd_train_bundle(args) -> int:
+    from training.bundle_run import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
