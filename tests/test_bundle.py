@@ -1,5 +1,6 @@
 """training.bundle, training.bundle_run and training.portable: pack, train on the CPU, kill, resume, export."""
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -21,8 +22,8 @@ from codec.presets import load_model
 from tests.conftest import speechlike
 from training import checkpoints
 from training.bundle import WHEELS, BundleError, pack, read_bundle
-from training.bundle_run import DeviceCorpus, OUT_FILES, main as bundle_run
-from training.cli import main as cli_main
+from training.bundle_run import DeviceCorpus, OUT_FILES, main as bundle_run, prepare
+from training.cli import add_bundle_run_arguments, main as cli_main
 from training.config import load_config
 from training.data import AudioItem, decode, load_items
 from training.export import export
@@ -153,6 +154,17 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
                                          f"init_from={out}"]), tmp_path / "next")
     assert resumed.resumed_from == path and resumed.step == 2
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in trainer.model.state_dict().items())
+
+    # A bundle packs a run directory as a portable checkpoint, and a run on it starts there.
+    cfg = load_config(TINY, ["data.dev=null", "data.dev_fraction=0.34"])
+    packed = pack(corpus, tmp_path / "bundle", cfg, init=str(tmp_path / "run"), min_hours=0, jobs=1)
+    assert read_bundle(packed.path)["init_from"] == "init/checkpoint.json" and packed.init_bytes > 0
+    parser = argparse.ArgumentParser()
+    add_bundle_run_arguments(parser)
+    args = parser.parse_args([str(packed.path), "--minutes", "1", "--out", str(tmp_path / "o"), "--work",
+                              str(tmp_path / "w")])
+    started, _ = prepare(args)
+    assert started.resumed_from == packed.path / "init" / "checkpoint.json" and started.step == 2
 
     save_portable({**state, "step": 3}, out, ema_dir=out / "model", max_file_bytes=2**20 + 400_000)
     assert not any(p.exists() for p in shards)  # the previous save's shards go once the new one is complete
