@@ -1,7 +1,6 @@
 """The README's Python example runs as printed, on the shipped recording and the bundled model."""
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ def test_readme_python_example_runs_and_streams_the_offline_codes(tmp_path, monk
     assert len(blocks) == 1, "the README's Python section holds one example"
     wav, rate = sf.read(ROOT / "examples" / "speech.wav", dtype="float32")
     sf.write(tmp_path / "speech.wav", wav[: 2 * rate], rate, subtype="PCM_16")  # 2 s keeps it quick
-    shutil.copy(ROOT / "examples" / "README.md", tmp_path / "README.md")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), scope)  # noqa: S102 - the documented example itself
