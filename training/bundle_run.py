@@ -6,7 +6,7 @@ The corpus is decoded once into one tensor on the device and every batch is crop
 the `Trainer` does the rest as `simvq-codec train` does (losses, EMA, calibration, bf16 autocast on CUDA).
 The run stops before the minutes are up. Every `--checkpoint-minutes` it writes into OUT the exported model
 (`OUT/model`, float16, for `--model OUT/model`) and a portable checkpoint (`OUT/checkpoint.json` and its
-shards, `training.portable`): at most 7 files of at most 16 MiB, about 60 MiB for the default model. A
+shards, `training.portable`): 7 files of at most 16 MiB, 57 MiB in all for the default model. A
 rerun with the same OUT (copied back onto a fresh machine, say) continues from there; so does
 `simvq-codec train ... init_from=OUT` on a CPU. Full `.pt` checkpoints and logs go to `--work`.
 
