@@ -50,3 +50,16 @@ def example_speech(name: str = "speech.wav") -> np.ndarray:
     wav, rate = sf.read(EXAMPLES / name, dtype="float32")
     assert rate == 16000 and wav.ndim == 1, f"examples/{name} must be 16 kHz mono"
     return wav
+
+
+def write_speaker_corpus(root, short: tuple[int, int] | None = None):
+    """Three speakers x three files of speech-like audio at 16, 22.05 and 8 kHz under `root` (1.2 s each; the
+    file `short` = (speaker, index), if given, lasts 0.15 s, shorter than a training crop). Returns `root`."""
+    import soundfile as sf
+
+    for spk, rate in enumerate((16000, 22050, 8000)):
+        (root / f"spk{spk}").mkdir()
+        for i in range(3):
+            seconds = 0.15 if (spk, i) == short else 1.2
+            sf.write(root / f"spk{spk}/u{i}.wav", speechlike(seconds, rate, seed=10 * spk + i), rate)
+    return root

@@ -19,7 +19,7 @@ import torch
 from codec import api
 from codec.errors import CheckpointError
 from codec.presets import load_model
-from tests.conftest import speechlike
+from tests.conftest import speechlike, write_speaker_corpus
 from training import checkpoints
 from training.bundle import WHEELS, BundleError, pack, read_bundle
 from training.bundle_run import DeviceCorpus, OUT_FILES, main as bundle_run, prepare
@@ -37,13 +37,7 @@ TINY = ROOT / "training" / "configs" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """Three speakers of generated speech-like audio at 16, 22.05 and 8 kHz, one file shorter than a crop."""
-    root = tmp_path_factory.mktemp("corpus")
-    for spk, rate in enumerate((16000, 22050, 8000)):
-        (root / f"spk{spk}").mkdir()
-        for i in range(3):
-            seconds = 0.15 if (spk, i) == (0, 2) else 1.2
-            sf.write(root / f"spk{spk}/u{i}.wav", speechlike(seconds, rate, seed=10 * spk + i), rate)
-    return root
+    return write_speaker_corpus(tmp_path_factory.mktemp("corpus"), short=(0, 2))
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,11 @@
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 import torch
 
 from codec.checkpoint import load_model_dir
 from codec.errors import CheckpointError
-from tests.conftest import speechlike
+from tests.conftest import speechlike, write_speaker_corpus
 from training import checkpoints
 from training.cli import main as cli_main
 from training.config import ConfigError, load_config
@@ -23,12 +22,7 @@ VOLATILE = ("time", "perf/steps_per_s")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """Three speakers of generated speech-like audio at 16, 22.05 and 8 kHz."""
-    root = tmp_path_factory.mktemp("corpus")
-    for spk, rate in enumerate((16000, 22050, 8000)):
-        (root / f"spk{spk}").mkdir()
-        for i in range(3):
-            sf.write(root / f"spk{spk}/u{i}.wav", speechlike(1.2, rate, seed=10 * spk + i), rate)
-    return root
+    return write_speaker_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def tiny_config(corpus: Path, *overrides: str):
