@@ -30,6 +30,7 @@ demo: install
 	@echo "restored audio: speech.restored.wav"
 
 test: install system-deps
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 corpus: install system-deps

@@ -160,7 +160,8 @@ class _StreamingWav:
         layout = read_wav_layout(stream, name, head)
         tag, bits, channels, rate, block_align = layout.tag, layout.bits, layout.channels, layout.sample_rate, \
             layout.block_align
-        dtypes = {(_WAV_PCM, 8): "u1", (_WAV_PCM, 16): "<i2", (_WAV_PCM, 32): "<i4", (_WAV_FLOAT, 32): "<f4", (_WAV_FLOAT, 64): "<f8"}
+        dtypes = {(_WAV_PCM, 8): "u1", (_WAV_PCM, 16): "<i2", (_WAV_PCM, 32): "<i4",
+                  (_WAV_FLOAT, 32): "<f4", (_WAV_FLOAT, 64): "<f8"}
         if (tag, bits) == (_WAV_PCM, 24):
             self.dtype = "int24"
         elif (tag, bits) in dtypes:
@@ -293,7 +294,8 @@ class AudioReader:
     def blocks(self) -> Iterator[np.ndarray]:
         """Mono float32 blocks at the target rate; raises AudioError on non-finite samples."""
         rate = self.info.sample_rate
-        resampler = None if rate == self.target_rate else soxr.ResampleStream(rate, self.target_rate, 1, dtype="float32")
+        resampler = (None if rate == self.target_rate
+                     else soxr.ResampleStream(rate, self.target_rate, 1, dtype="float32"))
         block = max(1, int(self.block_seconds * rate))
         seen, total = 0, 0
         if isinstance(self._file, sf.SoundFile):

@@ -106,7 +106,8 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} config (format={config.get('format') if isinstance(config, dict) else None!r})")
+        found = config.get("format") if isinstance(config, dict) else None
+        raise CheckpointError(f"{path} is not a {FORMAT} config (format={found!r})")
     for key in ("sha256", "model", "model_id"):
         if key not in config:
             raise CheckpointError(f"{path} lacks the field {key!r}")

@@ -121,7 +121,8 @@ def cmd_models(args) -> int:
         config = presets.describe(model_id)
         state = "trained" if config.get("trained") else "UNTRAINED stand-in"
         rates = ", ".join(f"{r:g}" for r in config["bitrates_kbps"])
-        print(f"{model_id}{' (default)' if model_id == presets.DEFAULT_MODEL_ID else ''}: {presets.MODELS[model_id][1]}")
+        default = " (default)" if model_id == presets.DEFAULT_MODEL_ID else ""
+        print(f"{model_id}{default}: {presets.MODELS[model_id][1]}")
         print(f"  {state}; {config['parameters'] / 1e6:.2f} M parameters; kbit/s by stage count: {rates}")
     return 0
 

@@ -38,7 +38,8 @@ def model_dir(model: str | os.PathLike | None = None) -> Path:
     path = Path(model)
     if path.is_dir():
         return path
-    raise UnknownModelError(f"unknown model {str(model)!r}: this installation has {', '.join(list_models())} (or pass a model directory)")
+    raise UnknownModelError(f"unknown model {str(model)!r}: this installation has {', '.join(list_models())} "
+                            "(or pass a model directory)")
 
 
 def file_model_dir(model_id: str) -> Path:
@@ -62,7 +63,8 @@ def describe(model: str | os.PathLike | None = None) -> dict:
     return read_config(model_dir(model))
 
 
-def load_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu", warn: bool = True) -> SimVQCodec:
+def load_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               warn: bool = True) -> SimVQCodec:
     """Load a preset id (default `simvq-16k`) or a model directory, verifying its hash.
 
     With `warn`, an untrained stand-in model says so on stderr: its output is not speech.

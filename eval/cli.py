@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--no-model", action="store_true", help="score the peer codecs only")
     rate = model.add_mutually_exclusive_group()
     rate.add_argument("--stages", type=comma_list(int), metavar="LIST",
-                      help="stage counts to score (default: 1,2,3,4,6,8,12 up to the model's stage count, plus all stages)")
+                      help="stage counts to score (default: 1,2,3,4,6,8,12 up to the model's stage count, "
+                           "plus all stages)")
     rate.add_argument("--bitrates", type=comma_list(float), metavar="LIST",
                       help="kbit/s targets, e.g. 1.5,3,6 (each -> the most stages that fit)")
     model.add_argument("--unquantized", action="store_true",

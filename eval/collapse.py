@@ -78,7 +78,8 @@ class RunSpec:
     @property
     def name(self) -> str:
         init = "datainit" if self.init_from_data else "noinit"
-        return f"{self.quantizer}-K{self.codebook_size}-x{self.init_scale:g}-{init}" + ("-whiten" if self.whiten else "")
+        whiten = "-whiten" if self.whiten else ""
+        return f"{self.quantizer}-K{self.codebook_size}-x{self.init_scale:g}-{init}{whiten}"
 
     def overrides(self) -> list[str]:
         return _overrides({

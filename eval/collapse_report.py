@@ -203,7 +203,8 @@ def write_report(out: Path, summaries: list[dict], settings: dict, plots: bool =
             plot_init(rows, k, whiten, out / INIT_PLOT)
             names.append(INIT_PLOT)
     data = {"settings": settings, "table": rows, "runs": summaries}
-    (out / "collapse.json").write_text(json.dumps(strict_json(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    text = json.dumps(strict_json(data), indent=1, allow_nan=False) + "\n"
+    (out / "collapse.json").write_text(text, encoding="utf-8")
     with open(out / "collapse.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()

@@ -77,7 +77,8 @@ def markdown(result: EvalResult, plots: list[str] = ()) -> str:
     if result.skipped:
         out += ["", "## Skipped codecs", ""] + [f"- {c}: {why}" for c, why in result.skipped.items()]
     if result.failed_files:
-        out += ["", "## Files that could not be read", ""] + [f"- `{f}`: {why}" for f, why in result.failed_files.items()]
+        out += ["", "## Files that could not be read", ""]
+        out += [f"- `{f}`: {why}" for f, why in result.failed_files.items()]
     notes = [r for r in result.averages if r.notes]
     if notes:
         out += ["", "## Notes", ""] + [f"- {r.codec} {r.setting}: {r.notes}" for r in notes]

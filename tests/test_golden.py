@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from codec import DEFAULT_MODEL_ID, compress, load_model
 from codec.checkpoint import sha256_file

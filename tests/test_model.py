@@ -91,7 +91,8 @@ def test_causality_appending_audio_keeps_earlier_codes_and_samples(tiny_model):
     assert torch.equal(tiny_model.encode(longer)[..., :10], tiny_model.encode(wav))
     codes = tiny_model.encode(longer)
     complete = 10 * HOP - tiny_model.decoder_delay  # the rest needs frames 10 and later
-    torch.testing.assert_close(tiny_model.decode(codes[..., :10])[..., :complete], tiny_model.decode(codes)[..., :complete])
+    torch.testing.assert_close(tiny_model.decode(codes[..., :10])[..., :complete],
+                               tiny_model.decode(codes)[..., :complete])
 
 
 def test_streamed_decoder_output_lags_by_the_delay_and_the_flush_returns_the_rest(tiny_model):

@@ -113,7 +113,8 @@ def test_upload_gives_a_player_per_bitrate(browser, tmp_path):
     info = client.get("/v1/models").json()["models"][0]
 
     open_page(driver, srv.url)
-    checked = driver.execute_script("return [...document.querySelectorAll('#bitrates input:checked')].map(x => +x.value)")
+    checked = driver.execute_script(
+        "return [...document.querySelectorAll('#bitrates input:checked')].map(x => +x.value)")
     nearest = [1 + int(np.argmin(np.abs(np.array(info["bitrates_kbps"]) - k))) for k in (1.5, 3, 6)]
     assert checked == nearest  # default: about 1.5, 3 and 6 kbit/s
     assert driver.execute_script("return document.getElementById('record').textContent") == "Record"

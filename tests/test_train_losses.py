@@ -19,7 +19,8 @@ def _speech(seconds=0.5, seed=0):
     return torch.from_numpy(speechlike(seconds, seed=seed))[None, None]
 
 
-@pytest.mark.parametrize("rate, n_fft, n_mels", [(16000, 256, 32), (16000, 2048, 128), (22050, 1024, 80), (8000, 512, 40)])
+@pytest.mark.parametrize("rate, n_fft, n_mels",
+                         [(16000, 256, 32), (16000, 2048, 128), (22050, 1024, 80), (8000, 512, 40)])
 def test_mel_filters_are_librosas_to_the_bit(rate, n_fft, n_mels):
     # Training computes them itself so that a bare GPU machine needs no librosa (training.bundle_run).
     librosa = pytest.importorskip("librosa")
@@ -93,7 +94,8 @@ def test_spectrum_loss_ignores_a_constant_phase_offset_and_wraps():
     assert shifted["spec/phase"].item() < 1e-3
     a = torch.tensor([0.1, 3.0, -3.0, 2 * math.pi + 0.2])
     b = torch.tensor([-0.1, -3.0, 3.0, 0.0])
-    assert torch.allclose(wrapped_distance(a, b), torch.tensor([0.2, 2 * math.pi - 6.0, 2 * math.pi - 6.0, 0.2]), atol=1e-5)
+    expected = torch.tensor([0.2, 2 * math.pi - 6.0, 2 * math.pi - 6.0, 0.2])
+    assert torch.allclose(wrapped_distance(a, b), expected, atol=1e-5)
 
 
 def test_spectrum_loss_weights_phase_by_magnitude():
@@ -127,7 +129,7 @@ def test_discriminators_shapes_features_and_gradients():
     x = torch.cat([_speech(0.2), _speech(0.2, seed=1)]).requires_grad_(True)
     out = disc(x)
     assert len(out.logits) == len(out.features) == 3
-    assert all(l.shape[0] == 2 for l in out.logits)
+    assert all(logits.shape[0] == 2 for logits in out.logits)
     assert [len(f) for f in out.features] == [4, 4, 5]  # strided layers + 1 (+ post conv)
     generator_loss(out.logits).backward()
     assert x.grad.abs().sum() > 0

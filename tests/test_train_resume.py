@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
-from tests.test_train_loop import TINY, corpus, losses, tiny_config  # noqa: F401  (corpus is a fixture)
+from tests import test_train_loop
+from tests.test_train_loop import TINY, losses, tiny_config
 from training import checkpoints
 from training.monitor import TRAIN_LOG, read_jsonl
 from training.train import Trainer
 
 ROOT = Path(__file__).parent.parent
+corpus = test_train_loop.corpus  # the fixture, shared with test_train_loop
 
 
 def _train_command(corpus: Path, run_dir: Path, *overrides: str) -> list[str]:
