@@ -6,14 +6,15 @@
     decompress("speech.tok", "restored.wav")
 """
 
-from codec.api import compress, decode_array, decompress, encode_array, stages_for_bitrate
+from codec.api import compress, decode_array, decompress, encode_array
 from codec.errors import AudioError, CheckpointError, CodecError, TokFormatError, UnknownModelError
 from codec.model import CodecOutput, SimVQCodec
 from codec.presets import DEFAULT_MODEL_ID, list_models, load_model
 from codec.quantizer import QuantizerResult
+from codec.stages import StageError, stages_for_bitrate
 
 __all__ = [
     "AudioError", "CheckpointError", "CodecError", "CodecOutput", "DEFAULT_MODEL_ID", "QuantizerResult",
-    "SimVQCodec", "TokFormatError", "UnknownModelError", "compress", "decode_array", "decompress",
+    "SimVQCodec", "StageError", "TokFormatError", "UnknownModelError", "compress", "decode_array", "decompress",
     "encode_array", "list_models", "load_model", "stages_for_bitrate",
 ]

@@ -22,37 +22,11 @@ from codec.audio import AudioInfo, AudioReader, AudioWriter, output_format
 from codec.errors import AudioError, CodecError, TokFormatError
 from codec.model import SimVQCodec
 from codec.presets import file_model_dir, load_model
+from codec.stages import resolve_stages
 from codec.tokfile import TokHeader, TokReader, TokWriter
 
 Source = str | os.PathLike | BinaryIO
 DECODE_BLOCK_FRAMES = 500  # 10 s at 50 Hz: bounds the decoder's activations on long files
-
-
-def stages_for_bitrate(model: SimVQCodec, kbps: float) -> int:
-    """The largest number of stages whose nominal bitrate does not exceed `kbps` (the one bitrate rule of
-    the CLI, the API and the service): NaN and rates <= 0 are refused, any rate at or above the top one
-    (infinity included) means every stage, and a positive rate below one stage's is refused."""
-    if not kbps > 0:  # NaN included
-        raise CodecError(f"the bitrate must be a number of kbit/s above 0, got {kbps:g}")
-    fitting = [n for n in range(1, model.n_stages + 1) if model.bitrate(n) <= kbps * 1000 + 1e-6]
-    if not fitting:
-        lowest, top = model.bitrate(1) / 1000, model.bitrate() / 1000
-        raise CodecError(f"{kbps:g} kbit/s is below this model's lowest bitrate, {lowest:g} kbit/s (one stage); "
-                         f"use {lowest:g} to {top:g} kbit/s")
-    return fitting[-1]
-
-
-def resolve_stages(model: SimVQCodec, n_stages: int | None = None, bitrate: float | None = None) -> int:
-    """Stage count from `n_stages` or `bitrate` (kbit/s), all stages when neither is given."""
-    if n_stages is not None and bitrate is not None:
-        raise CodecError("give either the number of stages or the bitrate, not both")
-    if bitrate is not None:
-        return stages_for_bitrate(model, bitrate)
-    if n_stages is None:
-        return model.n_stages
-    if not 1 <= n_stages <= model.n_stages:
-        raise CodecError(f"stages must be between 1 and {model.n_stages}, got {n_stages}")
-    return n_stages
 
 
 def weights_hash(model: SimVQCodec) -> bytes:

@@ -149,7 +149,8 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     rate.add_argument("--bitrate", type=float, metavar="KBPS",
                       help="target kbit/s: the largest number of stages that fits; any rate at or above the "
                            "top one (inf included) means all stages (default: all stages)")
-    rate.add_argument("--stages", type=int, metavar="N", help="number of residual stages to keep (1..12)")
+    rate.add_argument("--stages", type=int, metavar="N",
+                      help="number of residual stages to keep (1 to the model's stage count; default: all)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("decompress", help=".tok -> audio (WAV, or FLAC by extension)",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codec.modules import is_power_of_two
+from codec.stages import check_stages
 
 
 @dataclass
@@ -316,10 +317,7 @@ class ResidualQuantizer(nn.Module):
         )
 
     def _check_stages(self, n_stages: int | None) -> int:
-        n = self.n_stages if n_stages is None else int(n_stages)
-        if not 1 <= n <= self.n_stages:
-            raise ValueError(f"n_stages must be between 1 and {self.n_stages}, got {n}")
-        return n
+        return self.n_stages if n_stages is None else check_stages(int(n_stages), self.n_stages)
 
     def forward(self, z: Tensor, n_stages: int | None = None) -> QuantizerResult:
         """Quantize `z [B, T, D]` with the first `n_stages` stages (all by default)."""

@@ -355,9 +355,9 @@ def _index(model_ref: str | None, n_stages: int | None, shard_size: int, items: 
     from codec.presets import describe
 
     config = describe(model_ref)
-    stages = config["n_stages"] if n_stages is None else n_stages
-    if not 1 <= stages <= config["n_stages"]:
-        raise CodecError(f"stages must be between 1 and {config['n_stages']}, got {stages}")
+    from codec.stages import check_stages
+
+    stages = config["n_stages"] if n_stages is None else check_stages(n_stages, config["n_stages"])
     return {
         "format": TOKENS_FORMAT, "model_id": config.get("model_id") or str(model_ref),
         "weights_sha256": config["sha256"],
@@ -610,8 +610,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     n_stages = args.stages
     if args.bitrate is not None:
-        from codec.api import stages_for_bitrate
         from codec.presets import load_model
+        from codec.stages import stages_for_bitrate
 
         n_stages = stages_for_bitrate(load_model(args.model, warn=False), args.bitrate)
     result = tokenize(args.input, args.out, model=args.model, n_stages=n_stages, workers=args.workers,

@@ -104,8 +104,8 @@ def model_settings(ref: str | None, stages: list[int] | None = None, bitrates: l
 
     Loads the model in this process (with the untrained-model warning) and checks every value.
     """
-    from codec.api import stages_for_bitrate
     from codec.errors import CodecError
+    from codec.stages import check_stages, stages_for_bitrate
 
     model = get_model(ref, warn=True)
     if stages and bitrates:
@@ -113,10 +113,7 @@ def model_settings(ref: str | None, stages: list[int] | None = None, bitrates: l
     if bitrates:
         counts = [stages_for_bitrate(model, kbps) for kbps in bitrates]
     elif stages:
-        bad = [s for s in stages if not 1 <= s <= model.n_stages]
-        if bad:
-            raise CodecError(f"stage counts must be between 1 and {model.n_stages}, got {bad[0]}")
-        counts = list(stages)
+        counts = [check_stages(s, model.n_stages) for s in stages]
     else:
         counts = [s for s in DEFAULT_STAGES if s <= model.n_stages] + [model.n_stages]
     name = model.model_id or "model"

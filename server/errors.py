@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from codec.errors import AudioError, CheckpointError, CodecError, TokFormatError, UnknownModelError
+from codec.stages import StageError
 
 log = logging.getLogger("server")
 
@@ -98,6 +99,8 @@ def codec_error_problem(exc: CodecError) -> ProblemError:
         return ProblemError(422, "invalid-token-file", "Invalid token file", str(exc))
     if isinstance(exc, AudioError):
         return ProblemError(422, "invalid-audio", "Invalid audio", str(exc))
+    if isinstance(exc, StageError):
+        return ProblemError(422, "invalid-parameter", "Invalid parameter", str(exc))
     if isinstance(exc, CheckpointError):
         return ProblemError(422, "checkpoint", "Model checkpoint problem", str(exc))
     return ProblemError(422, "invalid-input", "Invalid input", str(exc))

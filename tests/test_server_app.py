@@ -227,8 +227,8 @@ def test_parameter_errors_name_the_parameter(client):
 
 
 def test_bitrate_follows_the_cli_rule_with_the_same_message(client, tiny):
-    from codec.api import resolve_stages
     from codec.errors import CodecError
+    from codec.stages import resolve_stages
 
     h = {"content-type": "audio/wav"}
     messages = {}

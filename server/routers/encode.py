@@ -11,11 +11,11 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from codec.api import encode_array
-from codec.api import resolve_stages as codec_resolve_stages
 from codec.audio import read_audio
-from codec.errors import AudioError, CodecError
+from codec.errors import AudioError
+from codec.stages import resolve_stages
 from server.deps import ModelDep, RuntimeDep, SettingsDep, within_deadline, work_slot
-from server.errors import ProblemError, problem_responses
+from server.errors import problem_responses
 from server.schemas import TokenJSON
 from server.tokens import tok_bytes, token_json
 from server.uploads import probe_audio, read_audio_upload
@@ -60,15 +60,6 @@ _OK = {
 }
 
 
-def resolve_stages(model: Any, stages: int | None, bitrate: float | None) -> int:
-    """Stages from `stages` or `bitrate` (kbit/s) by the CLI's rule (`codec.api.resolve_stages`), with its
-    message in a 422 otherwise."""
-    try:
-        return codec_resolve_stages(model, stages, bitrate)
-    except CodecError as exc:
-        raise ProblemError(422, "invalid-parameter", "Invalid parameter", str(exc)) from None
-
-
 def _encode_job(data: bytes, model: Any, n_stages: int) -> tuple[Any, np.ndarray]:
     """Decode and convert to mono at the model rate (codec.audio's rules: truncation, non-finite samples),
     then encode (a worker job)."""
@@ -103,7 +94,7 @@ async def encode(
     """Encode one clip. The body is the audio (`audio/wav`, `audio/flac`, `audio/ogg`) or multipart
     with a `file` part; any sample rate and channel count are converted as the CLI does."""
     model = served.model
-    n_stages = resolve_stages(model, stages, bitrate)
+    n_stages = resolve_stages(model, stages, bitrate)  # StageError: 422 invalid-parameter (server.errors)
     data, expected = await read_audio_upload(request, settings)  # under the upload limits, before a slot
     probe_audio(data, expected, settings)
 

@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from server.errors import PROBLEM_MEDIA_TYPE, ProblemError
+from codec.stages import StageError, resolve_stages
+from server.errors import PROBLEM_MEDIA_TYPE, ProblemError, codec_error_problem
 from server.runtime import Phase, Runtime, ServedModel
 from server.tokens import weights_hash
 
@@ -114,12 +115,11 @@ def _pick_model(runtime: Runtime, model_id: str | None) -> ServedModel:
 
 
 def _stages(model: Any, stages: int | None, bitrate: float | None) -> int:
-    from server.routers.encode import resolve_stages
-
     try:
         return resolve_stages(model, stages, bitrate)
-    except ProblemError as exc:
-        raise StreamError(CLOSE_POLICY, exc.reason, exc.detail) from None
+    except StageError as exc:
+        problem = codec_error_problem(exc)  # the reason and detail POST /encode answers
+        raise StreamError(CLOSE_POLICY, problem.reason, problem.detail) from None
 
 
 async def _admit(websocket: WebSocket, runtime: Runtime | None, direction: str) -> bool:
