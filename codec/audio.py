@@ -336,6 +336,16 @@ def read_audio_bytes(data: bytes, target_rate: int) -> tuple[np.ndarray, AudioIn
 
 
 # --- writing ----------------------------------------------------------------------------------------
+def to_pcm16(wav: np.ndarray) -> tuple[np.ndarray, int]:
+    """Float audio -> (16-bit PCM `<i2`, number of samples clipped): samples beyond [-1, 1] are clipped,
+    the rest rounded to steps of 1/32767. The one float-to-PCM rule of files, HTTP and WebSocket output."""
+    over = np.abs(wav) > 1.0
+    clipped = int(over.sum())
+    if clipped:
+        wav = np.clip(wav, -1.0, 1.0)
+    return np.round(wav * 32767.0).astype("<i2"), clipped
+
+
 def output_format(dst: str | os.PathLike | BinaryIO, requested: str | None = None) -> str:
     """"WAV" or "FLAC": as requested, else by the destination's extension, else WAV."""
     if requested:
@@ -392,15 +402,13 @@ class AudioWriter:
                                   format=self.format, subtype="PCM_16")
 
     def write(self, block: np.ndarray) -> None:
-        over = np.abs(block) > 1.0
-        if over.any():
-            self.clipped += int(over.sum())
-            block = np.clip(block, -1.0, 1.0)
+        pcm, clipped = to_pcm16(block)
+        self.clipped += clipped
         if self._file is not None:
-            self._file.write(block)
+            self._file.write(pcm)
         else:
             self._write_header()
-            self._stream.write((np.round(block * 32767.0)).astype("<i2").tobytes())
+            self._stream.write(pcm.tobytes())
 
     def _write_header(self) -> None:
         if self._header is not None:

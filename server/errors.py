@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 
 from codec.errors import AudioError, CheckpointError, CodecError, TokFormatError, UnknownModelError
 from codec.stages import StageError
@@ -57,8 +58,21 @@ class ProblemError(Exception):
         self.extra = extra
 
 
+def problem_body(conn: HTTPConnection | None, status: int, reason: str, title: str, detail: str,
+                 **extra: Any) -> dict[str, Any]:
+    """The problem+json body (for an HTTP request or a WebSocket handshake), counted as a rejection."""
+    body: dict[str, Any] = {"type": _TYPE_PREFIX + reason, "title": title, "status": status, "detail": detail}
+    if conn is not None:
+        body["instance"] = conn.url.path
+        metrics = getattr(conn.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.rejections.labels(reason=reason).inc()
+    body.update(extra)
+    return body
+
+
 def problem_response(
-    request: Request | None,
+    request: HTTPConnection | None,
     status: int,
     reason: str,
     title: str,
@@ -67,13 +81,7 @@ def problem_response(
     **extra: Any,
 ) -> JSONResponse:
     """Build the problem+json response and count it as a rejection."""
-    body: dict[str, Any] = {"type": _TYPE_PREFIX + reason, "title": title, "status": status, "detail": detail}
-    if request is not None:
-        body["instance"] = request.url.path
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.rejections.labels(reason=reason).inc()
-    body.update(extra)
+    body = problem_body(request, status, reason, title, detail, **extra)
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from codec.audio import to_pcm16
 from codec.errors import AudioError
 
 SAMPLE_RATE = 16000
@@ -162,11 +163,6 @@ def split_long(wav: np.ndarray, rate: int = SAMPLE_RATE, max_seconds: float = MA
         pos = cut
     pieces.append(wav[pos:])
     return pieces
-
-
-def to_pcm16(wav: np.ndarray) -> np.ndarray:
-    """Float `[T]` in [-1, 1] -> int16 with clipping."""
-    return np.clip(np.round(wav * 32767.0), -32768, 32767).astype(np.int16)
 
 
 # --- sources ----------------------------------------------------------------------------------------
@@ -516,7 +512,7 @@ def process_item(item: Item, out_dir: Path, g722: Mapping[str, np.ndarray] | Non
     folder.mkdir(parents=True, exist_ok=True)
     for i, piece in enumerate(pieces):
         name = item.name if len(pieces) == 1 else f"{item.name}-{i:02d}"
-        sf.write(folder / f"{name}.wav", to_pcm16(piece), SAMPLE_RATE, subtype="PCM_16")
+        sf.write(folder / f"{name}.wav", to_pcm16(piece)[0], SAMPLE_RATE, subtype="PCM_16")
         result.pieces.append((f"wav/{item.speaker}/{name}.wav", len(piece) / SAMPLE_RATE))
     return result
 

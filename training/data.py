@@ -12,7 +12,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from codec.audio import read_audio
+from codec.audio import read_audio, to_pcm16
 from codec.errors import AudioError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -149,7 +149,7 @@ def split_by_speaker(items: list[AudioItem], dev_fraction: float) -> tuple[list[
 def decode(path: Path, sample_rate: int) -> np.ndarray:
     """A file as int16 [T], mono, at `sample_rate` (decoded, mixed down and resampled by codec.audio)."""
     audio, _ = read_audio(path, sample_rate)
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+    return to_pcm16(audio)[0].astype(np.int16)
 
 
 class AudioDataset(torch.utils.data.Dataset):

@@ -10,6 +10,7 @@ import soundfile as sf
 from fastapi import APIRouter, Query, Request, Response
 
 from codec.api import decode_array
+from codec.audio import to_pcm16
 from codec.tokfile import TokHeader
 from server.deps import ModelQuery, RuntimeDep, SettingsDep, within_deadline, work_slot
 from server.errors import ProblemError, problem_responses
@@ -51,11 +52,7 @@ def _decode_job(header: TokHeader, codes: np.ndarray, model: Any, container: str
     wav = np.asarray(decode_array(header, codes, model), dtype=np.float32).reshape(-1)
     if wav.shape[0] != header.num_samples:
         raise RuntimeError(f"decoder returned {wav.shape[0]} samples for a header of {header.num_samples}")
-    over = np.abs(wav) > 1.0
-    clipped = int(over.sum())
-    if clipped:
-        wav = np.clip(wav, -1.0, 1.0)
-    pcm = np.round(wav * 32767.0).astype(np.int16)  # one conversion for every container
+    pcm, clipped = to_pcm16(wav)  # one conversion for every container
     buf = io.BytesIO()
     sf.write(buf, pcm, header.sample_rate, format=container, subtype="PCM_16")
     return buf.getvalue(), clipped

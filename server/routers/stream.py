@@ -18,12 +18,12 @@ import numpy as np
 import soxr
 import torch
 from fastapi import APIRouter, WebSocket
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from codec.audio import to_pcm16
 from codec.stages import StageError, resolve_stages
-from server.errors import PROBLEM_MEDIA_TYPE, ProblemError, codec_error_problem
+from server.errors import ProblemError, codec_error_problem, problem_body, problem_response
 from server.runtime import Phase, Runtime, ServedModel
 from server.tokens import weights_hash
 
@@ -135,14 +135,12 @@ async def _admit(websocket: WebSocket, runtime: Runtime | None, direction: str) 
     if problem is None:
         return True
     reason, detail = problem
-    websocket.app.state.metrics.rejections.labels(reason=reason).inc()
-    body = {"type": f"urn:simvq-codec:problem:{reason}", "title": "Service unavailable", "status": 503,
-            "detail": detail, "instance": websocket.url.path}
+    headers = {"Retry-After": str(settings.retry_after_s)}
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(JSONResponse(
-            body, status_code=503, media_type=PROBLEM_MEDIA_TYPE,
-            headers={"Retry-After": str(settings.retry_after_s)}))
+        await websocket.send_denial_response(
+            problem_response(websocket, 503, reason, "Service unavailable", detail, headers=headers))
     else:
+        body = problem_body(websocket, 503, reason, "Service unavailable", detail)
         await websocket.accept()
         await websocket.send_text(json.dumps({"type": "error", **body}))
         await websocket.close(CLOSE_TRY_LATER, reason)
@@ -299,8 +297,7 @@ async def stream_decode(websocket: WebSocket) -> None:
                 wav = replica.flush_decoder()
             else:
                 wav = replica.decode(torch.from_numpy(codes).view(1, -1, stages).transpose(1, 2))
-            x = wav.reshape(-1).clamp(-1.0, 1.0).cpu().numpy()
-            return np.round(x * 32767.0).astype("<i2").tobytes()
+            return to_pcm16(wav.reshape(-1).cpu().numpy())[0].tobytes()
 
         with replica.streaming(1):
             while True:
