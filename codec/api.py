@@ -111,7 +111,8 @@ def _open_output(dst: Source) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def _open_input(src: Source) -> Iterator[BinaryIO]:
+def open_input(src: Source) -> Iterator[BinaryIO]:
+    """A binary source: a path (CodecError when it is not a file), `-` for stdin, or a file object as is."""
     if src == "-":
         yield sys.stdin.buffer
     elif isinstance(src, (str, os.PathLike)):
@@ -168,7 +169,7 @@ def decompress(src: Source, dst: Source, model: SimVQCodec | str | None = None, 
     is loaded from this installation's presets; a file naming anything else (a path, say) is refused.
     """
     format = output_format(dst, format)
-    with _open_input(src) as source:
+    with open_input(src) as source:
         reader = TokReader(source, block_frames=DECODE_BLOCK_FRAMES)
         header = reader.header
         if isinstance(model, SimVQCodec):

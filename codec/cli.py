@@ -83,11 +83,11 @@ def cmd_decompress(args) -> int:
 
 def cmd_info(args) -> int:
     from codec import presets
-    from codec.api import _open_input
+    from codec.api import open_input
     from codec.errors import CodecError
     from codec.tokfile import TokReader
 
-    with _open_input(args.file) as f:
+    with open_input(args.file) as f:
         reader = TokReader(f)
         for _ in reader:  # reads and verifies the whole file (CRC, counts)
             pass

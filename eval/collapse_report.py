@@ -6,7 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from eval.report import _clean as strict_json  # NaN/inf -> None
+from eval.report import strict_json  # NaN/inf -> None
 
 CURVES_PLOT = "utilisation_vs_step.png"
 INIT_PLOT = "init_scale.png"

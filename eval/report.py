@@ -15,14 +15,14 @@ USAGE_PLOT = "stage_utilisation.png"
 _LABELS = {"pesq_wb": "PESQ-WB", "stoi": "STOI"}
 
 
-def _clean(value):
+def strict_json(value):
     """NaN/inf -> None so that results.json is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [strict_json(v) for v in value]
     return value
 
 
@@ -35,7 +35,7 @@ def write_json(result: EvalResult, path: Path) -> None:
         "rows": [asdict(r) for r in result.rows],
         "codebook_usage": {k: [asdict(u) for u in v] for k, v in result.usage.items()},
     }
-    path.write_text(json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(strict_json(data), indent=1, allow_nan=False) + "\n")
 
 
 def write_csv(result: EvalResult, path: Path) -> None:
