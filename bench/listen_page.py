@@ -22,7 +22,7 @@ from pathlib import Path
 import soundfile as sf
 
 from server import Settings, create_app
-from server.testing import REPO, LoopbackServer, chromium_missing, headless_chromium
+from tests.support import REPO, LoopbackServer, chromium_missing, headless_chromium
 
 
 def upload(driver, path: Path, timeout: float = 300) -> tuple[float, float, float]:

@@ -349,7 +349,7 @@ def check_entry_point(venv: Path, runtime_env: dict[str, str], cwd: Path) -> Non
     """The installed package holds the model; the ENTRYPOINT with the image's ENV serves it and stops on SIGTERM."""
     import httpx
 
-    from server.testing import audio_bytes, free_port, speech_like
+    from tests.support import audio_bytes, free_port, speech_like
 
     installed = site_packages(venv)
     assert (installed / "codec" / "models" / "simvq-16k" / "model.safetensors").is_file()  # a copy, not editable

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.ray_serve import RayOptions, build  # noqa: E402
 from server.settings import Settings  # noqa: E402
-from server.testing import audio_bytes, free_port, make_tiny_model, speech_like  # noqa: E402
+from tests.support import audio_bytes, free_port, make_tiny_model, speech_like  # noqa: E402
 
 BUDGET_S = 3.0
 REPO = Path(__file__).resolve().parent.parent

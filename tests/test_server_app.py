@@ -18,7 +18,7 @@ from codec.tokfile import read_tok
 from server import Settings, create_app
 from server.deps import get_model
 from server.runtime import ServedModel
-from server.testing import audio_bytes, gated, make_tiny_model, speech_like
+from tests.support import audio_bytes, gated, make_tiny_model, speech_like
 
 torch.set_num_threads(1)
 PROBLEM = "application/problem+json"

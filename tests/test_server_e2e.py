@@ -21,7 +21,7 @@ from websockets.sync.client import connect
 from codec.audio import read_audio
 from codec.tokfile import read_tok
 from server import Settings, create_app
-from server.testing import (
+from tests.support import (
     REPO,
     LoopbackServer,
     audio_bytes,

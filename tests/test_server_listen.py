@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from codec.tokfile import read_tok
 from server import Settings, create_app
-from server.testing import REPO, LoopbackServer, audio_bytes, chromium_missing, headless_chromium, make_tiny_model
+from tests.support import REPO, LoopbackServer, audio_bytes, chromium_missing, headless_chromium, make_tiny_model
 
 MAX_DURATION_S = 30
 DONE = ("done", "error")

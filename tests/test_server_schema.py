@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from server import Settings, create_app
-from server.testing import LoopbackServer, audio_bytes, make_tiny_model
+from tests.support import LoopbackServer, audio_bytes, make_tiny_model
 
 torch.set_num_threads(1)
 

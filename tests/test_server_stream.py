@@ -14,7 +14,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from codec.tokfile import read_tok
 from server import Settings, create_app
-from server.testing import audio_bytes, make_tiny_model, speech_like
+from tests.support import audio_bytes, make_tiny_model, speech_like
 
 torch.set_num_threads(1)
 

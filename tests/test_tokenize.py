@@ -20,7 +20,7 @@ from codec.api import compress  # noqa: E402
 from codec.checkpoint import load_model_dir  # noqa: E402
 from codec.errors import CodecError  # noqa: E402
 from codec.tokfile import read_tok  # noqa: E402
-from server.testing import make_tiny_model, speech_like  # noqa: E402
+from tests.support import make_tiny_model, speech_like  # noqa: E402
 
 # (relative path, seconds, rate, channels); lengths are not whole frames, so padding would show
 CLIPS = [

@@ -1,5 +1,5 @@
-"""Helpers for the server tests and the bench scripts: a tiny codec, test audio, a loopback uvicorn server,
-headless Chromium."""
+"""Test support for the server tests and the bench scripts (not shipped in the package): a tiny codec, test
+audio, a loopback uvicorn server, headless Chromium."""
 
 from __future__ import annotations
 
