@@ -24,7 +24,7 @@ import torch
 from codec.errors import CodecError
 from eval.cli import comma_list
 
-SNAPSHOT = Path("/work/data/corpus-snapshot")
+SNAPSHOT = Path("data/corpus-snapshot")  # a frozen copy of the corpus (`make corpus` builds data/corpus)
 RUNS = "runs"
 CURVE_LOG = "collapse_metrics.jsonl"
 SUMMARY = "summary.json"

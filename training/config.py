@@ -38,8 +38,8 @@ class DataConfig:
         dev_clip_samples: maximum length of a dev clip at the model rate (multiple of the hop).
     """
 
-    train: str = "/work/data/corpus/train.csv"
-    dev: str | None = "/work/data/corpus/dev.csv"
+    train: str = "data/corpus/train.csv"
+    dev: str | None = "data/corpus/dev.csv"
     dev_fraction: float = 0.05
     segment_samples: int = 16000
     gain_db: tuple[float, float] = (-12.0, 0.0)
