@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    model = load_model(args.model)
+    release = load_model(args.model)
+    model = release.model
     speech, rate = sf.read(ROOT / "examples" / "speech.wav", dtype="float32")
     assert rate == model.sample_rate
     reps = int(np.ceil(args.seconds * rate / len(speech)))
@@ -73,7 +74,7 @@ def main() -> None:
                  (f"decode, {threads} thread(s)", f"{d:.0f}x real time")]
 
     for n in (model.n_stages, model.n_stages // 2, 1):
-        header, codes = encode_array(speech, rate, model, n_stages=n)
+        header, codes = encode_array(speech, rate, release, n_stages=n)
         with tempfile.TemporaryFile() as f:
             from codec.tokfile import TokWriter
 

@@ -19,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from codec.audio import AudioInfo, AudioReader, AudioWriter, output_format
-from codec.errors import AudioError, CodecError, TokFormatError
+from codec.errors import AudioError, CodecError
 from codec.model import SimVQCodec
 from codec.presets import file_model_dir, load_model
+from codec.pretrained import Pretrained
 from codec.stages import resolve_stages
 from codec.tokfile import TokHeader, TokReader, TokWriter
 
@@ -29,30 +30,14 @@ Source = str | os.PathLike | BinaryIO
 DECODE_BLOCK_FRAMES = 500  # 10 s at 50 Hz: bounds the decoder's activations on long files
 
 
-def weights_hash(model: SimVQCodec) -> bytes:
-    """The first 8 bytes of the model's weights sha256, as stored in token files."""
-    if model.weights_sha256 is None:
-        raise CodecError("this model was not loaded from a release directory, so token files cannot name it")
-    return bytes.fromhex(model.weights_sha256)[:8]
-
-
-def make_header(model: SimVQCodec, n_stages: int, num_samples: int | None) -> TokHeader:
-    frames = None if num_samples is None else -(-num_samples // model.hop_length)
-    return TokHeader(model.model_id or "unknown", weights_hash(model), model.sample_rate, model.hop_length,
-                     n_stages, model.bits_per_code, num_samples, frames)
-
-
-def check_model_matches(header: TokHeader, model: SimVQCodec) -> None:
-    """Raise unless `model` is the one that made the file (same weights, rate and framing)."""
-    if header.weights_hash != weights_hash(model):
-        raise TokFormatError(
-            f"the file was made by model {header.model_id!r} with weights {header.weights_hash.hex()}, but the model "
-            f"given ({model.model_id!r}) has weights {model.weights_sha256[:16]}: decode with the matching model")
-    if (header.sample_rate, header.hop_length) != (model.sample_rate, model.hop_length):
-        raise TokFormatError("the file's sample rate or frame size does not match the model")
-    if header.n_stages > model.n_stages or header.bits_per_code != model.bits_per_code:
-        raise TokFormatError(f"the file has {header.n_stages} stages of {header.bits_per_code} bits; the model has "
-                             f"{model.n_stages} of {model.bits_per_code}")
+def pretrained(model: Pretrained | str | os.PathLike | None) -> Pretrained:
+    """`model` as it is, or the preset id or directory it names loaded (None: the default model)."""
+    if isinstance(model, Pretrained):
+        return model
+    if isinstance(model, SimVQCodec):
+        raise CodecError("token files name the model that made them, and a bare SimVQCodec has no identity: "
+                         "pass what codec.load_model returns")
+    return load_model(model)
 
 
 def _device(model: SimVQCodec) -> torch.device:
@@ -60,9 +45,10 @@ def _device(model: SimVQCodec) -> torch.device:
 
 
 # --- in memory --------------------------------------------------------------------------------------
-def encode_array(wav: np.ndarray, sample_rate: int, model: SimVQCodec, n_stages: int | None = None
+def encode_array(wav: np.ndarray, sample_rate: int, model: Pretrained, n_stages: int | None = None
                  ) -> tuple[TokHeader, np.ndarray]:
     """Mono or `[T, C]` float audio at any rate -> (header, codes `[S, F]` int64)."""
+    codec = model.model
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim == 2:
         wav = wav.mean(axis=1)
@@ -70,19 +56,26 @@ def encode_array(wav: np.ndarray, sample_rate: int, model: SimVQCodec, n_stages:
         raise AudioError("audio must be a non-empty 1-D array (or [samples, channels])")
     if not np.isfinite(wav).all():
         raise AudioError("audio contains NaN or infinite samples")
-    if sample_rate != model.sample_rate:
-        wav = soxr.resample(wav, sample_rate, model.sample_rate).astype(np.float32)
-    n = resolve_stages(model, n_stages)
-    codes = model.encode(torch.from_numpy(wav).to(_device(model))[None, None], n)[0]
-    return make_header(model, n, len(wav)), codes.cpu().numpy()
+    if sample_rate != codec.sample_rate:
+        wav = soxr.resample(wav, sample_rate, codec.sample_rate).astype(np.float32)
+    n = resolve_stages(codec, n_stages)
+    codes = codec.encode(torch.from_numpy(wav).to(_device(codec))[None, None], n)[0]
+    return model.header(n, len(wav)), codes.cpu().numpy()
 
 
-def decode_array(header: TokHeader, codes: np.ndarray, model: SimVQCodec) -> np.ndarray:
-    """(header, codes `[S, F]`) -> float32 audio with exactly `header.num_samples` samples."""
-    check_model_matches(header, model)
+def decode_array(header: TokHeader, codes: np.ndarray, model: Pretrained) -> np.ndarray:
+    """(header, codes `[S, F]`) -> float32 audio with exactly `header.num_samples` samples, after checking
+    that `model` made the codes (`Pretrained.check`)."""
+    model.check(header)
+    return decode_codes(codes, model.model, header.num_samples)
+
+
+def decode_codes(codes: np.ndarray, model: SimVQCodec, num_samples: int) -> np.ndarray:
+    """Codes `[S, F]` -> the first `num_samples` float32 samples, with no identity check: for a caller that
+    has already matched the header to the model (the server picks the model by the header)."""
     codes = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=_device(model))
     wav = model.decode(codes[None])[0, 0].cpu().numpy()
-    return wav[: header.num_samples]
+    return wav[:num_samples]
 
 
 # --- files and streams ------------------------------------------------------------------------------
@@ -131,19 +124,21 @@ def _progress(enabled: bool, total_seconds: float | None, desc: str) -> tqdm:
                 bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} s audio [{elapsed}<{remaining}]")
 
 
-def compress(src: Source, dst: Source, model: SimVQCodec | str | None = None, n_stages: int | None = None,
+def compress(src: Source, dst: Source, model: Pretrained | str | None = None, n_stages: int | None = None,
              bitrate: float | None = None, progress: bool = False) -> tuple[TokHeader, AudioInfo]:
     """Compress audio (path, `-` or file object) into a .tok file, streaming in blocks.
 
+    `model`: what `load_model` returns, or a preset id or model directory (None: the default model).
     Returns the header as written (counts filled in) and what the input was.
     """
-    codec = model if isinstance(model, SimVQCodec) else load_model(model)
+    release = pretrained(model)
+    codec = release.model
     n = resolve_stages(codec, n_stages, bitrate)
     with AudioReader(src, codec.sample_rate) as reader:
         info = reader.info
         # The exact length is known up front only when no resampling changes it.
         known = info.frames if info.sample_rate == codec.sample_rate else None
-        header = make_header(codec, n, known)
+        header = release.header(n, known)
         seconds = None if info.frames is None else info.frames / info.sample_rate
         total = 0
         with _open_output(dst) as sink, _progress(progress, seconds, "compress") as bar, codec.streaming(1):
@@ -158,10 +153,10 @@ def compress(src: Source, dst: Source, model: SimVQCodec | str | None = None, n_
             writer = writer or TokWriter(sink, header)
             writer.write(codec.flush_encoder(n)[0].cpu().numpy())
             writer.close(total)
-    return make_header(codec, n, total), info
+    return release.header(n, total), info
 
 
-def decompress(src: Source, dst: Source, model: SimVQCodec | str | None = None, format: str | None = None,
+def decompress(src: Source, dst: Source, model: Pretrained | str | None = None, format: str | None = None,
                progress: bool = False) -> tuple[TokHeader, int]:
     """Decode a .tok file (path, `-` or file object) to WAV or FLAC. Returns (header, clipped samples).
 
@@ -172,11 +167,10 @@ def decompress(src: Source, dst: Source, model: SimVQCodec | str | None = None, 
     with open_input(src) as source:
         reader = TokReader(source, block_frames=DECODE_BLOCK_FRAMES)
         header = reader.header
-        if isinstance(model, SimVQCodec):
-            codec = model
-        else:  # the file's own model id names an installed model only, never a folder
-            codec = load_model(model if model is not None else file_model_dir(header.model_id))
-        check_model_matches(header, codec)
+        # without `model`, the file's own model id names an installed model only, never a folder
+        release = pretrained(model if model is not None else file_model_dir(header.model_id))
+        release.check(header)
+        codec = release.model
         device = _device(codec)
         seconds = None if header.num_samples is None else header.num_samples / header.sample_rate
         with (_open_output(dst) as sink, _progress(progress, seconds, "decompress") as bar, codec.streaming(1),

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from codec.errors import CheckpointError
 from codec.model import SimVQCodec
+from codec.pretrained import Pretrained
 
 FORMAT = "simvq-codec/1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -61,7 +62,7 @@ def save_model(
     trained: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a release directory that `load_model_dir` (and `--model DIR`) loads. Returns the directory.
+    """Write a release directory that `load_pretrained` (and `--model DIR`) loads. Returns the directory.
 
     Args:
         model: the codec (for training runs, pass the EMA weights).
@@ -114,8 +115,9 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SimVQCodec:
-    """Load a release directory after verifying the weights' sha256; the model is in eval mode."""
+def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Pretrained:
+    """Load a release directory after verifying the weights' sha256: the model (in eval mode) with its id,
+    hash and trained flag."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     weights = model_dir / WEIGHTS
@@ -136,7 +138,10 @@ def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "c
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except (RuntimeError, OSError) as exc:
         raise CheckpointError(f"cannot load {weights}: {str(exc).splitlines()[0]}") from None
-    model.trained = bool(config.get("trained", False))
-    model.weights_sha256 = digest
-    model.model_id = config["model_id"]
-    return model.to(device).eval()
+    return Pretrained(model.to(device).eval(), config["model_id"], digest, bool(config.get("trained", False)))
+
+
+def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SimVQCodec:
+    """The verified weights of a release directory alone (to start training from, say); `load_pretrained`
+    also gives the identity that token files need."""
+    return load_pretrained(model_dir, device).model

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from codec.checkpoint import load_model_dir, read_config
+from codec.checkpoint import load_pretrained, read_config
 from codec.errors import UnknownModelError
-from codec.model import SimVQCodec
+from codec.pretrained import Pretrained
 
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL_ID = "simvq-16k"
@@ -64,12 +64,13 @@ def describe(model: str | os.PathLike | None = None) -> dict:
 
 
 def load_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-               warn: bool = True) -> SimVQCodec:
-    """Load a preset id (default `simvq-16k`) or a model directory, verifying its hash.
+               warn: bool = True) -> Pretrained:
+    """Load a preset id (default `simvq-16k`) or a model directory, verifying its hash: the model with its
+    identity (`Pretrained`: `.model`, `.model_id`, `.sha256`, `.trained`).
 
     With `warn`, an untrained stand-in model says so on stderr: its output is not speech.
     """
-    codec = load_model_dir(model_dir(model), device)
+    codec = load_pretrained(model_dir(model), device)
     if warn and not codec.trained:
         print(f"warning: model {codec.model_id!r} is UNTRAINED (random weights): its output is noise, not speech",
               file=sys.stderr)

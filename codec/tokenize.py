@@ -197,7 +197,7 @@ class Tokenizer:
             torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(model, device=device, warn=False).eval()
+        self.model = load_model(model, device=device, warn=False).model
         self.device = torch.device(device)
         self.n_stages = self.model.n_stages if n_stages is None else n_stages
         self.batch_seconds = batch_seconds
@@ -613,7 +613,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         from codec.presets import load_model
         from codec.stages import stages_for_bitrate
 
-        n_stages = stages_for_bitrate(load_model(args.model, warn=False), args.bitrate)
+        n_stages = stages_for_bitrate(load_model(args.model, warn=False).model, args.bitrate)
     result = tokenize(args.input, args.out, model=args.model, n_stages=n_stages, workers=args.workers,
                       use_ray=args.ray, ray_address=args.ray_address, device=args.device, shard_size=args.shard_size,
                       batch_seconds=args.batch_seconds, threads=args.worker_threads, force=args.force,

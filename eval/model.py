@@ -15,17 +15,17 @@ from eval.peers import CodecRun
 
 DEFAULT_STAGES = (1, 2, 3, 4, 6, 8, 12)
 
-_MODELS: dict = {}  # model reference -> loaded SimVQCodec, one per process
+_MODELS: dict = {}  # model reference -> loaded codec.Pretrained, one per process
 
 
 def get_model(ref: str | None, warn: bool = False):
-    """Load (once per process) the model named by a preset id or directory, None for the default preset."""
+    """Load (once per process) the model named by a preset id or directory, None for the default preset:
+    a `codec.Pretrained` (`.model` is the SimVQCodec, in eval mode)."""
     key = ref or ""
     if key not in _MODELS:
         from codec.presets import load_model
 
-        model = load_model(ref, warn=warn)
-        _MODELS[key] = model.eval()  # encode/decode run without gradients; no global grad switch
+        _MODELS[key] = load_model(ref, warn=warn)
     return _MODELS[key]
 
 
@@ -86,7 +86,7 @@ class UnquantizedSetting:
     def run(self, wav: np.ndarray) -> CodecRun:
         import torch
 
-        model = get_model(self.ref)
+        model = get_model(self.ref).model
         hop = model.hop_length
         padded = np.pad(wav, (0, -len(wav) % hop)).astype(np.float32)
         start = time.perf_counter()
@@ -107,7 +107,8 @@ def model_settings(ref: str | None, stages: list[int] | None = None, bitrates: l
     from codec.errors import CodecError
     from codec.stages import check_stages, stages_for_bitrate
 
-    model = get_model(ref, warn=True)
+    release = get_model(ref, warn=True)
+    model = release.model
     if stages and bitrates:
         raise CodecError("give either stage counts or bitrates, not both")
     if bitrates:
@@ -116,7 +117,7 @@ def model_settings(ref: str | None, stages: list[int] | None = None, bitrates: l
         counts = [check_stages(s, model.n_stages) for s in stages]
     else:
         counts = [s for s in DEFAULT_STAGES if s <= model.n_stages] + [model.n_stages]
-    name = model.model_id or "model"
+    name = release.model_id
     return [ModelSetting(ref, name, n, model.bitrate(n) / 1000, model.codebook_size) for n in sorted(set(counts))]
 
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random phases")
     args = parser.parse_args(argv)
     try:
-        model = get_model(args.model)
+        model = get_model(args.model).model
         n_stages = args.stages or model.n_stages
         items = list_inputs(args.inputs, args.split, per_speaker=args.per_speaker)
         generator = torch.Generator().manual_seed(args.seed)

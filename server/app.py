@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None, models: dict[str, Any] | None =
     """Build the app.
 
     settings: limits and knobs (default: from `SIMVQ_*` environment variables).
-    models: already-built models by id, used instead of loading `settings.models` (tests, embedding).
+    models: already-loaded models (`codec.Pretrained`, what `load_model` returns) by id, used instead of
+        loading `settings.models` (tests, embedding).
     """
     settings = settings or Settings()
     metrics = Metrics()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from ray import serve
 
+from codec.pretrained import Pretrained
 from codec.tokenize import encode_padded
 from server.app import create_app
 from server.settings import Settings
@@ -199,7 +201,7 @@ class Batcher:
 class BatchedModel:
     """A SimVQCodec stand-in for the app: offline encode/decode of one clip goes through the batcher.
 
-    Everything else (attributes, `eval()`, parameters, hashes) is the wrapped model's; a deep copy (the
+    Everything else (attributes, `eval()`, parameters) is the wrapped model's; a deep copy (the
     app's per-stream replica) is a copy of the wrapped model, so streaming never touches the batcher.
     """
 
@@ -244,7 +246,7 @@ class CodecService:
 
     async def __init__(self, settings: dict[str, Any], options: dict[str, Any]) -> None:
         from codec.presets import load_model
-        from server.runtime import _model_id
+        from server.runtime import served_id
 
         self.settings = Settings(**settings)
         self.options = RayOptions(**options)
@@ -252,10 +254,11 @@ class CodecService:
         self.model_workers = self.options.resolved_model_workers(self.settings)
         self.executor = ThreadPoolExecutor(self.model_workers, thread_name_prefix="simvq-batch")
         loop = asyncio.get_running_loop()
-        models: dict[str, Any] = {}
+        models: dict[str, Pretrained] = {}
         for ref in self.settings.models:
-            model = await loop.run_in_executor(self.executor, lambda r=ref: load_model(r, self.settings.device, False))
-            models[_model_id(ref, model)] = model.eval()
+            release = await loop.run_in_executor(self.executor,
+                                                 lambda r=ref: load_model(r, self.settings.device, False))
+            models[served_id(ref, release)] = release
         if self.options.batching:
             budget_ms = int(self.options.batch_seconds * 1000)
             for method in (self.encode_batch, self.decode_batch):
@@ -264,7 +267,7 @@ class CodecService:
             logging.getLogger("ray.serve").addFilter(_DropBatchSizeWarning())
             batcher = Batcher(loop, {"encode": self.encode_batch, "decode": self.decode_batch}, self._run_batch,
                               budget_ms)
-            models = {k: BatchedModel(m, batcher) for k, m in models.items()}
+            models = {k: dataclasses.replace(m, model=BatchedModel(m.model, batcher)) for k, m in models.items()}
         self.models = models
         self._metrics: dict[str, Histogram] = {}
         self._pending: list[tuple[Job, asyncio.Future]] = []  # the model queue, oldest first

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from codec.pretrained import Pretrained
 from server.errors import ProblemError
 from server.settings import Settings
 
@@ -35,20 +36,17 @@ class Phase(str, enum.Enum):  # noqa: UP042 - StrEnum needs Python 3.11
 class ServedModel:
     """One loaded model and the facts /v1/models reports about it.
 
-    model_id: the id clients pass as `model` (preset id, or the directory name for a checkpoint dir).
-    model: the SimVQCodec in eval mode on the configured device.
+    model_id: the id clients pass as `model` (preset id, or the id a checkpoint directory's config names).
+    pretrained: the model (in eval mode on the configured device) and its identity (`codec.Pretrained`).
     """
 
     model_id: str
-    model: Any
+    pretrained: Pretrained
 
     @property
-    def trained(self) -> bool:
-        return bool(getattr(self.model, "trained", False))
-
-    @property
-    def weights_sha256(self) -> str:
-        return str(getattr(self.model, "weights_sha256", "") or "")
+    def model(self) -> Any:
+        """The SimVQCodec (or, under Ray Serve, the batching proxy in front of it)."""
+        return self.pretrained.model
 
     def streaming_replica(self) -> Any:
         """A copy of the module tree that shares every parameter and buffer with the served model.
@@ -115,7 +113,7 @@ class Slot:
 class Runtime:
     """Everything model-related the routers need, built once per app and loaded in the lifespan."""
 
-    def __init__(self, settings: Settings, models: dict[str, Any] | None = None) -> None:
+    def __init__(self, settings: Settings, models: dict[str, Pretrained] | None = None) -> None:
         self.settings = settings
         self.phase = Phase.LOADING
         self.failure: str | None = None
@@ -144,13 +142,13 @@ class Runtime:
 
                 loaded = {}
                 for ref in self.settings.models:
-                    model = load_model(ref, device=self.settings.device, warn=False)
-                    if not getattr(model, "trained", False):
+                    release = load_model(ref, device=self.settings.device, warn=False)
+                    if not release.trained:
                         log.warning("model %s is UNTRAINED (random weights): its output is noise", ref)
-                    loaded[_model_id(ref, model)] = model
-            for model_id, model in loaded.items():
-                model.eval()
-                served = ServedModel(model_id, model)
+                    loaded[served_id(ref, release)] = release
+            for model_id, release in loaded.items():
+                release.model.eval()
+                served = ServedModel(model_id, release)
                 if self.settings.warmup:
                     t0 = time.perf_counter()
                     _warm_up(served)
@@ -240,13 +238,11 @@ class Runtime:
         return await asyncio.wrap_future(future)
 
 
-def _model_id(ref: str, model: Any) -> str:
+def served_id(ref: str, release: Pretrained) -> str:
     """A preset id stays as given; a checkpoint directory is served under the id its config names."""
     from codec.presets import MODELS
 
-    if ref in MODELS:
-        return ref
-    return getattr(model, "model_id", None) or ref
+    return ref if ref in MODELS else release.model_id
 
 
 def _warm_up(served: ServedModel) -> None:

@@ -99,7 +99,7 @@ def model_for_header(header: TokHeader, runtime: Runtime, requested: str | None)
         served = runtime.get(requested)
     else:
         runtime.require_ready()
-        matches = [m for m in runtime.models.values() if weights_hash(m) == header.weights_hash]
+        matches = [m for m in runtime.models.values() if m.pretrained.weights_hash == header.weights_hash]
         by_id = runtime.models.get(header.model_id)
         if matches:
             served = next((m for m in matches if m.model_id == header.model_id), matches[0])
@@ -107,7 +107,7 @@ def model_for_header(header: TokHeader, runtime: Runtime, requested: str | None)
             raise ProblemError(
                 422, "weights-mismatch", "Different model weights",
                 f"the tokens were made by model '{header.model_id}' with weights {header.weights_hash.hex()}, "
-                f"but this server's '{by_id.model_id}' has weights {weights_hash(by_id).hex()}; "
+                f"but this server's '{by_id.model_id}' has weights {by_id.pretrained.weights_hash.hex()}; "
                 "decode them where they were encoded or re-encode the audio",
             )
         else:
@@ -115,31 +115,13 @@ def model_for_header(header: TokHeader, runtime: Runtime, requested: str | None)
             raise ProblemError(422, "unknown-model", "Unknown model",
                                f"the tokens were made by model '{header.model_id}', which this server does not "
                                f"serve (it serves: {served_ids})")
-    model = served.model
-    if requested is not None and weights_hash(served) != header.weights_hash:
+    if requested is not None and served.pretrained.weights_hash != header.weights_hash:
         raise ProblemError(
             422, "weights-mismatch", "Different model weights",
             f"the tokens were made with weights {header.weights_hash.hex()} but model '{served.model_id}' has "
-            f"{weights_hash(served).hex()}; omit `model` to pick the matching model",
+            f"{served.pretrained.weights_hash.hex()}; omit `model` to pick the matching model",
         )
-    mismatch = [
-        f"{name} {got} (model: {want})"
-        for name, got, want in (
-            ("sample_rate", header.sample_rate, model.sample_rate),
-            ("hop_length", header.hop_length, model.hop_length),
-            ("bits_per_code", header.bits_per_code, model.bits_per_code),
-        )
-        if got != want
-    ]
-    if header.n_stages > model.n_stages:
-        mismatch.append(f"n_stages {header.n_stages} (model has {model.n_stages})")
-    if mismatch:
+    if mismatch := served.pretrained.layout_mismatch(header):  # the codec's rule (codec.Pretrained.check)
         raise ProblemError(422, "layout-mismatch", "Tokens do not fit the model",
                            f"the tokens do not fit model '{served.model_id}': " + ", ".join(mismatch))
     return served
-
-
-def weights_hash(served: ServedModel) -> bytes:
-    """The 8-byte weights hash that .tok headers carry for this model."""
-    sha = served.weights_sha256
-    return bytes.fromhex(sha[:16]) if sha else bytes(8)

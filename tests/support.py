@@ -3,6 +3,7 @@ audio, a loopback uvicorn server, headless Chromium."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import shutil
@@ -17,8 +18,9 @@ import soundfile as sf
 import torch
 import uvicorn
 
-from codec.checkpoint import load_model_dir, save_model
+from codec.checkpoint import load_pretrained, save_model
 from codec.model import SimVQCodec
+from codec.pretrained import Pretrained
 from server.settings import UVICORN_WS
 
 TINY_CONFIG: dict[str, Any] = dict(
@@ -28,13 +30,13 @@ TINY_CONFIG: dict[str, Any] = dict(
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_tiny_model(out_dir: str | Path, model_id: str = "tiny-test", seed: int = 0, **overrides: Any) -> SimVQCodec:
+def make_tiny_model(out_dir: str | Path, model_id: str = "tiny-test", seed: int = 0, **overrides: Any) -> Pretrained:
     """A randomly initialised small SimVQCodec saved as a release directory and loaded back, so it has
     a weights sha256 and a model id like a shipped model (16 kHz, 320-sample frames, 4 x 64 codes)."""
     torch.manual_seed(seed)
     model = SimVQCodec(**{**TINY_CONFIG, **overrides}).eval()
     save_model(model, out_dir, {"note": "test model"}, model_id=model_id, trained=False)
-    return load_model_dir(out_dir).eval()
+    return load_pretrained(out_dir)
 
 
 class GatedCodec(SimVQCodec):
@@ -48,16 +50,16 @@ class GatedCodec(SimVQCodec):
         return super().encode(wav, n_stages)
 
 
-def gated(model: SimVQCodec) -> GatedCodec:
-    """A copy of `model` (same weights, hash and id) whose offline encode blocks until `.gate.set()`.
+def gated(release: Pretrained) -> Pretrained:
+    """`release` (same weights, hash and id) with a copy of its model whose offline encode blocks until
+    `.model.gate.set()`.
 
     The gate is a class attribute of a fresh subclass, so streaming replicas (deep copies) share it.
     """
     cls = type("Gated", (GatedCodec,), {"gate": threading.Event()})
-    clone = cls(**model.config).eval()
-    clone.load_state_dict(model.state_dict())
-    clone.weights_sha256, clone.model_id, clone.trained = model.weights_sha256, model.model_id, model.trained
-    return clone
+    clone = cls(**release.model.config).eval()
+    clone.load_state_dict(release.model.state_dict())
+    return dataclasses.replace(release, model=clone)
 
 
 def speech_like(seconds: float, sample_rate: int = 16000, seed: int = 0, channels: int = 1) -> np.ndarray:

@@ -180,8 +180,8 @@ def test_bundle_run_trains_on_the_cpu_and_its_model_round_trips_a_file(bundle, t
     assert len(files) <= OUT_FILES and all(p.stat().st_size <= MAX_FILE_BYTES for p in files)
     assert json.loads((out / "checkpoint.json").read_text())["step"] == steps
 
-    model = load_model(out / "model")
-    assert model.n_stages == 4 and model.trained
+    release = load_model(out / "model")
+    assert release.model.n_stages == 4 and release.trained
     wav = tmp_path / "speech.wav"
     sf.write(wav, speechlike(0.8, 16000, seed=3), 16000)
     api.compress(wav, tmp_path / "speech.tok", model=out / "model")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from codec import presets
-from codec.checkpoint import load_model_dir, save_model
+from codec.checkpoint import load_model_dir, load_pretrained, save_model
 from codec.errors import CheckpointError, UnknownModelError
 from tests.conftest import tiny_codec
 
@@ -14,10 +14,12 @@ from tests.conftest import tiny_codec
 def test_round_trip_restores_identical_outputs(tmp_path):
     model = tiny_codec(seed=5)
     save_model(model, tmp_path, provenance={"steps": 0}, model_id="tiny", trained=False)
-    loaded = load_model_dir(tmp_path)
+    loaded = load_pretrained(tmp_path)
     wav = torch.randn(1, 1, 3200)
-    assert torch.equal(loaded.encode(wav), model.encode(wav))
-    assert loaded.model_id == "tiny" and loaded.trained is False and len(loaded.weights_sha256) == 64
+    assert torch.equal(loaded.model.encode(wav), model.encode(wav))
+    assert loaded.model_id == "tiny" and loaded.trained is False and len(loaded.sha256) == 64
+    assert loaded.weights_hash == bytes.fromhex(loaded.sha256[:16])
+    assert torch.equal(load_model_dir(tmp_path).encode(wav), model.encode(wav))  # the weights alone
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"]["latent_dim"] == 16 and config["n_stages"] == 4 and config["provenance"] == {"steps": 0}
 
@@ -84,7 +86,8 @@ def test_presets_resolve_ids_and_reject_unknown(tmp_path):
 
 
 def test_bundled_default_model_loads_and_verifies():
-    model = presets.load_model(warn=False)
+    release = presets.load_model(warn=False)
     config = presets.describe()
-    assert model.weights_sha256 == config["sha256"]
+    assert release.sha256 == config["sha256"] and release.model_id == presets.DEFAULT_MODEL_ID
+    model = release.model
     assert model.sample_rate == 16000 and model.hop_length == 320 and model.codebook_size == 1024

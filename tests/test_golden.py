@@ -49,7 +49,7 @@ def test_the_reference_recording_gives_the_golden_tokens():
     header, codes = read_tok(io.BytesIO(encode_reference(model)))
     golden_header, golden = read_tok(GOLDEN)
     assert header == golden_header  # model id, weights hash, stages, sample and frame counts
-    assert codes.shape == golden.shape == (model.n_stages, json.loads(GOLDEN_INFO.read_text())["frames"])
+    assert codes.shape == golden.shape == (model.model.n_stages, json.loads(GOLDEN_INFO.read_text())["frames"])
     flipped = np.any(codes != golden, axis=0)
     assert flipped.mean() <= MAX_FLIPPED_FRAMES, (
         f"{flipped.sum()} of {flipped.size} frames differ from {GOLDEN.name}: the model or its code path changed")
@@ -63,7 +63,7 @@ def update() -> None:
     GOLDEN.write_bytes(data)
     header, codes = read_tok(io.BytesIO(data))
     GOLDEN_INFO.write_text(json.dumps({
-        "model_id": DEFAULT_MODEL_ID, "model_sha256": model.weights_sha256, "reference": "examples/reference.wav",
+        "model_id": DEFAULT_MODEL_ID, "model_sha256": model.sha256, "reference": "examples/reference.wav",
         "stages": int(codes.shape[0]), "frames": int(codes.shape[1]), "tok_bytes": len(data),
     }, indent=1) + "\n")
     print(f"wrote {GOLDEN} ({len(data)} bytes, {codes.shape[1]} frames x {codes.shape[0]} stages)")

@@ -234,7 +234,7 @@ def test_run_jobs_groups_batches_and_matches_lone_calls(tmp_path):
 
     from server.ray_serve import Job, padded_ms, run_jobs
 
-    model = make_tiny_model(tmp_path / "m", encoder_dim=64, encoder_layers=2, latent_dim=16, codebook_size=256)
+    model = make_tiny_model(tmp_path / "m", encoder_dim=64, encoder_layers=2, latent_dim=16, codebook_size=256).model
     lengths = [0.413, 0.917, 1.3071, 0.05, 0.2345, 0.6789]
     clips = [torch.from_numpy(speech_like(s, seed=i)) for i, s in enumerate(lengths)]
     stages = [4, 2, 4, 3, 2, 4]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import time
@@ -92,7 +93,7 @@ def test_models_lists_served_models(client, tiny):
     assert m["default"] is True and m["trained"] is False and models["tiny-other"]["default"] is False
     assert (m["sample_rate"], m["hop_length"], m["frame_rate"], m["n_stages"]) == (16000, 320, 50.0, 4)
     assert m["bitrates_kbps"] == [0.3, 0.6, 0.9, 1.2]  # 6 bits x 50 frames/s per stage
-    assert m["weights_hash"] == tiny.weights_sha256[:16]
+    assert m["weights_hash"] == tiny.sha256[:16]
 
 
 def test_encode_tok_and_json_agree_and_decode_keeps_length(client, tiny):
@@ -144,7 +145,7 @@ def test_multipart_upload_and_model_choice(client, other):
     r = client.post("/encode?model=tiny-other", files={"file": ("clip.wav", body, "audio/wav")})
     assert r.status_code == 200, r.text
     header, _ = read_tok(io.BytesIO(r.content))
-    assert header.model_id == "tiny-other" and header.weights_hash.hex() == other.weights_sha256[:16]
+    assert header.model_id == "tiny-other" and header.weights_hash.hex() == other.sha256[:16]
     # decode picks the model the file names
     out = client.post("/decode", content=r.content, headers={"content-type": "application/octet-stream"})
     assert out.status_code == 200
@@ -234,7 +235,7 @@ def test_bitrate_follows_the_cli_rule_with_the_same_message(client, tiny):
     messages = {}
     for value in ("nan", "-1", "0", "0.1"):
         with pytest.raises(CodecError) as err:
-            resolve_stages(tiny, bitrate=float(value))
+            resolve_stages(tiny.model, bitrate=float(value))
         messages[value] = str(err.value)
         assert_problem(client.post(f"/encode?bitrate={value}", content=wav(0.2), headers=h),
                        422, "invalid-parameter", messages[value])
@@ -242,7 +243,7 @@ def test_bitrate_follows_the_cli_rule_with_the_same_message(client, tiny):
     assert messages["0.1"].startswith("0.1 kbit/s is below this model's lowest bitrate, 0.3 kbit/s")
     for value in ("1e9", "inf"):  # at or above the top rate: every stage, as on the command line
         r = client.post(f"/encode?bitrate={value}&format=json", content=wav(0.2), headers=h)
-        assert r.status_code == 200 and r.json()["n_stages"] == tiny.n_stages, r.text
+        assert r.status_code == 200 and r.json()["n_stages"] == tiny.model.n_stages, r.text
 
 
 def test_malformed_multipart_detail_reads_as_one_sentence(client):
@@ -318,7 +319,7 @@ def test_deadline_answers_504_and_keeps_the_slot_until_the_work_ends(tiny):
         r = c.post("/encode", content=wav(0.2), headers={"content-type": "audio/wav"})
         assert_problem(r, 504, "deadline-exceeded", "0.3 s")
         assert app.state.runtime.slots.busy == 1  # the worker still runs the abandoned encode
-        model.gate.set()
+        model.model.gate.set()
         for _ in range(100):
             if app.state.runtime.slots.busy == 0:
                 break
@@ -336,7 +337,7 @@ def test_readiness_while_loading_then_ready(tiny):
         assert c.get("/healthz").json() == {"status": "alive"}
         assert_problem(c.post("/encode", content=wav(0.1), headers={"content-type": "audio/wav"}), 503, "loading")
         assert "simvq_ready 0.0" in c.get("/metrics").text
-        model.gate.set()  # lets the warm-up encode finish
+        model.model.gate.set()  # lets the warm-up encode finish
         for _ in range(200):
             if c.get("/readyz").status_code == 200:
                 break
@@ -371,7 +372,8 @@ class _Exploding:
 def test_internal_errors_are_problems_without_details_and_do_not_leak_into_the_next_request(tiny):
     app = create_app(settings(), models={"tiny-test": tiny})
     with TestClient(app, raise_server_exceptions=False) as client:
-        app.dependency_overrides[get_model] = lambda: ServedModel("tiny-test", _Exploding())
+        exploding = dataclasses.replace(tiny, model=_Exploding())
+        app.dependency_overrides[get_model] = lambda: ServedModel("tiny-test", exploding)
         r = client.post("/encode", content=wav(0.2), headers={"content-type": "audio/wav"})
         app.dependency_overrides.clear()
         assert_problem(r, 500, "internal-error", "logged")

@@ -241,7 +241,7 @@ def busy_server(tmp_path):
     with LoopbackServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         wait_ready(client)
         yield srv, client, model, app
-        model.gate.set()
+        model.model.gate.set()
 
 
 def test_overload_503_and_deadline_504_while_health_stays_answered(busy_server):
@@ -264,7 +264,7 @@ def test_overload_503_and_deadline_504_while_health_stays_answered(busy_server):
         for future in stuck:
             assert_problem(future.result(), 504, "deadline-exceeded")
     assert app.state.runtime.slots.busy == 2  # the abandoned encodes still hold their slots
-    model.gate.set()
+    model.model.gate.set()
     deadline = time.monotonic() + 10
     while app.state.runtime.slots.busy and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -363,7 +363,7 @@ def test_graceful_shutdown_drains_requests_in_flight(tmp_path):
             srv.server.should_exit = True  # what SIGTERM does
             time.sleep(0.3)
             assert srv.thread.is_alive() and not pending.done()  # still draining
-            model.gate.set()
+            model.model.gate.set()
             assert pending.result().status_code == 200
     srv.thread.join(10)
     assert not srv.thread.is_alive() and app.state.runtime is None

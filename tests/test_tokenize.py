@@ -17,7 +17,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from codec import tokenize as tk  # noqa: E402
 from codec.api import compress  # noqa: E402
-from codec.checkpoint import load_model_dir  # noqa: E402
+from codec.checkpoint import load_pretrained  # noqa: E402
 from codec.errors import CodecError  # noqa: E402
 from codec.tokfile import read_tok  # noqa: E402
 from tests.support import make_tiny_model, speech_like  # noqa: E402
@@ -73,7 +73,7 @@ def test_local_shards_hold_the_compress_tokens_and_an_error_table(corpus, tmp_pa
     assert result.audio_seconds == pytest.approx(sum(c[1] for c in CLIPS), abs=1e-3)
     assert sorted(p.name for p in out.glob("shard-*.parquet")) == [f"shard-{i:05d}.parquet" for i in range(3)]
 
-    model = load_model_dir(corpus["model"])
+    model = load_pretrained(corpus["model"])
     rows = _rows(out)
     assert sorted(rows) == sorted(c[0] for c in CLIPS)
     for rel, seconds, rate, _ in CLIPS:
@@ -94,7 +94,7 @@ def test_local_shards_hold_the_compress_tokens_and_an_error_table(corpus, tmp_pa
     meta = json.loads(pq.read_schema(out / "shard-00000.parquet").metadata[b"simvq"])
     index = json.loads((out / "index.json").read_text())
     assert meta["model_id"] == index["model_id"] == "tiny-tok"
-    assert meta["weights_sha256"] == model.weights_sha256
+    assert meta["weights_sha256"] == model.sha256
     assert (meta["n_stages"], meta["codebook_size"], meta["frame_rate"]) == (4, 64, 50.0)
     assert index["files"] == len(CLIPS) + 1 and index["shards"] == 3
 
@@ -156,14 +156,14 @@ def test_manifests_csv_and_plain_list(corpus, tmp_path):
 def test_long_files_stream_to_the_same_tokens(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(tk, "LONG_CLIP_SECONDS", 1.0)  # 1.3 s and 2.5 s clips take the streaming path
     tk.tokenize(corpus["audio"], tmp_path / "long", model=corpus["model"])
-    model = load_model_dir(corpus["model"])
+    model = load_pretrained(corpus["model"])
     for rel in ("19/198/19_198_000002.wav", "p225/p225_003.wav"):
         got = np.array(_rows(tmp_path / "long")[rel]["codes"])
         assert got.tolist() == _reference(corpus["audio"] / rel, model).tolist()
 
 
 def test_padded_batches_equal_lone_encodes(tmp_path):
-    model = make_tiny_model(tmp_path / "m", encoder_dim=64, encoder_layers=2, latent_dim=16, codebook_size=256)
+    model = make_tiny_model(tmp_path / "m", encoder_dim=64, encoder_layers=2, latent_dim=16, codebook_size=256).model
     lengths = [0.413, 0.917, 1.3071, 0.05, 0.2345, 0.6789, 1.0101, 0.333]  # none a whole number of frames
     clips = [torch.from_numpy(speech_like(s, seed=i)) for i, s in enumerate(lengths)]
     batched = tk.encode_padded(model, clips, 3)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codec.checkpoint import load_model_dir
+from codec.checkpoint import load_model_dir, load_pretrained
 from codec.errors import CheckpointError
 from tests.conftest import speechlike, write_speaker_corpus
 from training import checkpoints
@@ -103,13 +103,14 @@ def test_checkpoints_keep_last_k_and_export_loads(corpus, tmp_path):
 
     out = tmp_path / "model"
     assert cli_main(["export", str(run), str(out)]) == 0
-    model = load_model_dir(out)
+    release = load_pretrained(out)
+    model = release.model
     state = checkpoints.load_checkpoint(run / "checkpoints" / "step_00000006.pt")
     for name, tensor in state["ema"]["model"].items():
         assert torch.equal(model.state_dict()[name], tensor), name
     config = __import__("json").loads((out / "config.json").read_text())
     assert config["provenance"]["steps"] == 6 and config["provenance"]["corpus"]["train_files"] == 6
-    assert config["model"]["n_stages"] == 4 and model.trained
+    assert config["model"]["n_stages"] == 4 and release.trained
     assert cli_main(["export", str(run), str(out)]) == 2  # no overwrite without --force
     assert cli_main(["export", str(run), str(out), "--force", "--weights", "live"]) == 0
     live = load_model_dir(out)

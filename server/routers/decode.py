@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 from fastapi import APIRouter, Query, Request, Response
 
-from codec.api import decode_array
+from codec.api import decode_codes
 from codec.audio import to_pcm16
 from codec.tokfile import TokHeader
 from server.deps import ModelQuery, RuntimeDep, SettingsDep, within_deadline, work_slot
@@ -48,8 +48,9 @@ _OK = {
 
 
 def _decode_job(header: TokHeader, codes: np.ndarray, model: Any, container: str) -> tuple[bytes, int]:
-    """Decode to float audio, trim/check the length, write 16-bit WAV/FLAC bytes (a worker job)."""
-    wav = np.asarray(decode_array(header, codes, model), dtype=np.float32).reshape(-1)
+    """Decode to float audio, trim/check the length, write 16-bit WAV/FLAC bytes (a worker job). The header
+    has been matched to the model already (`model_for_header`)."""
+    wav = np.asarray(decode_codes(codes, model, header.num_samples), dtype=np.float32).reshape(-1)
     if wav.shape[0] != header.num_samples:
         raise RuntimeError(f"decoder returned {wav.shape[0]} samples for a header of {header.num_samples}")
     pcm, clipped = to_pcm16(wav)  # one conversion for every container

@@ -64,10 +64,10 @@ def _encode_job(data: bytes, model: Any, n_stages: int) -> tuple[Any, np.ndarray
     """Decode and convert to mono at the model rate (codec.audio's rules: truncation, non-finite samples),
     then encode (a worker job)."""
     try:
-        wav, _info = read_audio(io.BytesIO(data), model.sample_rate)
+        wav, _info = read_audio(io.BytesIO(data), model.model.sample_rate)
     except sf.LibsndfileError as exc:
         raise AudioError(f"the audio could not be decoded ({exc.error_string})") from None
-    header, codes = encode_array(wav, model.sample_rate, model, n_stages=n_stages)
+    header, codes = encode_array(wav, model.model.sample_rate, model, n_stages=n_stages)
     return header, np.asarray(codes)
 
 
@@ -93,8 +93,8 @@ async def encode(
 ) -> Response:
     """Encode one clip. The body is the audio (`audio/wav`, `audio/flac`, `audio/ogg`) or multipart
     with a `file` part; any sample rate and channel count are converted as the CLI does."""
-    model = served.model
-    n_stages = resolve_stages(model, stages, bitrate)  # StageError: 422 invalid-parameter (server.errors)
+    model = served.pretrained
+    n_stages = resolve_stages(model.model, stages, bitrate)  # StageError: 422 invalid-parameter (server.errors)
     data, expected = await read_audio_upload(request, settings)  # under the upload limits, before a slot
     probe_audio(data, expected, settings)
 

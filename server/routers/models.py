@@ -7,7 +7,6 @@ from fastapi import APIRouter
 from server.deps import RuntimeDep
 from server.errors import problem_responses
 from server.schemas import ModelInfo, ModelsResponse
-from server.tokens import weights_hash
 
 router = APIRouter(tags=["models"])
 
@@ -23,7 +22,7 @@ async def list_models(runtime: RuntimeDep) -> ModelsResponse:
             ModelInfo(
                 id=served.model_id,
                 default=served.model_id == runtime.default_model_id,
-                trained=served.trained,
+                trained=served.pretrained.trained,
                 sample_rate=m.sample_rate,
                 hop_length=m.hop_length,
                 frame_rate=m.frame_rate,
@@ -31,7 +30,7 @@ async def list_models(runtime: RuntimeDep) -> ModelsResponse:
                 codebook_size=m.codebook_size,
                 bits_per_code=m.bits_per_code,
                 bitrates_kbps=[m.bitrate(s) / 1000 for s in range(1, m.n_stages + 1)],
-                weights_hash=weights_hash(served).hex(),
+                weights_hash=served.pretrained.weights_hash.hex(),
             )
         )
     return ModelsResponse(models=infos)

@@ -25,7 +25,6 @@ from codec.audio import to_pcm16
 from codec.stages import StageError, resolve_stages
 from server.errors import ProblemError, codec_error_problem, problem_body, problem_response
 from server.runtime import Phase, Runtime, ServedModel
-from server.tokens import weights_hash
 
 log = logging.getLogger("server")
 router = APIRouter()
@@ -101,7 +100,7 @@ class _Session:
 def _layout(served: ServedModel, stages: int) -> dict[str, Any]:
     m = served.model
     return {
-        "model_id": served.model_id, "weights_hash": weights_hash(served).hex(), "sample_rate": m.sample_rate,
+        "model_id": served.model_id, "weights_hash": served.pretrained.weights_hash.hex(), "sample_rate": m.sample_rate,
         "hop_length": m.hop_length, "frame_rate": m.frame_rate, "n_stages": stages,
         "bits_per_code": m.bits_per_code, "frame_bytes": 2 * stages,
     }
