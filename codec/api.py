@@ -18,7 +18,7 @@ import soxr
 import torch
 from tqdm import tqdm
 
-from codec.audio import AudioInfo, AudioReader, AudioWriter, output_format
+from codec.audio import AudioInfo, AudioReader, AudioWriter, output_format, read_audio
 from codec.errors import AudioError, CodecError
 from codec.model import SimVQCodec
 from codec.presets import file_model_dir, load_model
@@ -58,6 +58,19 @@ def encode_array(wav: np.ndarray, sample_rate: int, model: Pretrained, n_stages:
         raise AudioError("audio contains NaN or infinite samples")
     if sample_rate != codec.sample_rate:
         wav = soxr.resample(wav, sample_rate, codec.sample_rate).astype(np.float32)
+    return _encode_mono(wav, model, n_stages)
+
+
+def encode_audio(src: Source, model: Pretrained, n_stages: int | None = None) -> tuple[TokHeader, np.ndarray]:
+    """A whole audio file (path, `-` or file object) -> (header, codes `[S, F]` int64), in memory: the file
+    is read once by `codec.audio` (mix-down, resampling, truncation and non-finite samples refused there)."""
+    wav, _info = read_audio(src, model.model.sample_rate)
+    return _encode_mono(wav, model, n_stages)
+
+
+def _encode_mono(wav: np.ndarray, model: Pretrained, n_stages: int | None) -> tuple[TokHeader, np.ndarray]:
+    """Checked mono float32 `[T]` at the model's rate -> (header, codes)."""
+    codec = model.model
     n = resolve_stages(codec, n_stages)
     codes = codec.encode(torch.from_numpy(wav).to(_device(codec))[None, None], n)[0]
     return model.header(n, len(wav)), codes.cpu().numpy()

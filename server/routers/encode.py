@@ -10,8 +10,7 @@ import soundfile as sf
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from codec.api import encode_array
-from codec.audio import read_audio
+from codec.api import encode_audio
 from codec.errors import AudioError
 from codec.stages import resolve_stages
 from server.deps import ModelDep, RuntimeDep, SettingsDep, within_deadline, work_slot
@@ -61,13 +60,12 @@ _OK = {
 
 
 def _encode_job(data: bytes, model: Any, n_stages: int) -> tuple[Any, np.ndarray]:
-    """Decode and convert to mono at the model rate (codec.audio's rules: truncation, non-finite samples),
-    then encode (a worker job)."""
+    """Decode and convert to mono at the model rate (codec.audio's rules, applied once: truncation,
+    non-finite samples), then encode (a worker job)."""
     try:
-        wav, _info = read_audio(io.BytesIO(data), model.model.sample_rate)
+        header, codes = encode_audio(io.BytesIO(data), model, n_stages=n_stages)
     except sf.LibsndfileError as exc:
         raise AudioError(f"the audio could not be decoded ({exc.error_string})") from None
-    header, codes = encode_array(wav, model.model.sample_rate, model, n_stages=n_stages)
     return header, np.asarray(codes)
 
 
@@ -96,7 +94,7 @@ async def encode(
     model = served.pretrained
     n_stages = resolve_stages(model.model, stages, bitrate)  # StageError: 422 invalid-parameter (server.errors)
     data, expected = await read_audio_upload(request, settings)  # under the upload limits, before a slot
-    probe_audio(data, expected, settings)
+    probe_audio(data, expected, settings)  # the header only, on the event loop: limits before a work slot
 
     async with work_slot(request, runtime) as slot:
         async def work() -> tuple[Any, Any]:
