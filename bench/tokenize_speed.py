@@ -29,7 +29,7 @@ def subset(source: Path | None, minutes: float, folder: Path) -> Path:
     """A manifest of the first `minutes` of audio of `source` (absolute paths), or of generated clips."""
     import soundfile as sf
 
-    from codec.tokenize import load_inputs
+    from training.tokenize import load_inputs
 
     rows, total = [], 0.0
     if source is not None:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=200)
     args = p.parse_args(argv)
 
-    from codec.tokenize import tokenize
+    from training.tokenize import tokenize
 
     source = args.input or (DEFAULT_CORPUS if DEFAULT_CORPUS.is_file() else None)
     rows = []

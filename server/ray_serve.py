@@ -40,7 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ray import serve
 
 from codec.pretrained import Pretrained
-from codec.tokenize import encode_padded
+from codec.batching import decode_padded, encode_padded
 from server.app import create_app
 from server.settings import Settings
 
@@ -107,21 +107,6 @@ class Job:
 def padded_ms(jobs: list[Job]) -> int:
     """Size of a batch for the budget: what the model computes once the clips are padded to the longest."""
     return len(jobs) * max(job.ms for job in jobs)
-
-
-def decode_padded(model: Any, codes: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Decode codes `[S, F_i]` (same S) in one forward pass; clip i keeps its first `F_i * hop` samples.
-
-    Frames are right-padded with code 0 and silenced (`num_frames`); the decoder is causal, so the kept
-    samples equal a lone decode."""
-    hop = model.hop_length
-    longest = max(int(c.shape[-1]) for c in codes)
-    batch = codes[0].new_zeros(len(codes), codes[0].shape[0], longest)
-    for i, c in enumerate(codes):
-        batch[i, :, : c.shape[-1]] = c
-    with torch.inference_mode():
-        audio = model.decode(batch, torch.tensor([int(c.shape[-1]) for c in codes]))
-    return [audio[i, :, : int(c.shape[-1]) * hop] for i, c in enumerate(codes)]
 
 
 def run_jobs(jobs: list[Job]) -> list[Any]:

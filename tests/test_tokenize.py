@@ -15,12 +15,13 @@ import torch
 
 pq = pytest.importorskip("pyarrow.parquet")
 
-from codec import tokenize as tk  # noqa: E402
+from codec.batching import encode_padded  # noqa: E402
 from codec.api import compress  # noqa: E402
 from codec.checkpoint import load_pretrained  # noqa: E402
 from codec.errors import CodecError  # noqa: E402
 from codec.tokfile import read_tok  # noqa: E402
 from tests.support import make_tiny_model, speech_like  # noqa: E402
+from training import tokenize as tk  # noqa: E402
 
 # (relative path, seconds, rate, channels); lengths are not whole frames, so padding would show
 CLIPS = [
@@ -166,7 +167,7 @@ def test_padded_batches_equal_lone_encodes(tmp_path):
     model = make_tiny_model(tmp_path / "m", encoder_dim=64, encoder_layers=2, latent_dim=16, codebook_size=256).model
     lengths = [0.413, 0.917, 1.3071, 0.05, 0.2345, 0.6789, 1.0101, 0.333]  # none a whole number of frames
     clips = [torch.from_numpy(speech_like(s, seed=i)) for i, s in enumerate(lengths)]
-    batched = tk.encode_padded(model, clips, 3)
+    batched = encode_padded(model, clips, 3)
     for clip, codes in zip(clips, batched):
         alone = model.encode(clip[None, None], 3)[0]
         assert codes.shape == alone.shape == (3, -(-len(clip) // 320))

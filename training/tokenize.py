@@ -132,25 +132,6 @@ class Failed:
     reason: str
 
 
-def encode_padded(model: Any, clips: Sequence[Any], n_stages: int | None = None) -> list[Any]:
-    """Encode mono clips `[T_i]` (tensors at the model rate, on its device) in one forward pass.
-
-    The clips are right-padded with zeros to the longest and stacked into `[B, 1, T]`; clip i keeps the
-    first `ceil(T_i / hop)` frames, `[S, F_i]`. A causal encoder gives each clip exactly the codes it gets
-    alone (its last partial frame is zero-padded either way).
-    """
-    import torch
-
-    hop = model.hop_length
-    longest = max(int(c.shape[-1]) for c in clips)
-    batch = clips[0].new_zeros(len(clips), 1, longest)
-    for i, clip in enumerate(clips):
-        batch[i, 0, : clip.shape[-1]] = clip
-    with torch.inference_mode():
-        codes = model.encode(batch, n_stages)
-    return [codes[i, :, : -(-int(c.shape[-1]) // hop)] for i, c in enumerate(clips)]
-
-
 def plan_batches(seconds: Sequence[float], budget_s: float) -> list[list[int]]:
     """Group clip indices into batches whose padded size (clips x longest) stays within `budget_s`.
 
@@ -241,6 +222,8 @@ class Tokenizer:
         import torch
 
         clips = [torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(self.device) for w in wavs]
+        from codec.batching import encode_padded
+
         return [c.cpu().numpy().astype(np.uint16) for c in encode_padded(self.model, clips, self.n_stages)]
 
     def _encode_stream(self, blocks: Iterable[np.ndarray]) -> np.ndarray:
