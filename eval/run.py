@@ -14,10 +14,11 @@ from tqdm import tqdm
 
 from codec.errors import CodecError
 from eval import SAMPLE_RATE
-from eval.dataset import Item, load_audio
+from eval.dataset import load_audio
 from eval.metrics import METRICS, score
 from eval.model import ModelSetting, StageUsage, count_codes, stage_usage
 from eval.peers import PeerError, missing_tools
+from training.manifest import AudioItem
 
 MEAN = "MEAN"
 """The ``file`` of the average row of each codec setting."""
@@ -78,7 +79,7 @@ def _label(codec) -> str:
     return f"{codec.codec} {codec.setting}"
 
 
-def _evaluate_file(item: Item, codecs: list, max_delay_ms: float, pesq_nb: bool) -> _FileResult:
+def _evaluate_file(item: AudioItem, codecs: list, max_delay_ms: float, pesq_nb: bool) -> _FileResult:
     try:
         wav = load_audio(item.path)
     except CodecError as exc:
@@ -86,7 +87,7 @@ def _evaluate_file(item: Item, codecs: list, max_delay_ms: float, pesq_nb: bool)
     seconds = wav.size / SAMPLE_RATE
     rows, counts = [], {}
     for codec in codecs:
-        base = dict(file=item.name, codec=codec.codec, setting=codec.setting, seconds=seconds,
+        base = dict(file=item.key, codec=codec.codec, setting=codec.setting, seconds=seconds,
                     nominal_kbps=codec.nominal_kbps)
         try:
             run = codec.run(wav)
@@ -149,7 +150,7 @@ def _mean_row(rows: list[Row]) -> Row:
 
 
 def evaluate(
-    items: list[Item],
+    items: list[AudioItem],
     codecs: list,
     jobs: int | None = None,
     max_delay_ms: float = 100.0,
@@ -210,7 +211,7 @@ def evaluate(
     for i in range(len(items)):
         res = results[i]
         if res.error:
-            failed[items[i].name] = res.error
+            failed[items[i].key] = res.error
         rows += res.rows
         for label, c in res.counts.items():
             counts[label] = counts[label] + c if label in counts else c

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from eval import SAMPLE_RATE
+from training import corpus
 
 ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en")
 
@@ -29,13 +29,13 @@ def asterisk_prompts(min_seconds: float = 2.0, max_seconds: float = 6.0) -> list
 
 
 def decode_g722(path: Path) -> np.ndarray:
-    """A raw G.722 file as 16 kHz mono float32 [T], decoded by ffmpeg."""
+    """A raw G.722 file as 16 kHz mono float32 [T], decoded by ffmpeg (`training.corpus.decode_g722`)."""
     if shutil.which("ffmpeg") is None:
         raise FileNotFoundError("ffmpeg is needed to decode G.722 prompts")
-    out = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "g722", "-i", str(path),
-                          "-ar", str(SAMPLE_RATE), "-ac", "1", "-f", "s16le", "-"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
-    return np.frombuffer(out.stdout, dtype="<i2").astype(np.float32) / 32768.0
+    decoded = corpus.decode_g722([str(path)]).get(str(path))
+    if decoded is None:
+        raise RuntimeError(f"ffmpeg could not decode {path} as G.722")
+    return decoded
 
 
 def write_prompts(out_dir: Path, count: int, skip: int = 0) -> list[Path]:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = write_prompts(args.out_dir, args.count, args.skip)
-    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+    except (FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} files to {args.out_dir}")

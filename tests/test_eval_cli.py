@@ -13,8 +13,9 @@ import soundfile as sf
 
 from codec.errors import AudioError
 from eval.cli import register
-from eval.dataset import Item, list_inputs, load_audio, spread_per_speaker
+from eval.dataset import list_inputs, load_audio, spread_per_speaker
 from tests.conftest import example_speech
+from training.manifest import AudioItem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,14 +38,14 @@ def _parser():
 
 
 def test_folder_and_manifest_inputs(folder, tmp_path):
-    assert [it.name for it in list_inputs([folder])] == ["one.wav", "sub/two.wav"]
+    assert [it.key for it in list_inputs([folder])] == ["one.wav", "sub/two.wav"]
     two = load_audio(folder / "sub" / "two.wav")
     assert two.dtype == np.float32 and two.shape == (16000,)  # mixed down and resampled to 16 kHz
     manifest = folder / "manifest.csv"
     manifest.write_text("path,speaker,duration,split,source,language\n"
                         "one.wav,s1,2.0,test,asterisk,en\nsub/two.wav,s2,1.0,train,asterisk,en\n")
     items = list_inputs([manifest], split="test")
-    assert [(it.name, it.speaker, it.path) for it in items] == [("one.wav", "s1", folder / "one.wav")]
+    assert [(it.key, it.speaker, it.path) for it in items] == [("one.wav", "s1", (folder / "one.wav").resolve())]
     assert len(list_inputs([manifest])) == 2 and len(list_inputs([folder], limit=1)) == 1
     bad = tmp_path / "bad.csv"
     bad.write_text("path,split\nmissing.wav,test\n")
@@ -57,12 +58,13 @@ def test_folder_and_manifest_inputs(folder, tmp_path):
 
 
 def test_per_speaker_keeps_every_voice_evenly_spread():
-    items = [Item(Path(f"{spk}/{i}.wav"), f"{spk}/{i}.wav", speaker=spk) for spk, n in (("a", 10), ("b", 2))
+    items = [AudioItem(Path(f"{spk}/{i}.wav"), spk, key=f"{spk}/{i}.wav") for spk, n in (("a", 10), ("b", 2))
              for i in range(n)]
     picked = spread_per_speaker(items, 4)
-    assert [it.name for it in picked] == ["a/0.wav", "a/2.wav", "a/5.wav", "a/7.wav", "b/0.wav", "b/1.wav"]
-    folders = [Item(Path(n), n) for n in ("x/1.wav", "x/2.wav", "y/1.wav")]  # no speaker column: the folder
-    assert [it.name for it in spread_per_speaker(folders, 1)] == ["x/1.wav", "y/1.wav"]
+    assert [it.key for it in picked] == ["a/0.wav", "a/2.wav", "a/5.wav", "a/7.wav", "b/0.wav", "b/1.wav"]
+    # no speaker column: the folder
+    folders = [AudioItem(Path(n), "guess", key=n, named_speaker=False) for n in ("x/1.wav", "x/2.wav", "y/1.wav")]
+    assert [it.key for it in spread_per_speaker(folders, 1)] == ["x/1.wav", "y/1.wav"]
 
 
 def test_subcommand_runs_and_refuses_to_overwrite(folder, tmp_path, capsys):

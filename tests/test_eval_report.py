@@ -60,7 +60,7 @@ def test_model_rows_use_real_tok_bytes(tiny_model_dir, folder, tmp_path):
     from eval.model import get_model
 
     items = list_inputs([folder])
-    assert [it.name for it in items] == ["a.wav", "b.flac"]
+    assert [it.key for it in items] == ["a.wav", "b.flac"]
     settings = model_settings(tiny_model_dir, stages=[1, 3])
     result = evaluate(items, settings, jobs=1, progress=False)
     assert len(result.rows) == 4 and len(result.averages) == 2

@@ -14,10 +14,10 @@ from training.data import (
     decode,
     dev_clips,
     load_items,
-    speaker_from_path,
     split_by_speaker,
     split_items,
 )
+from training.manifest import speaker_from_path
 
 
 def _write(path, seconds=1.0, rate=16000, seed=0, channels=1):
@@ -58,7 +58,7 @@ def test_plain_list_manifest_and_folder_scan(tmp_path):
     assert [i.speaker for i in listed] == ["spk1", "spk2"]
     scanned = load_items(tmp_path)
     assert [round(i.duration, 3) for i in scanned] == [0.5, 0.75]
-    with pytest.raises(AudioError, match="no manifest or folder"):
+    with pytest.raises(AudioError, match="no folder or manifest"):
         load_items(tmp_path / "missing.csv")
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -14,27 +13,10 @@ import torch
 
 from codec.audio import read_audio, to_pcm16
 from codec.errors import AudioError
+from training.manifest import AudioItem, read_listing  # AudioItem: the one corpus item type
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 TRAIN_SPLITS = ("train",)
 DEV_SPLITS = ("dev", "valid", "validation")
-
-
-@dataclass(frozen=True)
-class AudioItem:
-    """One audio file of a corpus.
-
-    Args:
-        path: absolute path of the file.
-        speaker: speaker (voice) id; the dev split holds out whole speakers.
-        duration: seconds, when known (manifests give it; folder scans read the header).
-        split: "train", "dev", ... when the manifest says, else None.
-    """
-
-    path: Path
-    speaker: str
-    duration: float | None = None
-    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,63 +35,12 @@ class Batch:
 
 
 def load_items(source: str | Path) -> list[AudioItem]:
-    """Items of a manifest (CSV with a `path` column, or one path per line) or of a folder tree."""
-    source = Path(source)
-    if source.is_dir():
-        return scan_folder(source)
-    if not source.is_file():
-        raise AudioError(f"no manifest or folder at {source}")
-    return read_manifest(source)
-
-
-def read_manifest(path: Path) -> list[AudioItem]:
-    """Read a CSV manifest (`path[,speaker,duration,split,...]` with a header) or a plain list of paths.
-
-    Relative paths are relative to the manifest's folder; a missing speaker is guessed from the path."""
-    root = path.parent
-    with open(path, newline="", encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip() and not line.startswith("#")]
-    if not lines:
-        raise AudioError(f"manifest {path} lists no files")
-    header = next(csv.reader([lines[0]]))
-    items = []
-    if "path" in [h.strip() for h in header]:
-        for row in csv.DictReader(lines):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            file = _resolve(root, row["path"])
-            duration = float(row["duration"]) if row.get("duration") else None
-            speaker = row.get("speaker") or speaker_from_path(file, root)
-            items.append(AudioItem(file, speaker, duration, row.get("split") or None))
-    else:
-        for line in lines:
-            file = _resolve(root, line.strip())
-            items.append(AudioItem(file, speaker_from_path(file, root)))
+    """Items of a manifest or a folder tree (`training.manifest.read_listing`); a scanned file's duration is
+    read from its header."""
+    items = read_listing(source)
+    if Path(source).is_dir():
+        items = [replace(item, duration=_duration(item.path)) for item in items]
     return items
-
-
-def scan_folder(root: Path) -> list[AudioItem]:
-    """Every wav/flac/ogg file under `root`, with its speaker guessed from the path and its duration."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
-    if not files:
-        raise AudioError(f"no {'/'.join(e[1:] for e in AUDIO_EXTENSIONS)} files under {root}")
-    return [AudioItem(p.resolve(), speaker_from_path(p, root), _duration(p)) for p in files]
-
-
-def speaker_from_path(path: Path, root: Path) -> str:
-    """Guess a speaker id from a corpus path.
-
-    LibriTTS (`19/198/19_198_000000_000000.wav`), LibriSpeech (`19/198/19-198-0000.flac`) and VCTK
-    (`p225/p225_001_mic1.flac`) name files after their speaker's folder: the outermost folder whose name
-    starts the file name (followed by `_` or `-`) is the speaker. Otherwise the file's folder is."""
-    try:
-        parents = path.relative_to(root).parts[:-1]
-    except ValueError:
-        parents = path.parts[-3:-1]
-    stem = path.stem
-    for name in parents:
-        if stem.startswith(name + "_") or stem.startswith(name + "-"):
-            return name
-    return parents[-1] if parents else path.parent.name or "unknown"
 
 
 def split_items(
@@ -320,11 +251,6 @@ def dev_clip_audio(
     if not clips:
         raise AudioError("no dev file is long enough to score (0.25 s)")
     return clips
-
-
-def _resolve(root: Path, name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() else (root / path).resolve()
 
 
 def _duration(path: Path) -> float:

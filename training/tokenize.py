@@ -16,7 +16,6 @@ never changes a clip's codes (the tests compare them with clips encoded alone).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -30,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from codec.errors import AudioError, CodecError
+from codec.errors import CodecError
+from training.manifest import read_listing
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 TOKENS_FORMAT = "simvq-tokens/1"
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_BATCH_SECONDS = 60.0  # padded audio per forward pass (clips x longest clip)
@@ -43,7 +42,7 @@ CHUNK_FILES = 8  # files per task sent to a worker
 # --- inputs ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Item:
-    """One input file.
+    """One input file as the job carries it (to local workers and as a Ray Data row).
 
     index: position in the input list (fixes its shard and its row order).
     path: absolute path read by the workers.
@@ -57,53 +56,10 @@ class Item:
     speaker: str
 
 
-def speaker_from_path(path: Path, root: Path) -> str:
-    """Speaker id from a corpus path: the outermost folder whose name starts the file name followed by `_` or
-    `-` (LibriTTS `19/198/19_198_000000_000000.wav`, VCTK `p225/p225_001.flac`), else the file's folder."""
-    try:
-        parents = path.relative_to(root).parts[:-1]
-    except ValueError:
-        parents = path.parts[-3:-1]
-    for name in parents:
-        if path.stem.startswith((name + "_", name + "-")):
-            return name
-    return parents[-1] if parents else (path.parent.name or "unknown")
-
-
 def load_inputs(source: str | os.PathLike) -> list[Item]:
-    """Items of a folder tree (every wav/flac/ogg, sorted) or a manifest (CSV with a `path` column and an
-    optional `speaker` column, or one path per line; relative paths are relative to the manifest)."""
-    source = Path(source)
-    if source.is_dir():
-        root = source.resolve()
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
-        if not files:
-            raise AudioError(f"no {'/'.join(e[1:] for e in AUDIO_EXTENSIONS)} files under {source}")
-        return [Item(i, str(p), p.relative_to(root).as_posix(), speaker_from_path(p, root))
-                for i, p in enumerate(files)]
-    if not source.is_file():
-        raise AudioError(f"no folder or manifest at {source}")
-    return _read_manifest(source)
-
-
-def _read_manifest(path: Path) -> list[Item]:
-    root = path.resolve().parent
-    with open(path, newline="", encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not lines:
-        raise AudioError(f"manifest {path} lists no files")
-    header = [h.strip() for h in next(csv.reader([lines[0]]))]
-    if "path" in header:
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(lines)]
-    else:
-        rows = [{"path": line.strip()} for line in lines]
-    items = []
-    for i, row in enumerate(rows):
-        if not row.get("path"):
-            raise AudioError(f"manifest {path}: row {i + 1} has an empty path")
-        file = Path(row["path"]) if Path(row["path"]).is_absolute() else root / row["path"]
-        items.append(Item(i, str(file), row["path"], row.get("speaker") or speaker_from_path(file, root)))
-    return items
+    """The files of a folder tree (every wav/flac/ogg, sorted) or a manifest, read by
+    `training.manifest.read_listing`, numbered in order."""
+    return [Item(i, str(it.path), it.key, it.speaker) for i, it in enumerate(read_listing(source))]
 
 
 def fingerprint(items: Sequence[Item]) -> str:
