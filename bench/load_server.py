@@ -187,6 +187,18 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not become ready in 120 s")
 
 
+def stop_server(proc: subprocess.Popen | None) -> None:
+    """SIGTERM (the service drains), then kill after 30 s."""
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="target a running server instead of starting one (no memory figures)")
@@ -234,13 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
         return 1 if any(r.other_errors for r in results) else 0
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)
 
 
 if __name__ == "__main__":

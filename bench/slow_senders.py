@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_server import clip, start_server  # noqa: E402
+from load_server import clip, start_server, stop_server  # noqa: E402
 
 
 @dataclass
@@ -142,13 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load avg at end {os.getloadavg()[0]:.2f}")
         return 1 if failed else 0
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)
 
 
 if __name__ == "__main__":
