@@ -30,7 +30,7 @@ Source = str | os.PathLike | BinaryIO
 DECODE_BLOCK_FRAMES = 500  # 10 s at 50 Hz: bounds the decoder's activations on long files
 
 
-def pretrained(model: Pretrained | str | os.PathLike | None) -> Pretrained:
+def as_pretrained(model: Pretrained | str | os.PathLike | None) -> Pretrained:
     """`model` as it is, or the preset id or directory it names loaded (None: the default model)."""
     if isinstance(model, Pretrained):
         return model
@@ -144,7 +144,7 @@ def compress(src: Source, dst: Source, model: Pretrained | str | None = None, n_
     `model`: what `load_model` returns, or a preset id or model directory (None: the default model).
     Returns the header as written (counts filled in) and what the input was.
     """
-    release = pretrained(model)
+    release = as_pretrained(model)
     codec = release.model
     n = resolve_stages(codec, n_stages, bitrate)
     with AudioReader(src, codec.sample_rate) as reader:
@@ -181,7 +181,7 @@ def decompress(src: Source, dst: Source, model: Pretrained | str | None = None, 
         reader = TokReader(source, block_frames=DECODE_BLOCK_FRAMES)
         header = reader.header
         # without `model`, the file's own model id names an installed model only, never a folder
-        release = pretrained(model if model is not None else file_model_dir(header.model_id))
+        release = as_pretrained(model if model is not None else file_model_dir(header.model_id))
         release.check(header)
         codec = release.model
         device = _device(codec)
