@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from codec.modules import ConvNeXtBlock, ISTFTSynthesis, STFTFeatures
+from codec.modules import ConvNeXtBlock, ISTFTSynthesis, PitchHead, STFTFeatures
 from codec.quantizer import ResidualQuantizer
 from codec.streaming import StreamingModule
 
@@ -28,6 +28,7 @@ class CodecOutput:
     commit_loss, codebook_loss, residual_loss: scalars (see `QuantizerResult`). stage_counts: `[S, K]` code counts.
     spectrum: `[B, F, synthesis.in_dim]` the decoder's output, the log magnitudes and phases the inverse STFT
     turns into `audio` (see `ISTFTSynthesis.split`).
+    log_f0, voicing_logit: `[B, N]` per synthesis sub-frame, from the pitch head (None without one).
     """
 
     audio: Tensor
@@ -38,6 +39,8 @@ class CodecOutput:
     stage_counts: Tensor
     latents: Tensor
     spectrum: Tensor
+    log_f0: Tensor | None = None
+    voicing_logit: Tensor | None = None
 
 
 @dataclass
@@ -75,6 +78,9 @@ class SimVQCodec(StreamingModule):
             `ResidualQuantizer`; training only).
         quantize_fraction: share of training examples decoded from quantized latents; 0 trains the
             unquantized twin (see `ResidualQuantizer`; training only).
+        pitch_prior: the decoder also predicts f0 and voicing (`PitchHead`), and each voiced bin's phase
+            advance starts from its nearest harmonic's (`ISTFTSynthesis.harmonic_deviation`); the decoder's
+            phase outputs are deviations from that. Needs phase="propagated".
     """
 
     def __init__(
@@ -102,10 +108,13 @@ class SimVQCodec(StreamingModule):
         phase: str = "absolute",
         straight_through: str = "stage",
         quantize_fraction: float = 1.0,
+        pitch_prior: bool = False,
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:
             raise ValueError(f"hop_length ({hop_length}) must be a multiple of sub_hop ({sub_hop}) <= n_fft ({n_fft})")
+        if pitch_prior and phase != "propagated":
+            raise ValueError("pitch_prior needs phase='propagated' (the prior is a phase advance)")
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.sample_rate, self.hop_length = sample_rate, hop_length
         frames_per_step = hop_length // sub_hop
@@ -126,6 +135,7 @@ class SimVQCodec(StreamingModule):
         self.decoder_in = nn.Linear(latent_dim, decoder_dim)
         self.decoder = nn.Sequential(*(ConvNeXtBlock(decoder_dim, kernel_size, expansion) for _ in range(decoder_layers)))
         self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))
+        self.pitch_head = PitchHead(decoder_dim, frames_per_step) if pitch_prior else None
 
         # Set by codec.checkpoint when loaded from a release directory.
         self.trained = False
@@ -183,7 +193,26 @@ class SimVQCodec(StreamingModule):
 
     def decode_spectrum(self, latents: Tensor) -> Tensor:
         """Latents `[B, F, D]` -> the inverse STFT's input `[B, F, synthesis.in_dim]`."""
-        return self.decoder_out(self.decoder(self.decoder_in(latents)))
+        return self._decode(latents)[0]
+
+    def _decode(self, latents: Tensor, f0: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Latents -> (spectrum, log f0, voicing logit). With a pitch head, the harmonic prior is added to the
+        phase deviations, from `f0` `[B, N]` (Hz, 0 = unvoiced; a training target) where it is given and not
+        NaN, else from the head's own estimate."""
+        features = self.decoder(self.decoder_in(latents))
+        spectrum = self.decoder_out(features)
+        if self.pitch_head is None:
+            return spectrum, None, None
+        log_f0, voicing_logit = self.pitch_head(features)
+        # On a grid of 1/64 Hz, so that the last-bit differences between a streamed and an offline pass do
+        # not reach the running phase sums, where the highest harmonics would multiply them by ~50.
+        own = torch.where(voicing_logit > 0, torch.round(log_f0.exp() * 64) / 64, torch.zeros_like(log_f0)).detach()
+        f0 = own if f0 is None else torch.where(f0.isnan(), own, f0)
+        prior = self.synthesis.harmonic_deviation(f0 / self.sample_rate)
+        batch, steps, _ = spectrum.shape
+        parts = spectrum.reshape(batch, prior.shape[1], 2, self.synthesis.bins)
+        parts = torch.stack([parts[:, :, 0], parts[:, :, 1] + prior.to(parts.dtype)], dim=2)
+        return parts.reshape(batch, steps, -1), log_f0, voicing_logit
 
     # --- streaming ---------------------------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> _PendingSamples:
@@ -250,14 +279,16 @@ class SimVQCodec(StreamingModule):
             raise ValueError("num_frames is for padded offline batches, not streams")
         return self.decode_latents(self.quantizer.decode(codes), num_frames)
 
-    def forward(self, wav: Tensor, n_stages: int | None = None) -> CodecOutput:
-        """Training pass on `[B, 1, T]` with T a multiple of hop_length."""
+    def forward(self, wav: Tensor, n_stages: int | None = None, f0: Tensor | None = None) -> CodecOutput:
+        """Training pass on `[B, 1, T]` with T a multiple of hop_length; `f0` `[B, T / sub_hop]` (Hz, 0 =
+        unvoiced, NaN = the head's own) drives the harmonic prior in place of the pitch head's estimate (teacher
+        forcing)."""
         self._check_audio(wav)
         if wav.shape[-1] % self.hop_length:
             raise ValueError(f"training audio length must be a multiple of hop_length={self.hop_length}")
         latents = self.encode_latents(wav)
         q = self.quantizer(latents, n_stages)
-        spectrum = self.decode_spectrum(q.quantized)
+        spectrum, log_f0, voicing_logit = self._decode(q.quantized, f0)
         return CodecOutput(
             audio=self.synthesis(spectrum),
             spectrum=spectrum,
@@ -267,4 +298,6 @@ class SimVQCodec(StreamingModule):
             residual_loss=q.residual_loss,
             stage_counts=q.stage_counts,
             latents=latents,
+            log_f0=log_f0,
+            voicing_logit=voicing_logit,
         )

@@ -191,6 +191,17 @@ class ISTFTSynthesis(StreamingModule):
             return phase + self._centre_advance(phase.device).to(phase.dtype)
         return phase.diff(dim=1)
 
+    def harmonic_deviation(self, f0: Tensor) -> Tensor:
+        """f0 `[B, N]` in cycles per sample (<= 0: unvoiced) -> `[B, N, bins]`: how far the phase advance of
+        each bin's nearest harmonic lies from the bin centre's (zero where unvoiced). A decoder that adds
+        this to its deviations ("propagated" phase) starts every voiced bin on its harmonic's frequency."""
+        voiced = f0 > 0
+        f0 = torch.where(voiced, f0, torch.ones_like(f0)).double()[..., None]
+        centre = torch.arange(self.bins, dtype=torch.float64, device=f0.device) / self.n_fft  # cycles/sample
+        harmonic = torch.round(centre / f0).clamp_min(1) * f0
+        deviation = 2 * math.pi * self.hop * (harmonic - centre)
+        return torch.where(voiced[..., None], deviation, torch.zeros_like(deviation))
+
     def _centre_advance(self, device: torch.device) -> Tensor:
         return 2 * math.pi * self.hop / self.n_fft * torch.arange(self.bins, dtype=torch.float64, device=device)
 
@@ -245,6 +256,27 @@ class ISTFTSynthesis(StreamingModule):
         tail = state.tail[:, None, state.skip :]
         state.tail, state.skip, state.phase = torch.zeros_like(state.tail), self.delay, torch.zeros_like(state.phase)
         return tail
+
+
+class PitchHead(nn.Module):
+    """Decoder features `[B, F, dim]` -> log f0 (Hz) and a voicing logit per synthesis sub-frame, each `[B, N]`.
+
+    Trained against a pitch track of the input (training.pitch), so the token stream stays pure codes."""
+
+    def __init__(self, dim: int, frames_per_step: int, f0_min: float = 50.0, f0_max: float = 550.0):
+        super().__init__()
+        self.frames_per_step = frames_per_step
+        self.log_f0_range = (math.log(f0_min), math.log(f0_max))
+        self.proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * frames_per_step))
+        nn.init.zeros_(self.proj[1].weight)
+        nn.init.zeros_(self.proj[1].bias)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        batch, steps, _ = features.shape
+        out = self.proj(features).float().reshape(batch, steps * self.frames_per_step, 2)
+        low, high = self.log_f0_range
+        log_f0 = low + (high - low) * torch.sigmoid(out[..., 0])
+        return log_f0, out[..., 1]
 
 
 def count_parameters(module: nn.Module) -> int:

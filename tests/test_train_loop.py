@@ -167,6 +167,25 @@ def test_init_from_a_released_model_takes_its_weights_and_starts_at_step_zero(co
     assert Trainer(tiny_config(corpus, "eval_every=0", f"init_from={released}"), tmp_path / "warm").step == 1
 
 
+def test_a_released_model_grows_a_pitch_head_that_trains_against_the_pitch_track(corpus, tmp_path):
+    source = tmp_path / "source"
+    Trainer(tiny_config(corpus, "eval_every=0", "model.phase=propagated"), source).fit(until=1)
+    released = export(source, tmp_path / "release", model_id="tiny")
+    pitch = ["model.phase=propagated", "model.pitch_prior=true", f"init_from={released}", "eval_every=2"]
+    with pytest.warns(UserWarning, match="new modules start fresh: pitch_head"):
+        warm = Trainer(tiny_config(corpus, *pitch), tmp_path / "warm")
+    expected = load_model_dir(released).state_dict()
+    assert all(torch.equal(warm.model.state_dict()[k], v) for k, v in expected.items())
+    warm.fit(until=2)
+    logged = losses(tmp_path / "warm")
+    assert all(logged[s]["pitch/f0"] > 0 and logged[s]["pitch/voicing"] > 0 for s in (1, 2))
+    [dev] = read_jsonl(tmp_path / "warm" / DEV_LOG)
+    assert 0 <= dev["voicing_accuracy"] <= 1 and dev["f0_error_cents"] >= 0
+    assert "pitch/f0" not in losses(source)[1]  # a model without the head has no pitch terms
+    with pytest.raises(CheckpointError, match="does not fit"):  # new modules may start fresh, changed ones not
+        Trainer(tiny_config(corpus, *pitch, "model.decoder_dim=48"), tmp_path / "wider")
+
+
 def test_dev_pass_reports_the_unquantized_latent_beside_the_codes(corpus, tmp_path):
     run = tmp_path / "run"
     Trainer(tiny_config(corpus, "eval_every=1", "model.quantize_fraction=0"), run).fit(until=1)

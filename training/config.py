@@ -14,7 +14,8 @@ import yaml
 
 from codec.errors import CodecError
 
-LOSS_KEYS = ("mel", "stft/complex", "spec/mag", "spec/phase", "adv/gen", "adv/feat", "vq/commit", "vq/codebook", "vq/residual")
+LOSS_KEYS = ("mel", "stft/complex", "spec/mag", "spec/phase", "adv/gen", "adv/feat", "vq/commit", "vq/codebook", "vq/residual",
+             "pitch/f0", "pitch/voicing")
 
 
 class ConfigError(CodecError, ValueError):
@@ -95,6 +96,8 @@ class LossConfig:
         complex_hops: hops of the compressed complex STFT MSE.
         complex_power: magnitude compression exponent (|X|^p with the phase of X).
         adv_loss: "hinge" or "lsgan" for generator and discriminator.
+        pitch_teacher_forcing: with a pitch head, the share of training examples whose harmonic prior
+            follows the input's pitch track (training.pitch) rather than the head's own estimate.
     """
 
     weights: dict[str, float] = field(
@@ -108,6 +111,8 @@ class LossConfig:
             "vq/commit": 0.25,
             "vq/codebook": 1.0,
             "vq/residual": 0.0,
+            "pitch/f0": 5.0,  # these two apply only to a model with a pitch head (model.pitch_prior)
+            "pitch/voicing": 1.0,
         }
     )
     mel_n_ffts: tuple[int, ...] = (256, 512, 1024, 2048)
@@ -116,6 +121,7 @@ class LossConfig:
     complex_hops: tuple[int, ...] = (80, 160)
     complex_power: float = 0.3
     adv_loss: str = "hinge"
+    pitch_teacher_forcing: float = 0.5
 
 
 @dataclass

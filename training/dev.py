@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from training.losses import MultiScaleMelLoss
+from training.pitch import yin_f0
 
 
 @dataclass
@@ -20,6 +21,9 @@ class DevResult:
         utilisation: per stage, codes used at least once during the pass / K.
         perplexity: per stage, exp of the entropy of the code histogram (K when all codes are equally used).
         outputs: decoded audio [1, T] of the first clips (for TensorBoard).
+        voicing_accuracy, f0_error_cents: a pitch head's agreement with the input's pitch track (None
+            without one): the share of sub-frames it calls voiced or unvoiced as the track does, and its
+            mean absolute f0 error where both call them voiced.
     """
 
     mel: float
@@ -27,6 +31,8 @@ class DevResult:
     utilisation: list[float]
     perplexity: list[float]
     outputs: list[torch.Tensor] = field(default_factory=list)
+    voicing_accuracy: float | None = None
+    f0_error_cents: float | None = None
 
     def to_json(self, step: int) -> dict:
         return {
@@ -36,7 +42,8 @@ class DevResult:
             "utilisation": self.utilisation,
             "perplexity": self.perplexity,
             "utilisation_mean": sum(self.utilisation) / len(self.utilisation),
-        }
+        } | ({} if self.voicing_accuracy is None else
+             {"voicing_accuracy": self.voicing_accuracy, "f0_error_cents": self.f0_error_cents})
 
 
 def code_usage(counts: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -55,6 +62,7 @@ def evaluate(model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, keep
     was_training = model.training
     model.eval()
     counts, mels, unquantized, outputs = None, [], [], []
+    agree, frames, cents, voiced_both = 0.0, 0, 0.0, 0
     with torch.random.fork_rng(devices=[]):
         for i, clip in enumerate(clips):
             audio = clip[None].to(device)
@@ -64,11 +72,21 @@ def evaluate(model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, keep
             continuous = model.decode_latents(out.latents)
             unquantized.append(float(mel_loss(continuous[..., :complete], audio[..., :complete])))
             counts = out.stage_counts.cpu() if counts is None else counts + out.stage_counts.cpu()
+            if out.log_f0 is not None:
+                syn = model.synthesis
+                f0, voiced = yin_f0(audio[:, 0], model.sample_rate, syn.n_fft, syn.hop)
+                said = out.voicing_logit > 0
+                both = said & voiced
+                agree, frames = agree + float((said == voiced).sum()), frames + voiced.numel()
+                error = 1200 * (out.log_f0 - f0.clamp_min(1.0).log()).abs() / torch.log(torch.tensor(2.0))
+                cents, voiced_both = cents + float(error[both].sum()), voiced_both + int(both.sum())
             if i < keep:
                 outputs.append(out.audio[0].float().cpu())
     model.train(was_training)
     utilisation, perplexity = code_usage(counts)
-    return DevResult(sum(mels) / len(mels), sum(unquantized) / len(unquantized), utilisation, perplexity, outputs)
+    pitch = (agree / frames, cents / max(voiced_both, 1)) if frames else (None, None)
+    return DevResult(sum(mels) / len(mels), sum(unquantized) / len(unquantized), utilisation, perplexity, outputs,
+                     *pitch)
 
 
 def mel_figure(reference: torch.Tensor, output: torch.Tensor, mel_loss: MultiScaleMelLoss, n_fft: int = 1024):

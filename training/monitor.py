@@ -94,6 +94,8 @@ class Monitor:
         _append(self.run_dir / DEV_LOG, result.to_json(step))
         line = (f"dev step {step}: mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f}), utilisation "
                 + " ".join(f"{u:.2f}" for u in result.utilisation))
+        if result.voicing_accuracy is not None:
+            line += f", voicing {result.voicing_accuracy:.2f}, f0 error {result.f0_error_cents:.0f} cents"
         (self.bar.write if self.tty else lambda s: print(s, file=sys.stderr))(line)
 
     def close(self) -> None:

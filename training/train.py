@@ -30,6 +30,7 @@ from training.losses import (
     ComplexSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss,
 )
 from training.monitor import Monitor
+from training.pitch import pitch_loss, yin_f0
 from training.schedule import lr_factor
 
 
@@ -185,8 +186,9 @@ class Trainer:
         lr_gen, lr_disc = self._set_learning_rates()
         scalars: dict[str, Any] = {"lr/gen": lr_gen, "lr/disc": lr_disc if adversarial else 0.0}
 
+        f0 = self._pitch_inputs(audio) if self.model.pitch_head is not None else None
         with self._autocast():
-            out = self.gen(audio)
+            out = self.gen(audio, f0=None if f0 is None else f0[0])
         # The last `decoder_delay` samples need frames past the crop's end (a fade-out): not a target.
         complete = audio.shape[-1] - self.model.decoder_delay
         full_audio = audio  # the spectrum's frames all lie inside the crop
@@ -207,6 +209,8 @@ class Trainer:
             terms["stft/complex"] = self.complex_loss(output, audio)
         if weights["spec/mag"] > 0 or weights["spec/phase"] > 0:
             terms.update(self.spectrum_loss(out.spectrum, full_audio))
+        if f0 is not None:
+            terms.update(pitch_loss(out.log_f0, out.voicing_logit, *f0[1:]))
         terms["vq/commit"] = out.commit_loss.float()
         terms["vq/codebook"] = out.codebook_loss.float()
         if weights["vq/residual"] > 0:
@@ -231,6 +235,15 @@ class Trainer:
         scalars.update({"total": total.detach(), "grad_norm/gen": norm})
         scalars.update({"skipped/gen": self.skipped["gen"], "skipped/disc": self.skipped["disc"]})
         return {k: float(v) for k, v in scalars.items()}
+
+    def _pitch_inputs(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input's pitch track per synthesis sub-frame -> (the harmonic prior's f0 for the forward pass:
+        the track for a `pitch_teacher_forcing` share of the examples, NaN (the head's own) for the rest;
+        the target f0; the target voicing)."""
+        syn = self.model.synthesis
+        f0, voiced = yin_f0(audio[:, 0], self.model.sample_rate, syn.n_fft, syn.hop)
+        teacher = torch.rand(audio.shape[0], 1, device=audio.device) < self.cfg.loss.pitch_teacher_forcing
+        return torch.where(teacher, f0, torch.full_like(f0, float("nan"))), f0, voiced
 
     def _disc_windows(self, audio: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same random window of each real and generated crop (`disc.window_samples`), or the crops."""
@@ -425,11 +438,22 @@ class Trainer:
         changed = {k: v for k, v in self.cfg.model.items() if released.config.get(k) != v}
         if changed:
             warnings.warn(f"init_from {model_dir}: model config changed: {changed}")
-        try:
-            self.model.load_state_dict(released.state_dict())
-        except RuntimeError as e:
-            raise CheckpointError(f"{model_dir} does not fit this generator: {str(e).splitlines()[0]}") from None
-        self.ema.model.load_state_dict(released.state_dict())
+        for target in (self.model, self.ema.model):
+            load_grown(target, released.state_dict(), model_dir)
+
+
+def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load `state` into `model`, which may have whole modules that `state` lacks (a pitch head added to a
+    released model): those keep their fresh initialisation. Anything else that does not fit is an error."""
+    own = model.state_dict()
+    new_modules = {k.split(".")[0] for k in own} - {k.split(".")[0] for k in state}
+    misfits = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    misfits += [k for k in own if k not in state and k.split(".")[0] not in new_modules]
+    if misfits:
+        raise CheckpointError(f"{source} does not fit this generator: {', '.join(misfits[:3])} differ")
+    model.load_state_dict(state, strict=False)
+    if new_modules:
+        warnings.warn(f"init_from {source}: new modules start fresh: {', '.join(sorted(new_modules))}")
 
 
 def train(cfg: TrainConfig, run_dir: str | Path) -> Path | None:
