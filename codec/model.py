@@ -28,7 +28,8 @@ class CodecOutput:
     commit_loss, codebook_loss, residual_loss: scalars (see `QuantizerResult`). stage_counts: `[S, K]` code counts.
     spectrum: `[B, F, synthesis.in_dim]` the decoder's output, the log magnitudes and phases the inverse STFT
     turns into `audio` (see `ISTFTSynthesis.split`).
-    log_f0, voicing_logit: `[B, N]` per synthesis sub-frame, from the pitch head (None without one).
+    f0_logits, log_f0, voicing_logit: the pitch head's f0 distribution `[B, N, bins]`, its estimate and its
+    voicing logit `[B, N]`, per synthesis sub-frame (None without a pitch head).
     """
 
     audio: Tensor
@@ -39,6 +40,7 @@ class CodecOutput:
     stage_counts: Tensor
     latents: Tensor
     spectrum: Tensor
+    f0_logits: Tensor | None = None
     log_f0: Tensor | None = None
     voicing_logit: Tensor | None = None
 
@@ -137,11 +139,6 @@ class SimVQCodec(StreamingModule):
         self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))
         self.pitch_head = PitchHead(decoder_dim, frames_per_step) if pitch_prior else None
 
-        # Set by codec.checkpoint when loaded from a release directory.
-        self.trained = False
-        self.weights_sha256: str | None = None
-        self.model_id: str | None = None
-
     # --- properties a caller needs ---------------------------------------------------------------
     @property
     def frame_size(self) -> int:
@@ -195,24 +192,23 @@ class SimVQCodec(StreamingModule):
         """Latents `[B, F, D]` -> the inverse STFT's input `[B, F, synthesis.in_dim]`."""
         return self._decode(latents)[0]
 
-    def _decode(self, latents: Tensor, f0: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Latents -> (spectrum, log f0, voicing logit). With a pitch head, the harmonic prior is added to the
+    def _decode(self, latents: Tensor, f0: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """Latents -> (spectrum, the pitch head's (f0 logits, log f0, voicing logit) or None). With a pitch head, the harmonic prior is added to the
         phase deviations, from `f0` `[B, N]` (Hz, 0 = unvoiced; a training target) where it is given and not
         NaN, else from the head's own estimate."""
         features = self.decoder(self.decoder_in(latents))
         spectrum = self.decoder_out(features)
         if self.pitch_head is None:
-            return spectrum, None, None
-        log_f0, voicing_logit = self.pitch_head(features)
-        # On a grid of 1/64 Hz, so that the last-bit differences between a streamed and an offline pass do
-        # not reach the running phase sums, where the highest harmonics would multiply them by ~50.
-        own = torch.where(voicing_logit > 0, torch.round(log_f0.exp() * 64) / 64, torch.zeros_like(log_f0)).detach()
+            return spectrum, None
+        f0_logits, voicing_logit = self.pitch_head(features)
+        log_f0 = self.pitch_head.log_f0(f0_logits)
+        own = torch.where(voicing_logit > 0, log_f0.exp(), torch.zeros_like(log_f0)).detach()
         f0 = own if f0 is None else torch.where(f0.isnan(), own, f0)
         prior = self.synthesis.harmonic_deviation(f0 / self.sample_rate)
         batch, steps, _ = spectrum.shape
         parts = spectrum.reshape(batch, prior.shape[1], 2, self.synthesis.bins)
         parts = torch.stack([parts[:, :, 0], parts[:, :, 1] + prior.to(parts.dtype)], dim=2)
-        return parts.reshape(batch, steps, -1), log_f0, voicing_logit
+        return parts.reshape(batch, steps, -1), (f0_logits, log_f0, voicing_logit)
 
     # --- streaming ---------------------------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> _PendingSamples:
@@ -288,7 +284,7 @@ class SimVQCodec(StreamingModule):
             raise ValueError(f"training audio length must be a multiple of hop_length={self.hop_length}")
         latents = self.encode_latents(wav)
         q = self.quantizer(latents, n_stages)
-        spectrum, log_f0, voicing_logit = self._decode(q.quantized, f0)
+        spectrum, pitch = self._decode(q.quantized, f0)
         return CodecOutput(
             audio=self.synthesis(spectrum),
             spectrum=spectrum,
@@ -298,6 +294,5 @@ class SimVQCodec(StreamingModule):
             residual_loss=q.residual_loss,
             stage_counts=q.stage_counts,
             latents=latents,
-            log_f0=log_f0,
-            voicing_logit=voicing_logit,
+            **dict(zip(("f0_logits", "log_f0", "voicing_logit"), pitch or ())),
         )

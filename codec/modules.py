@@ -259,24 +259,36 @@ class ISTFTSynthesis(StreamingModule):
 
 
 class PitchHead(nn.Module):
-    """Decoder features `[B, F, dim]` -> log f0 (Hz) and a voicing logit per synthesis sub-frame, each `[B, N]`.
+    """Decoder features `[B, F, dim]` -> per synthesis sub-frame, logits over log-spaced f0 bins `[B, N, bins]`
+    and a voicing logit `[B, N]`.
 
-    Trained against a pitch track of the input (training.pitch), so the token stream stays pure codes."""
+    A classifier, as neural pitch trackers are (CREPE): a distribution over f0 learns faster than a regressed
+    value and keeps octave ambiguity out of the average. Trained against a pitch track of the input
+    (training.pitch), so the token stream stays pure codes.
+    """
 
-    def __init__(self, dim: int, frames_per_step: int, f0_min: float = 50.0, f0_max: float = 550.0):
+    def __init__(self, dim: int, frames_per_step: int, f0_min: float = 50.0, f0_max: float = 550.0, bins: int = 128):
         super().__init__()
-        self.frames_per_step = frames_per_step
-        self.log_f0_range = (math.log(f0_min), math.log(f0_max))
-        self.proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * frames_per_step))
-        nn.init.zeros_(self.proj[1].weight)
-        nn.init.zeros_(self.proj[1].bias)
+        self.frames_per_step, self.bins = frames_per_step, bins
+        self.register_buffer("bin_log_f0", torch.linspace(math.log(f0_min), math.log(f0_max), bins), persistent=False)
+        self.proj = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, frames_per_step * (bins + 1))
+        )
+        nn.init.zeros_(self.proj[-1].weight)
+        nn.init.zeros_(self.proj[-1].bias)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         batch, steps, _ = features.shape
-        out = self.proj(features).float().reshape(batch, steps * self.frames_per_step, 2)
-        low, high = self.log_f0_range
-        log_f0 = low + (high - low) * torch.sigmoid(out[..., 0])
-        return log_f0, out[..., 1]
+        out = self.proj(features).float().reshape(batch, steps * self.frames_per_step, self.bins + 1)
+        return out[..., :-1], out[..., -1]
+
+    def log_f0(self, logits: Tensor) -> Tensor:
+        """Logits `[B, N, bins]` -> log f0 `[B, N]`: the probability-weighted mean of the bins within two of the
+        most likely one (finer than a bin, blind to a competing octave)."""
+        near = torch.arange(-2, 3, device=logits.device)
+        index = (logits.argmax(-1, keepdim=True) + near).clamp(0, self.bins - 1)  # [B, N, 5]
+        weights = torch.softmax(logits.gather(-1, index), dim=-1)
+        return (weights * self.bin_log_f0[index]).sum(-1)
 
 
 def count_parameters(module: nn.Module) -> int:

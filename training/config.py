@@ -111,7 +111,7 @@ class LossConfig:
             "vq/commit": 0.25,
             "vq/codebook": 1.0,
             "vq/residual": 0.0,
-            "pitch/f0": 5.0,  # these two apply only to a model with a pitch head (model.pitch_prior)
+            "pitch/f0": 1.0,  # these two apply only to a model with a pitch head (model.pitch_prior)
             "pitch/voicing": 1.0,
         }
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -78,7 +79,7 @@ def evaluate(model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, keep
                 said = out.voicing_logit > 0
                 both = said & voiced
                 agree, frames = agree + float((said == voiced).sum()), frames + voiced.numel()
-                error = 1200 * (out.log_f0 - f0.clamp_min(1.0).log()).abs() / torch.log(torch.tensor(2.0))
+                error = 1200 * (out.log_f0 - f0.clamp_min(1.0).log()).abs() / math.log(2.0)
                 cents, voiced_both = cents + float(error[both].sum()), voiced_both + int(both.sum())
             if i < keep:
                 outputs.append(out.audio[0].float().cpu())

@@ -79,11 +79,16 @@ def yin_f0(audio: Tensor, sample_rate: int, n_fft: int, hop: int, window: int | 
     return f0, voiced
 
 
-def pitch_loss(log_f0: Tensor, voicing_logit: Tensor, f0: Tensor, voiced: Tensor) -> dict[str, Tensor]:
-    """The pitch head against the track: L1 of log f0 on voiced sub-frames, cross-entropy of voicing."""
+def pitch_loss(f0_logits: Tensor, voicing_logit: Tensor, bin_log_f0: Tensor, f0: Tensor, voiced: Tensor,
+               blur_bins: float = 1.0) -> dict[str, Tensor]:
+    """The pitch head against the track: cross-entropy of its f0 distribution against a Gaussian (`blur_bins`
+    wide) around the track's f0, on voiced sub-frames only; binary cross-entropy of voicing."""
+    spacing = bin_log_f0[1] - bin_log_f0[0]
+    distance = (f0.clamp_min(1.0).log()[..., None] - bin_log_f0) / (spacing * blur_bins)
+    target = torch.softmax(-0.5 * distance**2, dim=-1)
+    cross_entropy = -(target * torch.log_softmax(f0_logits.float(), dim=-1)).sum(-1)
     voiced_f = voiced.float()
-    log_error = (log_f0.float() - f0.clamp_min(1.0).log()).abs()
     return {
-        "pitch/f0": (log_error * voiced_f).sum() / voiced_f.sum().clamp_min(1.0),
+        "pitch/f0": torch.where(voiced, cross_entropy, 0.0).sum() / voiced_f.sum().clamp_min(1.0),
         "pitch/voicing": F.binary_cross_entropy_with_logits(voicing_logit.float(), voiced_f),
     }

@@ -210,7 +210,7 @@ class Trainer:
         if weights["spec/mag"] > 0 or weights["spec/phase"] > 0:
             terms.update(self.spectrum_loss(out.spectrum, full_audio))
         if f0 is not None:
-            terms.update(pitch_loss(out.log_f0, out.voicing_logit, *f0[1:]))
+            terms.update(pitch_loss(out.f0_logits, out.voicing_logit, self.model.pitch_head.bin_log_f0, *f0[1:]))
         terms["vq/commit"] = out.commit_loss.float()
         terms["vq/codebook"] = out.codebook_loss.float()
         if weights["vq/residual"] > 0:
