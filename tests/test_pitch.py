@@ -47,7 +47,8 @@ def test_the_pitch_head_reads_f0_between_its_bins_and_its_loss_counts_only_voice
     bins = head.bin_log_f0
     target = torch.tensor([[150.0, 0.0]])
     voiced = torch.tensor([[True, False]])
-    peaked = -0.5 * ((target.clamp_min(1.0).log()[..., None] - bins) / (bins[1] - bins[0])) ** 2  # log of a Gaussian at 150 Hz
+    # the log of a Gaussian at 150 Hz
+    peaked = -0.5 * ((target.clamp_min(1.0).log()[..., None] - bins) / (bins[1] - bins[0])) ** 2
     assert head.log_f0(peaked[:, :1]).exp().item() == pytest.approx(150.0, rel=0.005)
     anywhere = torch.randn(1, 2, head.bins)  # the unvoiced frame's f0 logits do not count
     right = pitch_loss(torch.cat([peaked[:, :1], anywhere[:, 1:]], 1), torch.tensor([[20.0, -20.0]]), bins,
