@@ -15,6 +15,10 @@ and scores every mix with `eval.metrics.score`:
     model/harmonic the decoder's magnitudes with harmonic phases on the input's pYIN f0 track: what a decoder
                    that knew the pitch would get from these magnitudes by the simplest harmonic rule
     input/harmonic the input's magnitudes with the same harmonic phases
+    model/prior    "propagated" phase only: the decoder's magnitudes and advance deviations, but on the
+                   sub-frames the input's YIN track calls voiced, each bin advances at its nearest harmonic's
+                   frequency (`ISTFTSynthesis.harmonic_deviation`): what the pitch path's prior alone gives
+    input/prior    the input's magnitudes with the same phases
 
     python -m eval.oracle /work/data/corpus-snapshot/dev.csv --per-speaker 2 --stages 12
 
@@ -36,18 +40,23 @@ from eval.dataset import list_inputs, load_audio
 from eval.metrics import score
 from eval.model import get_model
 from eval.phase import f0_track, harmonic_phase, pghi_phase
+from training.pitch import yin_f0
 
 MIXES = ("model/model", "model/input", "input/model", "input/random", "input/advance", "model/pghi", "input/pghi",
-         "model/harmonic", "input/harmonic")
+         "model/harmonic", "input/harmonic", "model/prior", "input/prior")
 
 
 @torch.no_grad()
 def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """`[1, 1, T]` (T a multiple of the hop) -> the audio `[T - decoder_delay]` of every mix in `MIXES`."""
     syn = model.synthesis
-    log_mag, phase = syn.split(model.decode_spectrum(model.quantizer.decode(model.encode(wav, n_stages))))
+    log_mag, deviation = syn.split(model.decode_spectrum(model.quantizer.decode(model.encode(wav, n_stages))))
+    phase, prior = deviation, None
     if syn.phase == "propagated":
-        phase = syn._propagate(phase)
+        phase = syn._propagate(deviation)
+        f0, voiced = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop)
+        on_harmonics = torch.where(voiced[..., None], syn.harmonic_deviation(f0 / model.sample_rate), deviation)
+        prior = syn._propagate(on_harmonics.to(deviation.dtype))
     model_mag = syn.magnitudes(log_mag)
     spec = causal_stft(wav[:, 0], hann_window(syn.n_fft), syn.hop)
     input_mag, input_phase = spec.abs(), spec.angle()
@@ -64,6 +73,8 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
         "model/pghi": (model_mag, _pghi(model_mag, syn)), "input/pghi": (input_mag, _pghi(input_mag, syn)),
         "model/harmonic": (model_mag, harmonic[None]), "input/harmonic": (input_mag, harmonic[None]),
     }
+    if prior is not None:
+        chosen.update({"model/prior": (model_mag, prior), "input/prior": (input_mag, prior)})
     play = ISTFTSynthesis(syn.n_fft, syn.hop, syn.frames_per_step, "absolute")
     out = {}
     for name, (mag, ph) in chosen.items():
@@ -106,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(items)} files, {n_stages} stages (magnitude/phase: mean PESQ-WB, STOI, mel distance)")
     for name, rows in scores.items():
+        if not rows:  # the prior mixes of an "absolute" phase model
+            continue
         pesq, stoi, mel = np.nanmean(np.array(rows, dtype=float), axis=0)
         print(f"{name:14s} PESQ {pesq:.2f}  STOI {stoi:.3f}  mel {mel:.3f}")
     return 0

@@ -20,7 +20,7 @@ def test_a_decoder_that_outputs_the_input_stft_reproduces_the_input_in_every_mix
     exact = torch.stack([spec.abs().clamp_min(1e-12).log(), spec.angle()], dim=2).reshape(1, -1, model.synthesis.in_dim)
     model.decode_spectrum = lambda latents: exact  # a perfect (absolute-phase) decoder
     out = oracle.mixes(model, wav, 2, torch.Generator().manual_seed(0))
-    assert set(out) == set(oracle.MIXES)
+    assert set(out) == set(oracle.MIXES) - {"model/prior", "input/prior"}  # those need "propagated" phase
     target = wav[0, 0, : wav.shape[-1] - model.synthesis.delay]
     for name in ("model/model", "model/input", "input/model"):
         assert torch.allclose(out[name], target, atol=1e-4), name
@@ -41,3 +41,13 @@ def test_cli_prints_every_mix(tmp_path, capsys):
     assert "1 files, 2 stages" in printed
     assert all(name in printed for name in oracle.MIXES)
     assert oracle.main([str(tmp_path / "missing")]) == 2
+
+
+def test_the_prior_mixes_put_voiced_frames_on_the_harmonics_of_the_input_pitch():
+    model = SimVQCodec(**TINY, phase="propagated").eval()
+    wav = torch.from_numpy(speechlike(0.6, seed=2))[None, None]
+    out = oracle.mixes(model, wav, 2, torch.Generator().manual_seed(0))
+    assert set(out) == set(oracle.MIXES)
+    # On voiced speech-like input the prior changes the phases, so it changes what the input's magnitudes play.
+    assert not torch.allclose(out["input/prior"], out["input/model"], atol=1e-3)
+    assert torch.isfinite(out["model/prior"]).all()
