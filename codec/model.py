@@ -80,9 +80,9 @@ class SimVQCodec(StreamingModule):
             `ResidualQuantizer`; training only).
         quantize_fraction: share of training examples decoded from quantized latents; 0 trains the
             unquantized twin (see `ResidualQuantizer`; training only).
-        pitch_prior: the decoder also predicts f0 and voicing (`PitchHead`), and each voiced bin's phase
-            advance starts from its nearest harmonic's (`ISTFTSynthesis.harmonic_deviation`); the decoder's
-            phase outputs are deviations from that. Needs phase="propagated".
+        pitch_prior: the decoder also predicts f0 and voicing (`PitchHead`), and moves each voiced bin's
+            phase advance towards its nearest harmonic's (`ISTFTSynthesis.harmonic_deviation`) as far as the
+            head trusts that prior for the bin. Needs phase="propagated".
     """
 
     def __init__(
@@ -137,7 +137,7 @@ class SimVQCodec(StreamingModule):
         self.decoder_in = nn.Linear(latent_dim, decoder_dim)
         self.decoder = nn.Sequential(*(ConvNeXtBlock(decoder_dim, kernel_size, expansion) for _ in range(decoder_layers)))
         self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))
-        self.pitch_head = PitchHead(decoder_dim, frames_per_step) if pitch_prior else None
+        self.pitch_head = PitchHead(decoder_dim, frames_per_step, self.synthesis.bins) if pitch_prior else None
 
     # --- properties a caller needs ---------------------------------------------------------------
     @property
@@ -193,21 +193,26 @@ class SimVQCodec(StreamingModule):
         return self._decode(latents)[0]
 
     def _decode(self, latents: Tensor, f0: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        """Latents -> (spectrum, the pitch head's (f0 logits, log f0, voicing logit) or None). With a pitch head, the harmonic prior is added to the
-        phase deviations, from `f0` `[B, N]` (Hz, 0 = unvoiced; a training target) where it is given and not
-        NaN, else from the head's own estimate."""
+        """Latents -> (spectrum, the pitch head's (f0 logits, log f0, voicing logit) or None).
+
+        With a pitch head, each voiced bin's phase deviation moves towards the harmonic prior as far as the
+        head trusts the prior there. The prior follows `f0` `[B, N]` (Hz, 0 = unvoiced; a training target)
+        where it is given and not NaN, else the head's own estimate."""
         features = self.decoder(self.decoder_in(latents))
         spectrum = self.decoder_out(features)
         if self.pitch_head is None:
             return spectrum, None
-        f0_logits, voicing_logit = self.pitch_head(features)
+        f0_logits, voicing_logit, trust_logit = self.pitch_head(features)
         log_f0 = self.pitch_head.log_f0(f0_logits)
         own = torch.where(voicing_logit > 0, log_f0.exp(), torch.zeros_like(log_f0)).detach()
         f0 = own if f0 is None else torch.where(f0.isnan(), own, f0)
-        prior = self.synthesis.harmonic_deviation(f0 / self.sample_rate)
+        prior = self.synthesis.harmonic_deviation(f0 / self.sample_rate).float()
+        trust = torch.sigmoid(trust_logit) * (f0 > 0)[..., None]
         batch, steps, _ = spectrum.shape
         parts = spectrum.reshape(batch, prior.shape[1], 2, self.synthesis.bins)
-        parts = torch.stack([parts[:, :, 0], parts[:, :, 1] + prior.to(parts.dtype)], dim=2)
+        deviation = parts[:, :, 1].float()
+        deviation = deviation + trust * (prior - deviation)
+        parts = torch.stack([parts[:, :, 0], deviation.to(parts.dtype)], dim=2)
         return parts.reshape(batch, steps, -1), (f0_logits, log_f0, voicing_logit)
 
     # --- streaming ---------------------------------------------------------------------------------

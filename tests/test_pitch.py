@@ -43,7 +43,7 @@ def test_yin_calls_noise_and_silence_unvoiced():
 
 
 def test_the_pitch_head_reads_f0_between_its_bins_and_its_loss_counts_only_voiced_frames():
-    head = PitchHead(dim=8, frames_per_step=1)
+    head = PitchHead(dim=8, frames_per_step=1, gate_bins=3)
     bins = head.bin_log_f0
     target = torch.tensor([[150.0, 0.0]])
     voiced = torch.tensor([[True, False]])
@@ -71,6 +71,30 @@ def test_the_harmonic_prior_puts_each_voiced_bin_on_its_nearest_harmonic():
     assert (deviation[0, 1] == 0).all()
 
 
+def head_bias(model: SimVQCodec) -> torch.Tensor:
+    """The pitch head's output bias as `[frames_per_step, f0 bins + voicing + trust per synthesis bin]`."""
+    return model.pitch_head.proj[-1].bias.view(model.pitch_head.frames_per_step, -1)
+
+
+def test_a_trusted_prior_puts_voiced_deviations_on_the_harmonics_and_an_untrusted_one_leaves_them():
+    model = tiny_codec(seed=5, phase="propagated", pitch_prior=True)
+    head, syn = model.pitch_head, model.synthesis
+    latents = torch.randn(1, 6, 16)
+    with torch.no_grad():
+        head_bias(model)[:, : head.bins] = -0.5 * (torch.arange(head.bins) - 40.0) ** 2  # f0 at bin 40
+        head_bias(model)[:, head.bins] = 20.0  # voiced
+        head_bias(model)[:, head.bins + 1 :] = 20.0  # full trust
+        trusted = syn.split(model.decode_spectrum(latents))[1]
+        head_bias(model)[:, head.bins + 1 :] = -30.0  # no trust
+        untrusted = syn.split(model.decode_spectrum(latents))[1]
+        model.pitch_head = None
+        plain = syn.split(model.decode_spectrum(latents))[1]
+    f0 = head.bin_log_f0[40].exp()
+    expected = syn.harmonic_deviation(torch.full((1, 24), float(f0) / SR)).float()
+    torch.testing.assert_close(trusted, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(untrusted, plain, atol=1e-6, rtol=0)
+
+
 def test_a_new_pitch_head_leaves_a_trained_decoder_unchanged_until_it_calls_frames_voiced():
     plain = tiny_codec(seed=1, phase="propagated")
     grown = tiny_codec(seed=2, phase="propagated", pitch_prior=True)
@@ -79,7 +103,7 @@ def test_a_new_pitch_head_leaves_a_trained_decoder_unchanged_until_it_calls_fram
     codes = torch.randint(0, 64, (2, 4, 7))
     torch.testing.assert_close(grown.decode(codes), plain.decode(codes), rtol=0, atol=0)
     with torch.no_grad():
-        grown.pitch_head.proj[-1].bias[grown.pitch_head.bins :: grown.pitch_head.bins + 1] = 5.0  # all voiced
+        head_bias(grown)[:, grown.pitch_head.bins] = 5.0  # every sub-frame voiced
     assert not torch.allclose(grown.decode(codes), plain.decode(codes))
 
 
@@ -99,7 +123,7 @@ def test_a_voiced_pitch_prior_streams_like_offline(chunks):
     model = tiny_codec(seed=4, phase="propagated", pitch_prior=True)
     with torch.no_grad():
         model.pitch_head.proj[-1].weight.normal_(0, 0.5)  # a head whose f0 and voicing vary frame to frame
-        model.pitch_head.proj[-1].bias[model.pitch_head.bins :: model.pitch_head.bins + 1] = 0.5
+        head_bias(model)[:, model.pitch_head.bins] = 0.5
     codes = torch.randint(0, 64, (2, 4, 9))
     # Looser than the plain decoder's 1e-5: a last-bit difference in f0 between the two passes enters the
     # running phase sums multiplied by the harmonic's number (up to ~100 here).
