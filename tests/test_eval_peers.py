@@ -5,12 +5,12 @@ import shutil
 import numpy as np
 import pytest
 
-from eval.dataset import Item
 from eval.metrics import score
 from eval.oggopus import read_opus_stream
 from eval.peers import Codec2, Opus, missing_tools, peer_codecs
 from eval.run import evaluate
 from tests.conftest import example_speech
+from training.manifest import AudioItem
 
 needs_opus = pytest.mark.skipif(shutil.which("opusenc") is None or shutil.which("opusdec") is None,
                                 reason="opus-tools not installed")
@@ -78,7 +78,8 @@ def test_missing_tools_are_reported_and_skipped(tmp_path, clip):
     peers = peer_codecs()
     assert [p.setting for p in peers] == ["6kbps", "8kbps", "12kbps", "3200", "1600", "700C"]
     assert missing_tools(peers[0], path="/nonexistent") == ["opusenc", "opusdec"]
-    result = evaluate([Item(tmp_path / "a.wav", "a.wav")], peers, jobs=1, progress=False, tool_path="/nonexistent")
+    item = AudioItem(tmp_path / "a.wav", "", key="a.wav", named_speaker=False)
+    result = evaluate([item], peers, jobs=1, progress=False, tool_path="/nonexistent")
     assert result.rows == [] and result.averages == []
     assert result.skipped == {"opus": "opusenc, opusdec not found on PATH", "codec2": "c2enc, c2dec not found on PATH"}
 
