@@ -182,6 +182,11 @@ def test_a_released_model_grows_a_pitch_head_that_trains_against_the_pitch_track
     [dev] = read_jsonl(tmp_path / "warm" / DEV_LOG)
     assert 0 <= dev["voicing_accuracy"] <= 1 and dev["f0_error_cents"] >= 0
     assert "pitch/f0" not in losses(source)[1]  # a model without the head has no pitch terms
+    audio = torch.from_numpy(speechlike(0.2))[None, None]
+    prior_f0, track, voiced = warm._pitch_inputs(audio)
+    assert prior_f0.isnan().all() and voiced.any()  # by default the head's own f0 drives the prior
+    warm.cfg.loss.pitch_teacher_forcing = 1.0
+    assert torch.equal(warm._pitch_inputs(audio)[0], track)  # teacher forcing: the track drives it
     with pytest.raises(CheckpointError, match="does not fit"):  # new modules may start fresh, changed ones not
         Trainer(tiny_config(corpus, *pitch, "model.decoder_dim=48"), tmp_path / "wider")
 

@@ -121,7 +121,7 @@ class LossConfig:
     complex_hops: tuple[int, ...] = (80, 160)
     complex_power: float = 0.3
     adv_loss: str = "hinge"
-    pitch_teacher_forcing: float = 0.5
+    pitch_teacher_forcing: float = 0.0
 
 
 @dataclass
