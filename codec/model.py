@@ -45,6 +45,10 @@ class CodecOutput:
     voicing_logit: Tensor | None = None
 
 
+def _convnext_stack(dim: int, layers: int, kernel_size: int, expansion: int) -> nn.Sequential:
+    return nn.Sequential(*(ConvNeXtBlock(dim, kernel_size, expansion) for _ in range(layers)))
+
+
 @dataclass
 class _PendingSamples:
     samples: Tensor  # `[B, 1, r]`, r < hop: the start of a frame that is not complete yet
@@ -123,7 +127,7 @@ class SimVQCodec(StreamingModule):
 
         self.features = STFTFeatures(n_fft, sub_hop, frames_per_step)
         self.encoder_in = nn.Sequential(nn.Linear(self.features.out_dim, encoder_dim), nn.LayerNorm(encoder_dim))
-        self.encoder = nn.Sequential(*(ConvNeXtBlock(encoder_dim, kernel_size, expansion) for _ in range(encoder_layers)))
+        self.encoder = _convnext_stack(encoder_dim, encoder_layers, kernel_size, expansion)
         self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), nn.Linear(encoder_dim, latent_dim))
         if normalize_latent:
             self.encoder_out.append(nn.LayerNorm(latent_dim, elementwise_affine=False))
@@ -135,7 +139,7 @@ class SimVQCodec(StreamingModule):
 
         self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase)
         self.decoder_in = nn.Linear(latent_dim, decoder_dim)
-        self.decoder = nn.Sequential(*(ConvNeXtBlock(decoder_dim, kernel_size, expansion) for _ in range(decoder_layers)))
+        self.decoder = _convnext_stack(decoder_dim, decoder_layers, kernel_size, expansion)
         self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))
         self.pitch_head = PitchHead(decoder_dim, frames_per_step, self.synthesis.bins) if pitch_prior else None
 

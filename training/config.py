@@ -14,8 +14,10 @@ import yaml
 
 from codec.errors import CodecError
 
-LOSS_KEYS = ("mel", "stft/complex", "spec/mag", "spec/phase", "adv/gen", "adv/feat", "vq/commit", "vq/codebook", "vq/residual",
-             "pitch/f0", "pitch/voicing")
+LOSS_KEYS = (
+    "mel", "stft/complex", "spec/mag", "spec/phase", "adv/gen", "adv/feat", "vq/commit", "vq/codebook", "vq/residual",
+    "pitch/f0", "pitch/voicing",
+)
 
 
 class ConfigError(CodecError, ValueError):
