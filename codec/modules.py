@@ -121,10 +121,13 @@ class STFTFeatures(StreamingModule):
         if state is not None:
             x = torch.cat([state.history, x], dim=-1)
             state.history = x[:, x.shape[-1] - (self.n_fft - self.hop) :]
-        spec = causal_stft(x, self.window, self.hop, padded=state is None)  # [B, N, bins]
+        # In float64, then rounded to float32: the last bits of the FFT, pow and log depend on how many frames
+        # go in at once (vectorised bodies against scalar tails), and in float32 those differences between a
+        # streamed and an offline pass would reach the codes.
+        spec = causal_stft(x.double(), self.window.double(), self.hop, padded=state is None)  # [B, N, bins]
         mag = spec.abs()
         compressed = spec * (mag + 1e-7).pow(self.compress - 1.0)
-        feats = torch.cat([torch.log(mag + 1e-5), compressed.real, compressed.imag], dim=-1)
+        feats = torch.cat([torch.log(mag + 1e-5), compressed.real, compressed.imag], dim=-1).to(x.dtype)
         batch, n_sub, width = feats.shape
         return feats.reshape(batch, n_sub // self.frames_per_step, self.frames_per_step * width)
 
