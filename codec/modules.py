@@ -196,8 +196,8 @@ class ISTFTSynthesis(StreamingModule):
 
     def harmonic_deviation(self, f0: Tensor) -> Tensor:
         """f0 `[B, N]` in cycles per sample (<= 0: unvoiced) -> `[B, N, bins]`: how far the phase advance of
-        each bin's nearest harmonic lies from the bin centre's (zero where unvoiced). A decoder that adds
-        this to its deviations ("propagated" phase) starts every voiced bin on its harmonic's frequency."""
+        each bin's nearest harmonic lies from the bin centre's (zero where unvoiced): the deviation that puts
+        a voiced bin on its harmonic's frequency ("propagated" phase)."""
         voiced = f0 > 0
         f0 = torch.where(voiced, f0, torch.ones_like(f0)).double()[..., None]
         centre = torch.arange(self.bins, dtype=torch.float64, device=f0.device) / self.n_fft  # cycles/sample
@@ -275,15 +275,15 @@ class PitchHead(nn.Module):
     def __init__(self, dim: int, frames_per_step: int, gate_bins: int, f0_min: float = 50.0, f0_max: float = 550.0,
                  bins: int = 128):
         super().__init__()
-        self.frames_per_step, self.bins, self.gate_bins = frames_per_step, bins, gate_bins
+        self.frames_per_step, self.bins = frames_per_step, bins
         self.register_buffer("bin_log_f0", torch.linspace(math.log(f0_min), math.log(f0_max), bins), persistent=False)
         width = bins + 1 + gate_bins
         self.proj = nn.Sequential(
             nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, frames_per_step * width)
         )
         nn.init.zeros_(self.proj[-1].weight)
+        nn.init.zeros_(self.proj[-1].bias)
         with torch.no_grad():
-            self.proj[-1].bias.view(frames_per_step, width)[:, : bins + 1] = 0.0
             self.proj[-1].bias.view(frames_per_step, width)[:, bins + 1 :] = -4.0  # trust 0.018
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:

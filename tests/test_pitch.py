@@ -9,6 +9,7 @@ import torch
 from codec.model import SimVQCodec
 from codec.modules import PitchHead
 from tests.conftest import tiny_codec
+from tests.test_model import _stream_decode
 from training.pitch import pitch_loss, yin_f0
 
 SR, N_FFT, HOP = 16000, 320, 80
@@ -118,8 +119,6 @@ def test_teacher_forced_f0_drives_the_prior_and_nan_falls_back_to_the_head():
 
 @pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [3, 2, 4]])
 def test_a_voiced_pitch_prior_streams_like_offline(chunks):
-    from tests.test_model import _stream_decode
-
     model = tiny_codec(seed=4, phase="propagated", pitch_prior=True)
     with torch.no_grad():
         model.pitch_head.proj[-1].weight.normal_(0, 0.5)  # a head whose f0 and voicing vary frame to frame

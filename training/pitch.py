@@ -59,7 +59,7 @@ def yin_f0(audio: Tensor, sample_rate: int, n_fft: int, hop: int, window: int | 
     # global minimum.
     search = cmnd[..., min_lag:max_lag]
     below = search < THRESHOLD
-    first = torch.where(below.any(-1), below.float().argmax(-1), torch.zeros_like(below[..., 0], dtype=torch.long))
+    first = below.float().argmax(-1)  # 0 where there is no dip: the global minimum is taken then
     rising = F.pad(search[..., 1:] >= search[..., :-1], (0, 1), value=True)
     positions = torch.arange(search.shape[-1], device=audio.device)
     at_minimum = rising & (positions >= first[..., None])
