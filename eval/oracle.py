@@ -19,6 +19,12 @@ and scores every mix with `eval.metrics.score`:
                    sub-frames the input's YIN track calls voiced, each bin advances at its nearest harmonic's
                    frequency (`ISTFTSynthesis.harmonic_deviation`): what the pitch path's prior alone gives
     input/prior    the input's magnitudes with the same phases
+    model/harm-head  the decoder's magnitudes, harmonic phases on the pitch head's own f0 and voicing, the
+                   decoder's phases where the head says unvoiced: what the harmonic rule gives with no side
+                   information
+    model/harm-yin   the same on the input's YIN track (the pitch head's training target, centred)
+    model/harm-sent  the same on a causal YIN track sent at 10 bits per codec frame (`eval.phase.sent_f0_track`):
+                   what an f0 side stream of 0.5 kbit/s would give
 
     python -m eval.oracle /work/data/corpus-snapshot/dev.csv --per-speaker 2 --stages 12
 
@@ -39,23 +45,25 @@ from codec.modules import ISTFTSynthesis, causal_stft, hann_window
 from eval.dataset import list_inputs, load_audio
 from eval.metrics import score
 from eval.model import get_model
-from eval.phase import f0_track, harmonic_phase, pghi_phase
+from eval.phase import f0_track, harmonic_phase, pghi_phase, sent_f0_track
 from training.pitch import yin_f0
 
 MIXES = ("model/model", "model/input", "input/model", "input/random", "input/advance", "model/pghi", "input/pghi",
-         "model/harmonic", "input/harmonic", "model/prior", "input/prior")
+         "model/harmonic", "input/harmonic", "model/prior", "input/prior",
+         "model/harm-head", "model/harm-yin", "model/harm-sent")
 
 
 @torch.no_grad()
 def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """`[1, 1, T]` (T a multiple of the hop) -> the audio `[T - decoder_delay]` of every mix in `MIXES`."""
     syn = model.synthesis
-    log_mag, deviation = syn.split(model.decode_spectrum(model.quantizer.decode(model.encode(wav, n_stages))))
+    spectrum, pitch = model._decode(model.quantizer.decode(model.encode(wav, n_stages)))
+    log_mag, deviation = syn.split(spectrum)
     phase, prior = deviation, None
     if syn.phase == "propagated":
         phase = syn._propagate(deviation)
-        f0, voiced = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop)
-        on_harmonics = torch.where(voiced[..., None], syn.harmonic_deviation(f0 / model.sample_rate), deviation)
+        yin, voiced = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop)
+        on_harmonics = torch.where(voiced[..., None], syn.harmonic_deviation(yin / model.sample_rate), deviation)
         prior = syn._propagate(on_harmonics.to(deviation.dtype))
     model_mag = syn.magnitudes(log_mag)
     spec = causal_stft(wav[:, 0], hann_window(syn.n_fft), syn.hop)
@@ -75,6 +83,16 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
     }
     if prior is not None:
         chosen.update({"model/prior": (model_mag, prior), "input/prior": (input_mag, prior)})
+        sent, _ = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop, causal=True)
+        tracks = {"model/harm-yin": yin[0].numpy(),
+                  "model/harm-sent": sent_f0_track(sent[0].numpy(), syn.frames_per_step)}
+        if pitch is not None:
+            _, log_f0, voicing_logit = pitch
+            tracks["model/harm-head"] = torch.where(voicing_logit > 0, log_f0.exp(), 0.0)[0].numpy()
+        own = phase[0].double().numpy()
+        for name, track in tracks.items():
+            ph = harmonic_phase(track[:frames], bins, syn.n_fft, syn.hop, model.sample_rate, rng, unvoiced=own)
+            chosen[name] = (model_mag, torch.from_numpy(ph)[None])
     play = ISTFTSynthesis(syn.n_fft, syn.hop, syn.frames_per_step, "absolute")
     out = {}
     for name, (mag, ph) in chosen.items():

@@ -88,17 +88,17 @@ def f0_track(audio: np.ndarray, frames: int, n_fft: int, hop: int, sample_rate: 
 
 
 def harmonic_phase(f0: np.ndarray, bins: int, n_fft: int, hop: int, sample_rate: int,
-                   rng: np.random.Generator) -> np.ndarray:
+                   rng: np.random.Generator, unvoiced: np.ndarray | None = None) -> np.ndarray:
     """An f0 track `[frames]` (0 = unvoiced) -> phases `[frames, bins]`.
 
     Voiced frames: harmonic h turns by 2 pi h f0 per second (f0 averaged over the hop) from a random start at
     each voicing onset, and bin k takes the phase of its nearest harmonic, shifted by the frame-start
-    reference. Unvoiced frames: random phases.
+    reference. Unvoiced frames: `unvoiced` `[frames, bins]` where given, else random phases.
     """
     harmonics = np.arange(int(sample_rate / 2 / F0_MIN) + 2)  # enough for the lowest pitch up to Nyquist
     k = np.arange(bins)
     theta = np.zeros(len(harmonics))
-    phase = rng.uniform(0, 2 * math.pi, (len(f0), bins))
+    phase = rng.uniform(0, 2 * math.pi, (len(f0), bins)) if unvoiced is None else unvoiced.copy()
     for n, f in enumerate(f0):
         if f <= 0:
             continue
@@ -109,3 +109,15 @@ def harmonic_phase(f0: np.ndarray, bins: int, n_fft: int, hop: int, sample_rate:
         h = np.clip(np.round(k * sample_rate / n_fft / f), 1, len(harmonics) - 1).astype(int)
         phase[n] = theta[h] - math.pi * (k - h * f * n_fft / sample_rate)
     return phase
+
+
+def sent_f0_track(f0: np.ndarray, frames_per_step: int, bits: int = 10) -> np.ndarray:
+    """A causal f0 track per sub-frame `[N]` (0 = unvoiced) -> what an f0 side stream of `bits` per codec frame
+    would carry: the value of each frame's last sub-frame, quantised on a log scale over 50-550 Hz
+    (2**bits - 1 levels, 0 kept for unvoiced), held over the frame's sub-frames."""
+    low, high = math.log(50.0), math.log(550.0)
+    levels = 2**bits - 2
+    last = f0[frames_per_step - 1 :: frames_per_step]
+    level = np.round((np.log(np.clip(last, 50.0, 550.0)) - low) / (high - low) * levels)
+    sent = np.where(last > 0, np.exp(low + level / levels * (high - low)), 0.0)
+    return np.repeat(sent, frames_per_step)[: len(f0)]

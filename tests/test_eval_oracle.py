@@ -18,9 +18,10 @@ def test_a_decoder_that_outputs_the_input_stft_reproduces_the_input_in_every_mix
     wav = torch.from_numpy(speechlike(0.4))[None, None]
     spec = causal_stft(wav[:, 0], hann_window(model.synthesis.n_fft), model.synthesis.hop)
     exact = torch.stack([spec.abs().clamp_min(1e-12).log(), spec.angle()], dim=2).reshape(1, -1, model.synthesis.in_dim)
-    model.decode_spectrum = lambda latents: exact  # a perfect (absolute-phase) decoder
+    model._decode = lambda latents: (exact, None)  # a perfect (absolute-phase) decoder
     out = oracle.mixes(model, wav, 2, torch.Generator().manual_seed(0))
-    assert set(out) == set(oracle.MIXES) - {"model/prior", "input/prior"}  # those need "propagated" phase
+    pitch_mixes = {"model/prior", "input/prior", "model/harm-head", "model/harm-yin", "model/harm-sent"}
+    assert set(out) == set(oracle.MIXES) - pitch_mixes  # those need "propagated" phase
     target = wav[0, 0, : wav.shape[-1] - model.synthesis.delay]
     for name in ("model/model", "model/input", "input/model"):
         assert torch.allclose(out[name], target, atol=1e-4), name
@@ -32,7 +33,7 @@ def test_cli_prints_every_mix(tmp_path, capsys):
     model_dir = tmp_path / "model"
     from codec.checkpoint import save_model
 
-    save_model(SimVQCodec(**TINY, phase="propagated"), model_dir)
+    save_model(SimVQCodec(**TINY, phase="propagated", pitch_prior=True), model_dir)
     audio = tmp_path / "audio"
     audio.mkdir()
     sf.write(audio / "a.wav", speechlike(1.0, seed=1).astype(np.float32), 16000)
@@ -44,10 +45,12 @@ def test_cli_prints_every_mix(tmp_path, capsys):
 
 
 def test_the_prior_mixes_put_voiced_frames_on_the_harmonics_of_the_input_pitch():
-    model = SimVQCodec(**TINY, phase="propagated").eval()
+    model = SimVQCodec(**TINY, phase="propagated", pitch_prior=True).eval()
     wav = torch.from_numpy(speechlike(0.6, seed=2))[None, None]
     out = oracle.mixes(model, wav, 2, torch.Generator().manual_seed(0))
     assert set(out) == set(oracle.MIXES)
+    # The harmonic mixes keep the decoder's own phases where their track is unvoiced and change the rest.
+    assert not torch.allclose(out["model/harm-yin"], out["model/model"], atol=1e-3)
     # On voiced speech-like input the prior changes the phases, so it changes what the input's magnitudes play.
     assert not torch.allclose(out["input/prior"], out["input/model"], atol=1e-3)
     assert torch.isfinite(out["model/prior"]).all()

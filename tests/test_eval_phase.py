@@ -78,3 +78,17 @@ def test_f0_track_follows_a_voice_and_calls_noise_unvoiced(voiced):
     assert np.median(np.abs(track[track > 0] / f0[track > 0] - 1)) < 0.01
     noise = 0.05 * np.random.default_rng(1).standard_normal(SR)
     assert (f0_track(noise, mag.shape[0], N_FFT, HOP, SR) > 0).mean() < 0.1
+
+
+def test_the_sent_f0_track_holds_each_frames_last_value_within_half_a_level_and_keeps_unvoiced():
+    from eval.phase import sent_f0_track
+
+    f0 = np.array([100.0, 101.0, 102.0, 103.0, 0.0, 0.0, 0.0, 0.0, 200.0, 0.0, 0.0, 300.0])
+    sent = sent_f0_track(f0, 4, bits=10)
+    assert len(sent) == len(f0)
+    assert np.all(sent[:4] == sent[0]) and np.all(sent[4:8] == 0) and np.all(sent[8:] == sent[8])
+    half_level = 0.5 * 1200 * math.log2(550 / 50) / (2**10 - 2)  # cents
+    assert abs(1200 * math.log2(sent[0] / 103.0)) <= half_level + 1e-9
+    assert abs(1200 * math.log2(sent[8] / 300.0)) <= half_level + 1e-9
+    coarse = sent_f0_track(f0, 4, bits=5)
+    assert abs(math.log2(coarse[0] / 103.0)) > abs(math.log2(sent[0] / 103.0))

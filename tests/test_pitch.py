@@ -34,6 +34,20 @@ def test_yin_follows_a_gliding_harmonic_tone(start, end):
     assert np.abs(f0[0, inner].numpy() / truth[inner] - 1).max() < 0.01
 
 
+def test_causal_yin_uses_no_sample_after_each_sub_frame_and_still_follows_the_tone():
+    wav, truth = harmonic_glide(120.0, 180.0)
+    audio = torch.from_numpy(wav)[None]
+    f0, voiced = yin_f0(audio, SR, N_FFT, HOP, causal=True)
+    cut = 100 * HOP  # change everything after sub-frame 99's last sample
+    changed = torch.cat([audio[:, :cut], torch.from_numpy(np.random.default_rng(1).normal(0, 0.3, SR - cut))[None]], 1)
+    f0_changed, _ = yin_f0(changed.float(), SR, N_FFT, HOP, causal=True)
+    assert torch.equal(f0[0, :100], f0_changed[0, :100]) and not torch.equal(f0[0, 100:], f0_changed[0, 100:])
+    # it describes the pitch of its window, which ends where the sub-frame ends: behind the centred estimate
+    inner = slice(8, -4)
+    assert voiced[0, inner].all()
+    assert np.abs(f0[0, inner].numpy() / truth[inner] - 1).max() < 0.05
+
+
 def test_yin_calls_noise_and_silence_unvoiced():
     noise = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, SR).astype(np.float32))
     silence_then_tone = torch.cat([torch.zeros(SR // 2), torch.from_numpy(harmonic_glide(120, 120, 0.5)[0])])

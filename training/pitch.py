@@ -21,11 +21,13 @@ SILENCE_DB = -45.0  # frames this far below the crop's loudest are unvoiced what
 
 
 @torch.no_grad()
-def yin_f0(audio: Tensor, sample_rate: int, n_fft: int, hop: int, window: int | None = None) -> tuple[Tensor, Tensor]:
+def yin_f0(audio: Tensor, sample_rate: int, n_fft: int, hop: int, window: int | None = None,
+           causal: bool = False) -> tuple[Tensor, Tensor]:
     """`[B, T]` -> f0 in Hz `[B, N]` and voicing `[B, N]` (bool), N = T // hop sub-frames.
 
     Sub-frame n covers samples [(n+1)*hop - n_fft, (n+1)*hop); its estimate uses `window` samples
-    (default 2.5 periods of F0_MIN) plus the longest lag, centred there. Unvoiced frames have f0 = 0.
+    (default 2.5 periods of F0_MIN) plus the longest lag, centred there, or with `causal` ending at the
+    sub-frame's last sample (what an encoder could send without look-ahead). Unvoiced frames have f0 = 0.
     """
     audio = audio.float()
     batch, length = audio.shape
@@ -34,7 +36,7 @@ def yin_f0(audio: Tensor, sample_rate: int, n_fft: int, hop: int, window: int | 
     min_lag = int(sample_rate / F0_MAX)
     window = window or int(2.5 * sample_rate / F0_MIN) - max_lag  # integration window W
     span = window + max_lag
-    centres = (torch.arange(frames, device=audio.device) + 1) * hop - n_fft // 2
+    centres = (torch.arange(frames, device=audio.device) + 1) * hop - (span - span // 2 if causal else n_fft // 2)
     starts = centres - span // 2
     pad_left = max(0, -int(starts[0]))
     pad_right = max(0, int(starts[-1]) + span - length)
