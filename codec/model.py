@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from codec.modules import ConvNeXtBlock, ISTFTSynthesis, PitchHead, STFTFeatures
 from codec.quantizer import ResidualQuantizer
-from codec.streaming import StreamingModule
+from codec.streaming import StreamingModule, StreamingState
 
 
 @dataclass
@@ -223,6 +223,10 @@ class SimVQCodec(StreamingModule):
     def _init_streaming_state(self, batch_size: int) -> _PendingSamples:
         return _PendingSamples(self.synthesis.window.new_zeros(batch_size, 1, 0))
 
+    def stream(self, batch_size: int = 1) -> CodecStream:
+        """A new stream of `batch_size` items through this model, with its own state (see `CodecStream`)."""
+        return CodecStream(self, self.init_streaming_state(batch_size))
+
     def _take_whole_frames(self, wav: Tensor) -> Tensor:
         state = self._streaming_state
         wav = torch.cat([state.samples, wav], dim=-1)
@@ -305,3 +309,39 @@ class SimVQCodec(StreamingModule):
             latents=latents,
             **dict(zip(("f0_logits", "log_f0", "voicing_logit"), pitch or ())),
         )
+
+
+class CodecStream:
+    """One stream through a shared `SimVQCodec` (`model.stream(batch_size)`): the model's weights, its own state.
+
+    Its calls are the model's streaming calls (see `SimVQCodec.encode` and `decode`) run on `state`, a
+    `codec.streaming.StreamingState`. Any number of streams may run on one model, interleaved or from
+    several threads at once.
+    """
+
+    def __init__(self, model: SimVQCodec, state: StreamingState) -> None:
+        self.model, self.state = model, state
+
+    def encode(self, wav: Tensor, n_stages: int | None = None) -> Tensor:
+        """Audio `[B, 1, T]`, any T -> the codes `[B, S, n]` of the frames completed so far."""
+        with self.model.streaming(self.state):
+            return self.model.encode(wav, n_stages)
+
+    def flush_encoder(self, n_stages: int | None = None) -> Tensor:
+        """End of the audio: the codes of the zero-padded partial frame, if any (`[B, S, 0 or 1]`)."""
+        with self.model.streaming(self.state):
+            return self.model.flush_encoder(n_stages)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes `[B, S, n]` -> the samples they complete `[B, 1, m]`."""
+        with self.model.streaming(self.state):
+            return self.model.decode(codes)
+
+    def flush_decoder(self) -> Tensor:
+        """End of the codes: the last `decoder_delay` samples (`[B, 1, n]`)."""
+        with self.model.streaming(self.state):
+            return self.model.flush_decoder()
+
+    def clone(self) -> CodecStream:
+        """A snapshot: continuing the copy gives what continuing this stream would, and leaves it as it is."""
+        return CodecStream(self.model, self.state.clone())

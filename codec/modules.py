@@ -135,7 +135,7 @@ class STFTFeatures(StreamingModule):
 @dataclass
 class _SynthesisState:
     tail: Tensor  # `[B, n_fft - hop]`: overlap-add sums still waiting for later sub-frames
-    skip: int  # leading samples still to drop (they lie before the start of the stream)
+    skip: Tensor  # `[]` int64: leading samples still to drop (they lie before the start of the stream)
     phase: Tensor  # `[B, bins]` float64: the last sub-frame's phase ("propagated" phase only)
 
 
@@ -173,7 +173,8 @@ class ISTFTSynthesis(StreamingModule):
         self.in_dim = frames_per_step * 2 * self.bins
 
     def _init_streaming_state(self, batch_size: int) -> _SynthesisState:
-        return _SynthesisState(self.window.new_zeros(batch_size, self.delay), self.delay,
+        return _SynthesisState(self.window.new_zeros(batch_size, self.delay),
+                               torch.tensor(self.delay, device=self.window.device),
                                self.window.new_zeros(batch_size, self.bins, dtype=torch.float64))
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,8 +248,8 @@ class ISTFTSynthesis(StreamingModule):
         out = torch.cat([out[:, : self.delay] + state.tail, out[:, self.delay :]], dim=-1)
         ready = n_sub * self.hop
         state.tail = out[:, ready:]
-        drop = min(state.skip, ready)
-        state.skip -= drop
+        drop = min(int(state.skip), ready)
+        state.skip = state.skip - drop
         return out[:, None, drop:ready]
 
     def flush(self) -> Tensor:
@@ -256,8 +257,9 @@ class ISTFTSynthesis(StreamingModule):
         state = self._streaming_state
         if state is None:
             raise RuntimeError("flush() is only meaningful while streaming")
-        tail = state.tail[:, None, state.skip :]
-        state.tail, state.skip, state.phase = torch.zeros_like(state.tail), self.delay, torch.zeros_like(state.phase)
+        tail = state.tail[:, None, int(state.skip) :]
+        state.tail, state.phase = torch.zeros_like(state.tail), torch.zeros_like(state.phase)
+        state.skip = torch.full_like(state.skip, self.delay)
         return tail
 
 
