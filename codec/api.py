@@ -154,17 +154,18 @@ def compress(src: Source, dst: Source, model: Pretrained | str | None = None, n_
         header = release.header(n, known)
         seconds = None if info.frames is None else info.frames / info.sample_rate
         total = 0
-        with _open_output(dst) as sink, _progress(progress, seconds, "compress") as bar, codec.streaming(1):
+        stream = codec.stream(1)
+        with _open_output(dst) as sink, _progress(progress, seconds, "compress") as bar:
             writer = None  # nothing is written until the first block has passed the input checks (on a pipe,
             device = _device(codec)  # input that fails within its first block leaves no output at all)
             for block in reader.blocks():
                 total += len(block)
-                codes = codec.encode(torch.from_numpy(block).to(device)[None, None], n)[0].cpu().numpy()
+                codes = stream.encode(torch.from_numpy(block).to(device)[None, None], n)[0].cpu().numpy()
                 writer = writer or TokWriter(sink, header)
                 writer.write(codes)
                 bar.update(len(block) / codec.sample_rate)
             writer = writer or TokWriter(sink, header)
-            writer.write(codec.flush_encoder(n)[0].cpu().numpy())
+            writer.write(stream.flush_encoder(n)[0].cpu().numpy())
             writer.close(total)
     return release.header(n, total), info
 
@@ -186,18 +187,19 @@ def decompress(src: Source, dst: Source, model: Pretrained | str | None = None, 
         codec = release.model
         device = _device(codec)
         seconds = None if header.num_samples is None else header.num_samples / header.sample_rate
-        with (_open_output(dst) as sink, _progress(progress, seconds, "decompress") as bar, codec.streaming(1),
+        stream = codec.stream(1)
+        with (_open_output(dst) as sink, _progress(progress, seconds, "decompress") as bar,
               AudioWriter(sink, codec.sample_rate, format, num_frames=header.num_samples) as writer):
             held = np.zeros(0, np.float32)  # the last block waits until the true length is known
             written = 0
             for block in reader:
-                audio = codec.decode(torch.from_numpy(block).to(device)[None])[0, 0].cpu().numpy()
+                audio = stream.decode(torch.from_numpy(block).to(device)[None])[0, 0].cpu().numpy()
                 if len(held):
                     writer.write(held)
                     written += len(held)
                     bar.update(len(held) / codec.sample_rate)
                 held = audio
-            held = np.concatenate([held, codec.flush_decoder()[0, 0].cpu().numpy()])
+            held = np.concatenate([held, stream.flush_decoder()[0, 0].cpu().numpy()])
             header = reader.header  # counts are filled in once the trailer has been read
             writer.write(held[: header.num_samples - written])
             bar.update(len(held) / codec.sample_rate)

@@ -185,11 +185,11 @@ class Tokenizer:
     def _encode_stream(self, blocks: Iterable[np.ndarray]) -> np.ndarray:
         import torch
 
-        parts = []
-        with torch.inference_mode(), self.model.streaming(1):
+        parts, stream = [], self.model.stream(1)
+        with torch.inference_mode():
             for block in blocks:
-                parts.append(self.model.encode(torch.from_numpy(block).to(self.device)[None, None], self.n_stages)[0])
-            parts.append(self.model.flush_encoder(self.n_stages)[0])
+                parts.append(stream.encode(torch.from_numpy(block).to(self.device)[None, None], self.n_stages)[0])
+            parts.append(stream.flush_encoder(self.n_stages)[0])
         return torch.cat(parts, dim=-1).cpu().numpy().astype(np.uint16)
 
 
