@@ -15,14 +15,13 @@ model is busy its batches would stay as small as the arrivals within `batch_wait
 queue instead, and each time a model worker is free (`model_workers` per replica) it takes the oldest clip
 and the later ones of the same operation that fit the budget. So batches grow with the load and never pass
 the budget. The clips are right-padded with zeros and cut back after one forward pass; the codec is causal,
-so every clip gets exactly the tokens and samples it gets alone. WebSocket streams use their own replica of
-the module tree and are never batched.
+so every clip gets exactly the tokens and samples it gets alone. WebSocket streams run on the same model, each
+with its own streaming state, and are never batched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import logging
 import os
@@ -186,8 +185,8 @@ class Batcher:
 class BatchedModel:
     """A SimVQCodec stand-in for the app: offline encode/decode of one clip goes through the batcher.
 
-    Everything else (attributes, `eval()`, parameters) is the wrapped model's; a deep copy (the
-    app's per-stream replica) is a copy of the wrapped model, so streaming never touches the batcher.
+    Everything else (attributes, `eval()`, parameters, `stream()`) is the wrapped model's, so a WebSocket
+    stream runs on the wrapped model with its own state and never touches the batcher.
     """
 
     def __init__(self, model: Any, batcher: Batcher) -> None:
@@ -196,9 +195,6 @@ class BatchedModel:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_model"], name)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return copy.deepcopy(self._model, memo)
 
     def _batchable(self, x: torch.Tensor) -> bool:
         return not self._model.is_streaming and x.dim() == 3 and x.shape[0] == 1 and x.shape[-1] > 0

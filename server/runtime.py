@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import enum
 import logging
 import threading
@@ -47,16 +46,6 @@ class ServedModel:
     def model(self) -> Any:
         """The SimVQCodec (or, under Ray Serve, the batching proxy in front of it)."""
         return self.pretrained.model
-
-    def streaming_replica(self) -> Any:
-        """A copy of the module tree that shares every parameter and buffer with the served model.
-
-        Streaming state lives on the modules (one state per layer); a replica per connection gives each
-        stream its own state without copying weights.
-        """
-        memo: dict[int, Any] = {id(t): t for t in self.model.parameters()}
-        memo.update({id(t): t for t in self.model.buffers()})
-        return copy.deepcopy(self.model, memo)
 
 
 class Slots:
@@ -255,6 +244,4 @@ def _warm_up(served: ServedModel) -> None:
     with torch.inference_mode():
         codes = model.encode(wav)
         model.decode(codes)
-        replica = served.streaming_replica()
-        with replica.streaming(1):
-            replica.encode(wav[..., : hop + 1])
+        model.stream(1).encode(wav[..., : hop + 1])

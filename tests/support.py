@@ -54,7 +54,7 @@ def gated(release: Pretrained) -> Pretrained:
     """`release` (same weights, hash and id) with a copy of its model whose offline encode blocks until
     `.model.gate.set()`.
 
-    The gate is a class attribute of a fresh subclass, so streaming replicas (deep copies) share it.
+    The gate is a class attribute of a fresh subclass: one gate per call.
     """
     cls = type("Gated", (GatedCodec,), {"gate": threading.Event()})
     clone = cls(**release.model.config).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 
@@ -197,3 +198,44 @@ def test_streams_beyond_the_cap_are_refused_with_503(tiny):
         with c.websocket_connect("/v1/stream/decode") as again:  # the slot is free again
             again.send_text('{"type": "start"}')
             assert again.receive_json()["type"] == "ready"
+
+
+def _pieces(x: np.ndarray, n: int) -> list[bytes]:
+    return [x[i : i + n].tobytes() for i in range(0, len(x), n)]
+
+
+def _run_streams(c, streams: list[tuple[str, dict, list[bytes]]]) -> list[bytes]:
+    """Open every stream at once, send their messages in turn (one of each, round robin), then end them all:
+    each stream's output bytes."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(c.websocket_connect(path)) for path, _, _ in streams]
+        for ws, (_, start, _) in zip(sockets, streams):
+            ws.send_text(json.dumps(start))
+            assert ws.receive_json()["type"] == "ready"
+        for k in range(max(len(msgs) for _, _, msgs in streams)):
+            for ws, (_, _, msgs) in zip(sockets, streams):
+                if k < len(msgs):
+                    ws.send_bytes(msgs[k])
+        outputs = []
+        for ws in sockets:
+            ws.send_text('{"type": "end"}')
+            messages, code = drain(ws)
+            assert code == 1000
+            outputs.append(b"".join(m for m in messages if isinstance(m, bytes)))
+    return outputs
+
+
+def test_open_streams_share_the_model_and_each_gets_the_bytes_it_gets_alone(tiny):
+    a, b = pcm16(speech_like(0.41, seed=20)), pcm16(speech_like(0.63, seed=21))
+    with make_client(tiny, pool_size=2) as c:
+        codes = offline_codes(c, b)  # [4, 32]
+        frames = codes.T.astype("<u2")
+        streams = [
+            ("/v1/stream/encode", {"type": "start", "stages": 4}, _pieces(a, 333)),
+            ("/v1/stream/encode", {"type": "start", "stages": 2}, _pieces(b, 640)),
+            ("/v1/stream/decode", {"type": "start"}, _pieces(frames, 3)),
+        ]
+        together = _run_streams(c, streams)
+        alone = [_run_streams(c, [s])[0] for s in streams]
+    assert together == alone
+    assert np.array_equal(np.frombuffer(together[1], "<u2").reshape(-1, 2).T, codes[:2])  # the offline tokens

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -209,6 +210,21 @@ def _codes_bytes(codes: torch.Tensor) -> bytes:
     return codes[0].transpose(0, 1).contiguous().cpu().numpy().astype("<u2").tobytes()
 
 
+async def _relay(session: _Session, parse: Callable[[bytes], Any], step: Callable[[Any], bytes]) -> None:
+    """The message loop of both directions: each binary message is checked and converted by `parse` (which
+    raises StreamError), run through `step` in the worker pool, and what `step` returns is sent at once (if
+    anything); `{"type": "end"}` runs `step(None)`, the stream's flush, sends its output and ends the loop."""
+    limit = session.websocket.app.state.settings.ws_max_message_bytes
+    while True:
+        item = _check_message(await session.receive(), limit)
+        last = isinstance(item, dict)
+        out = await session.runtime.run(None, step, None if last else parse(item))
+        if out:
+            await session.websocket.send_bytes(out)
+        if last:
+            return
+
+
 @router.websocket("/v1/stream/encode")
 async def stream_encode(websocket: WebSocket) -> None:
     """16-bit PCM in, token frames out (see the module docstring and docs/service.md)."""
@@ -229,46 +245,45 @@ async def stream_encode(websocket: WebSocket) -> None:
         resampler = None if in_rate == model.sample_rate else soxr.ResampleStream(
             in_rate, model.sample_rate, 1, dtype="float32")
         block = 2 * start.channels
-        replica = served.streaming_replica()
+        stream = model.stream(1)
         max_in = int(settings.max_stream_duration_s * in_rate)
         seen, frames, out_samples = 0, 0, 0
         await session.send_json({"type": "ready", **_layout(served, stages), "input_sample_rate": in_rate,
                                  "channels": start.channels})
 
-        def step(mono: np.ndarray, last: bool) -> tuple[torch.Tensor, int]:
+        def parse(data: bytes) -> np.ndarray:
+            """A PCM message -> mono float32 at the input rate."""
+            nonlocal seen
+            if len(data) % block:
+                raise StreamError(CLOSE_INVALID, "invalid-pcm",
+                                  f"PCM messages must hold whole frames of {block} bytes "
+                                  f"({start.channels} channel(s) x 16 bits); got {len(data)} bytes")
+            pcm = np.frombuffer(data, "<i2").reshape(-1, start.channels)
+            seen += pcm.shape[0]
+            if seen > max_in:
+                raise StreamError(CLOSE_POLICY, "stream-too-long",
+                                  f"a stream may carry at most {settings.max_stream_duration_s:g} s")
+            return pcm.astype(np.float32).mean(axis=1) / 32768.0 if start.channels > 1 \
+                else pcm[:, 0].astype(np.float32) / 32768.0
+
+        def step(mono: np.ndarray | None) -> bytes:
+            """Token frames of the frames this audio completes; None = the end (the resampler's and the
+            encoder's last samples)."""
+            nonlocal frames, out_samples
+            last = mono is None
+            if last:
+                mono = np.zeros(0, np.float32)
             if resampler is not None:
                 mono = resampler.resample_chunk(mono, last=last)
             wav = torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).view(1, 1, -1)
-            codes = replica.encode(wav, n_stages=stages)
+            codes = stream.encode(wav, n_stages=stages)
             if last:
-                codes = torch.cat([codes, replica.flush_encoder(n_stages=stages)], dim=-1)
-            return codes, mono.shape[0]
+                codes = torch.cat([codes, stream.flush_encoder(n_stages=stages)], dim=-1)
+            frames += codes.shape[-1]
+            out_samples += mono.shape[0]
+            return _codes_bytes(codes)
 
-        with replica.streaming(1):
-            while True:
-                item = _check_message(await session.receive(), settings.ws_max_message_bytes)
-                last = isinstance(item, dict)
-                if last:
-                    mono = np.zeros(0, np.float32)
-                else:
-                    if len(item) % block:
-                        raise StreamError(CLOSE_INVALID, "invalid-pcm",
-                                          f"PCM messages must hold whole frames of {block} bytes "
-                                          f"({start.channels} channel(s) x 16 bits); got {len(item)} bytes")
-                    pcm = np.frombuffer(item, "<i2").reshape(-1, start.channels)
-                    seen += pcm.shape[0]
-                    if seen > max_in:
-                        raise StreamError(CLOSE_POLICY, "stream-too-long",
-                                          f"a stream may carry at most {settings.max_stream_duration_s:g} s")
-                    mono = pcm.astype(np.float32).mean(axis=1) / 32768.0 if start.channels > 1 \
-                        else pcm[:, 0].astype(np.float32) / 32768.0
-                codes, n_out = await runtime.run(None, step, mono, last)
-                out_samples += n_out
-                if codes.shape[-1]:
-                    frames += codes.shape[-1]
-                    await websocket.send_bytes(_codes_bytes(codes))
-                if last:
-                    break
+        await _relay(session, parse, step)
         websocket.app.state.metrics.audio_seconds.labels(operation="stream_encode").inc(out_samples / model.sample_rate)
         await session.send_json({"type": "end", "num_samples": out_samples, "num_frames": frames})
 
@@ -285,44 +300,39 @@ async def stream_decode(websocket: WebSocket) -> None:
         served = _pick_model(runtime, start.model)
         model = served.model
         stages = _stages(model, start.stages, None)
-        replica = served.streaming_replica()
+        stream = model.stream(1)
         max_frames = int(settings.max_stream_duration_s * model.frame_rate)
         frames, out_samples = 0, 0
         await session.send_json({"type": "ready", **_layout(served, stages)})
 
+        def parse(data: bytes) -> np.ndarray:
+            """A token message -> codes `[n * stages]` int64, frame-major."""
+            nonlocal frames
+            if len(data) % (2 * stages):
+                raise StreamError(CLOSE_INVALID, "invalid-tokens",
+                                  f"token messages must hold whole frames of {2 * stages} bytes "
+                                  f"({stages} uint16 codes); got {len(data)} bytes")
+            codes = np.frombuffer(data, "<u2").astype(np.int64)
+            if codes.size and codes.max() >= model.codebook_size:
+                raise StreamError(CLOSE_INVALID, "invalid-tokens",
+                                  f"codes must lie in [0, {model.codebook_size}); got {int(codes.max())}")
+            frames += codes.size // stages
+            if frames > max_frames:
+                raise StreamError(CLOSE_POLICY, "stream-too-long",
+                                  f"a stream may carry at most {settings.max_stream_duration_s:g} s")
+            return codes
+
         def step(codes: np.ndarray | None) -> bytes:
             """PCM of the samples these codes complete; None = the end of the stream (the decoder's tail)."""
+            nonlocal out_samples
             if codes is None:
-                wav = replica.flush_decoder()
+                wav = stream.flush_decoder()
             else:
-                wav = replica.decode(torch.from_numpy(codes).view(1, -1, stages).transpose(1, 2))
+                wav = stream.decode(torch.from_numpy(codes).view(1, -1, stages).transpose(1, 2))
+            out_samples += wav.shape[-1]
             return to_pcm16(wav.reshape(-1).cpu().numpy())[0].tobytes()
 
-        with replica.streaming(1):
-            while True:
-                item = _check_message(await session.receive(), settings.ws_max_message_bytes)
-                if isinstance(item, dict):
-                    pcm = await runtime.run(None, step, None)
-                    if pcm:
-                        out_samples += len(pcm) // 2
-                        await websocket.send_bytes(pcm)
-                    break
-                if len(item) % (2 * stages):
-                    raise StreamError(CLOSE_INVALID, "invalid-tokens",
-                                      f"token messages must hold whole frames of {2 * stages} bytes "
-                                      f"({stages} uint16 codes); got {len(item)} bytes")
-                codes = np.frombuffer(item, "<u2").astype(np.int64)
-                if codes.size and codes.max() >= model.codebook_size:
-                    raise StreamError(CLOSE_INVALID, "invalid-tokens",
-                                      f"codes must lie in [0, {model.codebook_size}); got {int(codes.max())}")
-                frames += codes.size // stages
-                if frames > max_frames:
-                    raise StreamError(CLOSE_POLICY, "stream-too-long",
-                                      f"a stream may carry at most {settings.max_stream_duration_s:g} s")
-                if codes.size:
-                    pcm = await runtime.run(None, step, codes)
-                    out_samples += len(pcm) // 2
-                    await websocket.send_bytes(pcm)
+        await _relay(session, parse, step)
         websocket.app.state.metrics.audio_seconds.labels(operation="stream_decode").inc(out_samples / model.sample_rate)
         await session.send_json({"type": "end", "num_samples": out_samples, "num_frames": frames})
 
