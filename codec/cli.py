@@ -127,7 +127,36 @@ def cmd_models(args) -> int:
     return 0
 
 
-CORE_COMMANDS = ("compress", "decompress", "info", "models")
+def cmd_export_onnx(args) -> int:
+    from codec import onnx_export, presets
+
+    out = Path(args.out_dir)
+    files = [out / name for name in (onnx_export.ENCODER_FILE, onnx_export.DECODER_FILE, onnx_export.CONTRACT_FILE)]
+    if not args.force and (existing := [str(f) for f in files if f.exists()]):
+        return _fail(f"{', '.join(existing)} exist: pass --force to overwrite them")
+    info = onnx_export.export_onnx(presets.load_model(args.model), out)
+    if not args.quiet:
+        sizes = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in files[:2])
+        print(f"{out}: {sizes}, {files[2].name} ({info['model_id']}, weights {info['sha256'][:16]}, "
+              f"{len(info['encoder']['state'])} + {len(info['decoder']['state'])} state tensors)", file=sys.stderr)
+    return 0
+
+
+EXPORT_ONNX_NOTE = """\
+Each graph is one streaming step over T whole frames (T = 1: frame by frame, 20 ms; the whole utterance
+with the initial state: offline):
+  encoder.onnx  audio [B, T*hop] float32 + state  ->  codes [B, n_stages, T] int64 + next state
+  decoder.onnx  codes [B, S, T] int64 (S = 1 .. n_stages) + state  ->  audio [B, T*hop] float32 + next state
+State input NAME comes back as output next.NAME; feed it to the next step. codec.json lists every state
+tensor (name, shape, dtype, initial value) with the model's id, hash, sample rate, hop, stage count and
+decoder_delay: the first decoder_delay samples of a decoded stream lie before its start (drop them), and
+at its end the decoder state synthesis.tail holds the last decoder_delay samples.
+A runner that needs only numpy, soundfile and onnxruntime: examples/onnx_runner.py (docs/deploy.md).
+Needs the onnx package: pip install 'simvq-codec[onnx]'.
+"""
+
+
+CORE_COMMANDS = ("compress", "decompress", "info", "models", "export-onnx")
 
 
 def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
@@ -173,6 +202,16 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models this installation has")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("export-onnx", help="write the streaming encoder and decoder as ONNX graphs",
+                       description="Export a model as two ONNX graphs with explicit streaming state "
+                                   "(encoder.onnx, decoder.onnx) and their state contract (codec.json).",
+                       epilog=EXPORT_ONNX_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into (created if missing)")
+    p.add_argument("--model", metavar="ID|DIR", help="model id or directory (default: simvq-16k)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite the files if they exist")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    p.set_defaults(func=cmd_export_onnx)
 
     for entry in entry_points(group="simvq_codec.commands") if plugins else ():
         try:
