@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Reference runner for the ONNX export of the codec: numpy, soundfile and onnxruntime only (no torch).
+
+A worked example for porting the codec to another language: it streams a WAV file through `encoder.onnx` one
+20 ms frame at a time, and codes back through `decoder.onnx` one frame at a time, carrying the graphs' state
+as `codec.json` describes it (docs/deploy.md, "ONNX").
+
+    simvq-codec export-onnx onnx/                                   # the graphs and codec.json
+    python examples/onnx_runner.py compress onnx/ speech.wav speech.npz
+    python examples/onnx_runner.py decompress onnx/ speech.npz restored.wav [--stages 4]
+    python examples/onnx_runner.py roundtrip onnx/ speech.wav restored.wav [--stages 4]
+
+`.npz` files hold `codes` [n_stages, frames] (int16), `num_samples` and the model's `sha256`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import soundfile as sf
+
+DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64}
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class _Graph:
+    """One graph and its state: `step(x)` runs it on `x` and the current state, keeps the new state and
+    returns the graph's main output."""
+
+    def __init__(self, folder: Path, spec: dict, batch: int, threads: int):
+        self.session = _session(folder / spec["file"], threads)
+        self.spec, self.batch = spec, batch
+        self.input = self.session.get_inputs()[0].name
+        self.output = self.session.get_outputs()[0].name
+        self.reset()
+
+    def reset(self) -> None:
+        """The initial state (a new stream): each tensor filled with its `initial` value."""
+        self.state = {
+            s["name"]: np.full([self.batch if d == "batch" else d for d in s["shape"]], s["initial"],
+                               dtype=DTYPES[s["dtype"]])
+            for s in self.spec["state"]
+        }
+
+    def step(self, x: np.ndarray) -> np.ndarray:
+        names = [self.output] + [s["output"] for s in self.spec["state"]]
+        out = self.session.run(names, {self.input: x, **self.state})
+        self.state = {s["name"]: value for s, value in zip(self.spec["state"], out[1:])}
+        return out[0]
+
+
+class Codec:
+    """The exported codec in a folder written by `simvq-codec export-onnx`."""
+
+    def __init__(self, folder: str | Path, threads: int = 1):
+        self.folder = Path(folder)
+        self.contract = json.loads((self.folder / "codec.json").read_text())
+        if self.contract["format"] != "simvq-codec-onnx/1":
+            raise ValueError(f"unknown contract format {self.contract['format']!r}")
+        self.threads = threads
+        for key in ("sample_rate", "hop_length", "n_stages", "codebook_size", "decoder_delay"):
+            setattr(self, key, self.contract[key])
+
+    def encoder(self, batch: int = 1) -> Encoder:
+        return Encoder(self, batch)
+
+    def decoder(self, batch: int = 1) -> Decoder:
+        return Decoder(self, batch)
+
+
+class Encoder(_Graph):
+    """Streaming encoder: `encode(samples)` takes any number of samples and returns the codes of the frames
+    they complete ([batch, n_stages, frames]); `flush()` zero-pads the last partial frame."""
+
+    def __init__(self, codec: Codec, batch: int = 1):
+        self.hop, self.n_stages = codec.hop_length, codec.n_stages
+        self.pending = np.zeros((batch, 0), np.float32)
+        super().__init__(codec.folder, codec.contract["encoder"], batch, codec.threads)
+
+    def encode(self, samples: np.ndarray) -> np.ndarray:
+        x = np.concatenate([self.pending, np.asarray(samples, np.float32).reshape(self.batch, -1)], axis=1)
+        whole = x.shape[1] - x.shape[1] % self.hop
+        self.pending = x[:, whole:]
+        codes = [self.step(x[:, t : t + self.hop]) for t in range(0, whole, self.hop)]  # one frame per step
+        return np.concatenate(codes, axis=2) if codes else np.zeros((self.batch, self.n_stages, 0), np.int64)
+
+    def flush(self) -> np.ndarray:
+        if not self.pending.shape[1]:
+            return np.zeros((self.batch, self.n_stages, 0), np.int64)
+        pad = np.zeros((self.batch, self.hop - self.pending.shape[1]), np.float32)
+        return self.encode(pad)
+
+
+class Decoder(_Graph):
+    """Streaming decoder: `decode(codes)` takes codes [batch, stages, frames] (any stage count up to the
+    model's) and returns the samples they complete; `flush()` returns the last `decoder_delay` samples.
+
+    The graph returns hop samples per frame; the first `decoder_delay` samples of a stream lie before its
+    start and are dropped here, and at the end the state `synthesis.tail` holds the stream's last samples."""
+
+    def __init__(self, codec: Codec, batch: int = 1):
+        self.delay, self.codebook_size = codec.decoder_delay, codec.codebook_size
+        super().__init__(codec.folder, codec.contract["decoder"], batch, codec.threads)
+
+    def reset(self) -> None:
+        super().reset()
+        self.skip, self.started = self.delay, False
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes, np.int64)
+        if codes.min(initial=0) < 0 or codes.max(initial=0) >= self.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+        out = [self.step(codes[:, :, t : t + 1]) for t in range(codes.shape[2])]  # one frame per step
+        audio = np.concatenate(out, axis=1) if out else np.zeros((self.batch, 0), np.float32)
+        self.started = self.started or bool(out)
+        drop = min(self.skip, audio.shape[1])
+        self.skip -= drop
+        return audio[:, drop:]
+
+    def flush(self) -> np.ndarray:
+        tail = self.state["synthesis.tail"] if self.started else np.zeros((self.batch, 0), np.float32)
+        self.reset()
+        return tail
+
+
+def compress(codec: Codec, wav_path: str | Path, n_stages: int | None = None) -> tuple[np.ndarray, int]:
+    """A mono WAV at the model's rate -> (codes [n_stages, frames], its sample count), frame by frame."""
+    audio, rate = sf.read(str(wav_path), dtype="float32", always_2d=True)
+    if rate != codec.sample_rate:
+        raise ValueError(f"{wav_path} is {rate} Hz; this model takes {codec.sample_rate} Hz (resample it first)")
+    audio = audio.mean(axis=1)[None]  # mono, [1, T]
+    encoder = codec.encoder()
+    codes = np.concatenate([encoder.encode(audio), encoder.flush()], axis=2)[0]
+    return codes[: n_stages or codec.n_stages], audio.shape[1]
+
+
+def decompress(codec: Codec, codes: np.ndarray, num_samples: int | None = None) -> np.ndarray:
+    """Codes [stages, frames] -> samples [num_samples], frame by frame."""
+    decoder = codec.decoder()
+    audio = np.concatenate([decoder.decode(codes[None]), decoder.flush()], axis=1)[0]
+    return audio[:num_samples]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, src, dst in (("compress", "input.wav", "output.npz"), ("decompress", "input.npz", "output.wav"),
+                           ("roundtrip", "input.wav", "output.wav")):
+        p = sub.add_parser(name)
+        p.add_argument("onnx_dir", help="folder written by `simvq-codec export-onnx`")
+        p.add_argument("input", metavar=src)
+        p.add_argument("output", metavar=dst)
+        p.add_argument("--stages", type=int, help="stages to keep or decode (default: all)")
+    args = parser.parse_args(argv)
+    codec = Codec(args.onnx_dir, args.threads)
+    if args.command in ("compress", "roundtrip"):
+        codes, num_samples = compress(codec, args.input, args.stages)
+    else:
+        data = np.load(args.input)
+        if str(data["sha256"]) != codec.contract["sha256"]:
+            print(f"error: {args.input} was made by other weights than {args.onnx_dir}'s", file=sys.stderr)
+            return 2
+        codes, num_samples = data["codes"].astype(np.int64)[: args.stages], int(data["num_samples"])
+    if args.command == "compress":
+        np.savez(args.output, codes=codes.astype(np.int16), num_samples=num_samples, sha256=codec.contract["sha256"])
+        print(f"{args.output}: {codes.shape[0]} stages x {codes.shape[1]} frames", file=sys.stderr)
+    else:
+        sf.write(args.output, decompress(codec, codes, num_samples), codec.sample_rate, subtype="FLOAT")
+        print(f"{args.output}: {num_samples} samples from {codes.shape[0]} stages", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

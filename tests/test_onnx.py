@@ -1,0 +1,173 @@
+"""ONNX export of the streaming codec: onnxruntime, through the reference runner, gives PyTorch's codes on the
+reference recording (every frame, every stage) and its decoded audio within a stated tolerance, streaming frame
+by frame; the state contract describes the graphs; the CLI writes them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from codec import cli, load_model
+from codec.onnx_export import export_onnx
+from tests.conftest import EXAMPLES, example_speech
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+RUNNER = EXAMPLES / "onnx_runner.py"
+MAX_ABS_DIFF = 2e-3
+"""Largest sample difference allowed between the ONNX and the PyTorch decode (full scale 1). The arithmetic
+differs in the last bits (other matrix kernels, the inverse STFT as a matrix product); measured on the
+reference: 4e-5 streaming, 7e-4 for the whole utterance in one step, where the pitch head's argmax flips
+once between two nearly equal f0 bins."""
+MIN_SNR_DB = 50.0
+"""And the PyTorch decode's power over the difference's (measured: 88 dB streaming, 59 dB in one step)."""
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("onnx_runner", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _load_runner()
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return load_model(warn=False)
+
+
+@pytest.fixture(scope="module")
+def exported(pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(pretrained, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def codec(exported):
+    return runner.Codec(exported)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return example_speech("reference.wav")
+
+
+@pytest.fixture(scope="module")
+def torch_codes(pretrained, reference):
+    """PyTorch's codes of the reference, streamed one frame at a time: `[n_stages, frames]`."""
+    model, hop = pretrained.model, pretrained.model.hop_length
+    x = torch.from_numpy(reference)[None, None]
+    stream = model.stream()
+    codes = [stream.encode(x[..., t : t + hop]) for t in range(0, x.shape[-1], hop)] + [stream.flush_encoder()]
+    return torch.cat(codes, dim=-1)[0].numpy()
+
+
+def _torch_decode(model, codes: np.ndarray) -> np.ndarray:
+    stream, c = model.stream(), torch.from_numpy(codes)[None]
+    out = [stream.decode(c[..., t : t + 1]) for t in range(c.shape[-1])] + [stream.flush_decoder()]
+    return torch.cat(out, dim=-1)[0, 0].numpy()
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    diff = got - want
+    assert np.abs(diff).max() <= MAX_ABS_DIFF, np.abs(diff).max()
+    snr = 10 * np.log10(np.sum(want**2) / max(np.sum(diff**2), 1e-30))
+    assert snr >= MIN_SNR_DB, snr
+
+
+def test_streamed_codes_are_pytorchs_on_every_frame_and_stage(codec, torch_codes, pretrained, reference):
+    codes, num_samples = runner.compress(codec, EXAMPLES / "reference.wav")
+    frames = -(-len(reference) // pretrained.model.hop_length)
+    assert num_samples == len(reference) and codes.shape == torch_codes.shape == (12, frames)
+    np.testing.assert_array_equal(codes, torch_codes)
+    # and PyTorch's streamed codes are its offline ones
+    np.testing.assert_array_equal(torch_codes, pretrained.model.encode(torch.from_numpy(reference)[None, None])[0])
+
+
+@pytest.mark.parametrize("stages", [12, 3, 1])
+def test_streamed_decode_matches_pytorch_within_tolerance(codec, torch_codes, pretrained, reference, stages):
+    want = _torch_decode(pretrained.model, torch_codes[:stages])
+    got = runner.decompress(codec, torch_codes[:stages])
+    assert len(got) == len(want) == torch_codes.shape[1] * pretrained.model.hop_length
+    _assert_close(got, want)
+    assert len(runner.decompress(codec, torch_codes[:stages], len(reference))) == len(reference)
+
+
+def test_one_step_over_the_whole_utterance_is_the_offline_codec(codec, torch_codes, pretrained, reference):
+    """The same graphs with a dynamic frame axis: one call from the initial state is an offline pass."""
+    hop, delay = pretrained.model.hop_length, codec.decoder_delay
+    audio = np.pad(reference, (0, -len(reference) % hop))[None]
+    np.testing.assert_array_equal(codec.encoder().step(audio)[0], torch_codes)
+    decoder = codec.decoder()
+    out = decoder.step(torch_codes[None])
+    got = np.concatenate([out[:, delay:], decoder.state["synthesis.tail"]], axis=1)[0]
+    _assert_close(got, pretrained.model.decode(torch.from_numpy(torch_codes)[None])[0, 0].numpy())
+
+
+def test_a_batch_of_streams_is_each_stream_alone(codec, torch_codes):
+    frames = torch_codes[:, :20]
+    batch = np.stack([frames, frames[:, ::-1]])
+    decoder = codec.decoder(batch=2)
+    both = np.concatenate([decoder.decode(batch), decoder.flush()], axis=1)
+    for item, codes in zip(both, batch):
+        alone = codec.decoder()
+        _assert_close(item, np.concatenate([alone.decode(codes[None]), alone.flush()], axis=1)[0])
+
+
+def test_the_contract_describes_the_graphs(exported, pretrained):
+    import onnx
+
+    info = json.loads((exported / "codec.json").read_text())
+    model = pretrained.model
+    assert (info["model_id"], info["sha256"]) == (pretrained.model_id, pretrained.sha256)
+    assert (info["sample_rate"], info["hop_length"], info["n_stages"], info["codebook_size"],
+            info["decoder_delay"]) == (16000, 320, 12, 1024, model.decoder_delay)
+    initial = model.init_streaming_state(1).tensors()
+    graph_state = []
+    for part, main_in, main_out in (("encoder", "audio", "codes"), ("decoder", "codes", "audio")):
+        graph = onnx.load(str(exported / info[part]["file"]), load_external_data=False).graph
+        state = info[part]["state"]
+        assert [i.name for i in graph.input] == [main_in] + [s["name"] for s in state]
+        assert [o.name for o in graph.output] == [main_out] + [s["output"] for s in state]
+        for s, value in zip(state, graph.input[1:]):
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert dims == s["shape"] == ["batch", *initial[s["name"]].shape[1:]]
+            assert s["dtype"] == str(initial[s["name"]].dtype).removeprefix("torch.") and s["initial"] == 0.0
+        graph_state += [s["name"] for s in state]
+    # every state tensor of the PyTorch stream is in a graph, but the two that the caller keeps
+    assert sorted(graph_state + ["samples", "synthesis.skip"]) == sorted(initial)
+
+
+def test_cli_writes_the_graphs_and_refuses_to_overwrite(tmp_path, capsys):
+    assert cli.main(["export-onnx", str(tmp_path / "out")]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"encoder.onnx", "decoder.onnx", "codec.json"}
+    assert "encoder.onnx" in capsys.readouterr().err
+    assert cli.main(["export-onnx", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    assert "--force" in capsys.readouterr().err
+
+
+def test_runner_command_line_round_trip_without_torch(exported, tmp_path):
+    npz, out = tmp_path / "ref.npz", tmp_path / "ref.wav"
+    # the runner's main() in a fresh interpreter, which must not have imported torch by the end
+    script = (f"import runpy, sys; rc = runpy.run_path({str(RUNNER)!r})['main'](sys.argv[1:]); "
+              "assert 'torch' not in sys.modules; sys.exit(rc)")
+    for args in (["compress", str(exported), str(EXAMPLES / "reference.wav"), str(npz)],
+                 ["decompress", str(exported), str(npz), str(out), "--stages", "2"]):
+        r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    data = np.load(npz)
+    info = json.loads((exported / "codec.json").read_text())
+    assert data["codes"].shape[0] == 12 and str(data["sha256"]) == info["sha256"]
+    assert sf.info(out).frames == int(data["num_samples"]) == len(example_speech("reference.wav"))
