@@ -16,7 +16,8 @@ import torch
 
 from codec import cli, load_model
 from codec.onnx_export import export_onnx
-from tests.conftest import EXAMPLES, example_speech
+from codec.pretrained import Pretrained
+from tests.conftest import EXAMPLES, example_speech, speechlike, tiny_codec
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -124,6 +125,18 @@ def test_a_batch_of_streams_is_each_stream_alone(codec, torch_codes):
     for item, codes in zip(both, batch):
         alone = codec.decoder()
         _assert_close(item, np.concatenate([alone.decode(codes[None]), alone.flush()], axis=1)[0])
+
+
+@pytest.mark.parametrize("decoder", [dict(phase="absolute"), dict(phase="propagated")])
+def test_the_other_decoders_export_too(tmp_path, decoder):
+    """Absolute phases, and propagated phases without a pitch head (the bundled model has one)."""
+    model = tiny_codec(seed=1, **decoder)
+    export_onnx(Pretrained(model, "tiny", "0" * 64, False), tmp_path)
+    onnx_codec, wav = runner.Codec(tmp_path), speechlike(0.5)
+    stream, x = model.stream(), torch.from_numpy(wav)[None, None]
+    want = torch.cat([stream.encode(x[..., t : t + 320]) for t in range(0, x.shape[-1], 320)], dim=-1)[0].numpy()
+    np.testing.assert_array_equal(onnx_codec.encoder().encode(wav[None])[0], want)
+    _assert_close(runner.decompress(onnx_codec, want), _torch_decode(model, want))
 
 
 def test_the_contract_describes_the_graphs(exported, pretrained):
