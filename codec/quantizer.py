@@ -206,9 +206,15 @@ class Codebook(nn.Module):
     def _cached(self) -> tuple[Tensor, ...]:
         """Without gradients, W(C), its image in the latent and the whitening matrices are computed once,
         until a weight or a statistic changes."""
-        # In-place updates (optimiser steps, EMA, load_state_dict) bump a tensor's version counter.
-        sources = [*self.parameters(), *self.buffers()]
-        key = tuple((id(t), t._version) for t in sources)
+        # In-place updates (optimiser steps, EMA, load_state_dict) bump a tensor's version counter. The module
+        # dicts are read directly: `parameters()` and `buffers()` cost a third of a streamed frame's encode.
+        versions, stack = [], [self]
+        while stack:
+            module = stack.pop()
+            versions += [(id(t), t._version) for t in (*module._parameters.values(), *module._buffers.values())
+                         if t is not None]
+            stack += [child for child in module._modules.values() if child is not None]
+        key = tuple(versions)
         if self._cache is None or self._cache[0] != key:
             matrices = self.whitener.matrices() if self.whitener is not None else None
             codes = self._compute_codebook()

@@ -188,6 +188,14 @@ def test_simvq_codebook_is_linear_map_of_frozen_gaussian():
     with torch.no_grad():
         book.proj.bias.fill_(1.0)
         torch.testing.assert_close(book.codebook(), 2.0 * book.frozen_codebook + 1.0)
+    # ... and changes in its submodules: the projections and the whitener's statistics.
+    book = Codebook(dim=8, codebook_size=32, code_dim=4, whiten=True, init_from_data=False)
+    with torch.no_grad():
+        before = book.output_codebook().clone()
+        book.out_proj.weight.mul_(3.0)
+        torch.testing.assert_close(book.output_codebook() - book.out_proj.bias, 3.0 * (before - book.out_proj.bias))
+        book.whitener.mean.add_(1.0)
+        assert not torch.allclose(book.output_codebook() - book.out_proj.bias, 3.0 * (before - book.out_proj.bias))
 
 
 def test_nearest_is_true_nearest_neighbour():
