@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import soxr
@@ -27,6 +27,8 @@ from codec.stages import resolve_stages
 from codec.tokfile import TokHeader, TokReader, TokWriter
 
 Source = str | os.PathLike | BinaryIO
+EncodeFn = Callable[[torch.Tensor, int], torch.Tensor]  # offline `SimVQCodec.encode`: `[1, 1, T]`, n -> `[1, S, F]`
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # offline `SimVQCodec.decode`: `[1, S, F]` -> `[1, 1, F * hop]`
 DECODE_BLOCK_FRAMES = 500  # 10 s at 50 Hz: bounds the decoder's activations on long files
 
 
@@ -61,18 +63,21 @@ def encode_array(wav: np.ndarray, sample_rate: int, model: Pretrained, n_stages:
     return _encode_mono(wav, model, n_stages)
 
 
-def encode_audio(src: Source, model: Pretrained, n_stages: int | None = None) -> tuple[TokHeader, np.ndarray]:
+def encode_audio(src: Source, model: Pretrained, n_stages: int | None = None, encode: EncodeFn | None = None
+                 ) -> tuple[TokHeader, np.ndarray]:
     """A whole audio file (path, `-` or file object) -> (header, codes `[S, F]` int64), in memory: the file
-    is read once by `codec.audio` (mix-down, resampling, truncation and non-finite samples refused there)."""
+    is read once by `codec.audio` (mix-down, resampling, truncation and non-finite samples refused there).
+    `encode` runs the model call (default: `model.model.encode`; the server passes its batching one)."""
     wav, _info = read_audio(src, model.model.sample_rate)
-    return _encode_mono(wav, model, n_stages)
+    return _encode_mono(wav, model, n_stages, encode)
 
 
-def _encode_mono(wav: np.ndarray, model: Pretrained, n_stages: int | None) -> tuple[TokHeader, np.ndarray]:
+def _encode_mono(wav: np.ndarray, model: Pretrained, n_stages: int | None, encode: EncodeFn | None = None
+                 ) -> tuple[TokHeader, np.ndarray]:
     """Checked mono float32 `[T]` at the model's rate -> (header, codes)."""
     codec = model.model
     n = resolve_stages(codec, n_stages)
-    codes = codec.encode(torch.from_numpy(wav).to(_device(codec))[None, None], n)[0]
+    codes = (encode or codec.encode)(torch.from_numpy(wav).to(_device(codec))[None, None], n)[0]
     return model.header(n, len(wav)), codes.cpu().numpy()
 
 
@@ -83,11 +88,13 @@ def decode_array(header: TokHeader, codes: np.ndarray, model: Pretrained) -> np.
     return decode_codes(codes, model.model, header.num_samples)
 
 
-def decode_codes(codes: np.ndarray, model: SimVQCodec, num_samples: int) -> np.ndarray:
+def decode_codes(codes: np.ndarray, model: SimVQCodec, num_samples: int, decode: DecodeFn | None = None
+                 ) -> np.ndarray:
     """Codes `[S, F]` -> the first `num_samples` float32 samples, with no identity check: for a caller that
-    has already matched the header to the model (the server picks the model by the header)."""
+    has already matched the header to the model (the server picks the model by the header). `decode` runs
+    the model call (default: `model.decode`; the server passes its batching one)."""
     codes = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=_device(model))
-    wav = model.decode(codes[None])[0, 0].cpu().numpy()
+    wav = (decode or model.decode)(codes[None])[0, 0].cpu().numpy()
     return wav[:num_samples]
 
 

@@ -15,7 +15,7 @@ from server.errors import Problem, install_error_handlers
 from server.metrics import Metrics, MetricsMiddleware
 from server.routers import decode, encode, health, listen, stream
 from server.routers import models as models_router
-from server.runtime import Phase, Runtime
+from server.runtime import ClipBatcher, Phase, Runtime
 from server.schemas import TokenJSON
 from server.settings import Settings
 
@@ -30,19 +30,22 @@ Every error is `application/problem+json` (RFC 9457).
 """
 
 
-def create_app(settings: Settings | None = None, models: dict[str, Any] | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, models: dict[str, Any] | None = None,
+               batcher: ClipBatcher | None = None) -> FastAPI:
     """Build the app.
 
     settings: limits and knobs (default: from `SIMVQ_*` environment variables).
     models: already-loaded models (`codec.Pretrained`, what `load_model` returns) by id, used instead of
         loading `settings.models` (tests, embedding).
+    batcher: where the offline encode/decode of one clip go (`ServedModel.batcher`; the Ray Serve deployment's
+        `Batcher`); None: each request calls the model itself.
     """
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings, models)
+        runtime = Runtime(settings, models, batcher)
         app.state.runtime = runtime
         loop = asyncio.get_running_loop()
         loading = loop.run_in_executor(runtime.pool, runtime.load)

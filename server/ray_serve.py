@@ -6,23 +6,23 @@ limit (503) and dynamic batching of encode and decode budgeted by padded audio s
     simvq-codec serve --ray                                 # the same, started and stopped by the CLI
 
 Each replica loads the models once and builds the same FastAPI app as `simvq-codec serve`, so routes, limits,
-errors and metrics are identical. The app's models are wrapped in `BatchedModel`: an offline `encode` or
-`decode` of one clip (what `POST /encode` and `POST /decode` do in their worker thread) is queued to a
-`@serve.batch` method, whose `batch_size_fn` measures a batch in padded audio (clips x longest clip, what the
-model actually computes): a batch closes when the next clip would take it past `batch_seconds`, or after
-`batch_wait_s`. `serve.batch` forms the next batch as soon as the previous one is handed over, so while the
-model is busy its batches would stay as small as the arrivals within `batch_wait_s`; here they go to a model
-queue instead, and each time a model worker is free (`model_workers` per replica) it takes the oldest clip
-and the later ones of the same operation that fit the budget. So batches grow with the load and never pass
-the budget. The clips are right-padded with zeros and cut back after one forward pass; the codec is causal,
-so every clip gets exactly the tokens and samples it gets alone. WebSocket streams run on the same model, each
-with its own streaming state, and are never batched.
+errors and metrics are identical, and it serves the plain `SimVQCodec`. The app is given a `Batcher` as its
+`ServedModel.batcher`: an offline encode or decode of one clip (what `POST /encode` and `POST /decode` do in
+their worker thread, through `ServedModel.encode`/`decode`) is queued to a `@serve.batch` method, whose
+`batch_size_fn` measures a batch in padded audio (clips x longest clip, what the model actually computes): a
+batch closes when the next clip would take it past `batch_seconds`, or after `batch_wait_s`. `serve.batch`
+forms the next batch as soon as the previous one is handed over, so while the model is busy its batches would
+stay as small as the arrivals within `batch_wait_s`; here they go to a model queue instead, and each time a
+model worker is free (`model_workers` per replica) it takes the oldest clip and the later ones of the same
+operation that fit the budget. So batches grow with the load and never pass the budget. The clips are
+right-padded with zeros and cut back after one forward pass; the codec is causal, so every clip gets exactly
+the tokens and samples it gets alone. WebSocket streams run on the same model, each with its own streaming
+state (`model.stream()`), and never reach the batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -154,7 +154,8 @@ class _DropBatchSizeWarning(logging.Filter):
 
 
 class Batcher:
-    """The bridge from the app's worker threads to the replica's `@serve.batch` queues.
+    """The bridge from the app's worker threads to the replica's `@serve.batch` queues: the app's
+    `ServedModel.batcher` (`server.runtime.ClipBatcher`), so an offline encode/decode of one clip comes here.
 
     loop: the replica's event loop (where the batch queues live).
     submit: `{"encode": coroutine fn, "decode": coroutine fn}` taking one `Job` (the `@serve.batch` methods).
@@ -164,6 +165,16 @@ class Batcher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, submit: dict[str, Any], alone: Any, budget_ms: int) -> None:
         self.loop, self.submit, self.alone, self.budget_ms = loop, submit, alone, budget_ms
+
+    def encode(self, model: Any, wav: torch.Tensor, n_stages: int) -> torch.Tensor:
+        """Audio `[T]` -> codes `[S, F]`, in a batch."""
+        ms = max(1, round(1000 * wav.shape[-1] / model.sample_rate))
+        return self(Job("encode", model, wav, n_stages, ms))
+
+    def decode(self, model: Any, codes: torch.Tensor) -> torch.Tensor:
+        """Codes `[S, F]` -> audio `[1, F * hop]`, in a batch."""
+        ms = max(1, round(1000 * codes.shape[-1] * model.hop_length / model.sample_rate))
+        return self(Job("decode", model, codes, None, ms))
 
     def __call__(self, job: Job) -> Any:
         """Block the calling worker thread until the job's batch has run; return its output or raise its error."""
@@ -180,39 +191,6 @@ class Batcher:
         if isinstance(result, BaseException):
             raise result
         return result
-
-
-class BatchedModel:
-    """A SimVQCodec stand-in for the app: offline encode/decode of one clip goes through the batcher.
-
-    Everything else (attributes, `eval()`, parameters, `stream()`) is the wrapped model's, so a WebSocket
-    stream runs on the wrapped model with its own state and never touches the batcher.
-    """
-
-    def __init__(self, model: Any, batcher: Batcher) -> None:
-        self._model = model
-        self._batcher = batcher
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_model"], name)
-
-    def _batchable(self, x: torch.Tensor) -> bool:
-        return not self._model.is_streaming and x.dim() == 3 and x.shape[0] == 1 and x.shape[-1] > 0
-
-    def encode(self, wav: torch.Tensor, n_stages: int | None = None) -> torch.Tensor:
-        """`[1, 1, T]` -> `[1, S, F]` through the batcher (other shapes and streaming: the model directly)."""
-        if not self._batchable(wav) or wav.shape[1] != 1:
-            return self._model.encode(wav, n_stages)
-        n = self._model.n_stages if n_stages is None else int(n_stages)
-        ms = max(1, round(1000 * wav.shape[-1] / self._model.sample_rate))
-        return self._batcher(Job("encode", self._model, wav[0, 0], n, ms))[None]
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """`[1, S, F]` -> `[1, 1, F * hop]` through the batcher."""
-        if not self._batchable(codes):
-            return self._model.decode(codes)
-        ms = max(1, round(1000 * codes.shape[-1] * self._model.hop_length / self._model.sample_rate))
-        return self._batcher(Job("decode", self._model, codes[0], None, ms))[None]
 
 
 # --- the deployment ----------------------------------------------------------------------------------
@@ -235,6 +213,7 @@ class CodecService:
         self.model_workers = self.options.resolved_model_workers(self.settings)
         self.executor = ThreadPoolExecutor(self.model_workers, thread_name_prefix="simvq-batch")
         loop = asyncio.get_running_loop()
+        self.batcher: Batcher | None = None
         models: dict[str, Pretrained] = {}
         for ref in self.settings.models:
             release = await loop.run_in_executor(self.executor,
@@ -246,16 +225,15 @@ class CodecService:
                 method.set_max_batch_size(budget_ms)
                 method.set_batch_wait_timeout_s(self.options.batch_wait_s)
             logging.getLogger("ray.serve").addFilter(_DropBatchSizeWarning())
-            batcher = Batcher(loop, {"encode": self.encode_batch, "decode": self.decode_batch}, self._run_batch,
-                              budget_ms)
-            models = {k: dataclasses.replace(m, model=BatchedModel(m.model, batcher)) for k, m in models.items()}
+            self.batcher = Batcher(loop, {"encode": self.encode_batch, "decode": self.decode_batch},
+                                   self._run_batch, budget_ms)
         self.models = models
         self._metrics: dict[str, Histogram] = {}
         self._pending: list[tuple[Job, asyncio.Future]] = []  # the model queue, oldest first
         self._runners = 0  # model calls in progress (at most self.model_workers)
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = create_app(self.settings, models=self.models)
+        app = create_app(self.settings, models=self.models, batcher=self.batcher)
         registry = app.state.metrics.registry
         self._metrics = {
             "clips": Histogram("simvq_batch_clips", "Clips per model call of the Ray Serve batcher.", ["op"],

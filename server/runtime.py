@@ -10,10 +10,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
+from codec.model import SimVQCodec
 from codec.pretrained import Pretrained
 from server.errors import ProblemError
 from server.settings import Settings
@@ -31,21 +32,56 @@ class Phase(str, enum.Enum):  # noqa: UP042 - StrEnum needs Python 3.11
     DRAINING = "draining"
 
 
+class ClipBatcher(Protocol):
+    """Runs offline calls of one clip batched with other requests' clips (under Ray Serve:
+    `server.ray_serve.Batcher`); each call blocks its worker thread until the clip's batch has run."""
+
+    def encode(self, model: SimVQCodec, wav: torch.Tensor, n_stages: int) -> torch.Tensor:
+        """Mono audio `[T]` at the model rate -> codes `[S, F]`, as `model.encode` gives for the clip alone."""
+        ...
+
+    def decode(self, model: SimVQCodec, codes: torch.Tensor) -> torch.Tensor:
+        """Codes `[S, F]` -> audio `[1, F * hop]`, as `model.decode` gives for the clip alone."""
+        ...
+
+
 @dataclass
 class ServedModel:
     """One loaded model and the facts /v1/models reports about it.
 
     model_id: the id clients pass as `model` (preset id, or the id a checkpoint directory's config names).
     pretrained: the model (in eval mode on the configured device) and its identity (`codec.Pretrained`).
+    batcher: where offline `encode`/`decode` of one clip go (set by the Ray Serve deployment); None: the
+        model directly. Streams use `model.stream()` and never go through it.
     """
 
     model_id: str
     pretrained: Pretrained
+    batcher: ClipBatcher | None = None
 
     @property
-    def model(self) -> Any:
-        """The SimVQCodec (or, under Ray Serve, the batching proxy in front of it)."""
+    def model(self) -> SimVQCodec:
+        """The SimVQCodec, shared by every request and stream."""
         return self.pretrained.model
+
+    def _batchable(self, x: torch.Tensor) -> bool:
+        return (self.batcher is not None and not self.model.is_streaming and x.dim() == 3 and x.shape[0] == 1
+                and x.shape[-1] > 0)
+
+    def encode(self, wav: torch.Tensor, n_stages: int | None = None) -> torch.Tensor:
+        """Offline encode, `model.encode`'s contract: a clip `[1, 1, T]` -> `[1, S, F]` goes through the
+        batcher when there is one (other shapes: the model directly)."""
+        if not self._batchable(wav) or wav.shape[1] != 1:
+            return self.model.encode(wav, n_stages)
+        n = self.model.n_stages if n_stages is None else int(n_stages)
+        return self.batcher.encode(self.model, wav[0, 0], n)[None]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Offline decode, `model.decode`'s contract: codes `[1, S, F]` -> `[1, 1, F * hop]` go through the
+        batcher when there is one."""
+        if not self._batchable(codes):
+            return self.model.decode(codes)
+        return self.batcher.decode(self.model, codes[0])[None]
 
 
 class Slots:
@@ -102,8 +138,10 @@ class Slot:
 class Runtime:
     """Everything model-related the routers need, built once per app and loaded in the lifespan."""
 
-    def __init__(self, settings: Settings, models: dict[str, Pretrained] | None = None) -> None:
+    def __init__(self, settings: Settings, models: dict[str, Pretrained] | None = None,
+                 batcher: ClipBatcher | None = None) -> None:
         self.settings = settings
+        self.batcher = batcher
         self.phase = Phase.LOADING
         self.failure: str | None = None
         self.models: dict[str, ServedModel] = {}
@@ -137,7 +175,7 @@ class Runtime:
                     loaded[served_id(ref, release)] = release
             for model_id, release in loaded.items():
                 release.model.eval()
-                served = ServedModel(model_id, release)
+                served = ServedModel(model_id, release, self.batcher)
                 if self.settings.warmup:
                     t0 = time.perf_counter()
                     _warm_up(served)
@@ -235,13 +273,14 @@ def served_id(ref: str, release: Pretrained) -> str:
 
 
 def _warm_up(served: ServedModel) -> None:
-    """One offline encode/decode and one streaming step, so the first request pays no lazy-init cost."""
+    """One offline encode/decode (through the batcher, if any) and one streaming step, so the first request
+    pays no lazy-init cost."""
     model = served.model
     hop = int(model.hop_length)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     wav = torch.zeros(1, 1, hop * 10, device=device)
     with torch.inference_mode():
-        codes = model.encode(wav)
-        model.decode(codes)
+        codes = served.encode(wav)
+        served.decode(codes)
         model.stream(1).encode(wav[..., : hop + 1])

@@ -384,6 +384,45 @@ def test_internal_errors_are_problems_without_details_and_do_not_leak_into_the_n
         assert 'simvq_http_requests_total{method="POST",route="/encode",status="500"} 1.0' in metrics
 
 
+class _RecordingBatcher:
+    """A `ClipBatcher` that runs each clip alone and records what reached it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object, tuple[int, ...]]] = []
+
+    def encode(self, model, wav, n_stages):
+        self.calls.append(("encode", model, tuple(wav.shape)))
+        return model.encode(wav[None, None], n_stages)[0]
+
+    def decode(self, model, codes):
+        self.calls.append(("decode", model, tuple(codes.shape)))
+        return model.decode(codes[None])[0]
+
+
+def test_offline_calls_go_through_the_batcher_and_streams_do_not(client, tiny):
+    batcher = _RecordingBatcher()
+    app = create_app(settings(), models={"tiny-test": tiny}, batcher=batcher)
+    body = wav(0.45)
+    with TestClient(app) as batched:
+        served = app.state.runtime.models["tiny-test"]
+        assert served.batcher is batcher and served.model is tiny.model  # the plain SimVQCodec, no proxy
+        tok = batched.post("/encode?stages=3", content=body, headers={"content-type": "audio/wav"})
+        assert tok.content == client.post("/encode?stages=3", content=body,
+                                          headers={"content-type": "audio/wav"}).content
+        audio = batched.post("/decode", content=tok.content, headers={"content-type": "application/octet-stream"})
+        assert audio.content == client.post("/decode", content=tok.content,
+                                            headers={"content-type": "application/octet-stream"}).content
+        assert [(op, m) for op, m, _ in batcher.calls] == [("encode", tiny.model), ("decode", tiny.model)]
+        assert batcher.calls[0][2] == (7200,) and batcher.calls[1][2] == (3, 23)
+        with batched.websocket_connect("/v1/stream/encode") as ws:
+            ws.send_text('{"type": "start"}')
+            ws.receive_json()
+            ws.send_bytes(np.zeros(960, "<i2").tobytes())
+            ws.receive()
+            ws.send_text('{"type": "end"}')
+        assert len(batcher.calls) == 2
+
+
 def test_dependency_override_swaps_the_model(client, other):
     client.app.dependency_overrides[get_model] = lambda: ServedModel("tiny-other", other)
     try:

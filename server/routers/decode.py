@@ -14,6 +14,7 @@ from codec.audio import to_pcm16
 from codec.tokfile import TokHeader
 from server.deps import ModelQuery, RuntimeDep, SettingsDep, within_deadline, work_slot
 from server.errors import ProblemError, problem_responses
+from server.runtime import ServedModel
 from server.tokens import model_for_header, parse_tok, parse_token_json
 from server.uploads import media_type, read_body
 
@@ -47,10 +48,11 @@ _OK = {
 }
 
 
-def _decode_job(header: TokHeader, codes: np.ndarray, model: Any, container: str) -> tuple[bytes, int]:
-    """Decode to float audio, trim/check the length, write 16-bit WAV/FLAC bytes (a worker job). The header
-    has been matched to the model already (`model_for_header`)."""
-    wav = np.asarray(decode_codes(codes, model, header.num_samples), dtype=np.float32).reshape(-1)
+def _decode_job(header: TokHeader, codes: np.ndarray, served: ServedModel, container: str) -> tuple[bytes, int]:
+    """Decode to float audio through `served.decode` (the batcher, if any), trim/check the length, write 16-bit
+    WAV/FLAC bytes (a worker job). The header has been matched to the model already (`model_for_header`)."""
+    wav = decode_codes(codes, served.model, header.num_samples, decode=served.decode)
+    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
     if wav.shape[0] != header.num_samples:
         raise RuntimeError(f"decoder returned {wav.shape[0]} samples for a header of {header.num_samples}")
     pcm, clipped = to_pcm16(wav)  # one conversion for every container
@@ -90,7 +92,7 @@ async def decode(
         async def work() -> tuple[TokHeader, bytes, int]:
             header, codes = await runtime.run(slot, parse, body, settings)
             served = model_for_header(header, runtime, model)
-            return header, *await runtime.run(slot, _decode_job, header, codes, served.model, container)
+            return header, *await runtime.run(slot, _decode_job, header, codes, served, container)
 
         header, audio, clipped = await within_deadline(settings.request_timeout_s, work())
     seconds = header.num_samples / header.sample_rate

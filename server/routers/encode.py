@@ -15,6 +15,7 @@ from codec.errors import AudioError
 from codec.stages import resolve_stages
 from server.deps import ModelDep, RuntimeDep, SettingsDep, within_deadline, work_slot
 from server.errors import problem_responses
+from server.runtime import ServedModel
 from server.schemas import TokenJSON
 from server.tokens import tok_bytes, token_json
 from server.uploads import probe_audio, read_audio_upload
@@ -59,11 +60,11 @@ _OK = {
 }
 
 
-def _encode_job(data: bytes, model: Any, n_stages: int) -> tuple[Any, np.ndarray]:
+def _encode_job(data: bytes, served: ServedModel, n_stages: int) -> tuple[Any, np.ndarray]:
     """Decode and convert to mono at the model rate (codec.audio's rules, applied once: truncation,
-    non-finite samples), then encode (a worker job)."""
+    non-finite samples), then encode through `served.encode`, batched when the deployment batches (a worker job)."""
     try:
-        header, codes = encode_audio(io.BytesIO(data), model, n_stages=n_stages)
+        header, codes = encode_audio(io.BytesIO(data), served.pretrained, n_stages=n_stages, encode=served.encode)
     except sf.LibsndfileError as exc:
         raise AudioError(f"the audio could not be decoded ({exc.error_string})") from None
     return header, np.asarray(codes)
@@ -91,14 +92,13 @@ async def encode(
 ) -> Response:
     """Encode one clip. The body is the audio (`audio/wav`, `audio/flac`, `audio/ogg`) or multipart
     with a `file` part; any sample rate and channel count are converted as the CLI does."""
-    model = served.pretrained
-    n_stages = resolve_stages(model.model, stages, bitrate)  # StageError: 422 invalid-parameter (server.errors)
+    n_stages = resolve_stages(served.model, stages, bitrate)  # StageError: 422 invalid-parameter (server.errors)
     data, expected = await read_audio_upload(request, settings)  # under the upload limits, before a slot
     probe_audio(data, expected, settings)  # the header only, on the event loop: limits before a work slot
 
     async with work_slot(request, runtime) as slot:
         async def work() -> tuple[Any, Any]:
-            header, codes = await runtime.run(slot, _encode_job, data, model, n_stages)
+            header, codes = await runtime.run(slot, _encode_job, data, served, n_stages)
             return header, await runtime.run(slot, tok_bytes if format == "tok" else token_json, header, codes)
 
         header, payload = await within_deadline(settings.request_timeout_s, work())
