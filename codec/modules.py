@@ -125,9 +125,13 @@ class STFTFeatures(StreamingModule):
         # go in at once (vectorised bodies against scalar tails), and in float32 those differences between a
         # streamed and an offline pass would reach the codes.
         spec = causal_stft(x.double(), self.window.double(), self.hop, padded=state is None)  # [B, N, bins]
-        mag = spec.abs()
-        compressed = spec * (mag + 1e-7).pow(self.compress - 1.0)
-        feats = torch.cat([torch.log(mag + 1e-5), compressed.real, compressed.imag], dim=-1).to(x.dtype)
+        return self.from_spectrum(spec.real, spec.imag, spec.abs()).to(x.dtype)
+
+    def from_spectrum(self, re: Tensor, im: Tensor, mag: Tensor) -> Tensor:
+        """The STFT's real and imaginary parts and magnitude `[B, N, bins]` -> the features, N / frames_per_step
+        steps (also what the ONNX export's matrix DFT feeds, `codec.onnx_export`)."""
+        scale = (mag + 1e-7).pow(self.compress - 1.0)
+        feats = torch.cat([torch.log(mag + 1e-5), re * scale, im * scale], dim=-1)
         batch, n_sub, width = feats.shape
         return feats.reshape(batch, n_sub // self.frames_per_step, self.frames_per_step * width)
 

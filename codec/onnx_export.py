@@ -80,7 +80,7 @@ class EncoderStep(nn.Module):
         self.model = model
         self.state_names = ["features.history", *_state_names(model, ("encoder.",))]
         features = model.features
-        self.n_fft, self.hop, self.compress = features.n_fft, features.hop, features.compress
+        self.n_fft, self.hop = features.n_fft, features.hop
         self.blocks = _blocks(self.n_fft, self.hop)
         # The real DFT of `causal_stft`, windowed, as one float64 matrix: [n_fft, 2 * bins] (cos, then -sin).
         n = torch.arange(self.n_fft, dtype=torch.float64)
@@ -98,11 +98,8 @@ class EncoderStep(nn.Module):
         last = self.blocks - 1
         frames = torch.cat([blocks[:, i: (i - last) or None] for i in range(self.blocks)], dim=-1)  # [B, N, n_fft]
         re, im = (frames @ self.basis).chunk(2, dim=-1)
-        mag = torch.sqrt(re * re + im * im)
-        scale = (mag + 1e-7).pow(self.compress - 1.0)
-        feats = torch.cat([torch.log(mag + 1e-5), re * scale, im * scale], dim=-1).to(audio.dtype)
-        steps = self.model.features.frames_per_step
-        return feats.reshape(feats.shape[0], -1, steps * feats.shape[-1]), next_history
+        feats = self.model.features.from_spectrum(re, im, torch.sqrt(re * re + im * im))
+        return feats.to(audio.dtype), next_history
 
     def forward(self, audio: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         model = self.model
