@@ -191,11 +191,19 @@ def test_a_released_model_grows_a_pitch_head_that_trains_against_the_pitch_track
         Trainer(tiny_config(corpus, *pitch, "model.decoder_dim=48"), tmp_path / "wider")
 
 
-def test_dev_pass_reports_the_unquantized_latent_beside_the_codes(corpus, tmp_path):
+def test_dev_pass_reports_the_unquantized_latent_and_the_convergence_beside_the_codes(corpus, tmp_path):
     run = tmp_path / "run"
     Trainer(tiny_config(corpus, "eval_every=1", "model.quantize_fraction=0"), run).fit(until=1)
     [record] = read_jsonl(run / DEV_LOG)
     assert record["mel_unquantized"] > 0 and record["mel_unquantized"] != record["mel"]
+    assert 0 < record["convergence"] < 10  # an untrained decoder is far off, but finite
+
+
+def test_the_linear_stft_term_is_computed_only_when_weighted(corpus, tmp_path):
+    for weight in (2, 0):
+        Trainer(tiny_config(corpus, f"loss.weights.stft/linear={weight}"), tmp_path / str(weight)).fit(until=1)
+    assert read_jsonl(tmp_path / "2" / TRAIN_LOG)[0]["stft/linear"] > 0
+    assert "stft/linear" not in read_jsonl(tmp_path / "0" / TRAIN_LOG)[0]
 
 
 def test_segment_must_be_whole_frames(corpus, tmp_path):

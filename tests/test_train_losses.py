@@ -9,7 +9,7 @@ from tests.conftest import speechlike
 from training.discriminators import Discriminators
 from codec.modules import ISTFTSynthesis, causal_stft, hann_window
 from training.losses import (
-    ComplexSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss,
+    ComplexSTFTLoss, LinearSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss,
     slaney_mel_filters, wrapped_distance,
 )
 from training.schedule import lr_factor
@@ -51,6 +51,27 @@ def test_complex_loss_sees_phase_that_the_mel_loss_ignores():
     silent = torch.zeros_like(x, requires_grad=True)  # |X| = 0: the compression must stay differentiable
     cx(silent, x).backward()
     assert torch.isfinite(silent.grad).all()
+
+
+def test_linear_loss_is_relative_and_sees_frames_that_disagree_in_phase():
+    x = _speech(seconds=1.0)
+    loss = LinearSTFTLoss()
+    assert loss(x, x).item() == 0.0
+    assert loss(1.25 * x, x).item() == pytest.approx(0.25, abs=1e-4)  # ||Y - X|| / ||Y||, at every resolution
+    assert loss(0.01 * x, 0.01 * x + 0.001 * _speech(seconds=1.0, seed=1)).item() == pytest.approx(
+        loss(x, x + 0.1 * _speech(seconds=1.0, seed=1)).item(), rel=1e-3
+    )  # scale-free
+    # Short frames with the input's magnitudes but random phases: their overlap-add smears every harmonic.
+    synthesis = ISTFTSynthesis(320, 80, 4, "absolute")
+    spec = causal_stft(x[:, 0], hann_window(320), 80)
+    random_phase = torch.rand(spec.shape, generator=torch.Generator().manual_seed(0)) * 2 * math.pi
+    scrambled = torch.stack([spec.abs().clamp_min(1e-12).log(), random_phase], dim=2)
+    scrambled = synthesis(scrambled.reshape(1, -1, synthesis.in_dim))
+    n = x.shape[-1] - synthesis.delay
+    assert loss(scrambled[..., :n], x[..., :n]).item() > 0.5
+    y = x.clone().requires_grad_(True)
+    loss(0.5 * y, x).backward()
+    assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
 
 
 def _spectrum_of(x, synthesis, phase_offset=0.0):

@@ -15,8 +15,8 @@ import yaml
 from codec.errors import CodecError
 
 LOSS_KEYS = (
-    "mel", "stft/complex", "spec/mag", "spec/phase", "adv/gen", "adv/feat", "vq/commit", "vq/codebook", "vq/residual",
-    "pitch/f0", "pitch/voicing",
+    "mel", "stft/complex", "stft/linear", "spec/mag", "spec/phase", "adv/gen", "adv/feat",
+    "vq/commit", "vq/codebook", "vq/residual", "pitch/f0", "pitch/voicing",
 )
 
 
@@ -97,6 +97,7 @@ class LossConfig:
         complex_n_ffts: FFT sizes of the compressed complex STFT MSE.
         complex_hops: hops of the compressed complex STFT MSE.
         complex_power: magnitude compression exponent (|X|^p with the phase of X).
+        linear_n_ffts: FFT sizes of "stft/linear", spectral convergence of linear magnitudes (hop = n_fft / 4).
         adv_loss: "hinge" or "lsgan" for generator and discriminator.
         pitch_teacher_forcing: with a pitch head, the share of training examples whose harmonic prior
             follows the input's pitch track (training.pitch) rather than the head's own estimate.
@@ -106,6 +107,7 @@ class LossConfig:
         default_factory=lambda: {
             "mel": 15.0,
             "stft/complex": 5.0,
+            "stft/linear": 0.0,
             "spec/mag": 0.0,
             "spec/phase": 0.0,
             "adv/gen": 1.0,
@@ -122,6 +124,7 @@ class LossConfig:
     complex_n_ffts: tuple[int, ...] = (320, 640)
     complex_hops: tuple[int, ...] = (80, 160)
     complex_power: float = 0.3
+    linear_n_ffts: tuple[int, ...] = (512, 1024, 2048)
     adv_loss: str = "hinge"
     pitch_teacher_forcing: float = 0.0
 

@@ -1,13 +1,14 @@
-"""Dev-set evaluation during training: mel loss, per-stage codebook utilisation and perplexity, samples."""
+"""Dev-set evaluation during training: mel loss, spectral convergence, per-stage codebook use, samples."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import fmean
 
 import torch
 
-from training.losses import MultiScaleMelLoss
+from training.losses import LinearSTFTLoss, MultiScaleMelLoss
 from training.pitch import yin_f0
 
 
@@ -19,6 +20,8 @@ class DevResult:
         mel: mean multi-scale log-mel L1 over the clips, all stages.
         mel_unquantized: the same with the encoder's latent decoded as it is: the gap to `mel` is what the
             quantizer costs this model.
+        convergence: mean spectral convergence (`LinearSTFTLoss`), all stages: over the oracle's mixes it
+            ranks phase coherence as PESQ-WB does, where the mel loss does not (docs/model-card.md, session 9).
         utilisation: per stage, codes used at least once during the pass / K.
         perplexity: per stage, exp of the entropy of the code histogram (K when all codes are equally used).
         outputs: decoded audio [1, T] of the first clips (for TensorBoard).
@@ -29,6 +32,7 @@ class DevResult:
 
     mel: float
     mel_unquantized: float
+    convergence: float
     utilisation: list[float]
     perplexity: list[float]
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -40,6 +44,7 @@ class DevResult:
             "step": step,
             "mel": self.mel,
             "mel_unquantized": self.mel_unquantized,
+            "convergence": self.convergence,
             "utilisation": self.utilisation,
             "perplexity": self.perplexity,
             "utilisation_mean": sum(self.utilisation) / len(self.utilisation),
@@ -57,12 +62,14 @@ def code_usage(counts: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 @torch.no_grad()
-def evaluate(model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, keep: int = 0) -> DevResult:
+def evaluate(
+    model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, linear_loss: LinearSTFTLoss, keep: int = 0
+) -> DevResult:
     """Run `model` (eval mode, all stages) over `clips` ([1, T] each), without touching the training RNG."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    counts, mels, unquantized, outputs = None, [], [], []
+    counts, mels, unquantized, convergence, outputs = None, [], [], [], []
     agree, frames, cents, voiced_both = 0.0, 0, 0.0, 0
     with torch.random.fork_rng(devices=[]):
         for i, clip in enumerate(clips):
@@ -70,6 +77,7 @@ def evaluate(model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, keep
             out = model(audio)
             complete = audio.shape[-1] - model.decoder_delay  # as in training: the fade-out is not scored
             mels.append(float(mel_loss(out.audio[..., :complete], audio[..., :complete])))
+            convergence.append(float(linear_loss(out.audio[..., :complete], audio[..., :complete])))
             continuous = model.decode_latents(out.latents)
             unquantized.append(float(mel_loss(continuous[..., :complete], audio[..., :complete])))
             counts = out.stage_counts.cpu() if counts is None else counts + out.stage_counts.cpu()
@@ -86,8 +94,7 @@ def evaluate(model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, keep
     model.train(was_training)
     utilisation, perplexity = code_usage(counts)
     pitch = (agree / frames, cents / max(voiced_both, 1)) if frames else (None, None)
-    return DevResult(sum(mels) / len(mels), sum(unquantized) / len(unquantized), utilisation, perplexity, outputs,
-                     *pitch)
+    return DevResult(fmean(mels), fmean(unquantized), fmean(convergence), utilisation, perplexity, outputs, *pitch)
 
 
 def mel_figure(reference: torch.Tensor, output: torch.Tensor, mel_loss: MultiScaleMelLoss, n_fft: int = 1024):

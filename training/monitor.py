@@ -79,6 +79,7 @@ class Monitor:
         w = self.writer
         w.add_scalar("dev/mel", result.mel, step)
         w.add_scalar("dev/mel_unquantized", result.mel_unquantized, step)
+        w.add_scalar("dev/convergence", result.convergence, step)
         for i, (used, ppl) in enumerate(zip(result.utilisation, result.perplexity)):
             w.add_scalar(f"dev/utilisation/stage_{i:02d}", used, step)
             w.add_scalar(f"dev/perplexity/stage_{i:02d}", ppl, step)
@@ -92,7 +93,8 @@ class Monitor:
         self.references_logged = True
         w.flush()
         _append(self.run_dir / DEV_LOG, result.to_json(step))
-        line = (f"dev step {step}: mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f}), utilisation "
+        line = (f"dev step {step}: mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f}), "
+                f"convergence {result.convergence:.3f}, utilisation "
                 + " ".join(f"{u:.2f}" for u in result.utilisation))
         if result.voicing_accuracy is not None:
             line += f", voicing {result.voicing_accuracy:.2f}, f0 error {result.f0_error_cents:.0f} cents"

@@ -27,7 +27,7 @@ from training.dev import evaluate
 from training.discriminators import Discriminators
 from training.ema import EMA
 from training.losses import (
-    ComplexSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss,
+    ComplexSTFTLoss, LinearSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss,
 )
 from training.monitor import Monitor
 from training.pitch import pitch_loss, yin_f0
@@ -106,6 +106,7 @@ class Trainer:
         self.mel_loss = MultiScaleMelLoss(model.sample_rate, cfg.loss.mel_n_ffts, cfg.loss.mel_n_mels).to(self.device)
         self.complex_loss = ComplexSTFTLoss(cfg.loss.complex_n_ffts, cfg.loss.complex_hops, cfg.loss.complex_power)
         self.complex_loss.to(self.device)
+        self.linear_loss = LinearSTFTLoss(cfg.loss.linear_n_ffts).to(self.device)
         self.spectrum_loss = SpectrumLoss(model.synthesis).to(self.device)
         o = cfg.optim
         self.gen_opt = torch.optim.AdamW(
@@ -207,6 +208,8 @@ class Trainer:
         terms = {"mel": self.mel_loss(output, audio)}
         if weights["stft/complex"] > 0:
             terms["stft/complex"] = self.complex_loss(output, audio)
+        if weights["stft/linear"] > 0:
+            terms["stft/linear"] = self.linear_loss(output, audio)
         if weights["spec/mag"] > 0 or weights["spec/phase"] > 0:
             terms.update(self.spectrum_loss(out.spectrum, full_audio))
         if f0 is not None:
@@ -318,7 +321,9 @@ class Trainer:
                     # only rank 0's EMA is scored and saved; calibrate it on the batch just trained on
                     self.ema.calibrate(batch.audio.to(self.device))
                 if dev_due:
-                    result = evaluate(self.ema.model, self.dev_clips, self.mel_loss, cfg.dev_audio_samples)
+                    result = evaluate(
+                        self.ema.model, self.dev_clips, self.mel_loss, self.linear_loss, cfg.dev_audio_samples
+                    )
                     monitor.dev(self.step, result, self.dev_clips, self.mel_loss)
                 if self.step % cfg.ckpt_every == 0 or final:
                     last_ckpt = self.save() or last_ckpt
