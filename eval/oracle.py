@@ -26,6 +26,10 @@ and scores every mix with `eval.metrics.score`:
     model/harm-sent  the same on a causal YIN track sent at 10 bits per codec frame (`eval.phase.sent_f0_track`):
                    what an f0 side stream of 0.5 kbit/s would give
 
+Beside the scores it prints two training distances of every mix, the trainer's mel loss and the spectral
+convergence of `stft/linear` (`training.losses`): which of them ranks the mixes as PESQ-WB does says which
+one a decoder should be trained on.
+
     python -m eval.oracle /work/data/corpus-snapshot/dev.csv --per-speaker 2 --stages 12
 
 See docs/model-card.md (the decoder trail) for what it showed.
@@ -46,6 +50,7 @@ from eval.dataset import list_inputs, load_audio
 from eval.metrics import score
 from eval.model import get_model
 from eval.phase import f0_track, harmonic_phase, pghi_phase, sent_f0_track
+from training.losses import LinearSTFTLoss, MultiScaleMelLoss
 from training.pitch import yin_f0
 
 MIXES = ("model/model", "model/input", "input/model", "input/random", "input/advance", "model/pghi", "input/pghi",
@@ -121,24 +126,30 @@ def main(argv: list[str] | None = None) -> int:
         n_stages = args.stages or model.n_stages
         items = list_inputs(args.inputs, args.split, per_speaker=args.per_speaker)
         generator = torch.Generator().manual_seed(args.seed)
-        scores: dict[str, list[tuple[float, float, float]]] = {name: [] for name in MIXES}
+        mel_loss, linear_loss = MultiScaleMelLoss(model.sample_rate), LinearSTFTLoss()
+        scores: dict[str, list[tuple[float, ...]]] = {name: [] for name in MIXES}
         for item in items:
             ref = load_audio(item.path)
             ref = ref[: len(ref) - len(ref) % model.hop_length]
             if len(ref) == 0:
                 continue
             for name, audio in mixes(model, torch.from_numpy(ref)[None, None], n_stages, generator).items():
-                s = score(ref[: len(audio)], audio.numpy())
-                scores[name].append((s.pesq_wb, s.stoi, s.mel_distance))
+                target = torch.from_numpy(ref[: len(audio)])
+                s = score(target.numpy(), audio.numpy())
+                pair = audio.float()[None, None], target.float()[None, None]
+                scores[name].append((s.pesq_wb, s.stoi, s.mel_distance, float(mel_loss(*pair)),
+                                     float(linear_loss(*pair))))
     except CodecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{len(items)} files, {n_stages} stages (magnitude/phase: mean PESQ-WB, STOI, mel distance)")
+    print(f"{len(items)} files, {n_stages} stages (magnitude/phase: mean PESQ-WB, STOI, mel distance; "
+          "the training distances: mel loss, spectral convergence)")
     for name, rows in scores.items():
         if not rows:  # the prior mixes of an "absolute" phase model
             continue
-        pesq, stoi, mel = np.nanmean(np.array(rows, dtype=float), axis=0)
-        print(f"{name:14s} PESQ {pesq:.2f}  STOI {stoi:.3f}  mel {mel:.3f}")
+        pesq, stoi, mel, mel_loss_value, convergence = np.nanmean(np.array(rows, dtype=float), axis=0)
+        print(f"{name:14s} PESQ {pesq:.2f}  STOI {stoi:.3f}  mel {mel:.3f}  "
+              f"mel loss {mel_loss_value:.3f}  convergence {convergence:.3f}")
     return 0
 
 

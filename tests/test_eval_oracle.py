@@ -41,6 +41,9 @@ def test_cli_prints_every_mix(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "1 files, 2 stages" in printed
     assert all(name in printed for name in oracle.MIXES)
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()[1:]}
+    convergence = {name: float(row[row.index("convergence") + 1]) for name, row in rows.items()}
+    assert convergence["model/input"] >= 0 and convergence["input/random"] > 0.1  # random phases smear harmonics
     assert oracle.main([str(tmp_path / "missing")]) == 2
 
 
