@@ -37,6 +37,11 @@ def slaney_mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return (triangles * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
 
 
+def _stft(audio: torch.Tensor, window: torch.Tensor, hop: int) -> torch.Tensor:
+    """[B, 1, T] -> [B, freq, frames] complex STFT in float32, FFT size = the window's length."""
+    return torch.stft(audio.float().flatten(0, 1), window.shape[0], hop, window=window, return_complex=True)
+
+
 class MultiScaleMelLoss(nn.Module):
     """Mean over FFT sizes of the L1 distance between log-mel magnitude spectrograms.
 
@@ -59,9 +64,7 @@ class MultiScaleMelLoss(nn.Module):
 
     def log_mel(self, audio: torch.Tensor, n_fft: int) -> torch.Tensor:
         """[B, 1, T] -> [B, n_mels, frames] natural-log mel magnitudes."""
-        spec = torch.stft(
-            audio.float().flatten(0, 1), n_fft, n_fft // 4, window=getattr(self, f"win_{n_fft}"), return_complex=True
-        ).abs()
+        spec = _stft(audio, getattr(self, f"win_{n_fft}"), n_fft // 4).abs()
         mel = getattr(self, f"fb_{n_fft}") @ spec
         return mel.clamp_min(self.floor).log()
 
@@ -93,10 +96,7 @@ class ComplexSTFTLoss(nn.Module):
 
     def compressed(self, audio: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
         """[B, 1, T] -> [B, freq, frames, 2] real and imaginary parts of the compressed STFT."""
-        spec = torch.stft(
-            audio.float().flatten(0, 1), n_fft, hop, window=getattr(self, f"win_{n_fft}"), return_complex=True
-        )
-        parts = torch.view_as_real(spec)
+        parts = torch.view_as_real(_stft(audio, getattr(self, f"win_{n_fft}"), hop))
         power = parts.pow(2).sum(-1, keepdim=True) + self.eps
         return parts * power.pow((self.power - 1.0) / 2.0)
 
@@ -130,11 +130,7 @@ class LinearSTFTLoss(nn.Module):
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         losses = []
         for n in self.n_ffts:
-            x, y = (
-                torch.stft(a.float().flatten(0, 1), n, n // 4, window=getattr(self, f"win_{n}"), return_complex=True)
-                .abs()
-                for a in (output, target)
-            )
+            x, y = (_stft(a, getattr(self, f"win_{n}"), n // 4).abs() for a in (output, target))
             norm = torch.linalg.vector_norm(y, dim=(1, 2)).clamp_min(1e-8)
             losses.append((torch.linalg.vector_norm(y - x, dim=(1, 2)) / norm).mean())
         return torch.stack(losses).mean()
