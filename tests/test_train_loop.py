@@ -191,6 +191,25 @@ def test_a_released_model_grows_a_pitch_head_that_trains_against_the_pitch_track
         Trainer(tiny_config(corpus, *pitch, "model.decoder_dim=48"), tmp_path / "wider")
 
 
+def test_a_released_model_grows_a_deeper_decoder_that_starts_as_the_released_one(corpus, tmp_path):
+    source = tmp_path / "source"
+    Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=1)
+    released = export(source, tmp_path / "release", model_id="tiny")
+    with pytest.warns(UserWarning, match=r"new modules start fresh: decoder\.2, decoder\.3"):
+        deeper = Trainer(tiny_config(corpus, "eval_every=0", "model.decoder_layers=4", f"init_from={released}"),
+                         tmp_path / "deeper")
+    audio = torch.from_numpy(speechlike(0.2))[None, None]
+    old, new = load_model_dir(released).eval(), deeper.model.eval()
+    with torch.no_grad():
+        assert torch.equal(new(audio).audio, old(audio).audio)  # the new blocks start as the identity
+    assert all(deeper.model.decoder[i].scale.abs().sum() == 0 for i in (2, 3))
+    deeper.fit(until=1)
+    assert all(deeper.model.decoder[i].scale.abs().sum() > 0 for i in (2, 3))  # and then they train
+    with pytest.raises(CheckpointError, match="does not fit"):  # fewer blocks than the release: refused
+        Trainer(tiny_config(corpus, "eval_every=0", "model.decoder_layers=1", f"init_from={released}"),
+                tmp_path / "shallower")
+
+
 def test_dev_pass_reports_the_unquantized_latent_and_the_convergence_beside_the_codes(corpus, tmp_path):
     run = tmp_path / "run"
     Trainer(tiny_config(corpus, "eval_every=1", "model.quantize_fraction=0"), run).fit(until=1)

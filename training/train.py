@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from codec.checkpoint import load_model_dir
 from codec.errors import CheckpointError
 from codec.model import SimVQCodec
+from codec.modules import ConvNeXtBlock
 from training import checkpoints
 from training.config import ConfigError, TrainConfig, config_from_dict, dump_config
 from training.data import AudioDataset, Batch, EpochBatchSampler, collate, dev_clips, load_items, split_items
@@ -448,17 +449,28 @@ class Trainer:
 
 
 def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load `state` into `model`, which may have whole modules that `state` lacks (a pitch head added to a
-    released model): those keep their fresh initialisation. Anything else that does not fit is an error."""
+    """Load `state` into `model`, which may have parts that `state` lacks: whole modules (a pitch head added
+    to a released model) keep their fresh initialisation; ConvNeXt blocks added at the end of a stack (a
+    deeper decoder) start with a zero layer scale, so the grown model computes what `state` did and the new
+    blocks learn from there. Anything else that does not fit is an error."""
     own = model.state_dict()
     new_modules = {k.split(".")[0] for k in own} - {k.split(".")[0] for k in state}
+    new_blocks = [
+        name for name, module in model.named_modules()
+        if isinstance(module, ConvNeXtBlock) and name.split(".")[0] not in new_modules
+        and not any(k.startswith(name + ".") for k in state)
+    ]
+    grown = (*new_modules, *new_blocks)
     misfits = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    misfits += [k for k in own if k not in state and k.split(".")[0] not in new_modules]
+    misfits += [k for k in own if k not in state and not k.startswith(tuple(g + "." for g in grown))]
     if misfits:
         raise CheckpointError(f"{source} does not fit this generator: {', '.join(misfits[:3])} differ")
     model.load_state_dict(state, strict=False)
-    if new_modules:
-        warnings.warn(f"init_from {source}: new modules start fresh: {', '.join(sorted(new_modules))}")
+    with torch.no_grad():
+        for name in new_blocks:
+            model.get_submodule(name).scale.zero_()
+    if grown:
+        warnings.warn(f"init_from {source}: new modules start fresh: {', '.join(sorted(grown))}")
 
 
 def train(cfg: TrainConfig, run_dir: str | Path) -> Path | None:
