@@ -460,7 +460,7 @@ def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: P
         if isinstance(module, ConvNeXtBlock) and name.split(".")[0] not in new_modules
         and not any(k.startswith(name + ".") for k in state)
     ]
-    grown = (*new_modules, *new_blocks)
+    grown = [*sorted(new_modules), *new_blocks]  # blocks in stack order
     misfits = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
     misfits += [k for k in own if k not in state and not k.startswith(tuple(g + "." for g in grown))]
     if misfits:
@@ -470,7 +470,7 @@ def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: P
         for name in new_blocks:
             model.get_submodule(name).scale.zero_()
     if grown:
-        warnings.warn(f"init_from {source}: new modules start fresh: {', '.join(sorted(grown))}")
+        warnings.warn(f"init_from {source}: new modules start fresh: {', '.join(grown)}")
 
 
 def train(cfg: TrainConfig, run_dir: str | Path) -> Path | None:
