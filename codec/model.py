@@ -87,6 +87,9 @@ class SimVQCodec(StreamingModule):
         pitch_prior: the decoder also predicts f0 and voicing (`PitchHead`), and moves each voiced bin's
             phase advance towards its nearest harmonic's (`ISTFTSynthesis.harmonic_deviation`) as far as the
             head trusts that prior for the bin. Needs phase="propagated".
+        rephase_iters: causal Griffin-Lim iterations on each step's sub-frames before they are played
+            (`ISTFTSynthesis`; no parameters, so a trained model can take it up or drop it). Needs
+            phase="propagated".
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class SimVQCodec(StreamingModule):
         straight_through: str = "stage",
         quantize_fraction: float = 1.0,
         pitch_prior: bool = False,
+        rephase_iters: int = 0,
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:
@@ -137,7 +141,7 @@ class SimVQCodec(StreamingModule):
             whiten_codes, init_from_data, straight_through, quantize_fraction,
         )
 
-        self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase)
+        self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters)
         self.decoder_in = nn.Linear(latent_dim, decoder_dim)
         self.decoder = _convnext_stack(decoder_dim, decoder_layers, kernel_size, expansion)
         self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))

@@ -143,6 +143,11 @@ class _SynthesisState:
     phase: Tensor  # `[B, bins]` float64: the last sub-frame's phase ("propagated" phase only)
 
 
+@dataclass
+class _RephasedSynthesisState(_SynthesisState):
+    own_tail: Tensor  # `[B, n_fft - hop]`: `tail` as the decoder's own phases would have left it
+
+
 class ISTFTSynthesis(StreamingModule):
     """Causal inverse STFT: per-step spectra -> waveform by overlap-add, aligned with `STFTFeatures`.
 
@@ -159,27 +164,38 @@ class ISTFTSynthesis(StreamingModule):
             deviation of each bin's phase advance from its centre frequency's (phase-vocoder style); the
             phases are the running sum of the advances, so a steady partial stays coherent from frame to
             frame however the absolute phase drifts.
+        rephase_iters: "propagated" phase only. Re-phase each step's sub-frames this many times from what
+            they sound like overlapped with the decoder's own earlier sub-frames, magnitudes kept: a causal
+            Griffin-Lim per step, which adds no latency and keeps streaming equal to offline. It makes
+            overlapping frames agree where the decoder's advances do not (docs/model-card.md, session 11).
+            0 plays the decoder's phases as they are.
     Input `[B, T, frames_per_step * 2 * (n_fft // 2 + 1)]` (log magnitudes, then phases, per sub-frame);
     output `[B, 1, T * hop * frames_per_step]` offline; streaming, the samples completed so far.
     """
 
-    def __init__(self, n_fft: int, hop: int, frames_per_step: int, phase: str = "absolute"):
+    def __init__(self, n_fft: int, hop: int, frames_per_step: int, phase: str = "absolute", rephase_iters: int = 0):
         super().__init__()
         if phase not in ("absolute", "propagated"):
             raise ValueError(f"phase must be 'absolute' or 'propagated', got {phase!r}")
+        if rephase_iters and phase != "propagated":
+            raise ValueError("rephase_iters needs phase='propagated' (the running phase carries the re-phasing)")
         self.n_fft, self.hop, self.frames_per_step, self.phase = n_fft, hop, frames_per_step, phase
+        self.rephase_iters = rephase_iters
         self.bins = n_fft // 2 + 1
         self.delay = n_fft - hop
         window = hann_window(n_fft)
         # Hann^2 at 4x overlap sums to a constant; divide by it so unit spectra give unit gain.
         overlap_gain = (window**2).sum().item() / hop
         self.register_buffer("window", window / overlap_gain, persistent=False)
+        self.register_buffer("analysis_window", window, persistent=False)
         self.in_dim = frames_per_step * 2 * self.bins
 
     def _init_streaming_state(self, batch_size: int) -> _SynthesisState:
-        return _SynthesisState(self.window.new_zeros(batch_size, self.delay),
-                               torch.tensor(self.delay, device=self.window.device),
-                               self.window.new_zeros(batch_size, self.bins, dtype=torch.float64))
+        state = (self.window.new_zeros(batch_size, self.delay), torch.tensor(self.delay, device=self.window.device),
+                 self.window.new_zeros(batch_size, self.bins, dtype=torch.float64))
+        if self.rephase_iters:
+            return _RephasedSynthesisState(*state, self.window.new_zeros(batch_size, self.delay))
+        return _SynthesisState(*state)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Decoder output `[B, T, in_dim]` -> log magnitudes and phase parameters, each `[B, N, bins]`."""
@@ -233,28 +249,59 @@ class ISTFTSynthesis(StreamingModule):
         silenced here so that it does not overlap into the item's last samples."""
         batch, steps, _ = x.shape
         log_mag, phase = self.split(x)
-        if self.phase == "propagated":
-            phase = self._propagate(phase)
         mag = self.magnitudes(log_mag)
         if steps_present is not None:
             real = torch.arange(steps, device=x.device) < steps_present.to(x.device)[:, None]  # [B, steps]
             mag = mag * real.repeat_interleave(self.frames_per_step, dim=1)[..., None]
-        spec = torch.polar(mag, phase)
-        frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self.window  # [B, N, n_fft]
-        n_sub = frames.shape[1]
-        total = (n_sub - 1) * self.hop + self.n_fft  # = n_sub * hop + delay
-        out = F.fold(
-            frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, self.n_fft), stride=(1, self.hop)
-        ).reshape(batch, total)
+        if self.rephase_iters:
+            spec = self._rephased(mag, phase)
+        else:
+            spec = torch.polar(mag, self._propagate(phase) if self.phase == "propagated" else phase)
         state = self._streaming_state
+        out = self._overlap_add(spec, state.tail if state is not None else None)
         if state is None:
             return out[:, None, self.delay :]  # its first `delay` samples lie before the signal's start
-        out = torch.cat([out[:, : self.delay] + state.tail, out[:, self.delay :]], dim=-1)
-        ready = n_sub * self.hop
+        ready = steps * self.frames_per_step * self.hop
         state.tail = out[:, ready:]
         drop = min(int(state.skip), ready)
         state.skip = state.skip - drop
         return out[:, None, drop:ready]
+
+    def _overlap_add(self, spec: Tensor, tail: Tensor | None = None) -> Tensor:
+        """Complex sub-frames `[B, N, bins]` and the pending sums `tail` -> `[B, N * hop + delay]` samples, the
+        first `delay` of them completing `tail`."""
+        frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self.window  # [B, N, n_fft]
+        total = (frames.shape[1] - 1) * self.hop + self.n_fft
+        out = F.fold(
+            frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, self.n_fft), stride=(1, self.hop)
+        ).reshape(frames.shape[0], total)
+        if tail is not None:
+            out = torch.cat([out[:, : self.delay] + tail, out[:, self.delay :]], dim=-1)
+        return out
+
+    def _rephased(self, mag: Tensor, deviation: Tensor) -> Tensor:
+        """Magnitudes and advance deviations `[B, N, bins]` -> the complex sub-frames to play (`rephase_iters`).
+
+        Each step's sub-frames start as the decoder's own and are re-phased from what they sound like together
+        with the decoder's own earlier sub-frames, magnitudes kept. Hearing the decoder's own past rather than
+        the re-phased one keeps the steps independent of each other, so all of them are re-phased at once."""
+        own = torch.polar(mag, self._propagate(deviation))
+        batch, n = own.shape[0], self.frames_per_step
+        steps = own.shape[1] // n
+        own_steps = self._overlap_add(own.reshape(batch * steps, n, self.bins)).reshape(batch, steps, -1)
+        # What each step hears of the earlier sub-frames: the last `delay` samples of the step before.
+        state = self._streaming_state
+        first = state.own_tail if state is not None else mag.new_zeros(batch, self.delay)
+        earlier = torch.cat([first[:, None], own_steps[:, :, n * self.hop :]], dim=1)
+        if state is not None:
+            state.own_tail = earlier[:, -1]
+        earlier = earlier[:, :steps].reshape(batch * steps, self.delay)
+        step_mag = mag.reshape(batch * steps, n, self.bins)
+        spec = own.reshape(batch * steps, n, self.bins)
+        for _ in range(self.rephase_iters):
+            heard = self._overlap_add(spec, earlier).unfold(-1, self.n_fft, self.hop) * self.analysis_window
+            spec = torch.sgn(torch.fft.rfft(heard, dim=-1) + 1e-30) * step_mag  # a silent bin takes phase 0
+        return spec.reshape(batch, steps * n, self.bins)
 
     def flush(self) -> Tensor:
         """End of a stream: the last `delay` samples (`[B, 1, delay]`, or none before any input)."""
@@ -263,6 +310,8 @@ class ISTFTSynthesis(StreamingModule):
             raise RuntimeError("flush() is only meaningful while streaming")
         tail = state.tail[:, None, int(state.skip) :]
         state.tail, state.phase = torch.zeros_like(state.tail), torch.zeros_like(state.phase)
+        if self.rephase_iters:
+            state.own_tail = torch.zeros_like(state.own_tail)
         state.skip = torch.full_like(state.skip, self.delay)
         return tail
 

@@ -71,6 +71,15 @@ def _blocks(n_fft: int, hop: int) -> int:
     return n_fft // hop
 
 
+def _analysis_basis(window: Tensor) -> Tensor:
+    """The real DFT of `causal_stft` with `window`, as one float64 matrix: [n_fft, 2 * bins] (cos, then -sin)."""
+    n_fft = window.shape[-1]
+    n = torch.arange(n_fft, dtype=torch.float64)
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    angle = 2 * math.pi * torch.outer(n, k) / n_fft
+    return torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1) * window.double()[:, None]
+
+
 class EncoderStep(nn.Module):
     """`(audio [B, T*hop], *state) -> (codes [B, n_stages, T], *next state)`: T whole frames through the
     encoder and the quantizer, from the state the previous step left."""
@@ -82,13 +91,7 @@ class EncoderStep(nn.Module):
         features = model.features
         self.n_fft, self.hop = features.n_fft, features.hop
         self.blocks = _blocks(self.n_fft, self.hop)
-        # The real DFT of `causal_stft`, windowed, as one float64 matrix: [n_fft, 2 * bins] (cos, then -sin).
-        n = torch.arange(self.n_fft, dtype=torch.float64)
-        k = torch.arange(self.n_fft // 2 + 1, dtype=torch.float64)
-        angle = 2 * math.pi * torch.outer(n, k) / self.n_fft
-        window = features.window.double()[:, None]
-        self.register_buffer("basis", torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1) * window,
-                             persistent=False)
+        self.register_buffer("basis", _analysis_basis(features.window), persistent=False)
 
     def features(self, history: Tensor, audio: Tensor) -> tuple[Tensor, Tensor]:
         """`STFTFeatures` streaming: (features [B, T, out_dim], the next history)."""
@@ -138,36 +141,70 @@ class DecoderStep(nn.Module):
         sin[0] = sin[-1] = 0.0
         self.register_buffer("cos_basis", cos.float(), persistent=False)
         self.register_buffer("sin_basis", sin.float(), persistent=False)
+        if synthesis.rephase_iters:
+            self.register_buffer("analysis", _analysis_basis(synthesis.analysis_window).float(), persistent=False)
 
     def latents(self, codes: Tensor) -> Tensor:
         """`ResidualQuantizer.decode` for any number of stages: one gather and a sum."""
         stage = torch.ones_like(codes).cumsum(1) - 1  # [B, S, T]: each code's stage
         return F.embedding(codes + stage * self.codebook_size, self.table).sum(1)  # [B, T, D]
 
-    def synthesise(self, spectrum: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
-        """`ISTFTSynthesis.forward` streaming, without `skip`: (audio [B, T*hop], the next tail)."""
+    def overlap_add(self, re: Tensor, im: Tensor, tail: Tensor) -> Tensor:
+        """`ISTFTSynthesis._overlap_add` on real and imaginary parts `[B, N, bins]`: `[B, N * hop + delay]`."""
+        frames = (re @ self.cos_basis + im @ self.sin_basis) * self.model.synthesis.window
+        frames = frames.reshape(frames.shape[0], frames.shape[1], self.blocks, self.hop)
+        last = self.blocks - 1  # overlap-add: sub-frame k's block i lands on output block k + i
+        out = sum(F.pad(frames[:, :, i], (0, 0, i, last - i)) for i in range(self.blocks))  # [B, N + last, hop]
+        out = out.reshape(out.shape[0], -1)
+        delay = self.model.synthesis.delay
+        return torch.cat([out[:, :delay] + tail, out[:, delay:]], dim=-1)
+
+    def rephased(self, mag: Tensor, re: Tensor, im: Tensor, own_tail: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`ISTFTSynthesis._rephased` in real arithmetic: (re, im, the next own tail)."""
+        synthesis = self.model.synthesis
+        batch, n, bins, delay = re.shape[0], synthesis.frames_per_step, self.bins, synthesis.delay
+        steps = re.shape[1] // n
+        re, im, mag = (t.reshape(batch * steps, n, bins) for t in (re, im, mag))
+        own_steps = self.overlap_add(re, im, re.new_zeros(batch * steps, delay)).reshape(batch, steps, -1)
+        earlier = torch.cat([own_tail[:, None], own_steps[:, :, n * self.hop :]], dim=1)
+        next_own_tail = earlier[:, -1]
+        earlier = earlier[:, :steps].reshape(batch * steps, delay)
+        for _ in range(synthesis.rephase_iters):
+            heard = self.overlap_add(re, im, earlier)
+            windows = torch.stack([heard[:, i * self.hop : i * self.hop + self.n_fft] for i in range(n)], dim=1)
+            re, im = (windows @ self.analysis).chunk(2, dim=-1)
+            re = re + 1e-30  # as torch.sgn(x + 1e-30): a silent bin takes phase 0
+            scale = mag / torch.sqrt(re * re + im * im).clamp_min(1e-30)
+            re, im = re * scale, im * scale
+        return re.reshape(batch, steps * n, bins), im.reshape(batch, steps * n, bins), next_own_tail
+
+    def synthesise(self, spectrum: Tensor, tail: Tensor, own_tail: Tensor | None
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`ISTFTSynthesis.forward` streaming, without `skip`: (audio [B, T*hop], the next tail, the next own
+        tail (re-phasing models; else None))."""
         synthesis = self.model.synthesis
         log_mag, phase = synthesis.split(spectrum)
         if synthesis.phase == "propagated":
             phase = synthesis._propagate(phase)
         mag = synthesis.magnitudes(log_mag)
-        frames = (mag * torch.cos(phase)) @ self.cos_basis + (mag * torch.sin(phase)) @ self.sin_basis
-        frames = (frames * synthesis.window).reshape(frames.shape[0], frames.shape[1], self.blocks, self.hop)
-        last = self.blocks - 1  # overlap-add: sub-frame k's block i lands on output block k + i
-        out = sum(F.pad(frames[:, :, i], (0, 0, i, last - i)) for i in range(self.blocks))  # [B, N + last, hop]
-        out = out.reshape(out.shape[0], -1)
+        re, im = mag * torch.cos(phase), mag * torch.sin(phase)
+        if synthesis.rephase_iters:
+            re, im, own_tail = self.rephased(mag, re, im, own_tail)
+        out = self.overlap_add(re, im, tail)
         delay = synthesis.delay
-        out = torch.cat([out[:, :delay] + tail, out[:, delay:]], dim=-1)
-        return out[:, :-delay], out[:, -delay:]
+        return out[:, :-delay], out[:, -delay:], own_tail
 
     def forward(self, codes: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         model = self.model
         given = dict(zip(self.state_names, state))
-        tail = given.pop("synthesis.tail")  # the overlap-add is the wrapper's; the rest runs the model's code
+        # The overlap-add (and any re-phasing) is the wrapper's; the rest runs the model's code.
+        tail, own_tail = given.pop("synthesis.tail"), given.pop("synthesis.own_tail", None)
         with model.streaming(_bind(model, list(given), tuple(given.values()))) as streaming:
             spectrum, _ = model._decode(self.latents(codes))
-            audio, next_tail = self.synthesise(spectrum, tail)
+            audio, next_tail, next_own_tail = self.synthesise(spectrum, tail, own_tail)
         tensors = {**streaming.tensors(), "synthesis.tail": next_tail}
+        if next_own_tail is not None:
+            tensors["synthesis.own_tail"] = next_own_tail
         return (audio, *(tensors[n] for n in self.state_names))
 
 

@@ -5,6 +5,7 @@ re-synthesises each file from mixes of the decoder's halves and the input's exac
 and scores every mix with `eval.metrics.score`:
 
     model/model    what the codec plays
+    model/own      the decoder's own phases, not re-phased (models with `rephase_iters`)
     model/input    the decoder's magnitudes with the input's phases: the ceiling of a perfect phase
     input/model    the input's magnitudes with the decoder's phases
     input/random   the input's magnitudes with random phases: what phase carrying no information scores
@@ -53,7 +54,7 @@ from eval.phase import f0_track, harmonic_phase, pghi_phase, sent_f0_track
 from training.losses import LinearSTFTLoss, MultiScaleMelLoss
 from training.pitch import yin_f0
 
-MIXES = ("model/model", "model/input", "input/model", "input/random", "input/advance", "model/pghi", "input/pghi",
+MIXES = ("model/model", "model/own", "model/input", "input/model", "input/random", "input/advance", "model/pghi", "input/pghi",
          "model/harmonic", "input/harmonic", "model/prior", "input/prior",
          "model/harm-head", "model/harm-yin", "model/harm-sent")
 
@@ -65,8 +66,11 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
     spectrum, pitch = model._decode(model.quantizer.decode(model.encode(wav, n_stages)))
     log_mag, deviation = syn.split(spectrum)
     phase, prior = deviation, None
+    own_phase = None
     if syn.phase == "propagated":
         phase = syn._propagate(deviation)
+        if syn.rephase_iters:
+            own_phase, phase = phase, syn._rephased(syn.magnitudes(log_mag), deviation).angle()
         yin, voiced = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop)
         on_harmonics = torch.where(voiced[..., None], syn.harmonic_deviation(yin / model.sample_rate), deviation)
         prior = syn._propagate(on_harmonics.to(deviation.dtype))
@@ -86,6 +90,8 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
         "model/pghi": (model_mag, _pghi(model_mag, syn)), "input/pghi": (input_mag, _pghi(input_mag, syn)),
         "model/harmonic": (model_mag, harmonic[None]), "input/harmonic": (input_mag, harmonic[None]),
     }
+    if own_phase is not None:
+        chosen["model/own"] = (model_mag, own_phase)
     if prior is not None:
         chosen.update({"model/prior": (model_mag, prior), "input/prior": (input_mag, prior)})
         sent, _ = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop, causal=True)

@@ -20,8 +20,8 @@ def test_a_decoder_that_outputs_the_input_stft_reproduces_the_input_in_every_mix
     exact = torch.stack([spec.abs().clamp_min(1e-12).log(), spec.angle()], dim=2).reshape(1, -1, model.synthesis.in_dim)
     model._decode = lambda latents: (exact, None)  # a perfect (absolute-phase) decoder
     out = oracle.mixes(model, wav, 2, torch.Generator().manual_seed(0))
-    pitch_mixes = {"model/prior", "input/prior", "model/harm-head", "model/harm-yin", "model/harm-sent"}
-    assert set(out) == set(oracle.MIXES) - pitch_mixes  # those need "propagated" phase
+    propagated = {"model/own", "model/prior", "input/prior", "model/harm-head", "model/harm-yin", "model/harm-sent"}
+    assert set(out) == set(oracle.MIXES) - propagated
     target = wav[0, 0, : wav.shape[-1] - model.synthesis.delay]
     for name in ("model/model", "model/input", "input/model"):
         assert torch.allclose(out[name], target, atol=1e-4), name
@@ -33,7 +33,7 @@ def test_cli_prints_every_mix(tmp_path, capsys):
     model_dir = tmp_path / "model"
     from codec.checkpoint import save_model
 
-    save_model(SimVQCodec(**TINY, phase="propagated", pitch_prior=True), model_dir)
+    save_model(SimVQCodec(**TINY, phase="propagated", pitch_prior=True, rephase_iters=1), model_dir)
     audio = tmp_path / "audio"
     audio.mkdir()
     sf.write(audio / "a.wav", speechlike(1.0, seed=1).astype(np.float32), 16000)
@@ -51,9 +51,18 @@ def test_the_prior_mixes_put_voiced_frames_on_the_harmonics_of_the_input_pitch()
     model = SimVQCodec(**TINY, phase="propagated", pitch_prior=True).eval()
     wav = torch.from_numpy(speechlike(0.6, seed=2))[None, None]
     out = oracle.mixes(model, wav, 2, torch.Generator().manual_seed(0))
-    assert set(out) == set(oracle.MIXES)
+    assert set(out) == set(oracle.MIXES) - {"model/own"}  # that one needs `rephase_iters`
     # The harmonic mixes keep the decoder's own phases where their track is unvoiced and change the rest.
     assert not torch.allclose(out["model/harm-yin"], out["model/model"], atol=1e-3)
     # On voiced speech-like input the prior changes the phases, so it changes what the input's magnitudes play.
     assert not torch.allclose(out["input/prior"], out["input/model"], atol=1e-3)
     assert torch.isfinite(out["model/prior"]).all()
+
+
+def test_with_re_phasing_the_model_mix_is_what_the_codec_plays_and_the_own_mix_is_not():
+    model = SimVQCodec(**TINY, phase="propagated", rephase_iters=2).eval()
+    wav = torch.from_numpy(speechlike(0.6, seed=3))[None, None]
+    out = oracle.mixes(model, wav, 2, torch.Generator().manual_seed(0))
+    played = model.decode(model.encode(wav, 2))[0, 0, : out["model/model"].shape[-1]]
+    torch.testing.assert_close(out["model/model"], played, rtol=0, atol=1e-5)
+    assert not torch.allclose(out["model/own"], played, atol=1e-3)
