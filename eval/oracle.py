@@ -54,8 +54,8 @@ from eval.phase import f0_track, harmonic_phase, pghi_phase, sent_f0_track
 from training.losses import LinearSTFTLoss, MultiScaleMelLoss
 from training.pitch import yin_f0
 
-MIXES = ("model/model", "model/own", "model/input", "input/model", "input/random", "input/advance", "model/pghi", "input/pghi",
-         "model/harmonic", "input/harmonic", "model/prior", "input/prior",
+MIXES = ("model/model", "model/own", "model/input", "input/model", "input/random", "input/advance", "model/pghi",
+         "input/pghi", "model/harmonic", "input/harmonic", "model/prior", "input/prior",
          "model/harm-head", "model/harm-yin", "model/harm-sent")
 
 
