@@ -288,19 +288,21 @@ class ISTFTSynthesis(StreamingModule):
         own = torch.polar(mag, self._propagate(deviation))
         batch, n = own.shape[0], self.frames_per_step
         steps = own.shape[1] // n
-        own_steps = self._overlap_add(own.reshape(batch * steps, n, self.bins)).reshape(batch, steps, -1)
+        own_steps = self._overlap_add(own.reshape(batch * steps, n, self.bins))  # [B * steps, n * hop + delay]
         # What each step hears of the earlier sub-frames: the last `delay` samples of the step before.
         state = self._streaming_state
         first = state.own_tail if state is not None else mag.new_zeros(batch, self.delay)
-        earlier = torch.cat([first[:, None], own_steps[:, :, n * self.hop :]], dim=1)
+        earlier = torch.cat([first[:, None], own_steps.reshape(batch, steps, -1)[:, :, n * self.hop :]], dim=1)
         if state is not None:
             state.own_tail = earlier[:, -1]
         earlier = earlier[:, :steps].reshape(batch * steps, self.delay)
         step_mag = mag.reshape(batch * steps, n, self.bins)
-        spec = own.reshape(batch * steps, n, self.bins)
-        for _ in range(self.rephase_iters):
-            heard = self._overlap_add(spec, earlier).unfold(-1, self.n_fft, self.hop) * self.analysis_window
-            spec = torch.sgn(torch.fft.rfft(heard, dim=-1) + 1e-30) * step_mag  # a silent bin takes phase 0
+        heard = own_steps + F.pad(earlier, (0, n * self.hop))
+        for i in range(self.rephase_iters):
+            frames = heard.unfold(-1, self.n_fft, self.hop) * self.analysis_window
+            spec = torch.sgn(torch.fft.rfft(frames, dim=-1) + 1e-30) * step_mag  # a silent bin takes phase 0
+            if i + 1 < self.rephase_iters:
+                heard = self._overlap_add(spec, earlier)
         return spec.reshape(batch, steps * n, self.bins)
 
     def flush(self) -> Tensor:

@@ -165,12 +165,14 @@ class DecoderStep(nn.Module):
         batch, n, bins, delay = re.shape[0], synthesis.frames_per_step, self.bins, synthesis.delay
         steps = re.shape[1] // n
         re, im, mag = (t.reshape(batch * steps, n, bins) for t in (re, im, mag))
-        own_steps = self.overlap_add(re, im, re.new_zeros(batch * steps, delay)).reshape(batch, steps, -1)
-        earlier = torch.cat([own_tail[:, None], own_steps[:, :, n * self.hop :]], dim=1)
+        own_steps = self.overlap_add(re, im, re.new_zeros(batch * steps, delay))
+        earlier = torch.cat([own_tail[:, None], own_steps.reshape(batch, steps, -1)[:, :, n * self.hop :]], dim=1)
         next_own_tail = earlier[:, -1]
         earlier = earlier[:, :steps].reshape(batch * steps, delay)
-        for _ in range(synthesis.rephase_iters):
-            heard = self.overlap_add(re, im, earlier)
+        heard = own_steps + F.pad(earlier, (0, n * self.hop))
+        for i in range(synthesis.rephase_iters):
+            if i:
+                heard = self.overlap_add(re, im, earlier)
             windows = torch.stack([heard[:, i * self.hop : i * self.hop + self.n_fft] for i in range(n)], dim=1)
             re, im = (windows @ self.analysis).chunk(2, dim=-1)
             re = re + 1e-30  # as torch.sgn(x + 1e-30): a silent bin takes phase 0
