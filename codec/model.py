@@ -90,6 +90,8 @@ class SimVQCodec(StreamingModule):
         rephase_iters: causal Griffin-Lim iterations on each step's sub-frames before they are played
             (`ISTFTSynthesis`; no parameters, so a trained model can take it up or drop it). Needs
             phase="propagated".
+        advance_features: the encoder also sees each short frame's phase advance per bin (`STFTFeatures`);
+            a model without them grows into one with them (`training.train.load_grown`).
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class SimVQCodec(StreamingModule):
         quantize_fraction: float = 1.0,
         pitch_prior: bool = False,
         rephase_iters: int = 0,
+        advance_features: bool = False,
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:
@@ -129,7 +132,7 @@ class SimVQCodec(StreamingModule):
         self.sample_rate, self.hop_length = sample_rate, hop_length
         frames_per_step = hop_length // sub_hop
 
-        self.features = STFTFeatures(n_fft, sub_hop, frames_per_step)
+        self.features = STFTFeatures(n_fft, sub_hop, frames_per_step, advances=advance_features)
         self.encoder_in = nn.Sequential(nn.Linear(self.features.out_dim, encoder_dim), nn.LayerNorm(encoder_dim))
         self.encoder = _convnext_stack(encoder_dim, encoder_layers, kernel_size, expansion)
         self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), nn.Linear(encoder_dim, latent_dim))

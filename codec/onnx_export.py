@@ -89,15 +89,15 @@ class EncoderStep(nn.Module):
         self.model = model
         self.state_names = ["features.history", *_state_names(model, ("encoder.",))]
         features = model.features
-        self.n_fft, self.hop = features.n_fft, features.hop
+        self.n_fft, self.hop, self.context = features.n_fft, features.hop, features.context
         self.blocks = _blocks(self.n_fft, self.hop)
         self.register_buffer("basis", _analysis_basis(features.window), persistent=False)
 
     def features(self, history: Tensor, audio: Tensor) -> tuple[Tensor, Tensor]:
         """`STFTFeatures` streaming: (features [B, T, out_dim], the next history)."""
-        x = torch.cat([history, audio], dim=-1)  # [B, n_fft - hop + T * frame]
-        next_history = x[:, -(self.n_fft - self.hop):]
-        blocks = x.double().reshape(x.shape[0], -1, self.hop)  # [B, blocks - 1 + N, hop]
+        x = torch.cat([history, audio], dim=-1)  # [B, context + T * frame]
+        next_history = x[:, -self.context:]
+        blocks = x.double().reshape(x.shape[0], -1, self.hop)  # [B, context / hop + N, hop]
         last = self.blocks - 1
         frames = torch.cat([blocks[:, i: (i - last) or None] for i in range(self.blocks)], dim=-1)  # [B, N, n_fft]
         re, im = (frames @ self.basis).chunk(2, dim=-1)

@@ -64,6 +64,32 @@ def test_streaming_encode_equals_offline(chunks, extra):
     assert torch.equal(_stream_encode(model, wav, chunks), model.encode(wav))
 
 
+@pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [HOP - 7, 2 * HOP + 3], [5 * HOP]])
+def test_streaming_encode_with_advance_features_equals_offline(chunks):
+    model = tiny_codec(seed=1, advance_features=True).double()
+    torch.manual_seed(2)
+    wav = torch.randn(2, 1, 6 * HOP + 11, dtype=torch.float64) * 0.3
+    assert torch.equal(_stream_encode(model, wav, chunks), model.encode(wav))
+
+
+def test_advance_features_give_a_steady_tones_offset_from_its_bin_centre():
+    """A sinusoid `offset` Hz above a bin's centre advances by 2 pi hop offset / rate more than the centre does
+    from one short frame to the next: the angle of that bin's advance feature, in every frame it fills."""
+    model = SimVQCodec(advance_features=True)
+    features, rate, offset = model.features, model.sample_rate, 12.0
+    bins, n = features.n_fft // 2 + 1, features.frames_per_step
+    freq = 10 * rate / features.n_fft + offset  # bin 10 (500 Hz) + 12 Hz
+    t = torch.arange(8 * HOP, dtype=torch.float64) / rate
+    feats = features(torch.sin(2 * math.pi * freq * t)[None, None].float())  # [1, 8, n * 5 * bins]
+    assert feats.shape == (1, 8, features.out_dim) and features.out_dim == n * 5 * bins
+    advances = feats[0, 2:, n * 3 * bins :].reshape(6 * n, 2, bins)[:, :, 10]  # frames past the onset
+    angle = torch.atan2(advances[:, 1], advances[:, 0])
+    expected = 2 * math.pi * features.hop * offset / rate
+    assert torch.allclose(angle, torch.full_like(angle, expected), atol=1e-3)
+    assert torch.equal(SimVQCodec().features(torch.sin(2 * math.pi * freq * t)[None, None].float()),
+                       feats[..., : n * 3 * bins])  # the other features are the same as without advances
+
+
 def test_streaming_encode_single_samples(tiny_model):
     wav = torch.randn(1, 1, 3 * HOP + 5) * 0.3
     assert torch.equal(_stream_encode(tiny_model, wav, [1] * wav.shape[-1]), tiny_model.encode(wav))

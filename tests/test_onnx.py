@@ -129,11 +129,12 @@ def test_a_batch_of_streams_is_each_stream_alone(codec, torch_codes):
         _assert_close(item, np.concatenate([alone.decode(codes[None]), alone.flush()], axis=1)[0])
 
 
-@pytest.mark.parametrize("decoder", [dict(phase="absolute"), dict(phase="propagated"),
-                                     dict(phase="propagated", rephase_iters=2)])
-def test_the_other_decoders_export_too(tmp_path, decoder):
-    """Absolute phases, propagated phases without a pitch head (the bundled model has one), and re-phasing."""
-    model = tiny_codec(seed=1, **decoder)
+@pytest.mark.parametrize("variant", [dict(phase="absolute"), dict(phase="propagated"),
+                                     dict(phase="propagated", rephase_iters=2), dict(advance_features=True)])
+def test_the_other_models_export_too(tmp_path, variant):
+    """Absolute phases, propagated phases without a pitch head (the bundled model has one), re-phasing, and an
+    encoder that sees phase advances."""
+    model = tiny_codec(seed=1, **variant)
     export_onnx(Pretrained(model, "tiny", "0" * 64, False), tmp_path)
     onnx_codec, wav = runner.Codec(tmp_path), speechlike(0.5)
     stream, x = model.stream(), torch.from_numpy(wav)[None, None]

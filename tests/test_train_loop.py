@@ -210,6 +210,25 @@ def test_a_released_model_grows_a_deeper_decoder_that_starts_as_the_released_one
                 tmp_path / "shallower")
 
 
+def test_a_released_model_grows_advance_features_that_start_unheard(corpus, tmp_path):
+    """The encoder's input projection gains zero weights for the appended advance features: the grown model
+    first encodes exactly as the release did, then learns to listen to them."""
+    source = tmp_path / "source"
+    Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=1)
+    released = export(source, tmp_path / "release", model_id="tiny")
+    with pytest.warns(UserWarning, match=r"encoder_in\.0\.weight grows from"):
+        grown = Trainer(tiny_config(corpus, "eval_every=0", "model.advance_features=true", f"init_from={released}"),
+                        tmp_path / "grown")
+    audio = torch.from_numpy(speechlike(0.2))[None, None]
+    old, new = load_model_dir(released).eval(), grown.model.eval()
+    with torch.no_grad():
+        assert torch.equal(new.encode_latents(audio), old.encode_latents(audio))
+    heard = old.features.out_dim
+    assert grown.model.encoder_in[0].weight[:, heard:].abs().sum() == 0
+    grown.fit(until=1)
+    assert grown.model.encoder_in[0].weight[:, heard:].abs().sum() > 0
+
+
 def test_dev_pass_reports_the_unquantized_latent_and_the_convergence_beside_the_codes(corpus, tmp_path):
     run = tmp_path / "run"
     Trainer(tiny_config(corpus, "eval_every=1", "model.quantize_fraction=0"), run).fit(until=1)

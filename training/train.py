@@ -448,12 +448,23 @@ class Trainer:
             load_grown(target, released.state_dict(), model_dir)
 
 
+# Input projections whose inputs may grow at the end (features appended, `STFTFeatures(advances=True)`).
+GROWABLE_INPUTS = ("encoder_in.0.weight",)
+
+
 def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load `state` into `model`, which may have parts that `state` lacks: whole modules (a pitch head added
     to a released model) keep their fresh initialisation; ConvNeXt blocks added at the end of a stack (a
-    deeper decoder) start with a zero layer scale, so the grown model computes what `state` did and the new
-    blocks learn from there. Anything else that does not fit is an error."""
+    deeper decoder) start with a zero layer scale, and inputs appended to an input projection
+    (`GROWABLE_INPUTS`) with zero weights, so the grown model computes what `state` did and the new parts
+    learn from there. Anything else that does not fit is an error."""
     own = model.state_dict()
+    state = dict(state)
+    for key in GROWABLE_INPUTS:
+        old, new = state.get(key), own.get(key)
+        if old is not None and new is not None and old.shape[0] == new.shape[0] and old.shape[1] < new.shape[1]:
+            state[key] = torch.cat([old.to(new.dtype), new.new_zeros(new.shape[0], new.shape[1] - old.shape[1])], 1)
+            warnings.warn(f"init_from {source}: {key} grows from {old.shape[1]} to {new.shape[1]} inputs (zero)")
     new_modules = {k.split(".")[0] for k in own} - {k.split(".")[0] for k in state}
     new_blocks = [
         name for name, module in model.named_modules()
