@@ -80,6 +80,11 @@ def hann_window(n_fft: int) -> Tensor:
     return torch.hann_window(n_fft, periodic=True)
 
 
+def centre_advance(n_fft: int, hop: int, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
+    """`[n_fft // 2 + 1]`: how far each bin's centre frequency turns its phase in one hop (radians)."""
+    return 2 * math.pi * hop / n_fft * torch.arange(n_fft // 2 + 1, dtype=dtype, device=device)
+
+
 def causal_stft(x: Tensor, window: Tensor, hop: int, padded: bool = True) -> Tensor:
     """`[B, T]` -> complex `[B, N, bins]`: frame k is the `n_fft` samples ending at sample (k+1)*hop.
 
@@ -146,7 +151,7 @@ class STFTFeatures(StreamingModule):
         sub-frame is the one before the first step's, there only for its advance: `[B, N + 1, bins]`."""
         if self.advances:
             # X_k conj(X_{k-1}), turned back by the bin centre's advance 2 pi hop b / n_fft.
-            centre = 2 * math.pi * self.hop / self.n_fft * torch.arange(re.shape[-1], dtype=re.dtype, device=re.device)
+            centre = centre_advance(self.n_fft, self.hop, re.device, re.dtype)
             cos, sin = torch.cos(centre), torch.sin(centre)
             prod_re = re[:, 1:] * re[:, :-1] + im[:, 1:] * im[:, :-1]
             prod_im = im[:, 1:] * re[:, :-1] - re[:, 1:] * im[:, :-1]
@@ -256,7 +261,7 @@ class ISTFTSynthesis(StreamingModule):
         return torch.where(voiced[..., None], deviation, torch.zeros_like(deviation))
 
     def _centre_advance(self, device: torch.device) -> Tensor:
-        return 2 * math.pi * self.hop / self.n_fft * torch.arange(self.bins, dtype=torch.float64, device=device)
+        return centre_advance(self.n_fft, self.hop, device)
 
     def _propagate(self, deviation: Tensor) -> Tensor:
         """Advance deviations `[B, N, bins]` -> phases: a running sum (float64, wrapped to 2 pi) from the
