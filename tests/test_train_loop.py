@@ -191,10 +191,15 @@ def test_a_released_model_grows_a_pitch_head_that_trains_against_the_pitch_track
         Trainer(tiny_config(corpus, *pitch, "model.decoder_dim=48"), tmp_path / "wider")
 
 
-def test_a_released_model_grows_a_deeper_decoder_that_starts_as_the_released_one(corpus, tmp_path):
+def _tiny_release(corpus, tmp_path) -> Path:
+    """A tiny model trained one step and exported as a release (a model directory)."""
     source = tmp_path / "source"
     Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=1)
-    released = export(source, tmp_path / "release", model_id="tiny")
+    return export(source, tmp_path / "release", model_id="tiny")
+
+
+def test_a_released_model_grows_a_deeper_decoder_that_starts_as_the_released_one(corpus, tmp_path):
+    released = _tiny_release(corpus, tmp_path)
     with pytest.warns(UserWarning, match=r"new modules start fresh: decoder\.2, decoder\.3"):
         deeper = Trainer(tiny_config(corpus, "eval_every=0", "model.decoder_layers=4", f"init_from={released}"),
                          tmp_path / "deeper")
@@ -213,9 +218,7 @@ def test_a_released_model_grows_a_deeper_decoder_that_starts_as_the_released_one
 def test_a_released_model_grows_advance_features_that_start_unheard(corpus, tmp_path):
     """The encoder's input projection gains zero weights for the appended advance features: the grown model
     first encodes exactly as the release did, then learns to listen to them."""
-    source = tmp_path / "source"
-    Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=1)
-    released = export(source, tmp_path / "release", model_id="tiny")
+    released = _tiny_release(corpus, tmp_path)
     with pytest.warns(UserWarning, match=r"encoder_in\.0\.weight grows from"):
         grown = Trainer(tiny_config(corpus, "eval_every=0", "model.advance_features=true", f"init_from={released}"),
                         tmp_path / "grown")
