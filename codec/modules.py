@@ -85,6 +85,22 @@ def centre_advance(n_fft: int, hop: int, device: torch.device, dtype: torch.dtyp
     return 2 * math.pi * hop / n_fft * torch.arange(n_fft // 2 + 1, dtype=dtype, device=device)
 
 
+PHASE_GRADIENT_FLOOR = 1e-4
+"""Below this magnitude a bin's phase is noise: `unit_phase` differentiates it as if it had this magnitude."""
+
+
+def unit_phase(z: Tensor) -> Tensor:
+    """z / |z| (phase 0 where z is 0), with a gradient bounded by 1 / PHASE_GRADIENT_FLOOR.
+
+    The exact derivative grows as 1 / |z|: a near-silent bin of a training crop made the whole step's
+    gradient infinite, and the trainer skipped one step in ten. The value is exactly `torch.sgn`'s."""
+    exact = torch.sgn(z + 1e-30)
+    if not z.requires_grad:
+        return exact
+    bounded = z / z.abs().clamp_min(PHASE_GRADIENT_FLOOR)
+    return exact.detach() + (bounded - bounded.detach())
+
+
 def causal_stft(x: Tensor, window: Tensor, hop: int, padded: bool = True) -> Tensor:
     """`[B, T]` -> complex `[B, N, bins]`: frame k is the `n_fft` samples ending at sample (k+1)*hop.
 
@@ -334,7 +350,7 @@ class ISTFTSynthesis(StreamingModule):
         heard = own_steps + F.pad(earlier, (0, n * self.hop))
         for i in range(self.rephase_iters):
             frames = heard.unfold(-1, self.n_fft, self.hop) * self.analysis_window
-            spec = torch.sgn(torch.fft.rfft(frames, dim=-1) + 1e-30) * step_mag  # a silent bin takes phase 0
+            spec = unit_phase(torch.fft.rfft(frames, dim=-1)) * step_mag
             if i + 1 < self.rephase_iters:
                 heard = self._overlap_add(spec, earlier)
         return spec.reshape(batch, steps * n, self.bins)

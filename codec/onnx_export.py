@@ -175,7 +175,7 @@ class DecoderStep(nn.Module):
                 heard = self.overlap_add(re, im, earlier)
             windows = torch.stack([heard[:, i * self.hop : i * self.hop + self.n_fft] for i in range(n)], dim=1)
             re, im = (windows @ self.analysis).chunk(2, dim=-1)
-            re = re + 1e-30  # as torch.sgn(x + 1e-30): a silent bin takes phase 0
+            re = re + 1e-30  # as modules.unit_phase: a silent bin takes phase 0
             scale = mag / torch.sqrt(re * re + im * im).clamp_min(1e-30)
             re, im = re * scale, im * scale
         return re.reshape(batch, steps * n, bins), im.reshape(batch, steps * n, bins), next_own_tail

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codec.model import SimVQCodec
-from codec.modules import causal_stft, hann_window
+from codec.modules import PHASE_GRADIENT_FLOOR, causal_stft, hann_window, unit_phase
 from codec.quantizer import Codebook, ResidualQuantizer, RunningWhitener
 from tests.conftest import speechlike, tiny_codec
 
@@ -178,6 +178,23 @@ def test_rephased_synthesis_passes_gradients_to_magnitudes_and_advances():
     log_mag_grad, deviation_grad = synth.split(x.grad)
     assert torch.isfinite(x.grad).all()
     assert log_mag_grad.abs().sum() > 0 and deviation_grad.abs().sum() > 0
+
+
+def test_unit_phase_is_sgn_with_a_bounded_gradient():
+    z = torch.complex(torch.tensor([3.0, 0.0, 1e-20, -2e-5, 0.5]), torch.tensor([4.0, 0.0, 0.0, 1e-5, -0.5]))
+    exact = torch.sgn(z + 1e-30)
+    assert torch.equal(unit_phase(z), exact) and unit_phase(z)[1] == 1  # a silent bin takes phase 0
+    leaf = z.clone().requires_grad_()
+    value = unit_phase(leaf)
+    assert torch.equal(value.detach(), exact)
+    value.real.sum().backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().max() <= 1 / PHASE_GRADIENT_FLOOR
+    # Above the floor the gradient is torch.sgn's own.
+    big = z[[0, 4]].clone().requires_grad_()
+    torch.sgn(big).real.sum().backward()
+    loud = z[[0, 4]].clone().requires_grad_()
+    unit_phase(loud).real.sum().backward()
+    torch.testing.assert_close(loud.grad, big.grad)
 
 
 def test_propagated_phase_with_zero_deviation_is_a_steady_tone():
