@@ -177,7 +177,7 @@ class STFTFeatures(StreamingModule):
             adv_re, adv_im = prod_re * cos + prod_im * sin, prod_im * cos - prod_re * sin
             # |X_k X_{k-1}|^(compress/2): on the scale of the compressed spectrum below.
             adv_scale = (mag[:, 1:] * mag[:, :-1] + 1e-14).pow(self.compress / 2 - 1.0)
-            advances = self._steps(torch.cat([(adv_re * adv_scale).float(), (adv_im * adv_scale).float()], dim=-1))
+            advances = self._steps(torch.cat([(part * adv_scale).float() for part in (adv_re, adv_im)], dim=-1))
             re, im, mag = re[:, 1:], im[:, 1:], mag[:, 1:]
         scale = (mag + 1e-7).pow(self.compress - 1.0)
         parts = [torch.log(mag + 1e-5), re * scale, im * scale]

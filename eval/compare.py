@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,10 +94,9 @@ def compare(baseline: dict, candidate: dict, metrics: list[str]) -> list[Compari
                 continue
             n = len(pairs)
             diffs = [c - b for b, c in pairs]
-            mean = sum(diffs) / n
-            var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else math.nan
-            out.append(Comparison(*key, metric, n, sum(b for b, _ in pairs) / n, sum(c for _, c in pairs) / n,
-                                  mean, math.sqrt(var / n) if n > 1 else math.nan))
+            stderr = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+            out.append(Comparison(*key, metric, n, statistics.fmean(b for b, _ in pairs),
+                                  statistics.fmean(c for _, c in pairs), statistics.fmean(diffs), stderr))
     return out
 
 
