@@ -113,6 +113,12 @@ def test_device_corpus_draws_crops_of_the_files_and_a_batch_depends_only_on_its_
     ratio = gained.sum(1) / crops.sum(1)  # the same crops (the same draws), each scaled by its gain
     assert np.allclose(gained, crops * ratio[:, None], atol=1e-6) and np.all((ratio > 0.25) & (ratio <= 1))
     assert len(set(np.round(ratio, 4))) == 6 and np.abs(gained).max() <= 0.99
+    faster = DeviceCorpus(items, repeats, 16000, 3200, (0.0, 0.0), 7, 2, torch.device("cpu"), workers=2,
+                          speed=(1.25, 1.25))
+    sped = torch.cat([faster.batch(0, i).audio for i in range(3)])[:, 0].numpy() * 32768
+    for crop in sped:  # a ramp read 1.25 times as fast rises 1.25 per sample, within each file
+        steps = np.diff(crop[np.flatnonzero(crop)])
+        assert np.sum(np.abs(steps - 1.25) > 1e-3) <= 2  # but where the crop enters or leaves a file
 
 
 def _trained_state(corpus: Path, run_dir: Path) -> tuple[Trainer, dict]:

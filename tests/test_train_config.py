@@ -40,6 +40,7 @@ def test_yaml_file_then_command_line(tmp_path):
         ("optim.decay=linear", "choose one of"),
         ("data.gain_db=[1]", "must have 2 items"),
         ("data.gain_db=[0, -6]", "low end is above"),
+        ("data.speed=[0, 1.1]", "0 < low <= high"),
         ("optim=3", "is a section"),
         ("steps", "is not key=value"),
     ],

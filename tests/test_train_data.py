@@ -104,6 +104,28 @@ def test_crops_are_a_pure_function_of_seed_epoch_and_slot(tmp_path):
     assert ds.slots_per_item().tolist() == [10, 1]
 
 
+def test_speed_perturbation_moves_the_pitch_and_keeps_the_crop_length(tmp_path):
+    tone = 0.3 * np.sin(2 * np.pi * 400 * np.arange(32000) / 16000)
+    sf.write(tmp_path / "tone.wav", tone.astype(np.float32), 16000)
+    items = [AudioItem(tmp_path / "tone.wav", "s0")]
+
+    def peak_hz(crop):
+        spectrum = np.abs(np.fft.rfft(crop[0].numpy().astype(np.float64) * np.hanning(crop.shape[-1])))
+        return np.argmax(spectrum) * 16000 / crop.shape[-1]
+
+    plain = AudioDataset(items, 16000, 3200, seed=7)
+    faster = AudioDataset(items, 16000, 3200, seed=7, speed=(1.25, 1.25))
+    crop = faster.crop((0, 0, 0, 2))
+    assert crop.shape == (1, 3200) and crop.dtype == torch.float32
+    assert abs(peak_hz(plain.crop((0, 0, 0, 2))) - 400) <= 5 and abs(peak_hz(crop) - 500) <= 5
+    # (1, 1) draws nothing more: a run without it reads exactly the crops it read before
+    as_recorded = AudioDataset(items, 16000, 3200, seed=7, speed=[1.0, 1.0])
+    assert torch.equal(plain.crop((0, 0, 0, 2)), as_recorded.crop((0, 0, 0, 2)))
+    ranged = AudioDataset(items, 16000, 3200, seed=7, speed=(0.9, 1.1))
+    assert all(360 - 5 <= peak_hz(ranged.crop((0, 0, 0, slot))) <= 440 + 5 for slot in range(6))
+    assert len({round(peak_hz(ranged.crop((0, 0, 0, slot)))) for slot in range(6)}) > 1
+
+
 def test_sampler_resumes_at_data_position_and_splits_ranks():
     repeats = np.array([3, 1, 2, 4, 1, 1])
     full = EpochBatchSampler(repeats, batch_size=2, seed=3)

@@ -52,7 +52,9 @@ class DeviceCorpus:
     The examples are those that `AudioDataset` and `EpochBatchSampler` describe: each file is listed once per
     segment of its duration in every epoch, in an order shuffled per epoch; its crop starts at a random
     sample, or, when the file is shorter, the file sits at a random offset in zeros; a random gain in
-    `gain_db` is applied and the crop scaled below 0.99 peak. The random numbers come from a generator on
+    `gain_db` is applied and the crop scaled below 0.99 peak; with `speed`, each crop plays a random factor
+    faster (read by linear interpolation here, where `AudioDataset` resamples with soxr: the same speeds, a
+    little aliasing above 7 kHz when sped up). The random numbers come from a generator on
     the device seeded by (seed, epoch) for the order and by (seed, epoch, batch) for crops and gains, so a
     batch is a function of its data position alone (a resumed run reads the same batches), but not the same
     numbers as the DataLoader's: another generator draws them.
@@ -64,6 +66,7 @@ class DeviceCorpus:
         segment_samples: crop length.
         gain_db: (low, high) uniform gain in dB.
         seed: the run's seed.
+        speed: (low, high) log-uniform speed factor (`AudioDataset`); (1, 1) is off.
         batch_size: crops per batch.
         device: where the audio lives and the crops are made.
         workers: decoding threads (libsndfile and soxr run outside the GIL; default: one per core).
@@ -80,6 +83,7 @@ class DeviceCorpus:
         batch_size: int,
         device: torch.device,
         workers: int | None = None,
+        speed: tuple[float, float] = (1.0, 1.0),
     ):
         with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
             decoded = list(pool.map(lambda item: decode(item.path, sample_rate), items))
@@ -90,6 +94,7 @@ class DeviceCorpus:
         self.offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]])).to(device)
         self.slot_item = torch.repeat_interleave(torch.arange(len(items)), torch.as_tensor(repeats)).to(device)
         self.segment_samples, self.gain_db, self.seed, self.batch_size = segment_samples, gain_db, seed, batch_size
+        self.speed = tuple(speed)
         self.batches_per_epoch = len(self.slot_item) // batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(f"the corpus gives {len(self.slot_item)} crops per epoch, fewer than one batch "
@@ -104,22 +109,36 @@ class DeviceCorpus:
             order = torch.randperm(len(self.slot_item), generator=self._generator(epoch), device=device)
             self._order = (epoch, order)
         item = self.slot_item[self._order[1][index * self.batch_size : (index + 1) * self.batch_size]]
-        length, offset = self.lengths[item], self.offsets[item]
-        draws = torch.rand(2, len(item), generator=self._generator(epoch, index), device=device, dtype=torch.float64)
-        # A file at least n long starts at one of its L - n + 1 samples; a shorter one at one of n - L + 1
-        # offsets in the zeros (a negative start). Either way there are |L - n| + 1 choices.
-        shift = (draws[0] * ((length - n).abs() + 1)).long()
-        start = torch.where(length >= n, shift, -shift)
-        position = start[:, None] + torch.arange(n, device=device)
-        inside = (position >= 0) & (position < length[:, None])
-        index_ = offset[:, None] + position.clamp(min=0).minimum(length[:, None] - 1)
-        crops = self.audio[index_].float() * inside
+        length = self.lengths[item]
+        generator = self._generator(epoch, index)
+        draws = torch.rand(2, len(item), generator=generator, device=device, dtype=torch.float64)
+        factor = torch.ones(len(item), device=device, dtype=torch.float64)
+        if self.speed != (1.0, 1.0):  # drawn after the others, so runs without it keep their crops
+            slow, fast = np.log(self.speed)
+            factor = torch.exp(slow + (fast - slow) * torch.rand(len(item), generator=generator, device=device,
+                                                                 dtype=torch.float64))
+        span = (n * factor).ceil().long()  # samples read, before the change of speed
+        # A file at least that long starts at one of its L - span + 1 samples; a shorter one at one of
+        # span - L + 1 offsets in the zeros (a negative start). Either way there are |L - span| + 1 choices.
+        shift = (draws[0] * ((length - span).abs() + 1)).long()
+        start = torch.where(length >= span, shift, -shift)
+        position = start[:, None] + torch.arange(n, device=device, dtype=torch.float64) * factor[:, None]
+        below = position.floor()
+        weight = (position - below).float()  # 0 everywhere at speed 1: the file's own samples
+        below = below.long()
+        crops = self._samples(item, below) * (1 - weight) + self._samples(item, below + 1) * weight
         low, high = self.gain_db
         gain = 10.0 ** ((low + draws[1] * (high - low)) / 20.0) / 32768.0
         crops = crops * gain.float()[:, None]
         peak = crops.abs().amax(dim=1, keepdim=True)
         crops = crops * torch.where(peak > 0.99, 0.99 / peak.clamp_min(1e-12), torch.ones_like(peak))
         return Batch(crops[:, None], epoch, index)
+
+    def _samples(self, item: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Samples `position` `[B, n]` of files `item` `[B]` as float32, zero outside each file."""
+        length, offset = self.lengths[item][:, None], self.offsets[item][:, None]
+        inside = (position >= 0) & (position < length)
+        return self.audio[offset + position.clamp(min=0).minimum(length - 1)].float() * inside
 
     def iterate(self, epoch: int, batch: int) -> Iterator[Batch]:
         """Endless batches from data position (epoch, batch) on."""
@@ -146,6 +165,12 @@ class Progress:
         self.corpus, self.trainer, self.every = corpus, trainer, every
         self.seconds_per_batch = corpus.batch_size * corpus.segment_samples / trainer.model.sample_rate
         self.steps, self.busy = 0, 0.0  # over the whole session, for the summary
+
+    def _samples(self, item: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Samples `position` `[B, n]` of files `item` `[B]` as float32, zero outside each file."""
+        length, offset = self.lengths[item][:, None], self.offsets[item][:, None]
+        inside = (position >= 0) & (position < length)
+        return self.audio[offset + position.clamp(min=0).minimum(length - 1)].float() * inside
 
     def iterate(self, epoch: int, batch: int) -> Iterator[Batch]:
         last_time, last_steps = time.monotonic(), 0
@@ -244,7 +269,7 @@ def run(args: argparse.Namespace, started: float | None = None) -> int:
     began = time.monotonic()
     corpus = DeviceCorpus(trainer.dataset.items, trainer.repeats, trainer.model.sample_rate,
                           cfg.data.segment_samples, cfg.data.gain_db, cfg.seed, cfg.data.batch_size, device,
-                          args.workers)
+                          args.workers, cfg.data.speed)
     print(f"decoded {corpus.seconds / 3600:.2f} h of audio ({corpus.audio.numel() * 2 / 2**20:.0f} MiB of int16) "
           f"onto {device} in {time.monotonic() - began:.1f} s; batch {cfg.data.batch_size} x "
           f"{cfg.data.segment_samples / trainer.model.sample_rate:g} s", file=sys.stderr, flush=True)

@@ -34,6 +34,8 @@ class DataConfig:
         dev_fraction: share of speakers held out when `dev` is None (at least one).
         segment_samples: crop length at the model rate; a multiple of the model's hop.
         gain_db: random gain range in dB applied to each crop (the crop is kept below full scale).
+        speed: range of a random speed factor per crop (log-uniform; pitch and formants move with it, as in
+            Kaldi's speed perturbation); (1, 1) is off.
         batch_size: examples per step on each process.
         num_workers: DataLoader worker processes (0 loads in the training process).
         cache: keep decoded int16 audio in memory (per process), good for corpora of a few hours.
@@ -46,6 +48,7 @@ class DataConfig:
     dev_fraction: float = 0.05
     segment_samples: int = 16000
     gain_db: tuple[float, float] = (-12.0, 0.0)
+    speed: tuple[float, float] = (1.0, 1.0)
     batch_size: int = 16
     num_workers: int = 1
     cache: bool = True
@@ -287,6 +290,9 @@ def validate(cfg: TrainConfig) -> None:
     lo, hi = cfg.data.gain_db
     if lo > hi:
         raise ConfigError(f"data.gain_db=[{lo}, {hi}]: the low end is above the high end")
+    lo, hi = cfg.data.speed
+    if not 0 < lo <= hi:
+        raise ConfigError(f"data.speed=[{lo}, {hi}]: give 0 < low <= high (1 plays as recorded)")
     if len(cfg.loss.mel_n_ffts) != len(cfg.loss.mel_n_mels):
         raise ConfigError("loss.mel_n_ffts and loss.mel_n_mels must have the same length")
     if len(cfg.loss.complex_n_ffts) != len(cfg.loss.complex_hops):

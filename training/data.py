@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 
 from codec.audio import read_audio, to_pcm16
@@ -95,6 +96,9 @@ class AudioDataset(torch.utils.data.Dataset):
         segment_samples: crop length (a multiple of the model's hop); shorter files are zero-padded at a
             random offset.
         gain_db: (low, high) uniform random gain in dB; crops are scaled down to stay below 0.99 peak.
+        speed: (low, high) range of a random speed factor, log-uniform: the crop plays that much faster,
+            pitch and formants shifted with it (Kaldi's speed perturbation), so the model hears more voices
+            than the corpus has. (1, 1) leaves the audio as recorded.
         seed: run seed.
         cache: keep decoded audio (int16) in memory in each process.
     """
@@ -107,6 +111,7 @@ class AudioDataset(torch.utils.data.Dataset):
         gain_db: tuple[float, float] = (0.0, 0.0),
         seed: int = 0,
         cache: bool = True,
+        speed: tuple[float, float] = (1.0, 1.0),
     ):
         if not items:
             raise AudioError("no audio files to train on")
@@ -114,6 +119,7 @@ class AudioDataset(torch.utils.data.Dataset):
         self.sample_rate = sample_rate
         self.segment_samples = segment_samples
         self.gain_db = gain_db
+        self.speed = tuple(speed)
         self.seed = seed
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
 
@@ -139,13 +145,21 @@ class AudioDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, slot])
         audio = self.audio(index)
         n = self.segment_samples
-        crop = np.zeros(n, dtype=np.float32)
-        if len(audio) >= n:
-            start = int(rng.integers(0, len(audio) - n + 1))
-            crop[:] = audio[start : start + n]
+        factor = 1.0
+        if self.speed != (1.0, 1.0):  # drawn only then: runs without it keep their crops
+            factor = float(np.exp(rng.uniform(*np.log(self.speed))))
+        span = int(np.ceil(n * factor)) if factor != 1.0 else n  # samples read, before the change of speed
+        crop = np.zeros(span, dtype=np.float32)
+        if len(audio) >= span:
+            start = int(rng.integers(0, len(audio) - span + 1))
+            crop[:] = audio[start : start + span]
         else:
-            start = int(rng.integers(0, n - len(audio) + 1))
+            start = int(rng.integers(0, span - len(audio) + 1))
             crop[start : start + len(audio)] = audio
+        if factor != 1.0:
+            # Played `factor` times faster: read at rate * factor, resampled to the model rate.
+            crop = soxr.resample(crop, self.sample_rate * factor, self.sample_rate, quality="HQ")
+            crop = np.pad(crop, (0, max(0, n - len(crop))))[:n].astype(np.float32, copy=False)
         crop *= np.float32(10.0 ** (rng.uniform(*self.gain_db) / 20.0) / 32768.0)
         peak = float(np.abs(crop).max())
         if peak > 0.99:

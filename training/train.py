@@ -141,7 +141,7 @@ class Trainer:
             load_items(cfg.train), load_items(cfg.dev) if cfg.dev else None, cfg.dev_fraction
         )
         self.dataset = AudioDataset(
-            train, model.sample_rate, cfg.segment_samples, cfg.gain_db, self.cfg.seed, cfg.cache
+            train, model.sample_rate, cfg.segment_samples, cfg.gain_db, self.cfg.seed, cfg.cache, cfg.speed
         )
         self.repeats = self.dataset.slots_per_item()
         self.corpus = {
