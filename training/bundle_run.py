@@ -112,21 +112,24 @@ class DeviceCorpus:
         length = self.lengths[item]
         generator = self._generator(epoch, index)
         draws = torch.rand(2, len(item), generator=generator, device=device, dtype=torch.float64)
-        factor = torch.ones(len(item), device=device, dtype=torch.float64)
+        factor = None
         if self.speed != (1.0, 1.0):  # drawn after the others, so runs without it keep their crops
             slow, fast = np.log(self.speed)
             factor = torch.exp(slow + (fast - slow) * torch.rand(len(item), generator=generator, device=device,
                                                                  dtype=torch.float64))
-        span = (n * factor).ceil().long()  # samples read, before the change of speed
+        span = n if factor is None else (n * factor).ceil().long()  # samples read, before the change of speed
         # A file at least that long starts at one of its L - span + 1 samples; a shorter one at one of
         # span - L + 1 offsets in the zeros (a negative start). Either way there are |L - span| + 1 choices.
         shift = (draws[0] * ((length - span).abs() + 1)).long()
-        start = torch.where(length >= span, shift, -shift)
-        position = start[:, None] + torch.arange(n, device=device, dtype=torch.float64) * factor[:, None]
-        below = position.floor()
-        weight = (position - below).float()  # 0 everywhere at speed 1: the file's own samples
-        below = below.long()
-        crops = self._samples(item, below) * (1 - weight) + self._samples(item, below + 1) * weight
+        start = torch.where(length >= span, shift, -shift)[:, None]
+        if factor is None:
+            crops = self._samples(item, start + torch.arange(n, device=device))
+        else:
+            position = start + torch.arange(n, device=device, dtype=torch.float64) * factor[:, None]
+            below = position.floor()
+            weight = (position - below).float()
+            below = below.long()
+            crops = self._samples(item, below) * (1 - weight) + self._samples(item, below + 1) * weight
         low, high = self.gain_db
         gain = 10.0 ** ((low + draws[1] * (high - low)) / 20.0) / 32768.0
         crops = crops * gain.float()[:, None]
@@ -165,12 +168,6 @@ class Progress:
         self.corpus, self.trainer, self.every = corpus, trainer, every
         self.seconds_per_batch = corpus.batch_size * corpus.segment_samples / trainer.model.sample_rate
         self.steps, self.busy = 0, 0.0  # over the whole session, for the summary
-
-    def _samples(self, item: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Samples `position` `[B, n]` of files `item` `[B]` as float32, zero outside each file."""
-        length, offset = self.lengths[item][:, None], self.offsets[item][:, None]
-        inside = (position >= 0) & (position < length)
-        return self.audio[offset + position.clamp(min=0).minimum(length - 1)].float() * inside
 
     def iterate(self, epoch: int, batch: int) -> Iterator[Batch]:
         last_time, last_steps = time.monotonic(), 0

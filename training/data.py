@@ -148,7 +148,7 @@ class AudioDataset(torch.utils.data.Dataset):
         factor = 1.0
         if self.speed != (1.0, 1.0):  # drawn only then: runs without it keep their crops
             factor = float(np.exp(rng.uniform(*np.log(self.speed))))
-        span = int(np.ceil(n * factor)) if factor != 1.0 else n  # samples read, before the change of speed
+        span = int(np.ceil(n * factor))  # samples read, before the change of speed
         crop = np.zeros(span, dtype=np.float32)
         if len(audio) >= span:
             start = int(rng.integers(0, len(audio) - span + 1))
