@@ -90,6 +90,8 @@ class SimVQCodec(StreamingModule):
         rephase_iters: causal Griffin-Lim iterations on each step's sub-frames before they are played
             (`ISTFTSynthesis`; no parameters, so a trained model can take it up or drop it). Needs
             phase="propagated".
+        rephase_hears: what the re-phasing hears of the earlier sub-frames, "own" or "played"
+            (`ISTFTSynthesis`).
         advance_features: the encoder also sees each short frame's phase advance per bin (`STFTFeatures`);
             a model without them grows into one with them (`training.train.load_grown`).
     """
@@ -121,6 +123,7 @@ class SimVQCodec(StreamingModule):
         quantize_fraction: float = 1.0,
         pitch_prior: bool = False,
         rephase_iters: int = 0,
+        rephase_hears: str = "own",
         advance_features: bool = False,
     ):
         super().__init__()
@@ -144,7 +147,7 @@ class SimVQCodec(StreamingModule):
             whiten_codes, init_from_data, straight_through, quantize_fraction,
         )
 
-        self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters)
+        self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters, rephase_hears)
         self.decoder_in = nn.Linear(latent_dim, decoder_dim)
         self.decoder = _convnext_stack(decoder_dim, decoder_layers, kernel_size, expansion)
         self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))

@@ -1,7 +1,8 @@
 """ONNX export of the streaming codec: an encoder graph and a decoder graph whose state is explicit.
 
 Each graph is one streaming step over any whole number of frames T (T = 1 for frame-by-frame streaming; the
-whole utterance with the initial state for offline use):
+whole utterance with the initial state for offline use), except the decoder of a model whose re-phasing
+hears what was played (`rephase_hears="played"`), which takes one frame per call (`codec.json` says 1):
 
     encoder.onnx   audio [B, T*hop] float32, state...  ->  codes [B, n_stages, T] int64, next state...
     decoder.onnx   codes [B, S, T] int64 (1 <= S <= n_stages), state...  ->  audio [B, T*hop] float32, next state...
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from codec.errors import CodecError
 from codec.model import SimVQCodec
+from codec.modules import CARRY_SHARE
 from codec.pretrained import Pretrained
 from codec.streaming import StreamingState
 
@@ -180,12 +182,41 @@ class DecoderStep(nn.Module):
             re, im = re * scale, im * scale
         return re.reshape(batch, steps * n, bins), im.reshape(batch, steps * n, bins), next_own_tail
 
+    def played(self, mag: Tensor, deviation: Tensor, tail: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
+        """`ISTFTSynthesis._played` in real arithmetic: (`[B, N * hop + delay]` samples, the next phase). A
+        Python loop over the steps, which tracing unrolls: the graph takes as many frames as it was traced
+        with (`_played_model`)."""
+        synthesis = self.model.synthesis
+        n, hop = synthesis.frames_per_step, self.hop
+        advance = deviation.double() + synthesis._centre_advance(deviation.device)
+        out, played = [], tail
+        for start in range(0, mag.shape[1], n):
+            step_mag = mag[:, start : start + n]
+            own = torch.remainder(phase[:, None] + advance[:, start : start + n].cumsum(1), 2 * math.pi).to(mag.dtype)
+            pending = played
+            played = self.overlap_add(step_mag * torch.cos(own), step_mag * torch.sin(own), pending)
+            for _ in range(synthesis.rephase_iters):
+                windows = torch.stack([played[:, i * hop : i * hop + self.n_fft] for i in range(n)], dim=1)
+                re, im = (windows @ self.analysis).chunk(2, dim=-1)
+                re = re + 1e-30  # as modules.unit_phase: a silent bin takes phase 0
+                scale = step_mag / torch.sqrt(re * re + im * im).clamp_min(1e-30)
+                played = self.overlap_add(re * scale, im * scale, pending)
+            out.append(played[:, : n * hop])
+            played = played[:, n * hop :]
+            correction = torch.atan2(im[:, -1], re[:, -1]).double() - own[:, -1].double()
+            phase = own[:, -1].double() + CARRY_SHARE * (torch.remainder(correction + math.pi, 2 * math.pi) - math.pi)
+        return torch.cat([*out, played], dim=-1), phase
+
     def synthesise(self, spectrum: Tensor, tail: Tensor, own_tail: Tensor | None
                    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """`ISTFTSynthesis.forward` streaming, without `skip`: (audio [B, T*hop], the next tail, the next own
         tail (re-phasing models; else None))."""
         synthesis = self.model.synthesis
         log_mag, phase = synthesis.split(spectrum)
+        if _played_model(self.model):
+            state = synthesis._streaming_state
+            out, state.phase = self.played(synthesis.magnitudes(log_mag), phase, tail, state.phase)
+            return out[:, : -synthesis.delay], out[:, -synthesis.delay :], None
         if synthesis.phase == "propagated":
             phase = synthesis._propagate(phase)
         mag = synthesis.magnitudes(log_mag)
@@ -210,6 +241,12 @@ class DecoderStep(nn.Module):
         return (audio, *(tensors[n] for n in self.state_names))
 
 
+def _played_model(model: SimVQCodec) -> bool:
+    """Its synthesis runs one step after another (`rephase_hears="played"`): its decoder graph is traced
+    on, and takes, one frame per call."""
+    return bool(model.synthesis.rephase_iters) and model.synthesis.rephase_hears == "played"
+
+
 def _initial(tensor: Tensor) -> float:
     values = tensor.unique()
     if values.numel() != 1:
@@ -221,6 +258,7 @@ def contract(pretrained: Pretrained, encoder: EncoderStep, decoder: DecoderStep)
     """What a runner needs besides the graphs: the model's identity and layout, and every state tensor."""
     model = pretrained.model
     initial = model.init_streaming_state(1).tensors()
+    frames, samples = (1, model.hop_length) if _played_model(model) else ("frames", "frames * hop_length")
 
     def state(names: list[str]) -> list[dict]:
         return [{"name": n, "output": f"next.{n}", "shape": ["batch", *initial[n].shape[1:]],
@@ -246,8 +284,8 @@ def contract(pretrained: Pretrained, encoder: EncoderStep, decoder: DecoderStep)
         },
         "decoder": {
             "file": DECODER_FILE,
-            "inputs": {"codes": {"shape": ["batch", "stages (1 to n_stages)", "frames"], "dtype": "int64"}},
-            "outputs": {"audio": {"shape": ["batch", "frames * hop_length"], "dtype": "float32"}},
+            "inputs": {"codes": {"shape": ["batch", "stages (1 to n_stages)", frames], "dtype": "int64"}},
+            "outputs": {"audio": {"shape": ["batch", samples], "dtype": "float32"}},
             "state": state(decoder.state_names),
         },
     }
@@ -284,9 +322,12 @@ def export_onnx(pretrained: Pretrained, out_dir: str | os.PathLike) -> dict:
         model.quantizer.encode(torch.zeros(1, 1, model.quantizer.stages[0].dim))  # caches W(C) and the whiteners
         encoder, decoder = EncoderStep(model).eval(), DecoderStep(model).eval()
     audio = ("audio", torch.zeros(1, model.hop_length), {0: "batch", 1: "samples"})
-    codes = ("codes", torch.zeros(1, model.n_stages, 1, dtype=torch.long), {0: "batch", 1: "stages", 2: "frames"})
+    codes_axes, audio_axes = {0: "batch", 1: "stages", 2: "frames"}, {0: "batch", 1: "samples"}
+    if _played_model(model):  # one frame per call (`DecoderStep.played`)
+        codes_axes, audio_axes = {0: "batch", 1: "stages"}, {0: "batch"}
+    codes = ("codes", torch.zeros(1, model.n_stages, 1, dtype=torch.long), codes_axes)
     _export(encoder, audio, ("codes", {0: "batch", 2: "frames"}), out / ENCODER_FILE)
-    _export(decoder, codes, ("audio", {0: "batch", 1: "samples"}), out / DECODER_FILE)
+    _export(decoder, codes, ("audio", audio_axes), out / DECODER_FILE)
     info = contract(pretrained, encoder, decoder)
     for name in (ENCODER_FILE, DECODER_FILE):
         graph = onnx.load(str(out / name))

@@ -134,11 +134,47 @@ def test_propagated_phase_streams_like_offline(chunks):
     torch.testing.assert_close(_stream_decode(model, codes, chunks), model.decode(codes), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("hears", ["own", "played"])
 @pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [3, 2, 4], [7]])
-def test_rephased_synthesis_streams_like_offline(chunks):
-    model = tiny_codec(seed=5, phase="propagated", rephase_iters=2)
+def test_rephased_synthesis_streams_like_offline(chunks, hears):
+    model = tiny_codec(seed=5, phase="propagated", rephase_iters=2, rephase_hears=hears)
     codes = torch.randint(0, 64, (2, 4, 9))
     torch.testing.assert_close(_stream_decode(model, codes, chunks), model.decode(codes), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(rephase_hears="played"), "needs rephase_iters"),
+    (dict(rephase_iters=1, rephase_hears="heard"), "'own' or 'played'"),
+])
+def test_rephasing_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        SimVQCodec(phase="propagated", **options)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 9, [3, 2, 4], [7, 2]])
+def test_played_rephasing_streams_like_offline_bit_for_bit(chunks):
+    """From the same decoder output, streaming runs the same steps in the same order as offline."""
+    synth = SimVQCodec(phase="propagated", rephase_iters=1, rephase_hears="played").synthesis
+    x = torch.randn(2, 9, synth.in_dim) * 0.5
+    out, start = [], 0
+    with synth.streaming(2):
+        for size in chunks:
+            out.append(synth(x[:, start : start + size]))
+            start += size
+        out.append(synth.flush())
+    assert torch.equal(torch.cat(out, dim=-1), synth(x))
+
+
+def _voice_with_disagreeing_advances(synth, seconds: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A voice's own STFT magnitudes with its phase advances each up to 1 rad off, as the synthesis' input
+    `[1, steps, in_dim]`, and those magnitudes `[N, bins]`."""
+    voice = torch.from_numpy(speechlike(seconds)).float()
+    spec = causal_stft(voice, hann_window(synth.n_fft), synth.hop)  # [N, bins]
+    n = spec.shape[0] - spec.shape[0] % synth.frames_per_step
+    advance = torch.diff(spec.angle()[:n], dim=0, prepend=torch.zeros(1, synth.bins))
+    deviation = advance - synth.phase_advances(torch.zeros(n, synth.bins)) + (torch.rand(n, synth.bins) - 0.5) * 2
+    log_mag = spec.abs()[:n].clamp_min(1e-6).log()
+    return torch.stack([log_mag, deviation], dim=1).reshape(1, n // synth.frames_per_step, -1), spec.abs()[:n]
 
 
 def test_rephasing_makes_disagreeing_frames_agree_with_the_magnitudes_they_were_given():
@@ -147,32 +183,40 @@ def test_rephasing_makes_disagreeing_frames_agree_with_the_magnitudes_they_were_
     the two together, more with more iterations, and leaves earlier steps as they were (causal)."""
     torch.manual_seed(0)
     synth = SimVQCodec(phase="propagated").synthesis
-    voice = torch.from_numpy(speechlike(0.6)).float()
-    spec = causal_stft(voice, hann_window(synth.n_fft), synth.hop)  # [N, bins]
-    n = spec.shape[0] - spec.shape[0] % synth.frames_per_step
-    advance = torch.diff(spec.angle()[:n], dim=0, prepend=torch.zeros(1, synth.bins))
-    deviation = advance - synth.phase_advances(torch.zeros(n, synth.bins)) + (torch.rand(n, synth.bins) - 0.5) * 2
-    log_mag = spec.abs()[:n].clamp_min(1e-6).log()
-    x = torch.stack([log_mag, deviation], dim=1).reshape(1, n // synth.frames_per_step, -1)
-    given = spec.abs()[3 : n - 3]  # frames 0-2 reach before the start, the last 3 past the end
+    x, magnitudes = _voice_with_disagreeing_advances(synth)
+    given = magnitudes[3:-3]  # frames 0-2 reach before the start, the last 3 past the end
 
     def mismatch(audio):
         heard = causal_stft(audio[0, 0], hann_window(synth.n_fft), synth.hop)[3:-3].abs()
         return float((heard - given).norm() / given.norm())
 
     errors = []
-    for iters in (0, 1, 4):
-        synth.rephase_iters = iters
+    for iters, hears in ((0, "own"), (1, "own"), (4, "own"), (1, "played")):
+        synth.rephase_iters, synth.rephase_hears = iters, hears
         audio = synth(x)
         errors.append(mismatch(audio))
         if iters:
             complete = 10 * synth.frames_per_step * synth.hop - synth.delay  # samples no later step touches
             torch.testing.assert_close(audio[..., :complete], synth(x[:, :10])[..., :complete])
     assert errors[1] < 0.7 * errors[0] and errors[2] < errors[1]
+    assert errors[3] < 0.7 * errors[0]  # hearing what was played: as a causal Griffin-Lim too
 
 
-def test_rephased_synthesis_passes_gradients_to_magnitudes_and_advances():
-    synth = SimVQCodec(phase="propagated", rephase_iters=1).synthesis
+def test_played_rephasing_does_not_amplify_rounding_differences():
+    """A step re-phased from what was played carries part of that phase on (`CARRY_SHARE`): a change in the
+    last bits of the decoder's output stays a small change in the audio instead of growing step by step."""
+    torch.manual_seed(1)
+    synth = SimVQCodec(phase="propagated", rephase_iters=1, rephase_hears="played").synthesis
+    x, _ = _voice_with_disagreeing_advances(synth, seconds=2.0)
+    audio = synth(x)
+    moved = synth(x + 1e-6 * torch.randn_like(x)) - audio
+    snr_db = 10 * torch.log10(audio.square().sum() / moved.square().sum())
+    assert snr_db > 70, snr_db
+
+
+@pytest.mark.parametrize("hears", ["own", "played"])
+def test_rephased_synthesis_passes_gradients_to_magnitudes_and_advances(hears):
+    synth = SimVQCodec(phase="propagated", rephase_iters=1, rephase_hears=hears).synthesis
     x = (torch.randn(1, 3, synth.in_dim) * 0.5).requires_grad_()
     synth(x).square().sum().backward()
     log_mag_grad, deviation_grad = synth.split(x.grad)
