@@ -91,10 +91,17 @@ PHASE_GRADIENT_FLOOR = 1e-4
 
 CARRY_SHARE = 0.5
 """`rephase_hears="played"`: the share of the re-phasing's correction to the last sub-frame's phase that the
-next step carries on (the rest of the phase is the decoder's own). All of it made the output chaotic: a change
-of 1e-6 in the decoder's output moved the audio by up to 16 dB SNR; with half, by 81 dB at most, and the
-same 16 files at 11 stages scored PESQ-WB 2.16 against 2.17 (own phase carried: 2.03; docs/model-card.md,
-session 15)."""
+next step carries on (the rest of the phase is the decoder's own). Carrying all of it made the output chaotic:
+a change of 1e-6 in the decoder's output changed the audio of a dev file to 16 dB SNR; with half, to no less
+than 81 dB, and the same 16 files at 11 stages scored PESQ-WB 2.16 against 2.17 (none carried: 2.03;
+docs/model-card.md, session 15)."""
+
+
+def carried_phase(own: Tensor, played: Tensor) -> Tensor:
+    """A sub-frame's own phase and the phase it was played at -> the running phase the next step starts from:
+    `own` moved `CARRY_SHARE` of the way to `played`, the short way round."""
+    correction = torch.remainder(played - own + math.pi, 2 * math.pi) - math.pi
+    return own + CARRY_SHARE * correction
 
 
 def unit_phase(z: Tensor) -> Tensor:
@@ -233,8 +240,8 @@ class ISTFTSynthesis(StreamingModule):
             decoder's phases as they are.
         rephase_hears: what a step's re-phasing hears of the earlier sub-frames. "own": the decoder's own
             phases, so that every step is re-phased at once. "played": the samples actually played, and
-            the running phase continues from the re-phased sub-frames, so a step builds on what the
-            listener heard; the steps run one after another (docs/model-card.md, session 14).
+            the running phase moves half-way to the phase played (`carried_phase`), so a step builds on
+            what the listener heard; the steps run one after another (docs/model-card.md, session 15).
     Input `[B, T, frames_per_step * 2 * (n_fft // 2 + 1)]` (log magnitudes, then phases, per sub-frame);
     output `[B, 1, T * hop * frames_per_step]` offline; streaming, the samples completed so far.
     """
@@ -408,9 +415,7 @@ class ISTFTSynthesis(StreamingModule):
             spectra.append(spectrum)
             out.append(played[:, : n * hop])
             played = played[:, n * hop :]
-            # The last sub-frame's own phase, moved part of the way to the phase played (see CARRY_SHARE).
-            correction = torch.angle(unit[:, -1]).double() - own[:, -1]
-            phase = own[:, -1] + CARRY_SHARE * (torch.remainder(correction + math.pi, 2 * math.pi) - math.pi)
+            phase = carried_phase(own[:, -1], torch.angle(unit[:, -1]).double())
         if state is not None:
             state.phase = phase.detach()
         played_spectra = torch.cat(spectra, dim=1) if spectra else torch.polar(mag, mag)  # no steps: empty

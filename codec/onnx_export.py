@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from codec.errors import CodecError
 from codec.model import SimVQCodec
-from codec.modules import CARRY_SHARE
+from codec.modules import carried_phase
 from codec.pretrained import Pretrained
 from codec.streaming import StreamingState
 
@@ -203,8 +203,7 @@ class DecoderStep(nn.Module):
                 played = self.overlap_add(re * scale, im * scale, pending)
             out.append(played[:, : n * hop])
             played = played[:, n * hop :]
-            correction = torch.atan2(im[:, -1], re[:, -1]).double() - own[:, -1].double()
-            phase = own[:, -1].double() + CARRY_SHARE * (torch.remainder(correction + math.pi, 2 * math.pi) - math.pi)
+            phase = carried_phase(own[:, -1].double(), torch.atan2(im[:, -1], re[:, -1]).double())
         return torch.cat([*out, played], dim=-1), phase
 
     def synthesise(self, spectrum: Tensor, tail: Tensor, own_tail: Tensor | None
