@@ -333,7 +333,7 @@ class ISTFTSynthesis(StreamingModule):
             mag = mag * real.repeat_interleave(self.frames_per_step, dim=1)[..., None]
         state = self._streaming_state
         tail = state.tail if state is not None else None
-        if self.rephase_iters and self.rephase_hears == "played":
+        if self.rephase_hears == "played":
             out = self._played(mag, phase, tail)[1]
         else:
             if self.rephase_iters:
@@ -418,7 +418,7 @@ class ISTFTSynthesis(StreamingModule):
             phase = carried_phase(own[:, -1], torch.angle(unit[:, -1]).double())
         if state is not None:
             state.phase = phase.detach()
-        played_spectra = torch.cat(spectra, dim=1) if spectra else torch.polar(mag, mag)  # no steps: empty
+        played_spectra = torch.cat(spectra, dim=1) if spectra else mag.new_zeros(mag.shape, dtype=torch.complex64)
         return played_spectra, torch.cat([*out, played], dim=-1)
 
     def flush(self) -> Tensor:

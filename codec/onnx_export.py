@@ -243,7 +243,7 @@ class DecoderStep(nn.Module):
 def _played_model(model: SimVQCodec) -> bool:
     """Its synthesis runs one step after another (`rephase_hears="played"`): its decoder graph is traced
     on, and takes, one frame per call."""
-    return bool(model.synthesis.rephase_iters) and model.synthesis.rephase_hears == "played"
+    return model.synthesis.rephase_hears == "played"
 
 
 def _initial(tensor: Tensor) -> float:

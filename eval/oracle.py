@@ -70,7 +70,7 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
     own_phase = None
     if syn.phase == "propagated":
         phase = syn._propagate(deviation)
-        if syn.rephase_iters and syn.rephase_hears == "played":
+        if syn.rephase_hears == "played":
             own_phase, phase = phase, syn._played(syn.magnitudes(log_mag), deviation, None)[0].angle()
         elif syn.rephase_iters:
             own_phase, phase = phase, syn._rephased(syn.magnitudes(log_mag), deviation).angle()
