@@ -335,12 +335,10 @@ class ISTFTSynthesis(StreamingModule):
         tail = state.tail if state is not None else None
         if self.rephase_hears == "played":
             out = self._played(mag, phase, tail)[1]
+        elif self.rephase_iters:
+            out = self._overlap_add(self._rephased(mag, phase), tail)
         else:
-            if self.rephase_iters:
-                spec = self._rephased(mag, phase)
-            else:
-                spec = torch.polar(mag, self._propagate(phase) if self.phase == "propagated" else phase)
-            out = self._overlap_add(spec, tail)
+            out = self._overlap_add(torch.polar(mag, self._propagate(phase) if self.phase == "propagated" else phase), tail)
         if state is None:
             return out[:, None, self.delay :]  # its first `delay` samples lie before the signal's start
         ready = steps * self.frames_per_step * self.hop
