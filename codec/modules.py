@@ -338,7 +338,8 @@ class ISTFTSynthesis(StreamingModule):
         elif self.rephase_iters:
             out = self._overlap_add(self._rephased(mag, phase), tail)
         else:
-            out = self._overlap_add(torch.polar(mag, self._propagate(phase) if self.phase == "propagated" else phase), tail)
+            played_phase = self._propagate(phase) if self.phase == "propagated" else phase
+            out = self._overlap_add(torch.polar(mag, played_phase), tail)
         if state is None:
             return out[:, None, self.delay :]  # its first `delay` samples lie before the signal's start
         ready = steps * self.frames_per_step * self.hop
