@@ -38,4 +38,4 @@ corpus: install system-deps
 
 # After a deliberate new export of the default model: re-pin its hash and the reference recording's tokens.
 golden: install
-	$(PY) tests/test_golden.py --update
+	$(PY) -m tests.test_golden --update

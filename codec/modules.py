@@ -89,12 +89,13 @@ PHASE_GRADIENT_FLOOR = 1e-4
 """Below this magnitude a bin's phase is noise: `unit_phase` differentiates it as if it had this magnitude."""
 
 
-CARRY_SHARE = 0.5
+CARRY_SHARE = 0.3
 """`rephase_hears="played"`: the share of the re-phasing's correction to the last sub-frame's phase that the
 next step carries on (the rest of the phase is the decoder's own). Carrying all of it made the output chaotic:
 a change of 1e-6 in the decoder's output changed the audio of a dev file to 16 dB SNR; with half, to no less
-than 81 dB, and the same 16 files at 11 stages scored PESQ-WB 2.16 against 2.17 (none carried: 2.03;
-docs/model-card.md, session 15)."""
+than 81 dB. With the weights that ship, 0.5 let the exported ONNX decoder (the same arithmetic in another
+order) drift to 13 dB SNR from this one; 0.3 keeps it above 30 dB and scored no worse (16 dev files at 11
+stages: PESQ-WB 2.171 against 2.137; docs/model-card.md, sessions 15 and 16)."""
 
 
 def carried_phase(own: Tensor, played: Tensor) -> Tensor:
@@ -240,7 +241,7 @@ class ISTFTSynthesis(StreamingModule):
             decoder's phases as they are.
         rephase_hears: what a step's re-phasing hears of the earlier sub-frames. "own": the decoder's own
             phases, so that every step is re-phased at once. "played": the samples actually played, and
-            the running phase moves half-way to the phase played (`carried_phase`), so a step builds on
+            the running phase moves part of the way to the phase played (`carried_phase`), so a step builds on
             what the listener heard; the steps run one after another (docs/model-card.md, session 15).
     Input `[B, T, frames_per_step * 2 * (n_fft // 2 + 1)]` (log magnitudes, then phases, per sub-frame);
     output `[B, 1, T * hop * frames_per_step]` offline; streaming, the samples completed so far.

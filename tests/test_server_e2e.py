@@ -24,6 +24,7 @@ from server import Settings, create_app
 from tests.support import (
     REPO,
     LoopbackServer,
+    assert_same_tokens,
     audio_bytes,
     free_port,
     gated,
@@ -134,16 +135,16 @@ def test_websocket_round_trip_equals_offline_tokens(server, recording):
             received.append(message)
     assert end == {"type": "end", "num_samples": len(pcm), "num_frames": offline.shape[1]}
     streamed = np.frombuffer(b"".join(received), "<u2").reshape(-1, 12).T
-    assert np.array_equal(streamed, offline)
+    assert_same_tokens(streamed, offline, "the offline tokens")
 
-    # and back: streamed decode of those frames equals the offline decode (to one LSB)
+    # and back: the streamed decode of the offline tokens equals their offline decode (to one LSB)
     decoded = client.post("/decode", content=tok.content, headers={"content-type": "application/octet-stream"})
     offline_audio = sf.read(io.BytesIO(decoded.content), dtype="int16")[0]
     chunks: list[bytes] = []
     with connect(srv.ws_url + "/v1/stream/decode") as ws:
         ws.send(json.dumps({"type": "start"}))
         json.loads(ws.recv())
-        frames = streamed.T.astype("<u2")
+        frames = offline.T.astype("<u2")
         for lo in range(0, len(frames), 7):
             ws.send(frames[lo : lo + 7].tobytes())
         ws.send(json.dumps({"type": "end"}))
