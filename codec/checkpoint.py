@@ -85,7 +85,7 @@ def save_model(
         "hop_length": model.hop_length,
         "frame_rate": model.frame_rate,
         "n_stages": model.n_stages,
-        "codebook_size": model.codebook_size,
+        "codebook_size": model.config["codebook_size"],
         "bitrates_kbps": [round(model.bitrate(n) / 1000, 3) for n in range(1, model.n_stages + 1)],
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(dtype).removeprefix("torch."),

@@ -25,7 +25,8 @@ class CodecOutput:
     """Training forward result.
 
     audio: `[B, 1, T]` reconstruction. codes: `[B, S, F]`. latents: `[B, F, D]` encoder output.
-    commit_loss, codebook_loss, residual_loss: scalars (see `QuantizerResult`). stage_counts: `[S, K]` code counts.
+    commit_loss, codebook_loss, residual_loss: scalars (see `QuantizerResult`).
+    stage_counts: one `[K_s]` histogram per stage.
     spectrum: `[B, F, synthesis.in_dim]` the decoder's output, the log magnitudes and phases the inverse STFT
     turns into `audio` (see `ISTFTSynthesis.split`).
     f0_logits, log_f0, voicing_logit: the pitch head's f0 distribution `[B, N, bins]`, its estimate and its
@@ -37,7 +38,7 @@ class CodecOutput:
     commit_loss: Tensor
     codebook_loss: Tensor
     residual_loss: Tensor
-    stage_counts: Tensor
+    stage_counts: tuple[Tensor, ...]
     latents: Tensor
     spectrum: Tensor
     f0_logits: Tensor | None = None
@@ -68,7 +69,8 @@ class SimVQCodec(StreamingModule):
         expansion: MLP expansion of the ConvNeXt blocks.
         latent_dim: D, the dimension that is quantized.
         n_stages: residual quantizer stages S.
-        codebook_size: codes per stage K (a power of two).
+        codebook_size: codes per stage K (a power of two), or one size per stage: a large first stage or two
+            for the low rates under a ladder of small ones.
         quantizer: "simvq" or "vq" (the plain-VQ baseline).
         quantizer_dropout: fraction of training examples that use a random number of stages.
         code_dim: each stage's lookup dimension (linear maps in and out of the latent); None searches
@@ -110,7 +112,7 @@ class SimVQCodec(StreamingModule):
         expansion: int = 3,
         latent_dim: int = 64,
         n_stages: int = 12,
-        codebook_size: int = 1024,
+        codebook_size: int | list[int] = 1024,
         quantizer: str = "simvq",
         quantizer_dropout: float = 0.5,
         code_dim: int | None = 8,
@@ -169,8 +171,21 @@ class SimVQCodec(StreamingModule):
     num_codebooks = n_stages
 
     @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """Codes per stage, K_s."""
+        return self.quantizer.codebook_sizes
+
+    @property
+    def stage_bits(self) -> tuple[int, ...]:
+        """Bits per code of each stage, log2(K_s)."""
+        return tuple(k.bit_length() - 1 for k in self.codebook_sizes)
+
+    @property
     def codebook_size(self) -> int:
-        return self.quantizer.codebook_size
+        """K of a model whose stages all have the same size (a ValueError otherwise)."""
+        if len(set(self.codebook_sizes)) != 1:
+            raise ValueError(f"this model's stages differ in size ({self.codebook_sizes}): use codebook_sizes")
+        return self.codebook_sizes[0]
 
     @property
     def bits_per_code(self) -> int:
@@ -186,7 +201,7 @@ class SimVQCodec(StreamingModule):
 
     def bitrate(self, n_stages: int | None = None) -> float:
         """Nominal bits per second with `n_stages` stages (all by default)."""
-        return (n_stages or self.n_stages) * self.bits_per_code * self.frame_rate
+        return sum(self.stage_bits[: n_stages or self.n_stages]) * self.frame_rate
 
     # --- the two halves ----------------------------------------------------------------------------
     def _check_audio(self, wav: Tensor) -> None:
@@ -292,8 +307,9 @@ class SimVQCodec(StreamingModule):
             raise ValueError(f"expected codes shaped [B, S, F], got {tuple(codes.shape)}")
         if codes.shape[-1] == 0:
             return codes.new_zeros(codes.shape[0], 1, 0, dtype=torch.float32)
-        if codes.min() < 0 or codes.max() >= self.codebook_size:
-            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+        sizes = self.codebook_sizes[: codes.shape[1]]
+        if codes.min() < 0 or bool((codes >= codes.new_tensor(sizes)[None, :, None]).any()):
+            raise ValueError(f"codes must lie in [0, K) for each stage's size K {sizes}")
         if num_frames is not None and self.is_streaming:
             raise ValueError("num_frames is for padded offline batches, not streams")
         return self.decode_latents(self.quantizer.decode(codes), num_frames)

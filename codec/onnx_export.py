@@ -26,6 +26,7 @@ as `STFTFeatures` computes), and the overlap-add is a sum of shifted frames.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -128,9 +129,10 @@ class DecoderStep(nn.Module):
         synthesis = model.synthesis
         self.n_fft, self.hop, self.bins = synthesis.n_fft, synthesis.hop, synthesis.bins
         self.blocks = _blocks(self.n_fft, self.hop)
-        # Every stage's codes in the latent, one table: stage s, code c is row s * K + c.
+        # Every stage's codes in the latent, one table: stage s, code c is row offset[s] + c.
         quantizer = model.quantizer
-        self.codebook_size = quantizer.codebook_size
+        offsets = [0, *itertools.accumulate(quantizer.codebook_sizes)][:-1]
+        self.register_buffer("offsets", torch.tensor(offsets)[None, :, None], persistent=False)
         self.register_buffer("table", torch.cat([s.output_codebook() for s in quantizer.stages]), persistent=False)
         # `irfft(spec, n_fft)` of a half spectrum as matrices [bins, n_fft] for its real and imaginary parts
         # (the imaginary parts of DC and Nyquist do not count, as in irfft).
@@ -148,8 +150,7 @@ class DecoderStep(nn.Module):
 
     def latents(self, codes: Tensor) -> Tensor:
         """`ResidualQuantizer.decode` for any number of stages: one gather and a sum."""
-        stage = torch.ones_like(codes).cumsum(1) - 1  # [B, S, T]: each code's stage
-        return F.embedding(codes + stage * self.codebook_size, self.table).sum(1)  # [B, T, D]
+        return F.embedding(codes + self.offsets[:, : codes.shape[1]], self.table).sum(1)  # [B, T, D]
 
     def overlap_add(self, re: Tensor, im: Tensor, tail: Tensor) -> Tensor:
         """`ISTFTSynthesis._overlap_add` on real and imaginary parts `[B, N, bins]`: `[B, N * hop + delay]`."""
@@ -272,7 +273,7 @@ def contract(pretrained: Pretrained, encoder: EncoderStep, decoder: DecoderStep)
         "hop_length": model.hop_length,
         "frame_rate": model.frame_rate,
         "n_stages": model.n_stages,
-        "codebook_size": model.codebook_size,
+        "codebook_size": model.config["codebook_size"],
         "decoder_delay": model.decoder_delay,
         "opset": OPSET,
         "encoder": {

@@ -8,6 +8,7 @@ Plain VQ learns C directly and serves as the collapse baseline.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,8 @@ class QuantizerResult:
     codebook_loss: mean over stages of ||sg(z) - q||^2 (pulls the codes to the encoder).
     residual_loss: mean over stages of ||sg(r) - out(q)||^2 / mean sg(z0)^2 in the latent: how far each stage's
         contribution out(q) is from the residual r it was chosen for, relative to the latent's size.
-    stage_counts: `[S, K]` how often each code was picked in this batch (for utilisation and perplexity).
+    stage_counts: one `[K_s]` histogram per stage: how often each code was picked in this batch (for
+        utilisation and perplexity; stages may differ in size).
     """
 
     quantized: Tensor
@@ -37,7 +39,7 @@ class QuantizerResult:
     commit_loss: Tensor
     codebook_loss: Tensor
     residual_loss: Tensor
-    stage_counts: Tensor
+    stage_counts: tuple[Tensor, ...]
 
 
 class RunningWhitener(nn.Module):
@@ -274,13 +276,24 @@ class Codebook(nn.Module):
         return F.embedding(indices, self.output_codebook())
 
 
+def stage_sizes(codebook_size: int | Sequence[int], n_stages: int) -> tuple[int, ...]:
+    """One codebook size per stage from a single size or a list of `n_stages` sizes."""
+    if isinstance(codebook_size, int):
+        return (codebook_size,) * n_stages
+    sizes = tuple(int(k) for k in codebook_size)
+    if len(sizes) != n_stages:
+        raise ValueError(f"codebook_size lists {len(sizes)} sizes for {n_stages} stages")
+    return sizes
+
+
 class ResidualQuantizer(nn.Module):
     """Residual stages of `Codebook`: stage i quantizes what stages 0..i-1 left over.
 
     Args:
         dim: latent dimension D.
-        n_stages: number of stages S; each adds log2(K) bits per frame.
-        codebook_size: K per stage.
+        n_stages: number of stages S; stage s adds log2(K_s) bits per frame.
+        codebook_size: K, the size of every stage, or one size per stage (e.g. a large first stage for the low
+            rates under a ladder of small ones).
         kind: "simvq" or "vq" (see `Codebook`).
         quantizer_dropout: in training, the fraction of examples that use a random number of stages
             1..S instead of all S, so that one model serves every bitrate.
@@ -300,7 +313,7 @@ class ResidualQuantizer(nn.Module):
         self,
         dim: int = 64,
         n_stages: int = 12,
-        codebook_size: int = 1024,
+        codebook_size: int | Sequence[int] = 1024,
         kind: str = "simvq",
         quantizer_dropout: float = 0.5,
         code_dim: int | None = None,
@@ -315,11 +328,12 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"straight_through must be 'stage' or 'latent', got {straight_through!r}")
         if not 0.0 <= quantize_fraction <= 1.0:
             raise ValueError(f"quantize_fraction must lie in [0, 1], got {quantize_fraction}")
-        self.n_stages, self.codebook_size, self.quantizer_dropout = n_stages, codebook_size, quantizer_dropout
+        self.codebook_sizes = stage_sizes(codebook_size, n_stages)
+        self.n_stages, self.quantizer_dropout = n_stages, quantizer_dropout
         self.quantize_fraction = quantize_fraction
         self.straight_through = straight_through
         self.stages = nn.ModuleList(
-            Codebook(dim, codebook_size, kind, code_dim, normalize, whiten, init_from_data) for _ in range(n_stages)
+            Codebook(dim, size, kind, code_dim, normalize, whiten, init_from_data) for size in self.codebook_sizes
         )
 
     def _check_stages(self, n_stages: int | None) -> int:
@@ -361,7 +375,7 @@ class ResidualQuantizer(nn.Module):
             quantized = quantized + contribution * mask
             residual = residual - contribution.detach() * mask
             codes.append(idx)
-            counts.append(torch.bincount(idx[frame_active > i], minlength=self.codebook_size))
+            counts.append(torch.bincount(idx[frame_active > i], minlength=stage.codebook_size))
         if self.straight_through == "latent":
             quantized = flat + (quantized - flat).detach()
         if self.training and self.quantize_fraction < 1.0:
@@ -373,7 +387,7 @@ class ResidualQuantizer(nn.Module):
             commit_loss=commit / n,
             codebook_loss=codebook / n,
             residual_loss=fit / n,
-            stage_counts=torch.stack(counts),
+            stage_counts=tuple(counts),
         )
 
     @torch.no_grad()

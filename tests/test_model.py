@@ -296,7 +296,8 @@ def test_training_forward_returns_losses_and_counts():
     model = tiny_codec(quantizer_dropout=0.0).train()
     out = model(torch.randn(3, 1, 4 * HOP))
     assert out.audio.shape == (3, 1, 4 * HOP)
-    assert out.stage_counts.shape == (4, 64) and int(out.stage_counts.sum()) == 4 * 3 * 4
+    counts = torch.stack(out.stage_counts)
+    assert counts.shape == (4, 64) and int(counts.sum()) == 4 * 3 * 4
     assert out.commit_loss.item() > 0 and out.codebook_loss.item() > 0
     (out.audio.pow(2).mean() + out.commit_loss + out.codebook_loss).backward()
     proj = model.quantizer.stages[0].proj
@@ -357,7 +358,7 @@ def test_quantizer_dropout_varies_active_stages():
     torch.manual_seed(0)
     quantizer = ResidualQuantizer(dim=8, n_stages=6, codebook_size=16, quantizer_dropout=1.0).train()
     quantizer(torch.randn(64, 5, 8))  # first batch initialises every stage with all stages active
-    counts = quantizer(torch.randn(64, 5, 8)).stage_counts.sum(1)
+    counts = torch.stack(quantizer(torch.randn(64, 5, 8)).stage_counts).sum(1)
     assert counts[0] == 64 * 5 and counts[-1] < counts[0]
     assert np.all(np.diff(counts.numpy()) <= 0)
 
@@ -368,7 +369,7 @@ def test_quantize_fraction_passes_the_latent_through_for_the_other_examples():
     twin = ResidualQuantizer(dim=8, n_stages=2, codebook_size=16, quantizer_dropout=0.0, quantize_fraction=0.0).train()
     result = twin(z)
     assert torch.equal(result.quantized, z)  # the twin's decoder sees the latent itself
-    assert result.stage_counts.sum() == 2 * 200 * 3  # its stages still search every frame
+    assert sum(int(c.sum()) for c in result.stage_counts) == 2 * 200 * 3  # its stages still search every frame
     half = ResidualQuantizer(dim=8, n_stages=2, codebook_size=16, quantizer_dropout=0.0, quantize_fraction=0.5).train()
     half(z)
     passed = (half(z).quantized == z).all(-1).all(-1)
@@ -513,3 +514,23 @@ def test_calibrate_whiteners_fits_the_statistics_to_the_weights_in_hand():
     rq.calibrate_whiteners(z)
     assert torch.allclose(first_stage_input_cov(), torch.eye(4), atol=0.05)  # white again (up to the ridge)
     assert all(after > before for before, after in zip(stale_used, used())), (stale_used, used())
+
+
+def test_stages_of_different_sizes_pack_their_own_bits():
+    torch.manual_seed(0)
+    model = tiny_codec(codebook_size=[256, 64, 64, 16], quantizer_dropout=0.0)
+    assert model.codebook_sizes == (256, 64, 64, 16) and model.stage_bits == (8, 6, 6, 4)
+    assert model.bitrate(2) == 14 * model.frame_rate and model.bitrate() == 24 * model.frame_rate
+    with pytest.raises(ValueError, match="differ in size"):
+        model.codebook_size
+    out = model.train()(torch.randn(2, 1, 4 * HOP))
+    assert [c.numel() for c in out.stage_counts] == [256, 64, 64, 16]
+    codes = model.eval().encode(torch.randn(1, 1, 6 * HOP))
+    assert int(codes[0, 0].max()) < 256 and int(codes[0, 3].max()) < 16
+    model.decode(codes)
+    too_big = codes.clone()
+    too_big[0, 3, 0] = 16  # in range for stage 1, not for stage 4
+    with pytest.raises(ValueError, match="codes must lie"):
+        model.decode(too_big)
+    with pytest.raises(ValueError, match="3 sizes for 4 stages"):
+        tiny_codec(codebook_size=[256, 64, 64])

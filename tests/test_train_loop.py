@@ -283,3 +283,20 @@ def test_codebook_learning_rate_multiplier_applies_and_follows_the_config_on_res
     resumed.fit(until=3)
     base, books = resumed.gen_opt.param_groups
     assert books["lr"] == pytest.approx(3 * base["lr"]) and base["lr"] > 0
+
+
+def test_a_released_model_takes_a_larger_first_codebook_with_the_rest_kept(corpus, tmp_path):
+    released = _tiny_release(corpus, tmp_path)
+    sizes = "model.codebook_size=[256, 64, 64, 64]"
+    with pytest.warns(UserWarning, match="new codebooks, maps kept: quantizer.stages.0"):
+        warm = Trainer(tiny_config(corpus, "eval_every=0", sizes, f"init_from={released}"), tmp_path / "large")
+    expected, own = load_model_dir(released).state_dict(), warm.model.state_dict()
+    fresh = ("frozen_codebook", "proj.weight", "proj.bias", "initialized")
+    for key, value in expected.items():
+        if key.removeprefix("quantizer.stages.0.") in fresh:
+            assert own[key].shape != value.shape or not torch.equal(own[key], value), key
+        else:
+            assert torch.equal(own[key], value), key  # every other weight, the stage's maps included
+    assert own["quantizer.stages.0.frozen_codebook"].shape[0] == 256 and not bool(own["quantizer.stages.0.initialized"])
+    warm.fit(until=1)
+    assert bool(warm.model.quantizer.stages[0].initialized)  # searched as from scratch: data-dependent init

@@ -337,13 +337,9 @@ def _model_value(name: str, value: Any) -> Any:
     params.pop("self")
     if name not in params:
         raise ConfigError(f"unknown model key 'model.{name}'; SimVQCodec takes: {', '.join(params)}")
-    default = params[name].default
-    if default is inspect.Parameter.empty or default is None or value is None:
+    if params[name].default is inspect.Parameter.empty or value is None:
         return value
-    hint = type(default)
-    if isinstance(default, (list, tuple)):
-        hint = list
-    return _coerce(value, hint, f"model.{name}")
+    return _coerce(value, typing.get_type_hints(SimVQCodec.__init__)[name], f"model.{name}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import fmean
 
@@ -52,13 +53,15 @@ class DevResult:
              {"voicing_accuracy": self.voicing_accuracy, "f0_error_cents": self.f0_error_cents})
 
 
-def code_usage(counts: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Utilisation (share of codes used) and perplexity of each stage from counts [S, K]."""
-    counts = counts.double()
-    used = (counts > 0).double().mean(1)
-    p = counts / counts.sum(1, keepdim=True).clamp_min(1)
-    entropy = -(p * p.clamp_min(1e-30).log()).sum(1)
-    return used.tolist(), entropy.exp().tolist()
+def code_usage(counts: Sequence[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Utilisation (share of codes used) and perplexity of each stage from one histogram [K_s] per stage."""
+    used, perplexity = [], []
+    for row in counts:
+        row = row.double()
+        p = row / row.sum().clamp_min(1)
+        used.append(float((row > 0).double().mean()))
+        perplexity.append(float((-(p * p.clamp_min(1e-30).log()).sum()).exp()))
+    return used, perplexity
 
 
 @torch.no_grad()
@@ -80,7 +83,8 @@ def evaluate(
             convergence.append(float(linear_loss(out.audio[..., :complete], audio[..., :complete])))
             continuous = model.decode_latents(out.latents)
             unquantized.append(float(mel_loss(continuous[..., :complete], audio[..., :complete])))
-            counts = out.stage_counts.cpu() if counts is None else counts + out.stage_counts.cpu()
+            batch = [c.cpu() for c in out.stage_counts]
+            counts = batch if counts is None else [a + b for a, b in zip(counts, batch)]
             if out.log_f0 is not None:
                 syn = model.synthesis
                 f0, voiced = yin_f0(audio[:, 0], model.sample_rate, syn.n_fft, syn.hop)

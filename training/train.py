@@ -452,14 +452,30 @@ class Trainer:
 GROWABLE_INPUTS = ("encoder_in.0.weight",)
 
 
+def _resized_stages(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """Key prefixes of the quantizer stages whose codebook has another size in `own` than in `state`."""
+    return tuple(
+        key.removesuffix(name) for key in own for name in ("frozen_codebook", "codes")
+        if key.startswith("quantizer.stages.") and key.endswith("." + name)
+        and key in state and state[key].shape != own[key].shape
+    )
+
+
 def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load `state` into `model`, which may have parts that `state` lacks: whole modules (a pitch head added
-    to a released model) keep their fresh initialisation; ConvNeXt blocks added at the end of a stack (a
+    to a released model) keep their fresh initialisation, and so does the codebook of a quantizer stage whose
+    size changed (its maps into and out of the lookup space carry over); ConvNeXt blocks added at the end of a stack (a
     deeper decoder) start with a zero layer scale, and inputs appended to an input projection
     (`GROWABLE_INPUTS`) with zero weights, so the grown model computes what `state` did and the new parts
     learn from there. Anything else that does not fit is an error."""
     own = model.state_dict()
     state = dict(state)
+    resized = _resized_stages(own, state)
+    for prefix in resized:  # a stage whose codebook changed size: a new C and W, searched as from scratch
+        for name in ("frozen_codebook", "codes", "proj.weight", "proj.bias", "initialized"):
+            state.pop(prefix + name, None)
+    if resized:
+        warnings.warn(f"init_from {source}: new codebooks, maps kept: {', '.join(p.rstrip('.') for p in resized)}")
     for key in GROWABLE_INPUTS:
         old, new = state.get(key), own.get(key)
         if old is not None and new is not None and old.shape[0] == new.shape[0] and old.shape[1] < new.shape[1]:
@@ -473,7 +489,7 @@ def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: P
     ]
     grown = [*sorted(new_modules), *new_blocks]  # blocks in stack order
     misfits = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    misfits += [k for k in own if k not in state and not k.startswith(tuple(g + "." for g in grown))]
+    misfits += [k for k in own if k not in state and not k.startswith(tuple(g + "." for g in grown) + resized)]
     if misfits:
         raise CheckpointError(f"{source} does not fit this generator: {', '.join(misfits[:3])} differ")
     model.load_state_dict(state, strict=False)
