@@ -45,7 +45,7 @@ SIZES = {
 
 EPILOG = """examples:
   python -m eval.collapse --out runs/collapse                                   # the full study (CPU, hours)
-  python -m eval.collapse --out /tmp/c --ks 1024 --steps 20 --evals 2 --dev-minutes 1 --no-init-study
+  python -m eval.collapse --out runs/collapse-quick --ks 1024 --steps 20 --evals 2 --dev-minutes 1 --no-init-study
   python -m eval.collapse --out runs/collapse-gpu --size base --steps 20000 --batch-size 32 \\
       --segment-seconds 1 --threads 0 device=cuda data.num_workers=4
 """
