@@ -66,7 +66,7 @@ class RunSpec:
             learned codes) before training; `init_from_data` rescales relative to it, so it persists.
         init_from_data: the model's data-dependent rescaling of the codes on the first batch.
         whiten: whiten the stage's lookup input with running statistics (the shipped model's fix for the
-            encoder's nearly one-dimensional output, docs/model-card.md); off is the paper's setting.
+            encoder's nearly one-dimensional output, docs/architecture.md); off is the paper's setting.
     """
 
     quantizer: str

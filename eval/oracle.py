@@ -34,7 +34,7 @@ one a decoder should be trained on.
 
     python -m eval.oracle data/corpus/dev.csv --per-speaker 2 --stages 12
 
-See docs/model-card.md (the decoder trail) for what it showed.
+See docs/architecture.md ("Why the model looks as it does") for what it showed.
 """
 
 from __future__ import annotations
