@@ -7,7 +7,7 @@ time includes starting the workers and loading the model in each, not starting R
 before a job is submitted to it).
 
     python bench/tokenize_speed.py                     # 20 minutes of audio, bundled model
-    python bench/tokenize_speed.py --input /data/LibriTTS/dev-clean --minutes 60 --modes local1,ray
+    python bench/tokenize_speed.py --input LibriTTS/dev-clean --minutes 60 --modes local1,ray
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DEFAULT_CORPUS = Path("/work/data/corpus/train.csv")
+DEFAULT_CORPUS = REPO / "data" / "corpus" / "train.csv"  # where `make corpus` builds it
 
 
 def subset(source: Path | None, minutes: float, folder: Path) -> Path:

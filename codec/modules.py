@@ -95,7 +95,7 @@ next step carries on (the rest of the phase is the decoder's own). Carrying all 
 a change of 1e-6 in the decoder's output changed the audio of a dev file to 16 dB SNR; with half, to no less
 than 81 dB. With the weights that ship, 0.5 let the exported ONNX decoder (the same arithmetic in another
 order) drift to 13 dB SNR from this one; 0.3 keeps it above 30 dB and scored no worse (16 dev files at 11
-stages: PESQ-WB 2.171 against 2.137; docs/model-card.md, sessions 15 and 16)."""
+stages: PESQ-WB 2.171 against 2.137; docs/architecture.md, "Re-phasing")."""
 
 
 def carried_phase(own: Tensor, played: Tensor) -> Tensor:
@@ -237,12 +237,12 @@ class ISTFTSynthesis(StreamingModule):
         rephase_iters: "propagated" phase only. Re-phase each step's sub-frames this many times from what
             they sound like overlapped with the earlier sub-frames, magnitudes kept: a causal Griffin-Lim per
             step, which adds no latency and keeps streaming equal to offline. It makes overlapping frames
-            agree where the decoder's advances do not (docs/model-card.md, session 11). 0 plays the
+            agree where the decoder's advances do not (docs/architecture.md, "Re-phasing"). 0 plays the
             decoder's phases as they are.
         rephase_hears: what a step's re-phasing hears of the earlier sub-frames. "own": the decoder's own
             phases, so that every step is re-phased at once. "played": the samples actually played, and
             the running phase moves part of the way to the phase played (`carried_phase`), so a step builds on
-            what the listener heard; the steps run one after another (docs/model-card.md, session 15).
+            what the listener heard; the steps run one after another (docs/architecture.md, "Re-phasing").
     Input `[B, T, frames_per_step * 2 * (n_fft // 2 + 1)]` (log magnitudes, then phases, per sub-frame);
     output `[B, 1, T * hop * frames_per_step]` offline; streaming, the samples completed so far.
     """

@@ -16,11 +16,11 @@ SI-SDR and multi-scale mel distance after delay alignment, bitrate from the actu
 and per-stage codebook use. Writes results.json, results.csv, report.md and PNG plots to --out."""
 
 EPILOG = """examples:
-  simvq-codec eval /work/data/corpus/manifest.csv --split test --out runs/eval
-  simvq-codec eval clips/ --out /tmp/eval --stages 1,4,12 --limit 20
+  simvq-codec eval data/corpus/manifest.csv --split test --out runs/eval
+  simvq-codec eval clips/ --out runs/eval --stages 1,4,12 --limit 20
   simvq-codec eval dev.csv --out runs/eval-dev --per-speaker 25      # every voice, 25 files each
-  simvq-codec eval clips/ --out /tmp/eval --no-model --jobs 1        # peers only
-  python -m eval clips/ --out /tmp/eval --bitrates 1.5,3,6 --peers opus
+  simvq-codec eval clips/ --out runs/eval --no-model --jobs 1        # peers only
+  python -m eval clips/ --out runs/eval --bitrates 1.5,3,6 --peers opus
 """
 
 

@@ -45,7 +45,7 @@ SIZES = {
 
 EPILOG = """examples:
   python -m eval.collapse --out runs/collapse                                   # the full study (CPU, hours)
-  python -m eval.collapse --out /tmp/c --ks 1024 --steps 20 --evals 2 --dev-minutes 1 --no-init-study
+  python -m eval.collapse --out runs/collapse-quick --ks 1024 --steps 20 --evals 2 --dev-minutes 1 --no-init-study
   python -m eval.collapse --out runs/collapse-gpu --size base --steps 20000 --batch-size 32 \\
       --segment-seconds 1 --threads 0 device=cuda data.num_workers=4
 """
@@ -66,7 +66,7 @@ class RunSpec:
             learned codes) before training; `init_from_data` rescales relative to it, so it persists.
         init_from_data: the model's data-dependent rescaling of the codes on the first batch.
         whiten: whiten the stage's lookup input with running statistics (the shipped model's fix for the
-            encoder's nearly one-dimensional output, docs/model-card.md); off is the paper's setting.
+            encoder's nearly one-dimensional output, docs/architecture.md); off is the paper's setting.
     """
 
     quantizer: str

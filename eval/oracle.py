@@ -32,9 +32,9 @@ Beside the scores it prints two training distances of every mix, the trainer's m
 convergence of `stft/linear` (`training.losses`): which of them ranks the mixes as PESQ-WB does says which
 one a decoder should be trained on.
 
-    python -m eval.oracle /work/data/corpus-snapshot/dev.csv --per-speaker 2 --stages 12
+    python -m eval.oracle data/corpus/dev.csv --per-speaker 2 --stages 12
 
-See docs/model-card.md (the decoder trail) for what it showed.
+See docs/architecture.md ("Why the model looks as it does") for what it showed.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ TRAIN_EPILOG = """examples:
 """
 
 BUNDLE_EPILOG = """examples:
-  simvq-codec bundle /work/data/corpus bundle/ --wheels        # 40 MiB: corpus as Opus, config, wheels
+  simvq-codec bundle data/corpus bundle/ --wheels        # 40 MiB: corpus as Opus, config, wheels
   simvq-codec bundle data/corpus bundle/ --init runs/simvq-16k --max-mb 100 steps=60000
   python -m training.bundle_run bundle/ --minutes 9 --out out/   # on the GPU machine (docs/training.md)
 """

@@ -71,7 +71,7 @@ class OptimConfig:
         gamma: per-step factor of the exponential decay.
         codebook_lr_scale: learning-rate multiplier of the quantizer's codebook parameters (SimVQ's linear
             layer W, or plain VQ's codes). W is a handful of parameters that must follow the encoder: at the
-            base rate Adam moves each entry by about `lr` per step, far too slowly (docs/model-card.md).
+            base rate Adam moves each entry by about `lr` per step, far too slowly (docs/architecture.md).
         grad_clip: max global gradient norm of the generator (0 disables clipping).
         disc_grad_clip: the same for the discriminator.
     """

@@ -1,6 +1,6 @@
 """Training corpus recipe: real recorded speech from Debian packages -> 16 kHz mono WAV files plus manifests.
 
-    python -m training.corpus --out /work/data/corpus [--sources asterisk klettres ...] [--install]
+    python -m training.corpus --out data/corpus [--sources asterisk klettres ...] [--install]
 
 Every source is a Debian package set that installs on the training machine (docs/corpus.md has the table,
 licences and the dev/train split). Each file is decoded (ffmpeg for raw G.722 only, soundfile otherwise),
@@ -673,7 +673,7 @@ def select_sources(names: Sequence[str] | None) -> list[Source]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--out", type=Path, help="corpus folder to create (e.g. /work/data/corpus)")
+    parser.add_argument("--out", type=Path, help="corpus folder to create (e.g. data/corpus)")
     parser.add_argument("--sources", nargs="+", metavar="NAME",
                         help=f"sources to build: {', '.join(SOURCES)}; 'default' (the default) or 'all'")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")

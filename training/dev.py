@@ -22,7 +22,7 @@ class DevResult:
         mel_unquantized: the same with the encoder's latent decoded as it is: the gap to `mel` is what the
             quantizer costs this model.
         convergence: mean spectral convergence (`LinearSTFTLoss`), all stages: over the oracle's mixes it
-            ranks phase coherence as PESQ-WB does, where the mel loss does not (docs/model-card.md, session 9).
+            ranks phase coherence as PESQ-WB does, where the mel loss does not (docs/architecture.md).
         utilisation: per stage, codes used at least once during the pass / K.
         perplexity: per stage, exp of the entropy of the code histogram (K when all codes are equally used).
         outputs: decoded audio [1, T] of the first clips (for TensorBoard).

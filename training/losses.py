@@ -114,7 +114,7 @@ class LinearSTFTLoss(nn.Module):
     are wider than the harmonic spacing, and linear magnitudes weigh the loud harmonics most. When
     overlapping synthesis frames disagree in phase, the harmonics smear between bins of these spectra. Over
     the oracle's mixes this distance ranks them as PESQ-WB does where the mel loss does not
-    (docs/model-card.md, session 9).
+    (docs/architecture.md).
 
     Args:
         n_ffts: FFT (and Hann window) sizes; hop = n_fft / 4.

@@ -514,7 +514,7 @@ def _run_ray(pending: dict[int, list[Item]], options: dict[str, Any], workers: i
 
 # --- command line ------------------------------------------------------------------------------------
 EPILOG = """examples:
-  simvq-codec tokenize /data/LibriTTS/train-clean-100 --out tokens/ --workers 2
+  simvq-codec tokenize LibriTTS/train-clean-100 --out tokens/ --workers 2
   simvq-codec tokenize corpus/train.csv --out tokens/ --bitrate 3
   simvq-codec tokenize /shared/corpus --out /shared/tokens --ray --workers 16   # on a Ray cluster
 rerunning the same command skips the shards already written"""
