@@ -4,11 +4,8 @@ One implementation for both data paths: `AudioDataset` calls it on one CPU crop 
 that crop's own random numbers, `bundle_run.DeviceCorpus` on a whole batch on the GPU with the batch's
 generator. The draws and the arithmetic are the same, so the two paths share every distribution.
 
-Pitch has no change of its own. A pitch shift that keeps the duration is a speed change (`data.speed`)
-followed by a time stretch back to the old length: every 20 ms frame the codec sees holds the spectrum of the
-speed-changed crop (2 semitones is a speed of 2^(2/12) = 1.12), and only the tempo differs, by as much as the
-speed does, while the stretch (a phase vocoder or WSOLA) adds smeared transients and phasiness that would
-become training targets. `data.speed` gives the same pitches without them.
+Pitch has no change of its own: a pitch shift that keeps the duration is `data.speed` plus a time stretch,
+the same spectra in every frame with stretch artefacts added (docs/training.md, "Data").
 """
 
 from __future__ import annotations
