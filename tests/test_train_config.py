@@ -30,6 +30,16 @@ def test_yaml_file_then_command_line(tmp_path):
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
+def test_the_augment_section_takes_keys_and_mappings_and_survives_a_checkpoint(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  augment:\n    noise_prob: 0.2\n    noise_snr_db: [25, 40]\n")
+    cfg = load_config(path, ["data.augment.band_prob=0.3", "data.augment={reverb_prob: 0.1}"])
+    augment = cfg.data.augment
+    assert (augment.band_prob, augment.noise_prob, augment.reverb_prob) == (0.3, 0.2, 0.1)
+    assert augment.noise_snr_db == (25.0, 40.0) and augment.eq_prob == 0.0 and augment.enabled
+    assert config_from_dict(cfg.to_dict()) == cfg and not TrainConfig().data.augment.enabled
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -41,6 +51,10 @@ def test_yaml_file_then_command_line(tmp_path):
         ("data.gain_db=[1]", "must have 2 items"),
         ("data.gain_db=[0, -6]", "low end is above"),
         ("data.speed=[0, 1.1]", "0 < low <= high"),
+        ("data.augment.noise_prob=1.5", "data.augment.noise_prob is a probability"),
+        ("data.augment.reverb_rt60=[0.6, 0.1]", r"data.augment.reverb_rt60=\[0.6, 0.1\]: the low end is above"),
+        ("data.augment.reverb_rt60=[0, 0.3]", "reverb_rt60 must be positive"),
+        ("data.augment.snr=30", "unknown config key 'data.augment.snr'"),
         ("optim=3", "is a section"),
         ("steps", "is not key=value"),
     ],

@@ -34,8 +34,9 @@ import torch
 
 from codec.errors import CodecError
 from training import checkpoints
+from training.augment import Augmenter
 from training.bundle import read_bundle
-from training.config import ConfigError, load_config
+from training.config import AugmentConfig, ConfigError, load_config
 from training.data import AudioItem, Batch, decode
 from training.export import export
 from training.portable import MAX_FILE_BYTES, PORTABLE, save_portable
@@ -54,10 +55,12 @@ class DeviceCorpus:
     sample, or, when the file is shorter, the file sits at a random offset in zeros; a random gain in
     `gain_db` is applied and the crop scaled below 0.99 peak; with `speed`, each crop plays a random factor
     faster (read by linear interpolation here, where `AudioDataset` resamples with soxr: the same speeds, a
-    little aliasing above 7 kHz when sped up). The random numbers come from a generator on
-    the device seeded by (seed, epoch) for the order and by (seed, epoch, batch) for crops and gains, so a
-    batch is a function of its data position alone (a resumed run reads the same batches), but not the same
-    numbers as the DataLoader's: another generator draws them.
+    little aliasing above 7 kHz when sped up); with `augment`, the `training.augment.Augmenter` that
+    `AudioDataset` uses changes the whole batch at once after the gain: the same code and distributions, with
+    cuFFT's rounding on a GPU. The random numbers come from a generator on the device seeded by (seed, epoch)
+    for the order and by (seed, epoch, batch) for crops, gains and augmentation, so a batch is a function of its
+    data position alone (a resumed run reads the same batches), but not the same numbers as the DataLoader's:
+    another generator draws them (there, one per crop).
 
     Args:
         items: the training files.
@@ -67,6 +70,7 @@ class DeviceCorpus:
         gain_db: (low, high) uniform gain in dB.
         seed: the run's seed.
         speed: (low, high) log-uniform speed factor (`AudioDataset`); (1, 1) is off.
+        augment: telephone band, equalisation, noise and reverberation (`training.augment`); off by default.
         batch_size: crops per batch.
         device: where the audio lives and the crops are made.
         workers: decoding threads (libsndfile and soxr run outside the GIL; default: one per core).
@@ -84,6 +88,7 @@ class DeviceCorpus:
         device: torch.device,
         workers: int | None = None,
         speed: tuple[float, float] = (1.0, 1.0),
+        augment: AugmentConfig | None = None,
     ):
         with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
             decoded = list(pool.map(lambda item: decode(item.path, sample_rate), items))
@@ -95,6 +100,7 @@ class DeviceCorpus:
         self.slot_item = torch.repeat_interleave(torch.arange(len(items)), torch.as_tensor(repeats)).to(device)
         self.segment_samples, self.gain_db, self.seed, self.batch_size = segment_samples, gain_db, seed, batch_size
         self.speed = tuple(speed)
+        self.augment = Augmenter(augment or AugmentConfig(), sample_rate)
         self.batches_per_epoch = len(self.slot_item) // batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(f"the corpus gives {len(self.slot_item)} crops per epoch, fewer than one batch "
@@ -133,6 +139,8 @@ class DeviceCorpus:
         low, high = self.gain_db
         gain = 10.0 ** ((low + draws[1] * (high - low)) / 20.0) / 32768.0
         crops = crops * gain.float()[:, None]
+        if self.augment.enabled:  # drawn last, and only then
+            crops = self.augment(crops, generator)
         peak = crops.abs().amax(dim=1, keepdim=True)
         crops = crops * torch.where(peak > 0.99, 0.99 / peak.clamp_min(1e-12), torch.ones_like(peak))
         return Batch(crops[:, None], epoch, index)
@@ -266,7 +274,7 @@ def run(args: argparse.Namespace, started: float | None = None) -> int:
     began = time.monotonic()
     corpus = DeviceCorpus(trainer.dataset.items, trainer.repeats, trainer.model.sample_rate,
                           cfg.data.segment_samples, cfg.data.gain_db, cfg.seed, cfg.data.batch_size, device,
-                          args.workers, cfg.data.speed)
+                          args.workers, cfg.data.speed, cfg.data.augment)
     print(f"decoded {corpus.seconds / 3600:.2f} h of audio ({corpus.audio.numel() * 2 / 2**20:.0f} MiB of int16) "
           f"onto {device} in {time.monotonic() - began:.1f} s; batch {cfg.data.batch_size} x "
           f"{cfg.data.segment_samples / trainer.model.sample_rate:g} s", file=sys.stderr, flush=True)

@@ -25,6 +25,54 @@ class ConfigError(CodecError, ValueError):
 
 
 @dataclass
+class AugmentConfig:
+    """Random changes to training crops, so they sound like what users send (`training.augment`).
+
+    A crop is the codec's input and its target alike, so a change is learned as part of the signal: a band a
+    change empties stays empty in the target. Each change has its own probability per crop; 0 (every default)
+    turns it off, and with all of them 0 no random number is drawn, so runs without augmentation keep their
+    crops.
+
+    Args:
+        band_prob: share of crops given a telephone band: a low-pass that removes everything above a cutoff
+            drawn uniformly from `band_hz` (it falls from full level over the 200 Hz below the cutoff).
+        band_hz: (low, high) range of the low-pass cutoff in Hz.
+        highpass_prob: share of the band-limited crops that also lose everything below `highpass_hz`.
+        highpass_hz: the high-pass cutoff in Hz (full level from 100 Hz above it).
+        resample_prob: share of the band-limited crops that then make a round trip through 8 kHz (decimated
+            and interpolated with a windowed-sinc filter), as audio that passed a telephone line does.
+        eq_prob: share of crops given a mild equalisation: a smooth random tilt over log-frequency plus a
+            shelf at a random corner (250 Hz to 4 kHz), together at most `eq_db` up or down at any frequency.
+        eq_db: the equalisation's largest gain or cut in dB.
+        noise_prob: share of crops with added white, pink or brown noise (equally likely), at a signal-to-noise
+            ratio drawn uniformly from `noise_snr_db` (measured over the whole crop, before the band limit).
+        noise_snr_db: (low, high) signal-to-noise ratio in dB.
+        reverb_prob: share of crops played in a synthetic room: the direct path plus exponentially decaying
+            noise whose level falls 60 dB in a reverberation time drawn uniformly from `reverb_rt60`.
+        reverb_rt60: (low, high) reverberation time in seconds.
+        reverb_drr_db: (low, high) direct-to-reverberant energy ratio in dB, uniform.
+    """
+
+    band_prob: float = 0.0
+    band_hz: tuple[float, float] = (3400.0, 4000.0)
+    highpass_prob: float = 0.5
+    highpass_hz: float = 300.0
+    resample_prob: float = 0.3
+    eq_prob: float = 0.0
+    eq_db: float = 4.0
+    noise_prob: float = 0.0
+    noise_snr_db: tuple[float, float] = (20.0, 50.0)
+    reverb_prob: float = 0.0
+    reverb_rt60: tuple[float, float] = (0.1, 0.6)
+    reverb_drr_db: tuple[float, float] = (0.0, 15.0)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any change can happen (only then are random numbers drawn for it)."""
+        return max(self.band_prob, self.eq_prob, self.noise_prob, self.reverb_prob) > 0
+
+
+@dataclass
 class DataConfig:
     """Where the audio comes from and how training examples are cut from it.
 
@@ -36,6 +84,7 @@ class DataConfig:
         gain_db: random gain range in dB applied to each crop (the crop is kept below full scale).
         speed: range of a random speed factor per crop (log-uniform; pitch and formants move with it, as in
             Kaldi's speed perturbation); (1, 1) is off.
+        augment: telephone band, equalisation, noise and reverberation (`AugmentConfig`), off by default.
         batch_size: examples per step on each process.
         num_workers: DataLoader worker processes (0 loads in the training process).
         cache: keep decoded int16 audio in memory (per process), good for corpora of a few hours.
@@ -49,6 +98,7 @@ class DataConfig:
     segment_samples: int = 16000
     gain_db: tuple[float, float] = (-12.0, 0.0)
     speed: tuple[float, float] = (1.0, 1.0)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     batch_size: int = 16
     num_workers: int = 1
     cache: bool = True
@@ -287,9 +337,19 @@ def validate(cfg: TrainConfig) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
-    lo, hi = cfg.data.gain_db
-    if lo > hi:
-        raise ConfigError(f"data.gain_db=[{lo}, {hi}]: the low end is above the high end")
+    augment = cfg.data.augment
+    ranges = {"data.gain_db": cfg.data.gain_db}
+    for f in dataclasses.fields(augment):
+        key, value = f"data.augment.{f.name}", getattr(augment, f.name)
+        if isinstance(value, tuple):
+            ranges[key] = value
+        elif f.name.endswith("_prob") and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} is a probability: give a value in [0, 1], got {value}")
+    for key, (lo, hi) in ranges.items():
+        if lo > hi:
+            raise ConfigError(f"{key}=[{lo}, {hi}]: the low end is above the high end")
+    if augment.reverb_rt60[0] <= 0 or min(augment.band_hz[0], augment.highpass_hz, augment.eq_db) < 0:
+        raise ConfigError("data.augment: reverb_rt60 must be positive, band_hz, highpass_hz and eq_db at least 0")
     lo, hi = cfg.data.speed
     if not 0 < lo <= hi:
         raise ConfigError(f"data.speed=[{lo}, {hi}]: give 0 < low <= high (1 plays as recorded)")

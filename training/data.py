@@ -14,6 +14,8 @@ import torch
 
 from codec.audio import read_audio, to_pcm16
 from codec.errors import AudioError
+from training.augment import Augmenter
+from training.config import AugmentConfig
 from training.manifest import AudioItem, read_listing  # AudioItem: the one corpus item type
 
 TRAIN_SPLITS = ("train",)
@@ -101,6 +103,8 @@ class AudioDataset(torch.utils.data.Dataset):
             than the corpus has. (1, 1) leaves the audio as recorded.
         seed: run seed.
         cache: keep decoded audio (int16) in memory in each process.
+        augment: telephone band, equalisation, noise and reverberation (`training.augment`), applied after
+            the gain with a generator seeded from the crop's own random numbers; off by default.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class AudioDataset(torch.utils.data.Dataset):
         seed: int = 0,
         cache: bool = True,
         speed: tuple[float, float] = (1.0, 1.0),
+        augment: AugmentConfig | None = None,
     ):
         if not items:
             raise AudioError("no audio files to train on")
@@ -122,6 +127,7 @@ class AudioDataset(torch.utils.data.Dataset):
         self.speed = tuple(speed)
         self.seed = seed
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
+        self.augment = Augmenter(augment or AugmentConfig(), sample_rate)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -161,6 +167,9 @@ class AudioDataset(torch.utils.data.Dataset):
             crop = soxr.resample(crop, self.sample_rate * factor, self.sample_rate, quality="HQ")
             crop = np.pad(crop, (0, max(0, n - len(crop))))[:n].astype(np.float32, copy=False)
         crop *= np.float32(10.0 ** (rng.uniform(*self.gain_db) / 20.0) / 32768.0)
+        if self.augment.enabled:  # drawn only then, as the speed is
+            generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+            crop = self.augment(torch.from_numpy(crop)[None], generator)[0].numpy()
         peak = float(np.abs(crop).max())
         if peak > 0.99:
             crop *= np.float32(0.99 / peak)

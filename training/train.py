@@ -141,7 +141,8 @@ class Trainer:
             load_items(cfg.train), load_items(cfg.dev) if cfg.dev else None, cfg.dev_fraction
         )
         self.dataset = AudioDataset(
-            train, model.sample_rate, cfg.segment_samples, cfg.gain_db, self.cfg.seed, cfg.cache, cfg.speed
+            train, model.sample_rate, cfg.segment_samples, cfg.gain_db, self.cfg.seed, cfg.cache, cfg.speed,
+            cfg.augment,
         )
         self.repeats = self.dataset.slots_per_item()
         self.corpus = {
