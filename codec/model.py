@@ -173,6 +173,11 @@ class SimVQCodec(StreamingModule):
         return self.quantizer.codebook_size
 
     @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """Codes per stage, K_s: what token files and bitrates are computed from."""
+        return (self.codebook_size,) * self.n_stages
+
+    @property
     def bits_per_code(self) -> int:
         return self.codebook_size.bit_length() - 1
 
@@ -186,7 +191,7 @@ class SimVQCodec(StreamingModule):
 
     def bitrate(self, n_stages: int | None = None) -> float:
         """Nominal bits per second with `n_stages` stages (all by default)."""
-        return (n_stages or self.n_stages) * self.bits_per_code * self.frame_rate
+        return sum(k.bit_length() - 1 for k in self.codebook_sizes[: n_stages or self.n_stages]) * self.frame_rate
 
     # --- the two halves ----------------------------------------------------------------------------
     def _check_audio(self, wav: Tensor) -> None:
