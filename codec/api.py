@@ -21,7 +21,7 @@ from tqdm import tqdm
 from codec.audio import AudioInfo, AudioReader, AudioWriter, output_format, read_audio
 from codec.errors import AudioError, CodecError
 from codec.model import SimVQCodec
-from codec.presets import file_model_dir, load_model
+from codec.presets import load_model, model_for_tokens
 from codec.pretrained import Pretrained
 from codec.stages import resolve_stages
 from codec.tokfile import TokHeader, TokReader, TokWriter
@@ -84,7 +84,7 @@ def _encode_mono(wav: np.ndarray, model: Pretrained, n_stages: int | None, encod
 def decode_array(header: TokHeader, codes: np.ndarray, model: Pretrained) -> np.ndarray:
     """(header, codes `[S, F]`) -> float32 audio with exactly `header.num_samples` samples, after checking
     that `model` made the codes (`Pretrained.check`)."""
-    model.check(header)
+    header = model.check(header)
     return decode_codes(codes, model.model, header.num_samples)
 
 
@@ -181,16 +181,15 @@ def decompress(src: Source, dst: Source, model: Pretrained | str | None = None, 
                progress: bool = False) -> tuple[TokHeader, int]:
     """Decode a .tok file (path, `-` or file object) to WAV or FLAC. Returns (header, clipped samples).
 
-    The output has exactly the original number of samples. Without `model`, the model named in the file
-    is loaded from this installation's presets; a file naming anything else (a path, say) is refused.
+    The output has exactly the original number of samples. Without `model`, the installed model whose
+    weights hash the file carries is loaded (`presets.model_for_tokens`); the file never names a folder.
+    Returns the header completed by the model (`Pretrained.check`).
     """
     format = output_format(dst, format)
     with open_input(src) as source:
         reader = TokReader(source, block_frames=DECODE_BLOCK_FRAMES)
-        header = reader.header
-        # without `model`, the file's own model id names an installed model only, never a folder
-        release = as_pretrained(model if model is not None else file_model_dir(header.model_id))
-        release.check(header)
+        release = as_pretrained(model if model is not None else model_for_tokens(reader.header))
+        header = release.check(reader.header)
         codec = release.model
         device = _device(codec)
         seconds = None if header.num_samples is None else header.num_samples / header.sample_rate
@@ -207,7 +206,7 @@ def decompress(src: Source, dst: Source, model: Pretrained | str | None = None, 
                     bar.update(len(held) / codec.sample_rate)
                 held = audio
             held = np.concatenate([held, stream.flush_decoder()[0, 0].cpu().numpy()])
-            header = reader.header  # counts are filled in once the trailer has been read
+            header = release.check(reader.header)  # counts are filled in once the trailer has been read
             writer.write(held[: header.num_samples - written])
             bar.update(len(held) / codec.sample_rate)
     return header, writer.clipped

@@ -85,30 +85,36 @@ def cmd_info(args) -> int:
     from codec import presets
     from codec.api import open_input
     from codec.errors import CodecError
-    from codec.tokfile import TokReader
+    from codec.tokfile import TokReader, bits_text
 
     with open_input(args.file) as f:
         reader = TokReader(f)
         for _ in reader:  # reads and verifies the whole file (CRC, counts)
             pass
         h, size = reader.header, reader.bytes_read
-    seconds = h.num_samples / h.sample_rate
-    try:
-        config = presets.describe(presets.file_model_dir(h.model_id))
-        installed = "yes" if config["sha256"].startswith(h.weights_hash.hex()) else "no (different weights)"
+    try:  # the installed model that made the codes completes the header (a version-2 file has no rate)
+        installed = presets.model_for_tokens(h)
+        h = presets.load_model(installed, warn=False).check(h)
     except CodecError:
         installed = "no"
+    named = "" if h.model_id is None else f"{h.model_id}, "
     rows = [
-        ("model", f"{h.model_id} (weights {h.weights_hash.hex()}; installed here: {installed})"),
-        ("sample rate", f"{h.sample_rate} Hz"),
-        ("frame rate", f"{h.frame_rate:g} Hz (hop {h.hop_length} samples)"),
-        ("stages", f"{h.n_stages} x {h.bits_per_code} bits"),
+        ("model", f"{named}weights {h.weights_hash.hex()} (installed here: {installed})"),
+        ("format", f"version {h.version}"),
+        ("stages", bits_text(h.stage_bits)),
         ("samples", f"{h.num_samples}"),
-        ("frames", f"{h.num_frames}"),
-        ("duration", f"{seconds:.3f} s"),
-        ("nominal bitrate", f"{h.nominal_bitrate / 1000:.3f} kbit/s"),
-        ("file bitrate", f"{size * 8 / max(seconds, 1e-9) / 1000:.3f} kbit/s ({size} bytes)"),
+        ("frames", f"{h.num_frames} (hop {h.hop_length} samples)"),
     ]
+    if h.sample_rate is None:
+        rows.append(("file size", f"{size} bytes (rate and duration unknown: the model is not installed)"))
+    else:
+        seconds = h.num_samples / h.sample_rate
+        rows[2:2] = [("sample rate", f"{h.sample_rate} Hz"), ("frame rate", f"{h.frame_rate:g} Hz")]
+        rows += [
+            ("duration", f"{seconds:.3f} s"),
+            ("nominal bitrate", f"{h.nominal_bitrate / 1000:.3f} kbit/s"),
+            ("file bitrate", f"{size * 8 / max(seconds, 1e-9) / 1000:.3f} kbit/s ({size} bytes)"),
+        ]
     for key, value in rows:
         print(f"{key:16} {value}")
     return 0
@@ -191,8 +197,8 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_decompress)
 
     for p in (sub.choices["compress"], sub.choices["decompress"]):
-        p.add_argument("--model", metavar="ID|DIR", help="model id or directory (default: simvq-16k; "
-                                                          "decompress defaults to the model named in the file)")
+        p.add_argument("--model", metavar="ID|DIR", help="model id or directory (default: simvq-16k; decompress: "
+                                                          "the installed model whose weights made the file)")
         p.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes")
 

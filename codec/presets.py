@@ -1,8 +1,8 @@
 """Named models: one table that the API, the CLI, the server and the decoder all resolve.
 
-A token file names the model that made it; decoding looks that id up here (`file_model_dir`), so a
-file can only be decoded by a model this installation has, or one the user gives with `--model ID|DIR`.
-A file never chooses a folder: a model id that is a path is refused, not loaded.
+A token file names the model that made it by its weights hash; decoding looks that hash up among the models
+here (`model_for_tokens`), so a file can only be decoded by a model this installation has, or one the user
+gives with `--model ID|DIR`. A file never chooses a folder.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from codec.checkpoint import load_pretrained, read_config
 from codec.errors import UnknownModelError
 from codec.pretrained import Pretrained
+from codec.tokfile import TokHeader
 
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL_ID = "simvq-16k"
@@ -42,20 +43,21 @@ def model_dir(model: str | os.PathLike | None = None) -> Path:
                             "(or pass a model directory)")
 
 
-def file_model_dir(model_id: str) -> Path:
-    """The directory of the model a token file names: installed ids only (the file is untrusted input).
+def model_for_tokens(header: TokHeader) -> str:
+    """The installed model whose weights made the codes of `header` (the file names them by a prefix of the
+    weights' sha256; a model id a version-1 file carries is never used to find a model).
 
-    Raises UnknownModelError naming the id, saying when it is a path, and that `--model` decodes the file
-    with a model the user chooses.
+    Raises UnknownModelError when no installed model (or more than one) has those weights, saying that
+    `--model` decodes the file with a model the user chooses.
     """
-    if model_id in MODELS:
-        return MODELS[model_id][0]
-    if any(sep in model_id for sep in ("/", "\\")) or model_id.startswith((".", "~")):
-        why = "which is a path, not a model id: a token file cannot choose a folder to load a model from"
-    else:
-        why = "which this installation does not have"
-    raise UnknownModelError(f"the file names the model {model_id!r}, {why} (installed: {', '.join(list_models())}); "
-                            "pass --model ID|DIR to decode it with a model you choose")
+    found = [m for m in list_models() if header.made_with(describe(m)["sha256"])]
+    if len(found) == 1:
+        return found[0]
+    named = "" if header.model_id is None else f" (model {header.model_id!r} in the file)"
+    installed = ", ".join(f"{m} (weights {describe(m)['sha256'][:8]})" for m in list_models())
+    why = "which this installation does not have" if not found else f"which match several models ({', '.join(found)})"
+    raise UnknownModelError(f"the file was made with weights {header.weights_hash.hex()}{named}, {why} (installed: "
+                            f"{installed}); pass --model ID|DIR to decode it with a model you choose")
 
 
 def describe(model: str | os.PathLike | None = None) -> dict:

@@ -6,6 +6,7 @@ import io
 import math
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import soxr
@@ -34,14 +35,14 @@ class ModelSetting:
     """The model named ``ref`` (preset id or directory; None = default) run with its first ``n_stages`` stages.
 
     ``codec`` is the model id shown in reports; ``nominal_kbps`` the bitrate of the codes alone;
-    ``codebook_size`` K, for the utilisation histograms.
+    ``codebook_sizes`` K_s of each stage used, for the utilisation histograms.
     """
 
     ref: str | None
     codec: str
     n_stages: int
     nominal_kbps: float
-    codebook_size: int
+    codebook_sizes: tuple[int, ...]
     tools = ()
 
     @property
@@ -64,8 +65,9 @@ class ModelSetting:
         header, codes = read_tok(io.BytesIO(data))
         decoded = decode_array(header, codes, model)
         decode_seconds = time.perf_counter() - start
-        if header.sample_rate != SAMPLE_RATE:
-            decoded = soxr.resample(decoded, header.sample_rate, SAMPLE_RATE)
+        rate = model.model.sample_rate
+        if rate != SAMPLE_RATE:
+            decoded = soxr.resample(decoded, rate, SAMPLE_RATE)
         return CodecRun(decoded, len(data), float(header.payload_bytes), encode_seconds, decode_seconds,
                         codes=np.asarray(codes))
 
@@ -118,7 +120,7 @@ def model_settings(ref: str | None, stages: list[int] | None = None, bitrates: l
     else:
         counts = [s for s in DEFAULT_STAGES if s <= model.n_stages] + [model.n_stages]
     name = release.model_id
-    return [ModelSetting(ref, name, n, model.bitrate(n) / 1000, model.codebook_size) for n in sorted(set(counts))]
+    return [ModelSetting(ref, name, n, model.bitrate(n) / 1000, model.codebook_sizes[:n]) for n in sorted(set(counts))]
 
 
 @dataclass(frozen=True)
@@ -133,15 +135,16 @@ class StageUsage:
     perplexity: float
 
 
-def count_codes(codes: np.ndarray, codebook_size: int) -> np.ndarray:
-    """Histogram [S, K] of codes [S, F]."""
-    return np.stack([np.bincount(row, minlength=codebook_size)[:codebook_size] for row in np.asarray(codes)])
+def count_codes(codes: np.ndarray, codebook_sizes: Sequence[int]) -> list[np.ndarray]:
+    """One histogram [K_s] per stage of codes [S, F]."""
+    return [np.bincount(row, minlength=k)[:k] for row, k in zip(np.asarray(codes), codebook_sizes, strict=True)]
 
 
-def stage_usage(counts: np.ndarray) -> list[StageUsage]:
-    """Per-stage utilisation and perplexity from summed histograms [S, K]."""
+def stage_usage(counts: Sequence[np.ndarray]) -> list[StageUsage]:
+    """Per-stage utilisation and perplexity from summed histograms, one [K_s] per stage."""
     usage = []
-    for s, row in enumerate(np.asarray(counts, dtype=np.float64)):
+    for s, row in enumerate(counts):
+        row = np.asarray(row, dtype=np.float64)
         total = row.sum()
         p = row[row > 0] / total if total else np.zeros(0)
         perplexity = float(np.exp(-(p * np.log(p)).sum())) if p.size else math.nan

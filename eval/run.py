@@ -70,7 +70,7 @@ class EvalResult:
 @dataclass
 class _FileResult:
     rows: list[Row]
-    counts: dict[str, np.ndarray]
+    counts: dict[str, list[np.ndarray]]
     seconds: float = 0.0
     error: str | None = None
 
@@ -109,7 +109,7 @@ def _evaluate_file(item: AudioItem, codecs: list, max_delay_ms: float, pesq_nb: 
             notes=notes,
         ))
         if run.codes is not None and isinstance(codec, ModelSetting):
-            counts[_label(codec)] = count_codes(run.codes, codec.codebook_size)
+            counts[_label(codec)] = count_codes(run.codes, codec.codebook_sizes)
     return _FileResult(rows, counts, seconds)
 
 
@@ -207,14 +207,14 @@ def evaluate(
 
     rows: list[Row] = []
     failed: dict[str, str] = {}
-    counts: dict[str, np.ndarray] = {}
+    counts: dict[str, list[np.ndarray]] = {}
     for i in range(len(items)):
         res = results[i]
         if res.error:
             failed[items[i].key] = res.error
         rows += res.rows
         for label, c in res.counts.items():
-            counts[label] = counts[label] + c if label in counts else c
+            counts[label] = [a + b for a, b in zip(counts[label], c)] if label in counts else c
     averages = []
     for codec in runnable:
         mine = [r for r in rows if (r.codec, r.setting) == (codec.codec, codec.setting)]

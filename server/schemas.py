@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _TOKENS_EXAMPLE = {
     "model_id": "simvq-16k",
@@ -12,6 +14,7 @@ _TOKENS_EXAMPLE = {
     "frame_rate": 50.0,
     "n_stages": 2,
     "bits_per_code": 10,
+    "stage_bits": [10, 10],
     "num_samples": 1000,
     "num_frames": 4,
     "codes": [[17, 1023, 0, 512], [3, 88, 940, 7]],
@@ -32,10 +35,27 @@ class TokenJSON(BaseModel):
     hop_length: int = Field(ge=1, le=1_000_000, description="Samples per frame.")
     frame_rate: float = Field(gt=0, description="Frames per second (sample_rate / hop_length), informative.")
     n_stages: int = Field(ge=1, le=64, description="Residual stages per frame (rows of `codes`).")
-    bits_per_code: int = Field(ge=1, le=16, description="Bits per code; codes are in [0, 2**bits_per_code).")
+    bits_per_code: int | None = Field(
+        None, ge=1, le=16, description="Bits of every code when all stages share one width (null otherwise).")
+    stage_bits: list[Annotated[int, Field(ge=1, le=16)]] | None = Field(
+        None, max_length=64, description="Bits per code of each stage; codes[s] are in [0, 2**stage_bits[s]). "
+        "A request gives this, bits_per_code, or both (consistent).")
     num_samples: int = Field(ge=0, description="Samples of the original audio; decode returns exactly this many.")
     num_frames: int = Field(ge=0, description="Frames (columns of `codes`).")
     codes: list[list[int]] = Field(max_length=64, description="[n_stages][num_frames] integer codes.")
+
+    @model_validator(mode="after")
+    def _one_width_rule(self) -> "TokenJSON":
+        if self.stage_bits is None and self.bits_per_code is None:
+            raise ValueError("give stage_bits (one width per stage) or bits_per_code")
+        if self.stage_bits is not None and self.bits_per_code is not None and set(self.stage_bits) != {
+                self.bits_per_code}:
+            raise ValueError(f"bits_per_code {self.bits_per_code} contradicts stage_bits {self.stage_bits}")
+        return self
+
+    def widths(self) -> list[int] | int:
+        """The stage widths as `TokHeader` takes them."""
+        return self.stage_bits if self.stage_bits is not None else self.bits_per_code
 
 
 class ModelInfo(BaseModel):

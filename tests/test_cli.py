@@ -1,5 +1,6 @@
 """The command line, run as users run it: round trips, pipes, and clean failures."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -147,25 +148,38 @@ def test_help_says_what_a_pipe_can_leave_behind():
         assert "first 10 s" in text and "exit status" in text, text
 
 
-@pytest.mark.parametrize("model_id", ["{dir}", "../{name}", "not-installed"])
-def test_a_token_file_cannot_pick_the_folder_a_model_is_loaded_from(tmp_path, model_id):
-    from codec.checkpoint import save_model
+@pytest.mark.parametrize("model_id", ["{dir}", "../{name}", "simvq-16k"])
+def test_a_token_file_finds_its_model_by_weights_never_by_a_name_or_folder(tmp_path, model_id):
+    import io
+
+    from codec.checkpoint import read_config, save_model
+    from codec.tokfile import read_tok, write_tok
     from tests.conftest import tiny_codec
 
     folder = tmp_path / "planted"
     model_id = model_id.format(dir=folder, name=folder.name)
-    save_model(tiny_codec(), folder, model_id=model_id, trained=False)  # a header naming this id
-    src, tok, out = tmp_path / "in.wav", tmp_path / "a.tok", tmp_path / "out.wav"
+    sha = read_config(save_model(tiny_codec(), folder, model_id=model_id, trained=False))["sha256"]
+    src, tok = tmp_path / "in.wav", tmp_path / "a.tok"
     sf.write(src, speechlike(0.5), 16000)
     assert run("compress", str(src), str(tok), "--model", str(folder)).returncode == 0
-    r = run("decompress", str(tok), str(out))
-    assert r.returncode == 2 and not out.exists() and b"Traceback" not in r.stderr
-    line = r.stderr.decode()
-    assert f"the file names the model {model_id!r}" in line and "--model" in line and "simvq-16k" in line
-    assert ("a path" in line) == (model_id != "not-installed")
-    info = run("info", str(tok)).stdout.decode()
-    assert "installed here: no" in info
-    assert run("decompress", str(tok), str(out), "--model", str(folder)).returncode == 0  # an explicit choice
+    header, codes = read_tok(tok)
+    assert header.version == 2 and header.model_id is None and tok.read_bytes()[4:8] == header.weights_hash
+    old = tmp_path / "old.tok"  # a version-1 file carries the id, which decoding does not use
+    write_tok(old, dataclasses.replace(header, model_id=model_id, sample_rate=16000, version=1,
+                                       weights_hash=bytes.fromhex(sha[:16])), codes)
+    for path in (tok, old):
+        out = path.with_suffix(".wav")
+        r = run("decompress", str(path), str(out))
+        assert r.returncode == 2 and not out.exists() and b"Traceback" not in r.stderr
+        line = r.stderr.decode()
+        assert f"the file was made with weights {sha[: 8 if path == tok else 16]}" in line
+        assert "which this installation does not have" in line and "--model" in line and "simvq-16k (weights" in line
+        assert ("in the file" in line) == (path == old)
+        info = run("info", str(path)).stdout.decode()
+        assert "installed here: no" in info and f"version {2 if path == tok else 1}" in info
+        assert run("decompress", str(path), str(out), "--model", str(folder)).returncode == 0  # a choice
+        assert sf.info(out).frames == 8000
+    assert read_tok(io.BytesIO(old.read_bytes()))[0].model_id == model_id
 
 
 def test_bitrate_nan_is_refused_as_not_a_rate(tmp_path, wav_44k_stereo):

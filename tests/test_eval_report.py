@@ -44,7 +44,11 @@ def test_stage_usage_math():
     assert [(u.used, u.utilisation) for u in usage] == [(2, 0.5), (4, 1.0), (0, 0.0)]
     assert usage[0].perplexity == pytest.approx(2.0) and usage[1].perplexity == pytest.approx(4.0)
     assert math.isnan(usage[2].perplexity)
-    assert count_codes(np.array([[0, 0, 3], [1, 2, 2]]), 4).tolist() == [[2, 0, 0, 1], [0, 1, 2, 0]]
+    counts = count_codes(np.array([[0, 0, 3], [1, 2, 2]]), (4, 4))
+    assert [c.tolist() for c in counts] == [[2, 0, 0, 1], [0, 1, 2, 0]]
+    counts = count_codes(np.array([[0, 7, 7], [1, 2, 2]]), (8, 4))  # stages of different sizes
+    assert [c.tolist() for c in counts] == [[1, 0, 0, 0, 0, 0, 0, 2], [0, 1, 2, 0]]
+    assert [(u.used, u.codebook_size, u.utilisation) for u in stage_usage(counts)] == [(2, 8, 0.25), (2, 4, 0.5)]
 
 
 def test_model_settings_from_stages_and_bitrates(tiny_model_dir):

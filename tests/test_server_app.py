@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from codec.api import compress, encode_array
 from codec.audio import read_audio
-from codec.tokfile import read_tok
+from codec.tokfile import read_tok, write_tok
 from server import Settings, create_app
 from server.deps import get_model
 from server.runtime import ServedModel
@@ -102,10 +102,12 @@ def test_encode_tok_and_json_agree_and_decode_keeps_length(client, tiny):
     tok = client.post("/encode", content=body, headers={"content-type": "audio/wav"})
     assert tok.status_code == 200 and tok.headers["content-type"] == "application/octet-stream"
     header, codes = read_tok(io.BytesIO(tok.content))
-    assert header.num_samples == 12320 and codes.shape == (4, 39) and header.model_id == "tiny-test"
+    assert header.num_samples == 12320 and codes.shape == (4, 39) and header.made_with(tiny.sha256)
+    assert header.version == 2 and len(tok.content) == 16 + 39 * 4 * 6 // 8 + 4
     js = client.post("/encode?format=json", content=body, headers={"content-type": "audio/wav"}).json()
     assert np.array_equal(np.array(js["codes"]), codes) and js["num_samples"] == 12320
-    assert js["weights_hash"] == header.weights_hash.hex() and js["frame_rate"] == 50.0
+    assert js["weights_hash"] == tiny.sha256[:16] and js["frame_rate"] == 50.0 and js["model_id"] == "tiny-test"
+    assert js["bits_per_code"] == 6 and js["stage_bits"] == [6, 6, 6, 6]
     # the codes are what the library computes for the same 16-bit samples
     pcm16 = sf.read(io.BytesIO(body), dtype="float32")[0]
     assert np.array_equal(encode_array(pcm16, 16000, tiny)[1], codes)
@@ -145,12 +147,23 @@ def test_multipart_upload_and_model_choice(client, other):
     r = client.post("/encode?model=tiny-other", files={"file": ("clip.wav", body, "audio/wav")})
     assert r.status_code == 200, r.text
     header, _ = read_tok(io.BytesIO(r.content))
-    assert header.model_id == "tiny-other" and header.weights_hash.hex() == other.sha256[:16]
+    assert header.weights_hash.hex() == other.sha256[:8]
     # decode picks the model the file names
     out = client.post("/decode", content=r.content, headers={"content-type": "application/octet-stream"})
     assert out.status_code == 200
     r = client.post("/encode", files={"audio": ("clip.wav", body, "audio/wav")})
     assert_problem(r, 400, "invalid-multipart", "'file'")
+
+
+def test_version_1_token_files_still_decode(client, tiny):
+    h = {"content-type": "application/octet-stream"}
+    tok = client.post("/encode", content=wav(0.5, seed=7), headers={"content-type": "audio/wav"}).content
+    header, codes = read_tok(io.BytesIO(tok))
+    old = io.BytesIO()
+    write_tok(old, dataclasses.replace(tiny.header(header.n_stages, header.num_samples), version=1), codes)
+    assert old.getvalue()[:5] == b"SVQT\x01" and len(old.getvalue()) == len(tok) + 43 + len("tiny-test") - 16
+    a, b = client.post("/decode", content=tok, headers=h), client.post("/decode", content=old.getvalue(), headers=h)
+    assert a.status_code == b.status_code == 200 and a.content == b.content
 
 
 def test_ogg_vorbis_is_accepted(client):
@@ -270,10 +283,23 @@ def test_token_errors(client, tiny, other, tmp_path):
     long = {**js, "num_samples": 25 * 16000, "num_frames": 25 * 50}
     assert_problem(client.post("/decode", json=long), 413, "audio-too-long", "25.0 s")
     foreign = {**js, "weights_hash": "00" * 8}
-    assert_problem(client.post("/decode", json=foreign), 422, "weights-mismatch", "tiny-test")
-    assert_problem(client.post("/decode?model=tiny-other", json=js), 422, "weights-mismatch")
+    assert_problem(client.post("/decode", json=foreign), 422, "unknown-model", "weights 0000000000000000 (model "
+                   "'tiny-test' in the tokens)", f"tiny-test (weights {tiny.sha256[:8]}), tiny-other")
+    # one message for every way a model does not fit the tokens (codec.Pretrained.check)
+    assert_problem(client.post("/decode?model=tiny-other", json=js), 422, "model-mismatch",
+                   f"do not fit model 'tiny-other': weights {tiny.sha256[:16]} (model: {other.sha256[:16]})")
+    assert_problem(client.post("/decode?model=tiny-other", content=tok, headers=h), 422, "model-mismatch",
+                   f"weights {tiny.sha256[:8]} (model: {other.sha256[:8]})")
+    wider = {**js, "bits_per_code": None, "stage_bits": [7, 6, 6, 6]}
+    assert_problem(client.post("/decode", json=wider), 422, "model-mismatch", "stage bits 7+6+6+6 (model: 6+6+6+6)")
+    assert_problem(client.post("/decode", json={**js, "sample_rate": 8000}), 422, "model-mismatch",
+                   "sample_rate 8000 (model: 16000)")
     unknown = {**js, "model_id": "elsewhere", "weights_hash": "11" * 8}
     assert_problem(client.post("/decode", json=unknown), 422, "unknown-model", "elsewhere")
+    contradiction = {**js, "stage_bits": [6, 6, 6, 5]}
+    assert_problem(client.post("/decode", json=contradiction), 422, "invalid-token-json", "contradicts")
+    neither = {k: v for k, v in js.items() if k not in ("stage_bits", "bits_per_code")}
+    assert_problem(client.post("/decode", json=neither), 422, "invalid-token-json", "give stage_bits")
 
 
 def test_body_limit_with_and_without_content_length(tiny):
@@ -429,7 +455,7 @@ def test_dependency_override_swaps_the_model(client, other):
         r = client.post("/encode", content=wav(0.2), headers={"content-type": "audio/wav"})
     finally:
         client.app.dependency_overrides.clear()
-    assert read_tok(io.BytesIO(r.content))[0].model_id == "tiny-other"
+    assert read_tok(io.BytesIO(r.content))[0].made_with(other.sha256)
 
 
 def test_not_found_and_method_not_allowed_are_problems(client):

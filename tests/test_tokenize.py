@@ -97,6 +97,7 @@ def test_local_shards_hold_the_compress_tokens_and_an_error_table(corpus, tmp_pa
     assert meta["model_id"] == index["model_id"] == "tiny-tok"
     assert meta["weights_sha256"] == model.sha256
     assert (meta["n_stages"], meta["codebook_size"], meta["frame_rate"]) == (4, 64, 50.0)
+    assert meta["codebook_sizes"] == index["codebook_sizes"] == [64] * 4
     assert index["files"] == len(CLIPS) + 1 and index["shards"] == 3
 
 

@@ -297,11 +297,14 @@ def _index(model_ref: str | None, n_stages: int | None, shard_size: int, items: 
     from codec.stages import check_stages
 
     stages = config["n_stages"] if n_stages is None else check_stages(n_stages, config["n_stages"])
+    sizes = config["codebook_size"]  # one size for every stage, or one per stage
+    sizes = list(sizes) if isinstance(sizes, list) else [sizes] * config["n_stages"]
     return {
         "format": TOKENS_FORMAT, "model_id": config.get("model_id") or str(model_ref),
         "weights_sha256": config["sha256"],
         "sample_rate": config["sample_rate"], "hop_length": config["model"]["hop_length"],
         "frame_rate": config["frame_rate"], "n_stages": stages, "codebook_size": config["codebook_size"],
+        "codebook_sizes": sizes[:stages],
         "shard_size": shard_size, "files": len(items), "shards": -(-len(items) // shard_size),
         "inputs_sha256": fingerprint(items), "input": source,
     }
@@ -328,7 +331,7 @@ def tokenize(source: str | os.PathLike, out: str | os.PathLike, model: str | Non
     index = _index(model, n_stages, shard_size, items, str(source))
     _check_index(out, index, force)
     metadata = {k: index[k] for k in ("format", "model_id", "weights_sha256", "sample_rate", "hop_length",
-                                      "frame_rate", "n_stages", "codebook_size")}
+                                      "frame_rate", "n_stages", "codebook_size", "codebook_sizes")}
     shards = [list(items[i: i + shard_size]) for i in range(0, len(items), shard_size)]
     pending = {s: members for s, members in enumerate(shards) if not shard_path(out, s).exists()}
     result = TokenizeResult(files=len(items), shards=len(shards), shards_skipped=len(shards) - len(pending))

@@ -15,7 +15,7 @@ from codec.tokfile import TokHeader
 from server.deps import ModelQuery, RuntimeDep, SettingsDep, within_deadline, work_slot
 from server.errors import ProblemError, problem_responses
 from server.runtime import ServedModel
-from server.tokens import model_for_header, parse_tok, parse_token_json
+from server.tokens import parse_tok, parse_token_json
 from server.uploads import media_type, read_body
 
 router = APIRouter(tags=["codec"])
@@ -90,8 +90,7 @@ async def decode(
 
     async with work_slot(request, runtime) as slot:
         async def work() -> tuple[TokHeader, bytes, int]:
-            header, codes = await runtime.run(slot, parse, body, settings)
-            served = model_for_header(header, runtime, model)
+            served, header, codes = await runtime.run(slot, parse, body, settings, runtime, model)
             return header, *await runtime.run(slot, _decode_job, header, codes, served, container)
 
         header, audio, clipped = await within_deadline(settings.request_timeout_s, work())
