@@ -35,7 +35,7 @@ class Pretrained:
     @property
     def stage_bits(self) -> tuple[int, ...]:
         """Bits per code of each stage, log2 of `model.codebook_sizes`."""
-        return tuple(k.bit_length() - 1 for k in self.model.codebook_sizes)
+        return self.model.stage_bits
 
     def header(self, n_stages: int, num_samples: int | None) -> TokHeader:
         """The header of tokens this model makes with `n_stages` stages (`num_samples` None: not known yet)."""

@@ -68,8 +68,13 @@ class ModelInfo(BaseModel):
     hop_length: int = Field(examples=[320])
     frame_rate: float = Field(examples=[50.0])
     n_stages: int = Field(description="Residual stages (the maximum `stages`).", examples=[12])
-    codebook_size: int = Field(examples=[1024])
-    bits_per_code: int = Field(examples=[10])
+    codebook_sizes: list[int] = Field(description="Codes per stage.", examples=[[1024, 1024]])
+    stage_bits: list[int] = Field(description="Bits per code of each stage, as packed in .tok files.",
+                                  examples=[[10, 10]])
+    codebook_size: int | None = Field(description="Codes per stage when every stage has the same size, else null.",
+                                      examples=[1024])
+    bits_per_code: int | None = Field(description="Bits per code when every stage has the same width, else null.",
+                                      examples=[10])
     bitrates_kbps: list[float] = Field(description="Bitrate for 1..n_stages stages, kbit/s.", examples=[[0.5, 1.0]])
     weights_hash: str = Field(description="First 8 bytes of the weights' sha256 (hex), as in .tok headers.")
 

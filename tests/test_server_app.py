@@ -93,6 +93,7 @@ def test_models_lists_served_models(client, tiny):
     assert m["default"] is True and m["trained"] is False and models["tiny-other"]["default"] is False
     assert (m["sample_rate"], m["hop_length"], m["frame_rate"], m["n_stages"]) == (16000, 320, 50.0, 4)
     assert m["bitrates_kbps"] == [0.3, 0.6, 0.9, 1.2]  # 6 bits x 50 frames/s per stage
+    assert m["codebook_sizes"] == [64] * 4 and m["stage_bits"] == [6] * 4 and m["bits_per_code"] == 6
     assert m["weights_hash"] == tiny.sha256[:16]
 
 
