@@ -8,7 +8,7 @@ Plain VQ learns C directly and serves as the collapse baseline.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,8 +117,9 @@ class Codebook(nn.Module):
     Args:
         dim: latent dimension D (what the stage reads and writes).
         codebook_size: K, a power of two.
-        kind: "simvq" (frozen Gaussian C [K, d] with std d^-1/2, learned linear W with bias, codes = W(C)) or
-            "vq" (learned codes, initialised like C).
+        kind: "simvq" (frozen C [K, d], learned linear W with bias, codes = W(C); C is Gaussian with std
+            d^-1/2 until `draw_from` replaces it by a sample of the stage's inputs) or "vq" (learned codes,
+            initialised like C).
         code_dim: d, the lookup dimension; None searches the latent itself (no projections).
         normalize: L2-normalise inputs and codes (search by cosine similarity; losses and output on the sphere).
         whiten: whiten the lookup-space input with running statistics (`RunningWhitener`) before the search
@@ -239,6 +240,30 @@ class Codebook(nn.Module):
             self.proj.bias.copy_(mean)
         else:
             self.codes.mul_(std * d**0.5).add_(mean)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def draw_from(self, x: Tensor, generator: torch.Generator | None = None) -> None:
+        """Make the frozen codes a random sample of this stage's own inputs, latents `x [N, D]` (N >= K).
+
+        After whitening, a stage's input is far from Gaussian (it fills its space unevenly), so a Gaussian C
+        leaves many codes where no input falls and too few where most do. Codes drawn from the inputs
+        follow their density: on the shipped model's first stage they halve the squared error of matched
+        Gaussian codes and use 98% of them (docs/architecture.md). W restarts at the identity and keeps
+        moving all codes together, as in SimVQ."""
+        projected = self.in_proj(x)
+        if self.whitener is not None:
+            self.whitener.set_statistics(projected)
+        z = self._to_lookup(projected, self._whitening())
+        if z.shape[0] < self.codebook_size:
+            raise ValueError(f"drawing {self.codebook_size} codes needs at least as many frames, got {z.shape[0]}")
+        drawn = z[torch.randperm(z.shape[0], generator=generator, device=z.device)[: self.codebook_size]]
+        if self.kind == "simvq":
+            self.frozen_codebook.copy_(drawn)
+            self.proj.weight.copy_(torch.eye(self.code_dim))
+            self.proj.bias.zero_()
+        else:
+            self.codes.copy_(drawn)
         self.initialized.fill_(True)
 
     def nearest(self, z: Tensor, codebook: Tensor) -> Tensor:
@@ -389,6 +414,18 @@ class ResidualQuantizer(nn.Module):
             residual_loss=fit / n,
             stage_counts=tuple(counts),
         )
+
+    @torch.no_grad()
+    def draw_codebooks(self, z: Tensor, stages: Collection[int] | None = None,
+                       generator: torch.Generator | None = None) -> None:
+        """Draw the frozen codes of `stages` (indices; all by default) from their own inputs, stage after stage,
+        for latents `z [..., D]` with at least as many frames as the largest of those codebooks
+        (`Codebook.draw_from`)."""
+        residual = z.reshape(-1, z.shape[-1])
+        for i, stage in enumerate(self.stages):
+            if stages is None or i in stages:
+                stage.draw_from(residual, generator)
+            residual = residual - stage.lookup(stage.encode(residual))
 
     @torch.no_grad()
     def calibrate_whiteners(self, z: Tensor) -> None:

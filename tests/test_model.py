@@ -534,3 +534,28 @@ def test_stages_of_different_sizes_pack_their_own_bits():
         model.decode(too_big)
     with pytest.raises(ValueError, match="3 sizes for 4 stages"):
         tiny_codec(codebook_size=[256, 64, 64])
+
+
+def test_codes_drawn_from_the_stage_inputs_fit_them_better_than_gaussian_codes():
+    torch.manual_seed(0)
+    # Inputs that fill their space unevenly: a few tight clusters, as a stage's whitened input does.
+    centres = torch.randn(12, 16) * 3.0
+    z = (centres[torch.randint(12, (4000,))] + 0.3 * torch.randn(4000, 16))[None]
+    gaussian = ResidualQuantizer(dim=16, n_stages=2, codebook_size=[256, 64], code_dim=4, whiten=True,
+                                 quantizer_dropout=0.0)
+    gaussian.train()(z)  # whitening statistics and the usual rescaled Gaussian codes
+    drawn = ResidualQuantizer(dim=16, n_stages=2, codebook_size=[256, 64], code_dim=4, whiten=True,
+                              quantizer_dropout=0.0)
+    drawn.load_state_dict(gaussian.state_dict())  # the same maps into and out of the lookup space
+    drawn.draw_codebooks(z, generator=torch.Generator().manual_seed(0))
+    first = drawn.stages[0]
+    assert bool(first.initialized) and torch.equal(first.proj.weight, torch.eye(4))
+    inputs = first.lookup_input(z[0]).detach()
+    assert (torch.cdist(first.frozen_codebook, inputs).min(1).values < 1e-2).all()  # every code is an input
+    with torch.no_grad():
+        error = {name: (z - q.decode(q.encode(z, 1))).pow(2).mean().item()
+                 for name, q in (("gaussian", gaussian.eval()), ("drawn", drawn.eval()))}
+        used = drawn.encode(z, 1).unique().numel()
+    assert error["drawn"] < 0.7 * error["gaussian"] and used > 0.8 * 256
+    with pytest.raises(ValueError, match="needs at least as many frames"):
+        drawn.draw_codebooks(z[:, :100])
