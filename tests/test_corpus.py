@@ -442,3 +442,16 @@ def test_select_sources_expands_default_in_a_list():
     assert "ffmpeg" in SOURCES["asterisk"].packages  # --install brings the G.722 decoder
     with pytest.raises(AudioError, match="unknown source"):
         select_sources(["default", "nope"])
+
+
+def test_find_redeclipse_joins_taunts_per_voice(tmp_path):
+    for folder, names in (("voice", ["haha", "haha2", "no", "sorry"]), ("announcer", ["fight"]),
+                          ("player", ["pain"])):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / f"{name}.ogg").write_bytes(b"")
+    items = corpus.find_redeclipse(tmp_path)
+    assert [(i.speaker, i.name, len(i.src)) for i in items] == [
+        ("redeclipse-en-player", "haha_haha2_no", 3), ("redeclipse-en-player", "sorry", 1),
+        ("redeclipse-en-announcer", "fight", 1)]
+    assert {plan_split(items)[i.speaker] for i in items} == {"dev-ood"}

@@ -446,6 +446,22 @@ def find_megaglest(root: Path) -> list[Item]:
     return items
 
 
+# Red Eclipse's spoken sounds: folder -> (voice, clips joined per utterance); the player's taunts are short
+# and emotional ("damn it", "haha", "nice shot"), the announcer's calls a little longer.
+REDECLIPSE_VOICES = {"voice": ("player", 3), "announcer": ("announcer", 2)}
+
+
+def find_redeclipse(root: Path) -> list[Item]:
+    """redeclipse-data `sounds/{voice,announcer}/*.ogg`: one speaker id per folder."""
+    items = []
+    for folder, (voice, per_item) in REDECLIPSE_VOICES.items():
+        speaker = f"redeclipse-en-{voice}"
+        for chunk in chunks(sorted(str(f) for f in (root / folder).glob("*.ogg")), per_item):
+            name = "_".join(_slug(Path(f).stem) for f in chunk)
+            items.append(Item(chunk, speaker, speaker, "redeclipse", "en", name))
+    return items
+
+
 def find_horizons(root: Path) -> list[Item]:
     """Unknown Horizons' spoken messages (`<lang>/<n>/<event>/*.ogg`), one narrator per language."""
     items = []
@@ -545,6 +561,9 @@ SOURCES: dict[str, Source] = {
         Source("warzone2100", ("warzone2100-data",), "/usr/share/games/warzone2100", find_warzone2100,
                "acted game voices: tutorial, briefings, taunts; Ogg 11-22 kHz inside base.wz; dev-ood",
                kind="acted-nb", ood_only=True),
+        Source("redeclipse", ("redeclipse-data",), "/usr/share/games/redeclipse/data/sounds", find_redeclipse,
+               "acted, emotional player taunts and announcer calls; Ogg 44.1 kHz; dev-ood", kind="acted",
+               ood_only=True),
         Source("horizons", ("unknown-horizons",), "/usr/share/unknown-horizons/content/audio/voice", find_horizons,
                "acted narrator messages in de, en, fr; Ogg 44.1 kHz; dev-ood", kind="acted", ood_only=True),
         Source("fotaq", ("flight-of-the-amazon-queen",), "/usr/share/scummvm/flight-of-the-amazon-queen",
