@@ -204,7 +204,7 @@ def test_narrowband_files_are_dropped(tmp_path):
 
 # --- sources ----------------------------------------------------------------------------------------
 def test_find_asterisk_names_voices_and_skips_non_speech(tmp_path):
-    for folder in ("en_US_f_Allison", "es_MX_f_Allison", "fr_CA_f_June"):
+    for folder in ("en_US_f_Allison", "es_MX_f_Allison", "fr_CA_f_June", "it_IT_f_Menardi"):
         (tmp_path / folder / "digits").mkdir(parents=True)
         (tmp_path / folder / "silence").mkdir()
         for name in ("vm-intro", "beep", "digits/1", "silence/1"):

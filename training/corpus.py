@@ -256,6 +256,7 @@ def _stem(rel: Path) -> str:
 
 ASTERISK_VOICE = re.compile(r"^(?P<lang>[a-z]{2})_(?P<region>[A-Z]{2})_(?P<gender>[fm])_(?P<voice>\w+)$")
 ASTERISK_NON_SPEECH = {"beep", "beeperr", "ascending-2tone", "descending-2tone"}
+ASTERISK_RESERVED = {"it_IT_f_Menardi"}  # asterisk-prompt-it-menardi*: reserved for independent evaluation
 
 
 def find_asterisk(root: Path) -> list[Item]:
@@ -263,7 +264,7 @@ def find_asterisk(root: Path) -> list[Item]:
     items = []
     for folder in sorted(p for p in root.glob("*_*_*_*") if p.is_dir()):
         m = ASTERISK_VOICE.match(folder.name)
-        if not m:
+        if not m or folder.name in ASTERISK_RESERVED:
             continue
         voice = m["voice"].lower()
         speaker = f"asterisk-{m['lang']}-{voice}"
