@@ -47,8 +47,8 @@ def _positive(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="folder (scanned for wav/flac/ogg), manifest CSV (path,speaker,duration,split,source,language; "
-                        "paths relative to the CSV) or audio file")
+                   help="folder (scanned for wav/flac/ogg), manifest CSV (a path column, optionally speaker, duration, "
+                        "split; other columns ignored; paths relative to the CSV) or audio file")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--split", help="keep only manifest rows of this split (e.g. test)")
     p.add_argument("--per-speaker", type=_positive, metavar="N",

@@ -1,8 +1,10 @@
 """The corpus recipe on generated audio in temporary folders: no Debian speech package is needed."""
 
+import io
 import random
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +21,24 @@ from training.corpus import (
     build_corpus,
     choose_dev_groups,
     find_asterisk,
+    find_codec2,
+    find_megaglest,
+    find_telephone,
     find_tuxpaint,
+    find_warzone2100,
+    kind_table,
     load_item,
     plan_split,
+    process_item,
     read_manifest,
     resample,
+    select_sources,
     split_long,
     to_mono,
     trim_silence,
     write_manifest,
 )
+from training.manifest import read_manifest as read_listing_manifest
 
 SR = 16000
 
@@ -96,13 +106,18 @@ def test_plan_split_holds_out_preferred_voices_and_never_synthetic_ones():
 
 # --- manifest ---------------------------------------------------------------------------------------
 def test_manifest_round_trip(tmp_path):
-    rows = [ManifestRow("wav/b/2.wav", "b", 2.5, "dev", "klettres", "fr"),
-            ManifestRow("wav/a/1.wav", "a", 1.25, "train", "asterisk", "en-US")]
+    rows = [ManifestRow("wav/b/2.wav", "b", 2.5, "dev-ood", "telephone", "fr-FR", "telephone"),
+            ManifestRow("wav/a/1.wav", "a", 1.25, "train", "asterisk", "en-US", "read")]
     assert write_manifest(tmp_path / "m.csv", rows) == 2
     text = (tmp_path / "m.csv").read_text().splitlines()
-    assert text[0] == "path,speaker,duration,split,source,language"
-    assert text[1] == "wav/a/1.wav,a,1.250,train,asterisk,en-US"  # sorted by path
+    assert text[0] == "path,speaker,duration,split,source,language,kind"
+    assert text[1] == "wav/a/1.wav,a,1.250,train,asterisk,en-US,read"  # sorted by path
     assert read_manifest(tmp_path / "m.csv") == sorted(rows, key=lambda r: r.path)
+
+
+def test_manifest_without_kind_still_reads(tmp_path):
+    (tmp_path / "m.csv").write_text("path,speaker,duration,split,source,language\nwav/a/1.wav,a,1.5,dev,s,en\n")
+    assert read_manifest(tmp_path / "m.csv") == [ManifestRow("wav/a/1.wav", "a", 1.5, "dev", "s", "en", "")]
 
 
 @pytest.mark.parametrize("body, message", [
@@ -189,7 +204,7 @@ def test_narrowband_files_are_dropped(tmp_path):
 
 # --- sources ----------------------------------------------------------------------------------------
 def test_find_asterisk_names_voices_and_skips_non_speech(tmp_path):
-    for folder in ("en_US_f_Allison", "es_MX_f_Allison", "fr_CA_f_June"):
+    for folder in ("en_US_f_Allison", "es_MX_f_Allison", "fr_CA_f_June", "it_IT_f_Menardi"):
         (tmp_path / folder / "digits").mkdir(parents=True)
         (tmp_path / folder / "silence").mkdir()
         for name in ("vm-intro", "beep", "digits/1", "silence/1"):
@@ -270,3 +285,173 @@ def test_cli_refuses_to_overwrite_and_rejects_unknown_sources(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert corpus.main(["--out", str(tmp_path), "--sources", "nope"]) == 2
     assert "unknown source" in capsys.readouterr().err
+
+
+# --- the out-of-domain dev set and the sources beside the corpus ------------------------------------
+def write_tone(path: Path, seconds: float, rate: int, freq: float = 300.0, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.concatenate([silence(0.2, rate), tone(seconds, freq, rate), silence(0.2, rate)]), rate,
+             **kwargs)
+
+
+def test_plan_split_puts_ood_voices_in_dev_ood_only():
+    def item(speaker, group, source):
+        return Item(("x",), speaker, group, source, "en", "n")
+
+    items = [item("megaglest-en-commondata-archer", "megaglest-glest", "megaglest"),
+             item("megaglest-en-magic-initiate", "megaglest-glest", "megaglest"),
+             item("megaglest-en-egypt-mummy", "megaglest-egypt", "megaglest"),
+             item("megaglest-en-norsemen-valkyrie", "megaglest-norsemen", "megaglest"),
+             item("telephone-es-july", "telephone-es-july", "telephone"),
+             item("fotaq-en-joe", "fotaq-en-joe", "fotaq"),
+             item("asterisk-fr-june", "asterisk-june", "asterisk"),
+             item("asterisk-en-allison", "asterisk-allison", "asterisk")]
+    splits = plan_split(items)
+    assert splits == {
+        "megaglest-en-commondata-archer": "dev-ood", "megaglest-en-magic-initiate": "dev-ood",
+        "megaglest-en-egypt-mummy": "train", "megaglest-en-norsemen-valkyrie": "train",
+        "telephone-es-july": "dev-ood", "fotaq-en-joe": "train",
+        "asterisk-fr-june": "dev", "asterisk-en-allison": "train"}
+    assert plan_split(list(reversed(items))) == splits
+
+
+def test_ood_pieces_are_cut_to_15_s_and_short_ones_dropped(tmp_path):
+    long_file, short_file = tmp_path / "long.wav", tmp_path / "short.wav"
+    write_tone(long_file, 40.0, 8000)
+    write_tone(short_file, 0.6, 8000)
+    result = process_item(Item((str(long_file),), "codec2-en-x", "g", "codec2", "en", "long", min_rate=8000),
+                          tmp_path / "out", seconds=(1.0, 15.0))
+    assert result.dropped is None and len(result.pieces) == 4  # a steady tone is cut 5 s before each limit
+    assert all(1.0 <= seconds <= 15.0 for _, seconds in result.pieces)
+    assert sum(seconds for _, seconds in result.pieces) == pytest.approx(40.2, abs=0.05)  # tone + 0.1 s margins
+    assert sf.info(tmp_path / "out" / result.pieces[0][0]).samplerate == SR  # 8 kHz upsampled, kept narrowband
+    short = process_item(Item((str(short_file),), "codec2-en-y", "g", "codec2", "en", "short", min_rate=8000),
+                         tmp_path / "out", seconds=(1.0, 15.0))
+    assert short.dropped == "shorter than 1.0 s" and not short.pieces
+
+
+def test_find_megaglest_keeps_speech_and_groups_factions(tmp_path):
+    files = ["factions/magic/units/initiate/sounds/initiate_ack1.wav",
+             "factions/magic/units/initiate/sounds/initiate_select2.wav",
+             "factions/egypt/units/mummy/sounds/mummy_ack1.wav",
+             "factions/egypt/units/mummy/sounds/mummy_die1.wav",  # a death cry: not speech
+             "factions/egypt/units/chicken/sounds/chicken_ack1.wav",  # an animal
+             "commondata/sounds/technician_ack1.wav", "commondata/sounds/technician_ack2.wav",
+             "commondata/sounds/pig_select1.wav", "commondata/sounds/arrow_hit1.wav"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    for i in range(3, 7):
+        (tmp_path / f"commondata/sounds/technician_select{i}.wav").write_bytes(b"")
+    items = find_megaglest(tmp_path)
+    summary = sorted((i.speaker, i.group, len(i.src)) for i in items)
+    assert summary == [("megaglest-en-commondata-technician", "megaglest-glest", 2),
+                       ("megaglest-en-commondata-technician", "megaglest-glest", 4),
+                       ("megaglest-en-egypt-mummy", "megaglest-egypt", 1),
+                       ("megaglest-en-magic-initiate", "megaglest-glest", 2)]
+    assert plan_split(items)["megaglest-en-commondata-technician"] == "dev-ood"
+
+
+def test_find_telephone_takes_a_fixed_sample_of_sentences(tmp_path):
+    folder = tmp_path / "es"
+    (folder / "digits").mkdir(parents=True)
+    for i in range(corpus.TELEPHONE_PER_VOICE + 20):
+        (folder / f"prompt-{i:03d}.gsm").write_bytes(b"")
+    (folder / "beep.gsm").write_bytes(b"")
+    (folder / "digits" / "1.gsm").write_bytes(b"")
+    (tmp_path / "fr_CA_f_June").mkdir()
+    (tmp_path / "fr").symlink_to(tmp_path / "fr_CA_f_June")  # a core sound set's language link, not Armelle
+    items = find_telephone(tmp_path)
+    assert len(items) == corpus.TELEPHONE_PER_VOICE
+    assert {(i.speaker, i.language, i.min_rate) for i in items} == {("telephone-es-july", "es-CO", 8000)}
+    assert all(i.name.startswith("prompt") for i in items)
+    (folder / "prompt-999.gsm").write_bytes(b"")  # another file does not reshuffle the sample
+    again = {i.name for i in find_telephone(tmp_path)}
+    assert len(again & {i.name for i in items}) >= corpus.TELEPHONE_PER_VOICE - 1
+
+
+def test_find_codec2_skips_coded_and_joined_files(tmp_path):
+    for name in ("forig", "f2400", "all", "hts1a", "wia_16kHz"):
+        (tmp_path / f"{name}.wav").write_bytes(b"")
+    assert sorted(i.speaker for i in find_codec2(tmp_path)) == ["codec2-en-forig", "codec2-en-hts1a"]
+
+
+def test_warzone_voices_are_read_inside_the_archive(tmp_path):
+    buffer = io.BytesIO()
+    sf.write(buffer, tone(1.5, 400.0, 11025), 11025, format="OGG", subtype="VORBIS")
+    with zipfile.ZipFile(tmp_path / "base.wz", "w") as zf:
+        for name in ("audio/tutorial/tut1.ogg", "audio/tutorial/tut2.ogg", "audio/taunts/taunt1/a.ogg",
+                     "audio/taunts/taunt1/b.ogg", "audio/sfx/weapons/gun.ogg"):
+            zf.writestr(name, buffer.getvalue())
+    items = find_warzone2100(tmp_path)
+    assert [(i.speaker, i.name, len(i.src)) for i in items] == [
+        ("warzone2100-en-tutorial", "tut1", 1), ("warzone2100-en-tutorial", "tut2", 1),
+        ("warzone2100-en-taunt1", "a_b", 2)]
+    wav, reason = load_item(items[2])
+    assert reason is None and abs(len(wav) / SR - (1.5 + 0.15 + 1.5)) < 0.05  # two clips and a pause
+    assert corpus.deduplicate(items)[1] == 1  # tut2 repeats tut1's bytes
+
+
+def test_queen_table_and_drascula_speech_decode(tmp_path):
+    clip = io.BytesIO()
+    sf.write(clip, tone(1.0, 300.0, 11025), 11025, format="WAV", subtype="PCM_16")
+    data = clip.getvalue()
+    name = b"020006J1.SB".ljust(12, b"\0")
+    table_start = 15 + 21
+    archive = tmp_path / "queen.1c"
+    archive.write_bytes(b"QTBL" + b"CEM10\0" + b"\0\0" + b"\1" + (1).to_bytes(2, "big") + name + b"\1"
+                        + table_start.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data)
+    items = corpus.find_fotaq(tmp_path)
+    assert [(i.speaker, i.decoder) for i in items] == [("fotaq-en-joe", "queen")]
+    wav, reason = load_item(items[0])
+    assert reason is None and abs(len(wav) / SR - 1.0) < 0.03
+    pcm = np.round(tone(2.0, 300.0, 11025, 0.5) * 127 + 128).astype(np.uint8)
+    pad = np.full(corpus.ALS_PAD, 255, np.uint8)  # not audio: the engine skips it
+    (tmp_path / "VB3.ALS").write_bytes(np.concatenate([pad, pcm, pad]).tobytes())
+    (drascula,) = corpus.find_drascula(tmp_path)
+    wav, reason = load_item(drascula)
+    assert drascula.speaker == "drascula-en-vb" and reason is None
+    assert abs(len(wav) / SR - 2.0) < 0.03 and np.max(np.abs(wav)) == pytest.approx(0.5, abs=0.02)
+
+
+def test_build_writes_a_dev_ood_manifest_the_readers_accept(tmp_path):
+    make_klettres_tree(tmp_path / "klettres")
+    for name, seconds in (("forig", 3.0), ("hts1a", 20.0), ("big_dog", 0.5)):
+        write_tone(tmp_path / "codec2" / f"{name}.wav", seconds, 8000)
+    out = tmp_path / "corpus"
+    report = build_corpus(out, [SOURCES["klettres"], SOURCES["codec2"]], roots={
+        "klettres": tmp_path / "klettres", "codec2": tmp_path / "codec2"}, progress=False)
+    ood = read_manifest(out / "dev-ood.csv")
+    assert sorted((r.speaker, round(r.duration)) for r in ood) == [
+        ("codec2-en-forig", 3), ("codec2-en-hts1a", 10), ("codec2-en-hts1a", 10)]  # 20 s cut below 15 s
+    assert {(r.split, r.kind, r.source) for r in ood} == {("dev-ood", "telephone", "codec2")}
+    assert {r.kind for r in report.rows if r.source == "klettres"} == {"read"}
+    assert not {r.speaker for r in ood} & {r.speaker for r in read_manifest(out / "train.csv")}
+    assert report.dropped["shorter than 1.0 s"] == 1  # big_dog, too short for the out-of-domain set
+    listed = read_listing_manifest(out / "dev-ood.csv")  # the reader of training and evaluation
+    assert [(i.speaker, i.split) for i in listed] == [(r.speaker, "dev-ood") for r in ood]
+    assert all(i.path.is_file() for i in listed)
+    table = kind_table(report.rows)
+    assert "| telephone  |      2 | en " in table and "|      3 |" in table
+
+
+def test_select_sources_expands_default_in_a_list():
+    names = [s.name for s in select_sources(["default", "fotaq"])]
+    assert names == [s.name for s in SOURCES.values() if s.default] + ["fotaq"]
+    assert "asterisk-nb" not in SOURCES  # reserved for independent evaluation
+    assert "ffmpeg" in SOURCES["asterisk"].packages  # --install brings the G.722 decoder
+    with pytest.raises(AudioError, match="unknown source"):
+        select_sources(["default", "nope"])
+
+
+def test_find_redeclipse_joins_taunts_per_voice(tmp_path):
+    for folder, names in (("voice", ["haha", "haha2", "no", "sorry"]), ("announcer", ["fight"]),
+                          ("player", ["pain"])):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / f"{name}.ogg").write_bytes(b"")
+    items = corpus.find_redeclipse(tmp_path)
+    assert [(i.speaker, i.name, len(i.src)) for i in items] == [
+        ("redeclipse-en-player", "haha_haha2_no", 3), ("redeclipse-en-player", "sorry", 1),
+        ("redeclipse-en-announcer", "fight", 1)]
+    assert {plan_split(items)[i.speaker] for i in items} == {"dev-ood"}
