@@ -132,9 +132,9 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
     trainer, state = _trained_state(corpus, tmp_path / "run")
     out = tmp_path / "out"
     export(trainer.ckpt_dir / "step_00000002.pt", out / "model", dtype=torch.float16)
-    path = save_portable(state, out, ema_dir=out / "model", max_file_bytes=2**20 + 400_000)
+    path = save_portable(state, out, ema_dir=out / "model", max_file_bytes=2**20 + 450_000)
     shards = sorted(out.glob("checkpoint-*.safetensors"))
-    assert len(shards) >= 2 and all(p.stat().st_size <= 2**20 + 400_000 for p in shards)
+    assert len(shards) >= 2 and all(p.stat().st_size <= 2**20 + 450_000 for p in shards)
     back = load_portable(path)
     assert back["step"] == 2 and back["data_position"] == state["data_position"]
     for part in ("model", "disc"):
@@ -166,7 +166,7 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
     started, _ = prepare(args)
     assert started.resumed_from == packed.path / "init" / "checkpoint.json" and started.step == 2
 
-    save_portable({**state, "step": 3}, out, ema_dir=out / "model", max_file_bytes=2**20 + 400_000)
+    save_portable({**state, "step": 3}, out, ema_dir=out / "model", max_file_bytes=2**20 + 450_000)
     assert not any(p.exists() for p in shards)  # the previous save's shards go once the new one is complete
     shard = next(out.glob("checkpoint-00000003-0.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)

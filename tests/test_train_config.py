@@ -82,3 +82,19 @@ def test_overrides_after_an_option_still_count(entry, tmp_path, monkeypatch):
     assert seen["run_dir"] == tmp_path / "run"
     with pytest.raises(SystemExit):  # an unknown option is still an error
         main(["train", "steps=3", "--run-dir", str(tmp_path / "run"), "--bogus"])
+
+
+def test_the_defaults_are_the_shipped_model():
+    """SimVQCodec's defaults are the bundled model's config, and the loss defaults the run that trained it."""
+    import inspect
+    import json
+
+    from codec.model import SimVQCodec
+    from codec.presets import model_dir
+
+    shipped = json.loads((model_dir("simvq-16k") / "config.json").read_text())
+    defaults = {k: p.default for k, p in inspect.signature(SimVQCodec.__init__).parameters.items() if k != "self"}
+    assert defaults == shipped["model"]
+    trained = shipped["provenance"]["config"]["loss"]
+    assert TrainConfig().loss.weights == trained["weights"]
+    assert TrainConfig().loss.pitch_teacher_forcing == trained["pitch_teacher_forcing"]

@@ -139,10 +139,10 @@ def test_init_from_starts_a_new_run_from_a_checkpoint_of_another_config(corpus, 
     Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=2)
     saved = checkpoints.load_checkpoint(checkpoints.resolve_checkpoint(source))
     # model.phase changes what the decoder's outputs mean, not any parameter's shape
-    changed = ("eval_every=0", "model.phase=propagated", f"init_from={source}")
+    changed = ("eval_every=0", "model.phase=absolute", f"init_from={source}")
     with pytest.warns(UserWarning, match="init_from"):
         warm = Trainer(tiny_config(corpus, *changed), tmp_path / "warm")
-    assert warm.step == 2 and warm.model.synthesis.phase == "propagated"
+    assert warm.step == 2 and warm.model.synthesis.phase == "absolute"
     assert all(torch.equal(warm.model.state_dict()[k], v) for k, v in saved["model"].items())
     warm.fit(until=3)
     assert (tmp_path / "warm" / "checkpoints" / "step_00000003.pt").is_file()
@@ -184,17 +184,17 @@ def test_a_released_model_grows_a_pitch_head_that_trains_against_the_pitch_track
     assert "pitch/f0" not in losses(source)[1]  # a model without the head has no pitch terms
     audio = torch.from_numpy(speechlike(0.2))[None, None]
     prior_f0, track, voiced = warm._pitch_inputs(audio)
-    assert prior_f0.isnan().all() and voiced.any()  # by default the head's own f0 drives the prior
-    warm.cfg.loss.pitch_teacher_forcing = 1.0
-    assert torch.equal(warm._pitch_inputs(audio)[0], track)  # teacher forcing: the track drives it
+    assert torch.equal(prior_f0, track) and voiced.any()  # by default (teacher forcing) the track drives the prior
+    warm.cfg.loss.pitch_teacher_forcing = 0.0
+    assert warm._pitch_inputs(audio)[0].isnan().all()  # without it, the head's own f0
     with pytest.raises(CheckpointError, match="does not fit"):  # new modules may start fresh, changed ones not
         Trainer(tiny_config(corpus, *pitch, "model.decoder_dim=48"), tmp_path / "wider")
 
 
-def _tiny_release(corpus, tmp_path) -> Path:
+def _tiny_release(corpus, tmp_path, *overrides: str) -> Path:
     """A tiny model trained one step and exported as a release (a model directory)."""
     source = tmp_path / "source"
-    Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=1)
+    Trainer(tiny_config(corpus, "eval_every=0", *overrides), source).fit(until=1)
     return export(source, tmp_path / "release", model_id="tiny")
 
 
@@ -218,7 +218,7 @@ def test_a_released_model_grows_a_deeper_decoder_that_starts_as_the_released_one
 def test_a_released_model_grows_advance_features_that_start_unheard(corpus, tmp_path):
     """The encoder's input projection gains zero weights for the appended advance features: the grown model
     first encodes exactly as the release did, then learns to listen to them."""
-    released = _tiny_release(corpus, tmp_path)
+    released = _tiny_release(corpus, tmp_path, "model.advance_features=false")
     with pytest.warns(UserWarning, match=r"encoder_in\.0\.weight grows from"):
         grown = Trainer(tiny_config(corpus, "eval_every=0", "model.advance_features=true", f"init_from={released}"),
                         tmp_path / "grown")

@@ -104,20 +104,21 @@ class LossConfig:
         adv_loss: "hinge" or "lsgan" for generator and discriminator.
         pitch_teacher_forcing: with a pitch head, the share of training examples whose harmonic prior
             follows the input's pitch track (training.pitch) rather than the head's own estimate.
+    The defaults are what the bundled model trained with.
     """
 
     weights: dict[str, float] = field(
         default_factory=lambda: {
             "mel": 15.0,
-            "stft/complex": 5.0,
-            "stft/linear": 0.0,
-            "spec/mag": 0.0,
-            "spec/phase": 0.0,
+            "stft/complex": 0.0,  # asks for absolute phase, which propagated phase does not have
+            "stft/linear": 10.0,
+            "spec/mag": 15.0,
+            "spec/phase": 15.0,
             "adv/gen": 1.0,
             "adv/feat": 2.0,
             "vq/commit": 0.25,
             "vq/codebook": 1.0,
-            "vq/residual": 0.0,
+            "vq/residual": 1.0,
             "pitch/f0": 1.0,  # these two apply only to a model with a pitch head (model.pitch_prior)
             "pitch/voicing": 1.0,
         }
@@ -129,7 +130,7 @@ class LossConfig:
     complex_power: float = 0.3
     linear_n_ffts: tuple[int, ...] = (512, 1024, 2048)
     adv_loss: str = "hinge"
-    pitch_teacher_forcing: float = 0.0
+    pitch_teacher_forcing: float = 1.0
 
 
 @dataclass
