@@ -221,7 +221,7 @@ def base_overrides(args) -> list[str]:
         "loss.weights": {"stft/complex": 0.0, "stft/linear": 0.0, "spec/mag": 0.0, "spec/phase": 0.0,
                          "vq/residual": 0.0, "adv/gen": 0.0, "adv/feat": 0.0},
         "disc.periods": [2], "disc.mpd_channels": [4], "disc.resolutions": [],  # built by the trainer, never used
-        "adv_start_step": args.steps,
+        "adv": False,
         "eval_every": 0,
         "ckpt_every": args.steps,
         "keep_last": 1,

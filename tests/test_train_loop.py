@@ -132,6 +132,8 @@ def test_resume_refuses_another_model_and_bad_checkpoints(corpus, tmp_path):
         checkpoints.load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         export(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="'no-such-model' is neither an installed model id"):
+        checkpoints.resolve_init("no-such-model")
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoint_of_another_config(corpus, tmp_path):
@@ -263,13 +265,14 @@ def test_time_limit_stops_with_a_checkpoint_and_a_dev_pass(corpus, tmp_path):
 
 def test_untrained_discriminators_may_change_on_resume_trained_ones_may_not(corpus, tmp_path):
     run = tmp_path / "run"
-    Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3"), run).fit(until=2)
+    phases = ("eval_every=0", "phases=[{name: plain, steps: 3, adv: false}, {name: adv, steps: 1}]")
+    Trainer(tiny_config(corpus, *phases), run).fit(until=2)
     with pytest.warns(UserWarning, match="start fresh"):
-        resumed = Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3", "disc.mrd_channels=8"), run)
+        resumed = Trainer(tiny_config(corpus, *phases, "disc.mrd_channels=8"), run)
     assert resumed.step == 2
     resumed.fit(until=4)  # trains the new discriminators from step 3
     with pytest.raises(CheckpointError, match="do not match disc"):
-        Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3", "disc.mrd_channels=4"), run)
+        Trainer(tiny_config(corpus, *phases, "disc.mrd_channels=4"), run)
 
 
 def test_codebook_learning_rate_multiplier_applies_and_follows_the_config_on_resume(corpus, tmp_path):
@@ -300,3 +303,54 @@ def test_a_released_model_takes_a_larger_first_codebook_with_the_rest_kept(corpu
     assert own["quantizer.stages.0.frozen_codebook"].shape[0] == 256 and not bool(own["quantizer.stages.0.initialized"])
     warm.fit(until=1)
     assert bool(warm.model.quantizer.stages[0].initialized)  # searched as from scratch: data-dependent init
+
+
+PHASES = ("phases=[{name: twin, steps: 2, adv: false, model: {quantize_fraction: 0}, optim: {lr: 1.0e-3}},"
+          " {name: gan, steps: 2, data: {gain_db: [-3, 0]}, optim: {warmup_steps: 2}}]")
+
+
+def test_phases_train_in_order_each_with_its_settings_schedule_and_name_in_the_logs(corpus, tmp_path):
+    cfg = tiny_config(corpus, PHASES, "eval_every=100", "ckpt_every=100")
+    straight = Trainer(cfg, tmp_path / "straight")
+    assert straight.model.quantizer.quantize_fraction == 0 and straight.dataset.gain_db == (-12.0, 0.0)
+    straight.fit()
+    assert straight.model.quantizer.quantize_fraction == 0.5 and straight.dataset.gain_db == (-3.0, 0.0)
+    logged = losses(tmp_path / "straight")
+    assert [logged[s]["phase"] for s in (1, 2, 3, 4)] == ["twin", "twin", "gan", "gan"]
+    assert "adv/disc" not in logged[2] and logged[3]["adv/disc"] > 0  # the adversary from the second phase on
+    assert logged[1]["lr/gen"] == pytest.approx(1e-3 / 2)  # its own warm-up (tiny.yaml: 2 steps) and peak
+    assert logged[3]["lr/gen"] == pytest.approx(3e-4 / 2) and logged[4]["lr/gen"] == pytest.approx(3e-4)  # again
+    assert logged[3]["lr/disc"] == pytest.approx(3e-4 / 2)
+    # each phase ends with a dev pass and a checkpoint
+    assert [(r["step"], r["phase"]) for r in read_jsonl(tmp_path / "straight" / DEV_LOG)] == [(2, "twin"), (4, "gan")]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "straight" / "checkpoints")] == [
+        "step_00000002.pt", "step_00000004.pt"]
+
+    Trainer(cfg, tmp_path / "resumed").fit(until=3)  # stopped in the middle of the second phase
+    resumed = Trainer(cfg, tmp_path / "resumed")
+    assert resumed.step == 3 and resumed.phase.name == "gan" and resumed.model.quantizer.quantize_fraction == 0.5
+    resumed.fit()
+    assert losses(tmp_path / "resumed")[4] == logged[4]  # bit-identical to the uninterrupted run
+
+
+def test_the_recipe_warm_starts_from_a_release_and_trains_its_phases(corpus, tmp_path):
+    """training/configs/simvq-16k.yaml with the tiny model and one step per phase, from a tiny release."""
+    import json
+
+    import yaml
+
+    released = _tiny_release(corpus, tmp_path)
+    tiny = yaml.safe_load(TINY.read_text())
+    sections = [f"{key}={json.dumps(tiny[key])}" for key in ("model", "data", "disc", "loss")]
+    recipe = Path(__file__).parent.parent / "training" / "configs" / "simvq-16k.yaml"
+    cfg = load_config(recipe, [*sections, f"data.train={corpus}", "data.dev=null", "data.dev_fraction=0.34",
+                               f"init_from={released}", "phases.quantizer.steps=1", "phases.adversary.steps=1",
+                               "log_every=1"])
+    trainer = Trainer(cfg, tmp_path / "recipe")
+    expected = load_model_dir(released).state_dict()
+    assert trainer.step == 0 and all(torch.equal(trainer.model.state_dict()[k], v) for k, v in expected.items())
+    trainer.fit()
+    logged = losses(tmp_path / "recipe")
+    assert (logged[1]["phase"], logged[2]["phase"]) == ("quantizer", "adversary")
+    assert "adv/disc" not in logged[1] and logged[2]["adv/disc"] > 0
+    assert logged[1]["lr/gen"] == logged[2]["lr/gen"] == pytest.approx(1e-4 / 200)  # each phase warms up again

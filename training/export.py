@@ -29,7 +29,7 @@ def export(
     state = load_checkpoint(path)
     config = state["config"]
     try:
-        model = SimVQCodec(**upgrade_config(config["model"]))
+        model = SimVQCodec(**upgrade_config(state.get("model_config", config["model"])))
         model.load_state_dict(state["ema"]["model"] if weights == "ema" else state["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not match this version's SimVQCodec: {str(e).splitlines()[0]}") from None
