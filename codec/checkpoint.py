@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from codec.errors import CheckpointError
-from codec.model import SimVQCodec
+from codec.model import SimVQCodec, upgrade_config
 from codec.pretrained import Pretrained
 
 FORMAT = "simvq-codec/1"
@@ -130,9 +130,9 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
             "the file was altered or belongs to another model"
         )
     try:
-        model = SimVQCodec(**config["model"])
-    except TypeError as exc:
-        raise CheckpointError(f"{model_dir / CONFIG} has model arguments this version does not know: {exc}") from None
+        model = SimVQCodec(**upgrade_config(config["model"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{model_dir / CONFIG} has model arguments this version does not take: {exc}") from None
     try:
         state = load_file(weights)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

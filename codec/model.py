@@ -10,7 +10,9 @@ only other delay. The algorithmic latency is 35 ms.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +57,25 @@ class _PendingSamples:
     samples: Tensor  # `[B, 1, r]`, r < hop: the start of a frame that is not complete yet
 
 
+RETIRED_ARGUMENTS = ("normalize_latent", "normalize_codes", "rephase_hears")
+"""Constructor arguments of earlier versions that configs saved then may still name (`upgrade_config`)."""
+
+
+def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config saved by an earlier version -> this version's `SimVQCodec` arguments.
+
+    The retired options are dropped where they name the behaviour that remains (no normalisation; re-phasing
+    that hears what was played); a config that needs a removed behaviour is a ValueError naming it."""
+    args = dict(saved)
+    for key in ("normalize_latent", "normalize_codes"):
+        if args.pop(key, False):
+            raise ValueError(f"{key}=true names an option this version no longer has")
+    hears = args.pop("rephase_hears", "played")
+    if hears != "played" and args.get("rephase_iters"):
+        raise ValueError(f"rephase_hears={hears!r} is gone: the re-phasing hears what was played")
+    return args
+
+
 class SimVQCodec(StreamingModule):
     """The streaming SimVQ speech codec.
 
@@ -75,10 +96,7 @@ class SimVQCodec(StreamingModule):
         quantizer_dropout: fraction of training examples that use a random number of stages.
         code_dim: each stage's lookup dimension (linear maps in and out of the latent); None searches
             the latent itself.
-        normalize_latent: end the encoder with a LayerNorm without affine parameters, which holds the latent
-            (and so every stage's residual) on a fixed scale that the codes need not chase.
         whiten_codes: whiten each stage's input with running statistics before the search (see `Codebook`).
-        normalize_codes: quantize directions on the unit sphere of the lookup space (see `Codebook`).
         init_from_data: rescale each stage's codes to its input on the first training batch.
         phase: how the decoder's phase outputs are read: "absolute" phases, or "propagated" advances
             (see `ISTFTSynthesis`).
@@ -89,14 +107,18 @@ class SimVQCodec(StreamingModule):
         pitch_prior: the decoder also predicts f0 and voicing (`PitchHead`), and moves each voiced bin's
             phase advance towards its nearest harmonic's (`ISTFTSynthesis.harmonic_deviation`) as far as the
             head trusts that prior for the bin. Needs phase="propagated".
-        rephase_iters: causal Griffin-Lim iterations on each step's sub-frames before they are played
-            (`ISTFTSynthesis`; no parameters, so a trained model can take it up or drop it). Needs
+        rephase_iters: causal Griffin-Lim iterations on each step's sub-frames, hearing what was played before
+            them (`ISTFTSynthesis`; no parameters, so a trained model can take it up or drop it). Needs
             phase="propagated".
-        rephase_hears: what the re-phasing hears of the earlier sub-frames, "own" or "played"
+        carry_share: with re-phasing, the share of its phase correction that the running phase carries on
             (`ISTFTSynthesis`).
         advance_features: the encoder also sees each short frame's phase advance per bin (`STFTFeatures`);
             a model without them grows into one with them (`training.train.load_grown`).
     """
+
+    TRAINING_OPTIONS = ("quantizer_dropout", "straight_through", "quantize_fraction")
+    """Constructor arguments that act in training only (`ResidualQuantizer.set_training`): a run may change
+    them between its phases."""
 
     def __init__(
         self,
@@ -116,17 +138,15 @@ class SimVQCodec(StreamingModule):
         quantizer: str = "simvq",
         quantizer_dropout: float = 0.5,
         code_dim: int | None = 8,
-        normalize_latent: bool = False,
-        normalize_codes: bool = False,
         whiten_codes: bool = True,
         init_from_data: bool = True,
-        phase: str = "absolute",
-        straight_through: str = "stage",
-        quantize_fraction: float = 1.0,
-        pitch_prior: bool = False,
-        rephase_iters: int = 0,
-        rephase_hears: str = "own",
-        advance_features: bool = False,
+        phase: str = "propagated",
+        straight_through: str = "latent",
+        quantize_fraction: float = 0.5,
+        pitch_prior: bool = True,
+        rephase_iters: int = 1,
+        carry_share: float = 0.3,
+        advance_features: bool = True,
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:
@@ -141,15 +161,13 @@ class SimVQCodec(StreamingModule):
         self.encoder_in = nn.Sequential(nn.Linear(self.features.out_dim, encoder_dim), nn.LayerNorm(encoder_dim))
         self.encoder = _convnext_stack(encoder_dim, encoder_layers, kernel_size, expansion)
         self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), nn.Linear(encoder_dim, latent_dim))
-        if normalize_latent:
-            self.encoder_out.append(nn.LayerNorm(latent_dim, elementwise_affine=False))
 
         self.quantizer = ResidualQuantizer(
-            latent_dim, n_stages, codebook_size, quantizer, quantizer_dropout, code_dim, normalize_codes,
-            whiten_codes, init_from_data, straight_through, quantize_fraction,
+            latent_dim, n_stages, codebook_size, quantizer, quantizer_dropout, code_dim, whiten_codes,
+            init_from_data, straight_through, quantize_fraction,
         )
 
-        self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters, rephase_hears)
+        self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters, carry_share)
         self.decoder_in = nn.Linear(latent_dim, decoder_dim)
         self.decoder = _convnext_stack(decoder_dim, decoder_layers, kernel_size, expansion)
         self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))

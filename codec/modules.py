@@ -89,20 +89,11 @@ PHASE_GRADIENT_FLOOR = 1e-4
 """Below this magnitude a bin's phase is noise: `unit_phase` differentiates it as if it had this magnitude."""
 
 
-CARRY_SHARE = 0.3
-"""`rephase_hears="played"`: the share of the re-phasing's correction to the last sub-frame's phase that the
-next step carries on (the rest of the phase is the decoder's own). Carrying all of it made the output chaotic:
-a change of 1e-6 in the decoder's output changed the audio of a dev file to 16 dB SNR; with half, to no less
-than 81 dB. With the weights that ship, 0.5 let the exported ONNX decoder (the same arithmetic in another
-order) drift to 13 dB SNR from this one; 0.3 keeps it above 30 dB and scored no worse (16 dev files at 11
-stages: PESQ-WB 2.171 against 2.137; docs/architecture.md, "Re-phasing")."""
-
-
-def carried_phase(own: Tensor, played: Tensor) -> Tensor:
+def carried_phase(own: Tensor, played: Tensor, share: float) -> Tensor:
     """A sub-frame's own phase and the phase it was played at -> the running phase the next step starts from:
-    `own` moved `CARRY_SHARE` of the way to `played`, the short way round."""
+    `own` moved `share` of the way to `played`, the short way round (`ISTFTSynthesis`'s `carry_share`)."""
     correction = torch.remainder(played - own + math.pi, 2 * math.pi) - math.pi
-    return own + CARRY_SHARE * correction
+    return own + share * correction
 
 
 def unit_phase(z: Tensor) -> Tensor:
@@ -213,11 +204,6 @@ class _SynthesisState:
     phase: Tensor  # `[B, bins]` float64: the last sub-frame's phase ("propagated" phase only)
 
 
-@dataclass
-class _RephasedSynthesisState(_SynthesisState):
-    own_tail: Tensor  # `[B, n_fft - hop]`: `tail` as the decoder's own phases would have left it
-
-
 class ISTFTSynthesis(StreamingModule):
     """Causal inverse STFT: per-step spectra -> waveform by overlap-add, aligned with `STFTFeatures`.
 
@@ -235,31 +221,32 @@ class ISTFTSynthesis(StreamingModule):
             phases are the running sum of the advances, so a steady partial stays coherent from frame to
             frame however the absolute phase drifts.
         rephase_iters: "propagated" phase only. Re-phase each step's sub-frames this many times from what
-            they sound like overlapped with the earlier sub-frames, magnitudes kept: a causal Griffin-Lim per
-            step, which adds no latency and keeps streaming equal to offline. It makes overlapping frames
-            agree where the decoder's advances do not (docs/architecture.md, "Re-phasing"). 0 plays the
-            decoder's phases as they are.
-        rephase_hears: what a step's re-phasing hears of the earlier sub-frames. "own": the decoder's own
-            phases, so that every step is re-phased at once. "played": the samples actually played, and
-            the running phase moves part of the way to the phase played (`carried_phase`), so a step builds on
-            what the listener heard; the steps run one after another (docs/architecture.md, "Re-phasing").
+            they sound like overlapped with the samples already played, magnitudes kept: a causal Griffin-Lim
+            per step, which adds no latency and keeps streaming equal to offline. It makes overlapping frames
+            agree where the decoder's advances do not. The steps run one after another, each building on what
+            the listener heard. 0 plays the decoder's phases as they are.
+        carry_share: with re-phasing, the share of its correction to the last sub-frame's phase that the
+            running phase carries on to the next step (`carried_phase`; the rest of the phase is the
+            decoder's own). Carrying all of it made the output chaotic: a change of 1e-6 in the decoder's
+            output changed the audio of a dev file to 16 dB SNR, with half to no less than 81 dB. With the
+            shipped weights, 0.5 let the exported ONNX decoder (the same arithmetic in another order) drift to
+            13 dB SNR from PyTorch's; 0.3 keeps it above 30 dB and scored no worse (16 dev files at 11
+            stages: PESQ-WB 2.171 against 2.137).
     Input `[B, T, frames_per_step * 2 * (n_fft // 2 + 1)]` (log magnitudes, then phases, per sub-frame);
     output `[B, 1, T * hop * frames_per_step]` offline; streaming, the samples completed so far.
     """
 
     def __init__(self, n_fft: int, hop: int, frames_per_step: int, phase: str = "absolute", rephase_iters: int = 0,
-                 rephase_hears: str = "own"):
+                 carry_share: float = 0.0):
         super().__init__()
         if phase not in ("absolute", "propagated"):
             raise ValueError(f"phase must be 'absolute' or 'propagated', got {phase!r}")
         if rephase_iters and phase != "propagated":
             raise ValueError("rephase_iters needs phase='propagated' (the running phase carries the re-phasing)")
-        if rephase_hears not in ("own", "played"):
-            raise ValueError(f"rephase_hears must be 'own' or 'played', got {rephase_hears!r}")
-        if rephase_hears == "played" and not rephase_iters:
-            raise ValueError("rephase_hears='played' needs rephase_iters >= 1")
+        if not 0.0 <= carry_share <= 1.0:
+            raise ValueError(f"carry_share must lie in [0, 1], got {carry_share}")
         self.n_fft, self.hop, self.frames_per_step, self.phase = n_fft, hop, frames_per_step, phase
-        self.rephase_iters, self.rephase_hears = rephase_iters, rephase_hears
+        self.rephase_iters, self.carry_share = rephase_iters, carry_share
         self.bins = n_fft // 2 + 1
         self.delay = n_fft - hop
         window = hann_window(n_fft)
@@ -270,11 +257,9 @@ class ISTFTSynthesis(StreamingModule):
         self.in_dim = frames_per_step * 2 * self.bins
 
     def _init_streaming_state(self, batch_size: int) -> _SynthesisState:
-        state = (self.window.new_zeros(batch_size, self.delay), torch.tensor(self.delay, device=self.window.device),
-                 self.window.new_zeros(batch_size, self.bins, dtype=torch.float64))
-        if self.rephase_iters and self.rephase_hears == "own":
-            return _RephasedSynthesisState(*state, self.window.new_zeros(batch_size, self.delay))
-        return _SynthesisState(*state)
+        return _SynthesisState(self.window.new_zeros(batch_size, self.delay),
+                               torch.tensor(self.delay, device=self.window.device),
+                               self.window.new_zeros(batch_size, self.bins, dtype=torch.float64))
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Decoder output `[B, T, in_dim]` -> log magnitudes and phase parameters, each `[B, N, bins]`."""
@@ -334,10 +319,8 @@ class ISTFTSynthesis(StreamingModule):
             mag = mag * real.repeat_interleave(self.frames_per_step, dim=1)[..., None]
         state = self._streaming_state
         tail = state.tail if state is not None else None
-        if self.rephase_hears == "played":
+        if self.rephase_iters:
             out = self._played(mag, phase, tail)[1]
-        elif self.rephase_iters:
-            out = self._overlap_add(self._rephased(mag, phase), tail)
         else:
             played_phase = self._propagate(phase) if self.phase == "propagated" else phase
             out = self._overlap_add(torch.polar(mag, played_phase), tail)
@@ -361,39 +344,13 @@ class ISTFTSynthesis(StreamingModule):
             out = torch.cat([out[:, : self.delay] + tail, out[:, self.delay :]], dim=-1)
         return out
 
-    def _rephased(self, mag: Tensor, deviation: Tensor) -> Tensor:
-        """Magnitudes and advance deviations `[B, N, bins]` -> the complex sub-frames to play (`rephase_iters`).
-
-        Each step's sub-frames start as the decoder's own and are re-phased from what they sound like together
-        with the decoder's own earlier sub-frames, magnitudes kept. Hearing the decoder's own past rather than
-        the re-phased one keeps the steps independent of each other, so all of them are re-phased at once."""
-        own = torch.polar(mag, self._propagate(deviation))
-        batch, n = own.shape[0], self.frames_per_step
-        steps = own.shape[1] // n
-        own_steps = self._overlap_add(own.reshape(batch * steps, n, self.bins))  # [B * steps, n * hop + delay]
-        # What each step hears of the earlier sub-frames: the last `delay` samples of the step before.
-        state = self._streaming_state
-        first = state.own_tail if state is not None else mag.new_zeros(batch, self.delay)
-        earlier = torch.cat([first[:, None], own_steps.reshape(batch, steps, -1)[:, :, n * self.hop :]], dim=1)
-        if state is not None:
-            state.own_tail = earlier[:, -1]
-        earlier = earlier[:, :steps].reshape(batch * steps, self.delay)
-        step_mag = mag.reshape(batch * steps, n, self.bins)
-        heard = own_steps + F.pad(earlier, (0, n * self.hop))
-        for i in range(self.rephase_iters):
-            frames = heard.unfold(-1, self.n_fft, self.hop) * self.analysis_window
-            spec = unit_phase(torch.fft.rfft(frames, dim=-1)) * step_mag
-            if i + 1 < self.rephase_iters:
-                heard = self._overlap_add(spec, earlier)
-        return spec.reshape(batch, steps * n, self.bins)
-
     def _played(self, mag: Tensor, deviation: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Magnitudes and advance deviations `[B, N, bins]` -> the sub-frames `rephase_hears="played"` plays
-        `[B, N, bins]` and the samples `_overlap_add` would return for them, computed one step after another.
+        """Magnitudes and advance deviations `[B, N, bins]` -> the sub-frames the re-phasing plays `[B, N, bins]`
+        and the samples `_overlap_add` would return for them, computed one step after another.
 
         Each step's sub-frames start from the running phase plus the decoder's advances and are re-phased
         from what they sound like over the samples already played; the running phase then moves part of the
-        way to the phase of the last sub-frame played (`CARRY_SHARE`). Offline and streaming run the same
+        way to the phase of the last sub-frame played (`carry_share`). Offline and streaming run the same
         steps in the same order, so from the same input they give the same samples, bit for bit."""
         batch, n, hop = mag.shape[0], self.frames_per_step, self.hop
         state = self._streaming_state
@@ -415,7 +372,7 @@ class ISTFTSynthesis(StreamingModule):
             spectra.append(spectrum)
             out.append(played[:, : n * hop])
             played = played[:, n * hop :]
-            phase = carried_phase(own[:, -1], torch.angle(unit[:, -1]).double())
+            phase = carried_phase(own[:, -1], torch.angle(unit[:, -1]).double(), self.carry_share)
         if state is not None:
             state.phase = phase.detach()
         played_spectra = torch.cat(spectra, dim=1) if spectra else mag.new_zeros(mag.shape, dtype=torch.complex64)
@@ -428,8 +385,6 @@ class ISTFTSynthesis(StreamingModule):
             raise RuntimeError("flush() is only meaningful while streaming")
         tail = state.tail[:, None, int(state.skip) :]
         state.tail, state.phase = torch.zeros_like(state.tail), torch.zeros_like(state.phase)
-        if isinstance(state, _RephasedSynthesisState):
-            state.own_tail = torch.zeros_like(state.own_tail)
         state.skip = torch.full_like(state.skip, self.delay)
         return tail
 

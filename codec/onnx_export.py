@@ -2,7 +2,7 @@
 
 Each graph is one streaming step over any whole number of frames T (T = 1 for frame-by-frame streaming; the
 whole utterance with the initial state for offline use), except the decoder of a model whose re-phasing
-hears what was played (`rephase_hears="played"`), which takes one frame per call (`codec.json` says 1):
+re-phases what it plays (`rephase_iters`), which takes one frame per call (`codec.json` says 1):
 
     encoder.onnx   audio [B, T*hop] float32, state...  ->  codes [B, n_stages, T] int64, next state...
     decoder.onnx   codes [B, S, T] int64 (1 <= S <= n_stages), state...  ->  audio [B, T*hop] float32, next state...
@@ -162,27 +162,6 @@ class DecoderStep(nn.Module):
         delay = self.model.synthesis.delay
         return torch.cat([out[:, :delay] + tail, out[:, delay:]], dim=-1)
 
-    def rephased(self, mag: Tensor, re: Tensor, im: Tensor, own_tail: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`ISTFTSynthesis._rephased` in real arithmetic: (re, im, the next own tail)."""
-        synthesis = self.model.synthesis
-        batch, n, bins, delay = re.shape[0], synthesis.frames_per_step, self.bins, synthesis.delay
-        steps = re.shape[1] // n
-        re, im, mag = (t.reshape(batch * steps, n, bins) for t in (re, im, mag))
-        own_steps = self.overlap_add(re, im, re.new_zeros(batch * steps, delay))
-        earlier = torch.cat([own_tail[:, None], own_steps.reshape(batch, steps, -1)[:, :, n * self.hop :]], dim=1)
-        next_own_tail = earlier[:, -1]
-        earlier = earlier[:, :steps].reshape(batch * steps, delay)
-        heard = own_steps + F.pad(earlier, (0, n * self.hop))
-        for i in range(synthesis.rephase_iters):
-            if i:
-                heard = self.overlap_add(re, im, earlier)
-            windows = torch.stack([heard[:, i * self.hop : i * self.hop + self.n_fft] for i in range(n)], dim=1)
-            re, im = (windows @ self.analysis).chunk(2, dim=-1)
-            re = re + 1e-30  # as modules.unit_phase: a silent bin takes phase 0
-            scale = mag / torch.sqrt(re * re + im * im).clamp_min(1e-30)
-            re, im = re * scale, im * scale
-        return re.reshape(batch, steps * n, bins), im.reshape(batch, steps * n, bins), next_own_tail
-
     def played(self, mag: Tensor, deviation: Tensor, tail: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
         """`ISTFTSynthesis._played` in real arithmetic: (`[B, N * hop + delay]` samples, the next phase). A
         Python loop over the steps, which tracing unrolls: the graph takes as many frames as it was traced
@@ -204,47 +183,41 @@ class DecoderStep(nn.Module):
                 played = self.overlap_add(re * scale, im * scale, pending)
             out.append(played[:, : n * hop])
             played = played[:, n * hop :]
-            phase = carried_phase(own[:, -1].double(), torch.atan2(im[:, -1], re[:, -1]).double())
+            phase = carried_phase(own[:, -1].double(), torch.atan2(im[:, -1], re[:, -1]).double(),
+                                  synthesis.carry_share)
         return torch.cat([*out, played], dim=-1), phase
 
-    def synthesise(self, spectrum: Tensor, tail: Tensor, own_tail: Tensor | None
-                   ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """`ISTFTSynthesis.forward` streaming, without `skip`: (audio [B, T*hop], the next tail, the next own
-        tail (re-phasing models; else None))."""
+    def synthesise(self, spectrum: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+        """`ISTFTSynthesis.forward` streaming, without `skip`: (audio [B, T*hop], the next tail)."""
         synthesis = self.model.synthesis
         log_mag, phase = synthesis.split(spectrum)
+        delay = synthesis.delay
         if _played_model(self.model):
             state = synthesis._streaming_state
             out, state.phase = self.played(synthesis.magnitudes(log_mag), phase, tail, state.phase)
-            return out[:, : -synthesis.delay], out[:, -synthesis.delay :], None
+            return out[:, :-delay], out[:, -delay:]
         if synthesis.phase == "propagated":
             phase = synthesis._propagate(phase)
         mag = synthesis.magnitudes(log_mag)
-        re, im = mag * torch.cos(phase), mag * torch.sin(phase)
-        if synthesis.rephase_iters:
-            re, im, own_tail = self.rephased(mag, re, im, own_tail)
-        out = self.overlap_add(re, im, tail)
-        delay = synthesis.delay
-        return out[:, :-delay], out[:, -delay:], own_tail
+        out = self.overlap_add(mag * torch.cos(phase), mag * torch.sin(phase), tail)
+        return out[:, :-delay], out[:, -delay:]
 
     def forward(self, codes: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         model = self.model
         given = dict(zip(self.state_names, state))
         # The overlap-add (and any re-phasing) is the wrapper's; the rest runs the model's code.
-        tail, own_tail = given.pop("synthesis.tail"), given.pop("synthesis.own_tail", None)
+        tail = given.pop("synthesis.tail")
         with model.streaming(_bind(model, list(given), tuple(given.values()))) as streaming:
             spectrum, _ = model._decode(self.latents(codes))
-            audio, next_tail, next_own_tail = self.synthesise(spectrum, tail, own_tail)
+            audio, next_tail = self.synthesise(spectrum, tail)
         tensors = {**streaming.tensors(), "synthesis.tail": next_tail}
-        if next_own_tail is not None:
-            tensors["synthesis.own_tail"] = next_own_tail
         return (audio, *(tensors[n] for n in self.state_names))
 
 
 def _played_model(model: SimVQCodec) -> bool:
-    """Its synthesis runs one step after another (`rephase_hears="played"`): its decoder graph is traced
-    on, and takes, one frame per call."""
-    return model.synthesis.rephase_hears == "played"
+    """Its synthesis runs one step after another (`rephase_iters`): its decoder graph is traced on, and takes,
+    one frame per call."""
+    return model.synthesis.rephase_iters > 0
 
 
 def _initial(tensor: Tensor) -> float:

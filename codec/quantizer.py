@@ -110,9 +110,7 @@ class Codebook(nn.Module):
     Searching in a low-dimensional space (`code_dim`, 8 by default) instead of the full latent is what keeps
     1024 codes in use (the factorised codes of "Improved VQGAN" and DAC): in 64 dimensions the encoder
     output fills a thin subspace, the isotropic codes do not, and the few codes whose off-subspace
-    component happens to be small win every search. With `normalize` the stage input and the codes are
-    L2-normalised (as in ViT-VQGAN): the search, the losses and the output all live on the unit sphere of the
-    lookup space, so no drift of the encoder's scale can leave the codes behind.
+    component happens to be small win every search.
 
     Args:
         dim: latent dimension D (what the stage reads and writes).
@@ -121,7 +119,6 @@ class Codebook(nn.Module):
             d^-1/2 until `draw_from` replaces it by a sample of the stage's inputs) or "vq" (learned codes,
             initialised like C).
         code_dim: d, the lookup dimension; None searches the latent itself (no projections).
-        normalize: L2-normalise inputs and codes (search by cosine similarity; losses and output on the sphere).
         whiten: whiten the lookup-space input with running statistics (`RunningWhitener`) before the search
             and colour the selected code back after it.
         init_from_data: on the first training batch, rescale the codes to the spread of the stage's input
@@ -135,7 +132,6 @@ class Codebook(nn.Module):
         codebook_size: int,
         kind: str = "simvq",
         code_dim: int | None = None,
-        normalize: bool = False,
         whiten: bool = False,
         init_from_data: bool = True,
     ):
@@ -144,7 +140,7 @@ class Codebook(nn.Module):
             raise ValueError(f"codebook_size must be a power of two, got {codebook_size}")
         if kind not in ("simvq", "vq"):
             raise ValueError(f"quantizer kind must be 'simvq' or 'vq', got {kind!r}")
-        self.kind, self.dim, self.codebook_size, self.normalize = kind, dim, codebook_size, normalize
+        self.kind, self.dim, self.codebook_size = kind, dim, codebook_size
         self.code_dim = code_dim or dim
         if code_dim:
             self.in_proj, self.out_proj = nn.Linear(dim, code_dim), nn.Linear(code_dim, dim)
@@ -159,13 +155,11 @@ class Codebook(nn.Module):
             nn.init.zeros_(self.proj.bias)
         else:
             self.codes = nn.Parameter(gaussian)
-        # On the sphere the isotropic C already spreads its directions evenly: no data-dependent rescaling.
-        self.register_buffer("initialized", torch.tensor(not init_from_data or normalize))
+        self.register_buffer("initialized", torch.tensor(not init_from_data))
         self._cache: tuple[tuple, tuple[Tensor, ...]] | None = None
 
     def _compute_codebook(self) -> Tensor:
-        codes = self.proj(self.frozen_codebook) if self.kind == "simvq" else self.codes
-        return F.normalize(codes, dim=1) if self.normalize else codes
+        return self.proj(self.frozen_codebook) if self.kind == "simvq" else self.codes
 
     def codebook_parameters(self) -> list[nn.Parameter]:
         """What defines the codes: W and its bias (SimVQ) or the codes themselves (plain VQ)."""
@@ -183,7 +177,7 @@ class Codebook(nn.Module):
     def _to_lookup(self, z: Tensor, matrices: tuple[Tensor, Tensor] | None) -> Tensor:
         if matrices is not None:
             z = (z - self.whitener.mean) @ matrices[0]
-        return F.normalize(z, dim=1) if self.normalize else z
+        return z
 
     def to_latent(self, q: Tensor) -> Tensor:
         """Lookup-space vectors `[N, d]` -> their contribution to the latent `[N, D]`."""
@@ -326,7 +320,7 @@ class ResidualQuantizer(nn.Module):
             pass the encoder's latent through unchanged (Mimi trains with 0.5). Their codes are still searched,
             so the stages keep learning their residuals. 0 trains the unquantized twin, the ceiling that
             measures what the quantizer costs; inference always quantizes.
-        code_dim, normalize, whiten, init_from_data: see `Codebook`.
+        code_dim, whiten, init_from_data: see `Codebook`.
         straight_through: where the decoder's gradient enters. "stage": through each stage's maps into and
             out of its lookup space (DAC's factorised codes), so the decoder also shapes what a code
             contributes. "latent": straight to the encoder's latent (VQ-VAE, SoundStream); the stages'
@@ -342,24 +336,29 @@ class ResidualQuantizer(nn.Module):
         kind: str = "simvq",
         quantizer_dropout: float = 0.5,
         code_dim: int | None = None,
-        normalize: bool = False,
         whiten: bool = False,
         init_from_data: bool = True,
         straight_through: str = "stage",
         quantize_fraction: float = 1.0,
     ):
         super().__init__()
+        self.set_training(quantizer_dropout, straight_through, quantize_fraction)
+        self.codebook_sizes = stage_sizes(codebook_size, n_stages)
+        self.n_stages = n_stages
+        self.stages = nn.ModuleList(
+            Codebook(dim, size, kind, code_dim, whiten, init_from_data) for size in self.codebook_sizes
+        )
+
+    def set_training(self, quantizer_dropout: float, straight_through: str, quantize_fraction: float) -> None:
+        """Set the options that act in training only (see the class): a run may change them between phases."""
         if straight_through not in ("stage", "latent"):
             raise ValueError(f"straight_through must be 'stage' or 'latent', got {straight_through!r}")
         if not 0.0 <= quantize_fraction <= 1.0:
             raise ValueError(f"quantize_fraction must lie in [0, 1], got {quantize_fraction}")
-        self.codebook_sizes = stage_sizes(codebook_size, n_stages)
-        self.n_stages, self.quantizer_dropout = n_stages, quantizer_dropout
+        if not 0.0 <= quantizer_dropout <= 1.0:
+            raise ValueError(f"quantizer_dropout must lie in [0, 1], got {quantizer_dropout}")
+        self.quantizer_dropout, self.straight_through = quantizer_dropout, straight_through
         self.quantize_fraction = quantize_fraction
-        self.straight_through = straight_through
-        self.stages = nn.ModuleList(
-            Codebook(dim, size, kind, code_dim, normalize, whiten, init_from_data) for size in self.codebook_sizes
-        )
 
     def _check_stages(self, n_stages: int | None) -> int:
         return self.n_stages if n_stages is None else check_stages(int(n_stages), self.n_stages)

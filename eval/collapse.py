@@ -39,9 +39,13 @@ SIZES = {
     "tiny": dict(encoder_dim=32, encoder_layers=2, decoder_dim=32, decoder_layers=2, latent_dim=16),
     # The CPU default: small enough for minutes per run on one thread.
     "small": dict(encoder_dim=64, encoder_layers=2, decoder_dim=64, decoder_layers=3, latent_dim=32),
-    # The shipped codec's encoder and decoder (SimVQCodec defaults): for a GPU.
+    # The shipped codec's encoder and decoder sizes (SimVQCodec defaults): for a GPU.
     "base": {},
 }
+STUDY_MODEL = dict(phase="absolute", straight_through="stage", quantize_fraction=1.0, pitch_prior=False,
+                   rephase_iters=0, advance_features=False)
+"""What every size has around its quantizer: the plain decoder (no pitch head, no re-phasing), and every example
+decoded from its codes, as in the study's first runs."""
 
 EPILOG = """examples:
   python -m eval.collapse --out runs/collapse                                   # the full study (CPU, hours)
@@ -205,7 +209,7 @@ def base_overrides(args) -> list[str]:
     sample_rate = 16000
     segment = max(1, round(args.segment_seconds * sample_rate / 320)) * 320
     values = {
-        "model": SIZES[args.size],
+        "model": {**SIZES[args.size], **STUDY_MODEL},
         "data.train": str(args.train),
         "data.dev": str(args.dev),
         "data.segment_samples": segment,
@@ -214,9 +218,10 @@ def base_overrides(args) -> list[str]:
         "steps": args.steps,
         "optim.lr": args.lr,
         "optim.warmup_steps": max(1, args.steps // 10),
-        "loss.weights": {"stft/complex": 0.0, "adv/gen": 0.0, "adv/feat": 0.0},
+        "loss.weights": {"stft/complex": 0.0, "stft/linear": 0.0, "spec/mag": 0.0, "spec/phase": 0.0,
+                         "vq/residual": 0.0, "adv/gen": 0.0, "adv/feat": 0.0},
         "disc.periods": [2], "disc.mpd_channels": [4], "disc.resolutions": [],  # built by the trainer, never used
-        "adv_start_step": args.steps,
+        "adv": False,
         "eval_every": 0,
         "ckpt_every": args.steps,
         "keep_last": 1,

@@ -5,8 +5,8 @@ re-synthesises each file from mixes of the decoder's halves and the input's exac
 and scores every mix with `eval.metrics.score`:
 
     model/model    what the codec plays
-    model/own      the decoder's own phases, not re-phased (models with `rephase_iters`; with
-                   `rephase_hears="played"`, the running phase without the re-phasing's corrections)
+    model/own      the decoder's own phases, not re-phased (models with `rephase_iters`: the running phase
+                   without the re-phasing's corrections)
     model/input    the decoder's magnitudes with the input's phases: the ceiling of a perfect phase
     input/model    the input's magnitudes with the decoder's phases
     input/random   the input's magnitudes with random phases: what phase carrying no information scores
@@ -70,10 +70,8 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
     own_phase = None
     if syn.phase == "propagated":
         phase = syn._propagate(deviation)
-        if syn.rephase_hears == "played":
+        if syn.rephase_iters:
             own_phase, phase = phase, syn._played(syn.magnitudes(log_mag), deviation, None)[0].angle()
-        elif syn.rephase_iters:
-            own_phase, phase = phase, syn._rephased(syn.magnitudes(log_mag), deviation).angle()
         yin, voiced = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop)
         on_harmonics = torch.where(voiced[..., None], syn.harmonic_deviation(yin / model.sample_rate), deviation)
         prior = syn._propagate(on_harmonics.to(deviation.dtype))

@@ -25,7 +25,8 @@ from server.settings import UVICORN_WS
 
 TINY_CONFIG: dict[str, Any] = dict(
     encoder_dim=32, encoder_layers=1, decoder_dim=32, decoder_layers=1, kernel_size=3, expansion=2,
-    latent_dim=8, n_stages=4, codebook_size=64, init_from_data=False,
+    latent_dim=8, n_stages=4, codebook_size=64, init_from_data=False, phase="absolute", straight_through="stage",
+    quantize_fraction=1.0, pitch_prior=False, rephase_iters=0, advance_features=False,
 )
 REPO = Path(__file__).resolve().parent.parent
 

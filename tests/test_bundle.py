@@ -24,9 +24,10 @@ from training import checkpoints
 from training.bundle import WHEELS, BundleError, pack, read_bundle
 from training.bundle_run import DeviceCorpus, OUT_FILES, main as bundle_run, prepare
 from training.cli import add_bundle_run_arguments, main as cli_main
-from training.config import load_config
+from training.config import DataConfig, load_config
 from training.data import AudioItem, decode, load_items
 from training.export import export
+from training.monitor import TRAIN_LOG, read_jsonl
 from training.portable import MAX_FILE_BYTES, load_portable, save_portable
 from training.train import Trainer
 
@@ -119,6 +120,8 @@ def test_device_corpus_draws_crops_of_the_files_and_a_batch_depends_only_on_its_
     for crop in sped:  # a ramp read 1.25 times as fast rises 1.25 per sample, within each file
         steps = np.diff(crop[np.flatnonzero(crop)])
         assert np.sum(np.abs(steps - 1.25) > 1e-3) <= 2  # but where the crop enters or leaves a file
+    plain.use_data(DataConfig(gain_db=(-12.0, 0.0)))  # a new phase's crop settings
+    assert torch.equal(plain.batch(0, 1).audio, louder.batch(0, 1).audio)
 
 
 def _trained_state(corpus: Path, run_dir: Path) -> tuple[Trainer, dict]:
@@ -132,9 +135,9 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
     trainer, state = _trained_state(corpus, tmp_path / "run")
     out = tmp_path / "out"
     export(trainer.ckpt_dir / "step_00000002.pt", out / "model", dtype=torch.float16)
-    path = save_portable(state, out, ema_dir=out / "model", max_file_bytes=2**20 + 400_000)
+    path = save_portable(state, out, ema_dir=out / "model", max_file_bytes=2**20 + 450_000)
     shards = sorted(out.glob("checkpoint-*.safetensors"))
-    assert len(shards) >= 2 and all(p.stat().st_size <= 2**20 + 400_000 for p in shards)
+    assert len(shards) >= 2 and all(p.stat().st_size <= 2**20 + 450_000 for p in shards)
     back = load_portable(path)
     assert back["step"] == 2 and back["data_position"] == state["data_position"]
     for part in ("model", "disc"):
@@ -155,6 +158,11 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
     assert resumed.resumed_from == path and resumed.step == 2
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in trainer.model.state_dict().items())
 
+    # A bundle takes the config's init_from unless told otherwise: here the model exported above.
+    warm = load_config(TINY, ["data.dev=null", "data.dev_fraction=0.34", f"init_from={out / 'model'}"])
+    packed = pack(corpus, tmp_path / "warm", warm, min_hours=0, jobs=1)
+    assert read_bundle(packed.path)["init_from"] == "init" and (packed.path / "init" / "model.safetensors").is_file()
+
     # A bundle packs a run directory as a portable checkpoint, and a run on it starts there.
     cfg = load_config(TINY, ["data.dev=null", "data.dev_fraction=0.34"])
     packed = pack(corpus, tmp_path / "bundle", cfg, init=str(tmp_path / "run"), min_hours=0, jobs=1)
@@ -166,7 +174,7 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
     started, _ = prepare(args)
     assert started.resumed_from == packed.path / "init" / "checkpoint.json" and started.step == 2
 
-    save_portable({**state, "step": 3}, out, ema_dir=out / "model", max_file_bytes=2**20 + 400_000)
+    save_portable({**state, "step": 3}, out, ema_dir=out / "model", max_file_bytes=2**20 + 450_000)
     assert not any(p.exists() for p in shards)  # the previous save's shards go once the new one is complete
     shard = next(out.glob("checkpoint-00000003-0.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
@@ -194,6 +202,18 @@ def test_bundle_run_trains_on_the_cpu_and_its_model_round_trips_a_file(bundle, t
     api.decompress(tmp_path / "speech.tok", tmp_path / "restored.wav", model=out / "model")
     restored, rate = sf.read(tmp_path / "restored.wav", dtype="float32")
     assert rate == 16000 and len(restored) == 12800 and np.isfinite(restored).all() and np.abs(restored).max() > 0
+
+
+def test_bundle_run_trains_the_phases_of_its_config(bundle, tmp_path, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    phases = "phases=[{name: plain, steps: 2, adv: false}, {name: gan, steps: 2, data: {gain_db: [0, 0]}}]"
+    assert bundle_run([str(bundle), "--minutes", "1", "--out", str(out), "--work", str(work), phases,
+                       "log_every=1"]) == 0
+    assert "trained steps 0-4 in" in capsys.readouterr().err
+    logged = read_jsonl(work / TRAIN_LOG)
+    assert [(r["step"], r["phase"]) for r in logged] == [(1, "plain"), (2, "plain"), (3, "gan"), (4, "gan")]
+    assert "adv/disc" not in logged[1] and logged[2]["adv/disc"] > 0
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 4
 
 
 def _bare_site(folder: Path) -> Path:

@@ -77,6 +77,22 @@ def test_missing_or_bad_config(tmp_path):
         load_model_dir(tmp_path)
 
 
+def test_a_config_saved_with_retired_options_loads_where_their_behaviour_remains(tmp_path):
+    model = tiny_codec(seed=3, phase="propagated", rephase_iters=1)
+    save_model(model, tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["model"].update(normalize_latent=False, normalize_codes=False, rephase_hears="played")
+    path.write_text(json.dumps(config))
+    codes = torch.randint(0, 64, (1, 4, 5))
+    assert torch.equal(load_model_dir(tmp_path).decode(codes), model.decode(codes))
+    for retired, message in ((dict(rephase_hears="own"), "rephase_hears='own' is gone"),
+                             (dict(normalize_codes=True), "normalize_codes=true")):
+        path.write_text(json.dumps({**config, "model": {**config["model"], **retired}}))
+        with pytest.raises(CheckpointError, match=message):
+            load_model_dir(tmp_path)
+
+
 def test_presets_resolve_ids_and_reject_unknown(tmp_path):
     assert presets.DEFAULT_MODEL_ID in presets.list_models()
     assert presets.model_dir(None) == presets.MODELS[presets.DEFAULT_MODEL_ID][0]

@@ -10,11 +10,15 @@ from eval import oracle
 from tests.conftest import speechlike
 
 TINY = dict(encoder_dim=32, encoder_layers=1, decoder_dim=32, decoder_layers=1, latent_dim=16, n_stages=2,
-            codebook_size=64)
+            codebook_size=64, phase="absolute", pitch_prior=False, rephase_iters=0, advance_features=False)
+
+
+def tiny(**options) -> SimVQCodec:
+    return SimVQCodec(**{**TINY, **options})
 
 
 def test_a_decoder_that_outputs_the_input_stft_reproduces_the_input_in_every_mix_that_keeps_its_phase():
-    model = SimVQCodec(**TINY).eval()
+    model = tiny().eval()
     wav = torch.from_numpy(speechlike(0.4))[None, None]
     spec = causal_stft(wav[:, 0], hann_window(model.synthesis.n_fft), model.synthesis.hop)
     exact = torch.stack([spec.abs().clamp_min(1e-12).log(), spec.angle()], dim=2).reshape(1, -1, model.synthesis.in_dim)
@@ -33,7 +37,7 @@ def test_cli_prints_every_mix(tmp_path, capsys):
     model_dir = tmp_path / "model"
     from codec.checkpoint import save_model
 
-    save_model(SimVQCodec(**TINY, phase="propagated", pitch_prior=True, rephase_iters=1), model_dir)
+    save_model(tiny(phase="propagated", pitch_prior=True, rephase_iters=1), model_dir)
     audio = tmp_path / "audio"
     audio.mkdir()
     sf.write(audio / "a.wav", speechlike(1.0, seed=1).astype(np.float32), 16000)
@@ -48,7 +52,7 @@ def test_cli_prints_every_mix(tmp_path, capsys):
 
 
 def test_the_prior_mixes_put_voiced_frames_on_the_harmonics_of_the_input_pitch():
-    model = SimVQCodec(**TINY, phase="propagated", pitch_prior=True).eval()
+    model = tiny(phase="propagated", pitch_prior=True).eval()
     wav = torch.from_numpy(speechlike(0.6, seed=2))[None, None]
     out = oracle.mixes(model, wav, 2, torch.Generator().manual_seed(0))
     assert set(out) == set(oracle.MIXES) - {"model/own"}  # that one needs `rephase_iters`
@@ -60,7 +64,7 @@ def test_the_prior_mixes_put_voiced_frames_on_the_harmonics_of_the_input_pitch()
 
 
 def test_with_re_phasing_the_model_mix_is_what_the_codec_plays_and_the_own_mix_is_not():
-    model = SimVQCodec(**TINY, phase="propagated", rephase_iters=2).eval()
+    model = tiny(phase="propagated", rephase_iters=2).eval()
     wav = torch.from_numpy(speechlike(0.6, seed=3))[None, None]
     out = oracle.mixes(model, wav, 2, torch.Generator().manual_seed(0))
     played = model.decode(model.encode(wav, 2))[0, 0, : out["model/model"].shape[-1]]

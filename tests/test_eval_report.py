@@ -26,7 +26,7 @@ def tiny_model_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     model = SimVQCodec(encoder_dim=16, encoder_layers=1, decoder_dim=16, decoder_layers=1, latent_dim=8,
-                       n_stages=3, codebook_size=16)
+                       n_stages=3, codebook_size=16, pitch_prior=False, rephase_iters=0)  # fast: no phase extras
     return str(save_model(model, tmp_path_factory.mktemp("tiny"), model_id="tiny-test", trained=False))
 
 

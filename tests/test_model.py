@@ -68,7 +68,7 @@ def test_streaming_encode_equals_offline(advance_features, chunks, extra):
 def test_advance_features_give_a_steady_tones_offset_from_its_bin_centre():
     """A sinusoid `offset` Hz above a bin's centre advances by 2 pi hop offset / rate more than the centre does
     from one short frame to the next: the angle of that bin's advance feature, in every frame it fills."""
-    model = SimVQCodec(advance_features=True)
+    model = SimVQCodec()
     features, rate, offset = model.features, model.sample_rate, 12.0
     bins, n = features.n_fft // 2 + 1, features.frames_per_step
     freq = 10 * rate / features.n_fft + offset  # bin 10 (500 Hz) + 12 Hz
@@ -79,7 +79,8 @@ def test_advance_features_give_a_steady_tones_offset_from_its_bin_centre():
     angle = torch.atan2(advances[:, 1], advances[:, 0])
     expected = 2 * math.pi * features.hop * offset / rate
     assert torch.allclose(angle, torch.full_like(angle, expected), atol=1e-3)
-    assert torch.equal(SimVQCodec().features(torch.sin(2 * math.pi * freq * t)[None, None].float()),
+    plain = SimVQCodec(advance_features=False).features
+    assert torch.equal(plain(torch.sin(2 * math.pi * freq * t)[None, None].float()),
                        feats[..., : n * 3 * bins])  # the other features are the same as without advances
 
 
@@ -134,27 +135,26 @@ def test_propagated_phase_streams_like_offline(chunks):
     torch.testing.assert_close(_stream_decode(model, codes, chunks), model.decode(codes), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("hears", ["own", "played"])
 @pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [3, 2, 4], [7]])
-def test_rephased_synthesis_streams_like_offline(chunks, hears):
-    model = tiny_codec(seed=5, phase="propagated", rephase_iters=2, rephase_hears=hears)
+def test_rephased_synthesis_streams_like_offline(chunks):
+    model = tiny_codec(seed=5, phase="propagated", rephase_iters=2)
     codes = torch.randint(0, 64, (2, 4, 9))
     torch.testing.assert_close(_stream_decode(model, codes, chunks), model.decode(codes), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(rephase_hears="played"), "needs rephase_iters"),
-    (dict(rephase_iters=1, rephase_hears="heard"), "'own' or 'played'"),
+    (dict(phase="absolute", pitch_prior=False), "rephase_iters needs phase='propagated'"),
+    (dict(carry_share=1.5), r"carry_share must lie in \[0, 1\]"),
 ])
 def test_rephasing_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
-        SimVQCodec(phase="propagated", **options)
+        SimVQCodec(**options)
 
 
 @pytest.mark.parametrize("chunks", [[1] * 9, [3, 2, 4], [7, 2]])
 def test_played_rephasing_streams_like_offline_bit_for_bit(chunks):
     """From the same decoder output, streaming runs the same steps in the same order as offline."""
-    synth = SimVQCodec(phase="propagated", rephase_iters=1, rephase_hears="played").synthesis
+    synth = SimVQCodec().synthesis
     x = torch.randn(2, 9, synth.in_dim) * 0.5
     out, start = [], 0
     with synth.streaming(2):
@@ -182,7 +182,7 @@ def test_rephasing_makes_disagreeing_frames_agree_with_the_magnitudes_they_were_
     disagree, and the played audio's STFT misses the magnitudes it was given. Re-phasing each step brings
     the two together, more with more iterations, and leaves earlier steps as they were (causal)."""
     torch.manual_seed(0)
-    synth = SimVQCodec(phase="propagated").synthesis
+    synth = SimVQCodec().synthesis
     x, magnitudes = _voice_with_disagreeing_advances(synth)
     given = magnitudes[3:-3]  # frames 0-2 reach before the start, the last 3 past the end
 
@@ -191,22 +191,21 @@ def test_rephasing_makes_disagreeing_frames_agree_with_the_magnitudes_they_were_
         return float((heard - given).norm() / given.norm())
 
     errors = []
-    for iters, hears in ((0, "own"), (1, "own"), (4, "own"), (1, "played")):
-        synth.rephase_iters, synth.rephase_hears = iters, hears
+    for iters in (0, 1, 4):
+        synth.rephase_iters = iters
         audio = synth(x)
         errors.append(mismatch(audio))
         if iters:
             complete = 10 * synth.frames_per_step * synth.hop - synth.delay  # samples no later step touches
             torch.testing.assert_close(audio[..., :complete], synth(x[:, :10])[..., :complete])
     assert errors[1] < 0.7 * errors[0] and errors[2] < errors[1]
-    assert errors[3] < 0.7 * errors[0]  # hearing what was played: as a causal Griffin-Lim too
 
 
 def test_played_rephasing_does_not_amplify_rounding_differences():
-    """A step re-phased from what was played carries part of that phase on (`CARRY_SHARE`): a change in the
+    """A step re-phased from what was played carries part of that phase on (`carry_share`): a change in the
     last bits of the decoder's output stays a small change in the audio instead of growing step by step."""
     torch.manual_seed(1)
-    synth = SimVQCodec(phase="propagated", rephase_iters=1, rephase_hears="played").synthesis
+    synth = SimVQCodec().synthesis
     x, _ = _voice_with_disagreeing_advances(synth, seconds=2.0)
     audio = synth(x)
     moved = synth(x + 1e-6 * torch.randn_like(x)) - audio
@@ -214,9 +213,8 @@ def test_played_rephasing_does_not_amplify_rounding_differences():
     assert snr_db > 70, snr_db
 
 
-@pytest.mark.parametrize("hears", ["own", "played"])
-def test_rephased_synthesis_passes_gradients_to_magnitudes_and_advances(hears):
-    synth = SimVQCodec(phase="propagated", rephase_iters=1, rephase_hears=hears).synthesis
+def test_rephased_synthesis_passes_gradients_to_magnitudes_and_advances():
+    synth = SimVQCodec().synthesis
     x = (torch.randn(1, 3, synth.in_dim) * 0.5).requires_grad_()
     synth(x).square().sum().backward()
     log_mag_grad, deviation_grad = synth.split(x.grad)
@@ -243,7 +241,7 @@ def test_unit_phase_is_sgn_with_a_bounded_gradient():
 
 def test_propagated_phase_with_zero_deviation_is_a_steady_tone():
     """Zero advance deviations in one bin give that bin's centre frequency as one continuous sinusoid."""
-    synth = SimVQCodec(phase="propagated").synthesis
+    synth = SimVQCodec(rephase_iters=0).synthesis
     bins, k, steps = synth.bins, 21, 10  # k not a multiple of 4: its centre advance is not a whole turn per hop
     x = torch.zeros(1, steps * synth.frames_per_step, 2, bins)
     x[:, :, 0] = -30.0  # log magnitude: silence ...
@@ -272,7 +270,7 @@ def test_a_padded_batch_decodes_like_lone_clips(phase):
 def test_synthesis_frames_line_up_with_the_analysis_frames():
     """Feeding the encoder's own STFT to the decoder's inverse STFT gives the signal back, sample for sample:
     each synthesis frame covers the samples its analysis frame saw, so nothing is predicted ahead."""
-    model = SimVQCodec()
+    model = SimVQCodec(phase="absolute", pitch_prior=False, rephase_iters=0, advance_features=False)
     feats, synth = model.features, model.synthesis
     torch.manual_seed(0)
     wav = torch.randn(1, 1, 8 * model.hop_length, dtype=torch.float64)

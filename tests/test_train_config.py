@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from training.config import ConfigError, TrainConfig, config_from_dict, load_config
+from training.config import ConfigError, TrainConfig, config_from_dict, load_config, with_phase
 
 CONFIGS = Path(__file__).parent.parent / "training" / "configs"
 
@@ -96,3 +97,94 @@ def test_overrides_after_an_option_still_count(entry, tmp_path, monkeypatch):
     assert seen["run_dir"] == tmp_path / "run"
     with pytest.raises(SystemExit):  # an unknown option is still an error
         main(["train", "steps=3", "--run-dir", str(tmp_path / "run"), "--bogus"])
+
+
+RECIPE = CONFIGS / "simvq-16k.yaml"
+
+
+def test_the_defaults_are_the_shipped_model():
+    """SimVQCodec's defaults are the bundled model's config, and the loss defaults the run that trained it."""
+    import inspect
+    import json
+
+    from codec.model import SimVQCodec
+    from codec.presets import model_dir
+
+    shipped = json.loads((model_dir("simvq-16k") / "config.json").read_text())
+    defaults = {k: p.default for k, p in inspect.signature(SimVQCodec.__init__).parameters.items() if k != "self"}
+    assert defaults == shipped["model"]
+    trained = shipped["provenance"]["config"]["loss"]
+    assert TrainConfig().loss.weights == trained["weights"]
+    assert TrainConfig().loss.pitch_teacher_forcing == trained["pitch_teacher_forcing"]
+
+
+def test_the_recipe_is_phases_that_overrides_lengthen_by_name():
+    cfg = load_config(RECIPE, ["phases.adversary.steps=10", "phases.quantizer.optim.lr=2e-4"])
+    assert cfg.init_from == "simvq-16k-v1" and cfg.data.train == "data/corpus/train.csv"
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.model) == (1e-4, 200, {})
+    quantizer, adversary = cfg.phases
+    assert (quantizer.name, quantizer.steps, adversary.name, adversary.steps) == ("quantizer", 2000, "adversary", 10)
+    assert quantizer.overrides == {"adv": False, "optim.lr": 2e-4} and adversary.overrides == {"adv": True}
+    assert cfg.steps == 2010  # the phases together
+    saved = cfg.to_dict()
+    assert "steps" not in saved and saved["phases"][0]["optim"] == {"lr": 2e-4}
+    assert config_from_dict(saved) == cfg
+    assert with_phase(cfg, quantizer).optim.lr == 2e-4 and not with_phase(cfg, quantizer).adv
+    assert with_phase(cfg, adversary).optim.lr == 1e-4 and with_phase(cfg, adversary).adv  # the run's own keys
+
+
+@pytest.mark.parametrize(
+    "phase, message",
+    [
+        ("{name: a, steps: 5, model: {n_stages: 2}}", "phases.a.model.n_stages is part of the model"),
+        ("{name: a, steps: 5, model: {codebook_size: 256}}", "phases.a.model.codebook_size is part of the model"),
+        ("{name: a, steps: 5, data: {batch_size: 8}}", "phases.a.data.batch_size holds for the whole run"),
+        ("{name: a, steps: 5, disc: {mrd_channels: 8}}", "phases.a.disc.mrd_channels holds for the whole run"),
+        ("{name: a, steps: 5, optim: {rate: 1}}", "phases.a: unknown config key 'optim.rate'"),
+        ("{name: a, steps: 5, optim: {decay: linear}}", "phase 'a': optim.decay='linear': choose one of"),
+        ("{name: a, steps: 0}", "phases.a.steps must be at least 1"),
+        ("{name: a}", "needs steps"),
+        ("{steps: 5}", "must be a mapping with a name and steps"),
+        ("{name: a.b, steps: 5}", "must be letters, digits"),
+    ],
+)
+def test_phases_may_change_only_what_a_run_may_change(phase, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"phases=[{phase}]"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["phases=[{name: a, steps: 2}, {name: a, steps: 3}]"], "a name of its own"),
+        (["phases=[{name: a, steps: 2}]", "phases.b.steps=3"], "no phase named 'b'"),
+        (["phases=[{name: a, steps: 2}]", "steps=3"], "the phases add up to 2"),
+        (["adv_start_step=100"], "adv_start_step is gone"),
+        (["model.rephase_iters=1", "model.rephase_hears=own"], "rephase_hears='own' is gone"),
+    ],
+)
+def test_phase_overrides_and_retired_keys_are_clear_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_config_saved_before_phases_reads_as_it_trained(tmp_path):
+    """`adv_start_step` N of an earlier run's saved config: 0 and N >= steps are `adv`; between, a phase without
+    the adversary and one with it on one schedule; the retired model option with its surviving value goes."""
+    from training.phases import phase_spans
+
+    old = TrainConfig().to_dict()
+    del old["adv"], old["phases"]
+    old["model"] = {"rephase_iters": 1, "rephase_hears": "played"}
+    assert config_from_dict({**old, "adv_start_step": 0, "steps": 50}).adv
+    assert not config_from_dict({**old, "adv_start_step": 50, "steps": 50}).adv
+    cfg = config_from_dict({**old, "adv_start_step": 20, "steps": 50})
+    assert cfg.model == {"rephase_iters": 1} and cfg.steps == 50
+    plain, adversarial = phase_spans(cfg)
+    assert (plain.adversarial, plain.start, plain.end) == (False, 0, 20)
+    assert (adversarial.adversarial, adversarial.start, adversarial.end) == (True, 20, 50)
+    assert (adversarial.schedule_start, adversarial.schedule_end, adversarial.adv_start) == (0, 50, 20)
+    saved = tmp_path / "config.yaml"  # an earlier run directory's config, as `train --run-dir` reads it
+    saved.write_text(yaml.safe_dump({**old, "adv_start_step": 20, "steps": 50}))
+    with pytest.warns(UserWarning, match="adv_start_step is read as adv or phases"):
+        assert load_config(saved) == cfg

@@ -132,6 +132,8 @@ def test_resume_refuses_another_model_and_bad_checkpoints(corpus, tmp_path):
         checkpoints.load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         export(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="'no-such-model' is neither an installed model id"):
+        checkpoints.resolve_init("no-such-model")
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoint_of_another_config(corpus, tmp_path):
@@ -139,10 +141,10 @@ def test_init_from_starts_a_new_run_from_a_checkpoint_of_another_config(corpus, 
     Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=2)
     saved = checkpoints.load_checkpoint(checkpoints.resolve_checkpoint(source))
     # model.phase changes what the decoder's outputs mean, not any parameter's shape
-    changed = ("eval_every=0", "model.phase=propagated", f"init_from={source}")
+    changed = ("eval_every=0", "model.phase=absolute", f"init_from={source}")
     with pytest.warns(UserWarning, match="init_from"):
         warm = Trainer(tiny_config(corpus, *changed), tmp_path / "warm")
-    assert warm.step == 2 and warm.model.synthesis.phase == "propagated"
+    assert warm.step == 2 and warm.model.synthesis.phase == "absolute"
     assert all(torch.equal(warm.model.state_dict()[k], v) for k, v in saved["model"].items())
     warm.fit(until=3)
     assert (tmp_path / "warm" / "checkpoints" / "step_00000003.pt").is_file()
@@ -184,17 +186,17 @@ def test_a_released_model_grows_a_pitch_head_that_trains_against_the_pitch_track
     assert "pitch/f0" not in losses(source)[1]  # a model without the head has no pitch terms
     audio = torch.from_numpy(speechlike(0.2))[None, None]
     prior_f0, track, voiced = warm._pitch_inputs(audio)
-    assert prior_f0.isnan().all() and voiced.any()  # by default the head's own f0 drives the prior
-    warm.cfg.loss.pitch_teacher_forcing = 1.0
-    assert torch.equal(warm._pitch_inputs(audio)[0], track)  # teacher forcing: the track drives it
+    assert torch.equal(prior_f0, track) and voiced.any()  # by default (teacher forcing) the track drives the prior
+    warm.cfg.loss.pitch_teacher_forcing = 0.0
+    assert warm._pitch_inputs(audio)[0].isnan().all()  # without it, the head's own f0
     with pytest.raises(CheckpointError, match="does not fit"):  # new modules may start fresh, changed ones not
         Trainer(tiny_config(corpus, *pitch, "model.decoder_dim=48"), tmp_path / "wider")
 
 
-def _tiny_release(corpus, tmp_path) -> Path:
+def _tiny_release(corpus, tmp_path, *overrides: str) -> Path:
     """A tiny model trained one step and exported as a release (a model directory)."""
     source = tmp_path / "source"
-    Trainer(tiny_config(corpus, "eval_every=0"), source).fit(until=1)
+    Trainer(tiny_config(corpus, "eval_every=0", *overrides), source).fit(until=1)
     return export(source, tmp_path / "release", model_id="tiny")
 
 
@@ -218,7 +220,7 @@ def test_a_released_model_grows_a_deeper_decoder_that_starts_as_the_released_one
 def test_a_released_model_grows_advance_features_that_start_unheard(corpus, tmp_path):
     """The encoder's input projection gains zero weights for the appended advance features: the grown model
     first encodes exactly as the release did, then learns to listen to them."""
-    released = _tiny_release(corpus, tmp_path)
+    released = _tiny_release(corpus, tmp_path, "model.advance_features=false")
     with pytest.warns(UserWarning, match=r"encoder_in\.0\.weight grows from"):
         grown = Trainer(tiny_config(corpus, "eval_every=0", "model.advance_features=true", f"init_from={released}"),
                         tmp_path / "grown")
@@ -263,13 +265,14 @@ def test_time_limit_stops_with_a_checkpoint_and_a_dev_pass(corpus, tmp_path):
 
 def test_untrained_discriminators_may_change_on_resume_trained_ones_may_not(corpus, tmp_path):
     run = tmp_path / "run"
-    Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3"), run).fit(until=2)
+    phases = ("eval_every=0", "phases=[{name: plain, steps: 3, adv: false}, {name: adv, steps: 1}]")
+    Trainer(tiny_config(corpus, *phases), run).fit(until=2)
     with pytest.warns(UserWarning, match="start fresh"):
-        resumed = Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3", "disc.mrd_channels=8"), run)
+        resumed = Trainer(tiny_config(corpus, *phases, "disc.mrd_channels=8"), run)
     assert resumed.step == 2
     resumed.fit(until=4)  # trains the new discriminators from step 3
     with pytest.raises(CheckpointError, match="do not match disc"):
-        Trainer(tiny_config(corpus, "eval_every=0", "adv_start_step=3", "disc.mrd_channels=4"), run)
+        Trainer(tiny_config(corpus, *phases, "disc.mrd_channels=4"), run)
 
 
 def test_codebook_learning_rate_multiplier_applies_and_follows_the_config_on_resume(corpus, tmp_path):
@@ -300,3 +303,54 @@ def test_a_released_model_takes_a_larger_first_codebook_with_the_rest_kept(corpu
     assert own["quantizer.stages.0.frozen_codebook"].shape[0] == 256 and not bool(own["quantizer.stages.0.initialized"])
     warm.fit(until=1)
     assert bool(warm.model.quantizer.stages[0].initialized)  # searched as from scratch: data-dependent init
+
+
+PHASES = ("phases=[{name: twin, steps: 2, adv: false, model: {quantize_fraction: 0}, optim: {lr: 1.0e-3}},"
+          " {name: gan, steps: 2, data: {gain_db: [-3, 0]}, optim: {warmup_steps: 2}}]")
+
+
+def test_phases_train_in_order_each_with_its_settings_schedule_and_name_in_the_logs(corpus, tmp_path):
+    cfg = tiny_config(corpus, PHASES, "eval_every=100", "ckpt_every=100")
+    straight = Trainer(cfg, tmp_path / "straight")
+    assert straight.model.quantizer.quantize_fraction == 0 and straight.dataset.gain_db == (-12.0, 0.0)
+    straight.fit()
+    assert straight.model.quantizer.quantize_fraction == 0.5 and straight.dataset.gain_db == (-3.0, 0.0)
+    logged = losses(tmp_path / "straight")
+    assert [logged[s]["phase"] for s in (1, 2, 3, 4)] == ["twin", "twin", "gan", "gan"]
+    assert "adv/disc" not in logged[2] and logged[3]["adv/disc"] > 0  # the adversary from the second phase on
+    assert logged[1]["lr/gen"] == pytest.approx(1e-3 / 2)  # its own warm-up (tiny.yaml: 2 steps) and peak
+    assert logged[3]["lr/gen"] == pytest.approx(3e-4 / 2) and logged[4]["lr/gen"] == pytest.approx(3e-4)  # again
+    assert logged[3]["lr/disc"] == pytest.approx(3e-4 / 2)
+    # each phase ends with a dev pass and a checkpoint
+    assert [(r["step"], r["phase"]) for r in read_jsonl(tmp_path / "straight" / DEV_LOG)] == [(2, "twin"), (4, "gan")]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "straight" / "checkpoints")] == [
+        "step_00000002.pt", "step_00000004.pt"]
+
+    Trainer(cfg, tmp_path / "resumed").fit(until=3)  # stopped in the middle of the second phase
+    resumed = Trainer(cfg, tmp_path / "resumed")
+    assert resumed.step == 3 and resumed.phase.name == "gan" and resumed.model.quantizer.quantize_fraction == 0.5
+    resumed.fit()
+    assert losses(tmp_path / "resumed")[4] == logged[4]  # bit-identical to the uninterrupted run
+
+
+def test_the_recipe_warm_starts_from_a_release_and_trains_its_phases(corpus, tmp_path):
+    """training/configs/simvq-16k.yaml with the tiny model and one step per phase, from a tiny release."""
+    import json
+
+    import yaml
+
+    released = _tiny_release(corpus, tmp_path)
+    tiny = yaml.safe_load(TINY.read_text())
+    sections = [f"{key}={json.dumps(tiny[key])}" for key in ("model", "data", "disc", "loss")]
+    recipe = Path(__file__).parent.parent / "training" / "configs" / "simvq-16k.yaml"
+    cfg = load_config(recipe, [*sections, f"data.train={corpus}", "data.dev=null", "data.dev_fraction=0.34",
+                               f"init_from={released}", "phases.quantizer.steps=1", "phases.adversary.steps=1",
+                               "log_every=1"])
+    trainer = Trainer(cfg, tmp_path / "recipe")
+    expected = load_model_dir(released).state_dict()
+    assert trainer.step == 0 and all(torch.equal(trainer.model.state_dict()[k], v) for k, v in expected.items())
+    trainer.fit()
+    logged = losses(tmp_path / "recipe")
+    assert (logged[1]["phase"], logged[2]["phase"]) == ("quantizer", "adversary")
+    assert "adv/disc" not in logged[1] and logged[2]["adv/disc"] > 0
+    assert logged[1]["lr/gen"] == logged[2]["lr/gen"] == pytest.approx(1e-4 / 200)  # each phase warms up again

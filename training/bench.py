@@ -41,7 +41,7 @@ def _time_steps(trainer: Trainer, batch: torch.Tensor, steps: int, adversarial: 
     """Median wall and process CPU seconds per step (the first step, a warm-up, is not counted)."""
     wall, cpu = [], []
     for _ in range(steps + 1):
-        trainer.step = trainer.cfg.adv_start_step if adversarial else 0
+        trainer.step, trainer.phase_cfg.adv = 0, adversarial
         start, start_cpu = time.perf_counter(), time.process_time()
         trainer.train_step(batch)
         if trainer.device.type == "cuda":
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cfg = load_config(args.config, [*args.overrides, "eval_every=0"])
+        cfg = load_config(args.config, [*args.overrides, "eval_every=0", "init_from="])  # timing needs no weights
         _write_corpus(root / "data", 16000)
         cfg.data.train, cfg.data.dev, cfg.data.dev_fraction = str(root / "data"), None, 0.5
         trainer = Trainer(cfg, root / "run")

@@ -185,7 +185,7 @@ def pack(
         cfg: the training config (its data paths are replaced by the bundle's).
         kbps: Opus bitrate.
         max_bytes: the cap on the whole bundle.
-        init: a starting point (`pack_init`).
+        init: a starting point (`pack_init`); None takes the config's `init_from`, "" starts from scratch.
         wheels: download the wheels the GPU run needs.
         min_hours: refuse when less training audio than this fits.
         jobs: encoding threads (default: the CPU count).
@@ -212,6 +212,7 @@ def pack(
             download_wheels(tmp / "wheels")
             wheel_bytes = _size(tmp / "wheels")
             log(f"wheels: {wheel_bytes / 2**20:.1f} MiB ({', '.join(WHEELS)}) for CPython {WHEEL_PYTHON}")
+        init = cfg.init_from if init is None else init
         init_from = pack_init(init, tmp / "init") if init else ""
         init_bytes = _size(tmp / "init")
 

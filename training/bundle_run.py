@@ -36,7 +36,7 @@ from codec.errors import CodecError
 from training import checkpoints
 from training.augment import Augmenter
 from training.bundle import read_bundle
-from training.config import AugmentConfig, ConfigError, load_config
+from training.config import AugmentConfig, ConfigError, DataConfig, load_config
 from training.data import AudioItem, Batch, decode
 from training.export import export
 from training.portable import MAX_FILE_BYTES, PORTABLE, save_portable
@@ -107,6 +107,11 @@ class DeviceCorpus:
                               f"of {batch_size}: lower --batch-size")
         self.seconds = float(lengths.sum()) / sample_rate
         self._order: tuple[int, torch.Tensor] | None = None
+
+    def use_data(self, data: DataConfig) -> None:
+        """Crop as `data` says from now on (a new phase of the run may change the crop settings)."""
+        self.gain_db, self.speed = data.gain_db, tuple(data.speed)
+        self.augment = Augmenter(data.augment, self.augment.sample_rate)
 
     def batch(self, epoch: int, index: int) -> Batch:
         """Batch `index` of `epoch`: [B, 1, segment_samples] float32 on the device."""
@@ -195,6 +200,9 @@ class Progress:
 
     def next_position(self, epoch: int, batch: int) -> tuple[int, int]:
         return self.corpus.next_position(epoch, batch)
+
+    def use_data(self, data: DataConfig) -> None:
+        self.corpus.use_data(data)
 
 
 def memory(device: torch.device) -> str:

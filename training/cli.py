@@ -11,14 +11,15 @@ from codec.errors import CodecError
 
 TRAIN_EPILOG = """examples:
   simvq-codec train --config training/configs/simvq-16k.yaml --run-dir runs/simvq-16k
-  simvq-codec train --config training/configs/simvq-16k.yaml optim.lr=3e-4 model.n_stages=8 data.batch_size=32
+  simvq-codec train --config training/configs/simvq-16k.yaml phases.adversary.steps=12000 data.batch_size=32
+  simvq-codec train --config training/configs/simvq-16k.yaml init_from= model.n_stages=8   # from scratch
   simvq-codec train --run-dir runs/simvq-16k                     # resume with the run's saved config
   torchrun --nproc-per-node 4 -m training train --config training/configs/simvq-16k.yaml --run-dir runs/x
 """
 
 BUNDLE_EPILOG = """examples:
   simvq-codec bundle data/corpus bundle/ --wheels        # 40 MiB: corpus as Opus, config, wheels
-  simvq-codec bundle data/corpus bundle/ --init runs/simvq-16k --max-mb 100 steps=60000
+  simvq-codec bundle data/corpus bundle/ --init runs/simvq-16k --max-mb 100 phases.adversary.steps=60000
   python -m training.bundle_run bundle/ --minutes 9 --out out/   # on the GPU machine (docs/training.md)
 """
 
@@ -73,7 +74,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-mb", type=float, default=40.0, help="cap on the whole bundle in MiB (default 40)")
     p.add_argument("--kbps", type=float, default=24.0, help="Opus bitrate of the audio (default 24)")
     p.add_argument("--init", metavar="REF", help="start from: an installed model id or model directory "
-                   "(weights), or a run directory, checkpoint or bundle_run output (all training state)")
+                   "(weights), or a run directory, checkpoint or bundle_run output (all training state); "
+                   "default: the config's init_from")
     p.add_argument("--wheels", action="store_true", help="add the wheels of every package beyond torch, numpy "
                    "and scipy that the run needs, for CPython 3.12 on manylinux x86_64 (pip download)")
     p.add_argument("--min-hours", type=float, default=0.25, help="refuse when less speech fits (default 0.25)")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,20 +157,21 @@ class LossConfig:
         adv_loss: "hinge" or "lsgan" for generator and discriminator.
         pitch_teacher_forcing: with a pitch head, the share of training examples whose harmonic prior
             follows the input's pitch track (training.pitch) rather than the head's own estimate.
+    The defaults are what the bundled model trained with.
     """
 
     weights: dict[str, float] = field(
         default_factory=lambda: {
             "mel": 15.0,
-            "stft/complex": 5.0,
-            "stft/linear": 0.0,
-            "spec/mag": 0.0,
-            "spec/phase": 0.0,
+            "stft/complex": 0.0,  # asks for absolute phase, which propagated phase does not have
+            "stft/linear": 10.0,
+            "spec/mag": 15.0,
+            "spec/phase": 15.0,
             "adv/gen": 1.0,
             "adv/feat": 2.0,
             "vq/commit": 0.25,
             "vq/codebook": 1.0,
-            "vq/residual": 0.0,
+            "vq/residual": 1.0,
             "pitch/f0": 1.0,  # these two apply only to a model with a pitch head (model.pitch_prior)
             "pitch/voicing": 1.0,
         }
@@ -179,7 +183,7 @@ class LossConfig:
     complex_power: float = 0.3
     linear_n_ffts: tuple[int, ...] = (512, 1024, 2048)
     adv_loss: str = "hinge"
-    pitch_teacher_forcing: float = 0.0
+    pitch_teacher_forcing: float = 1.0
 
 
 @dataclass
@@ -205,14 +209,47 @@ class DiscConfig:
 
 
 @dataclass
+class Phase:
+    """One stage of a run: `steps` generator steps trained with `overrides` on top of the run's config.
+
+    Args:
+        name: names the phase in the logs and in overrides of its keys (`phases.NAME.steps=2000`).
+        steps: generator steps of the phase; a run with phases is as long as its phases together.
+        restart_schedule: the learning rates warm up and decay again over this phase; false continues the
+            schedule of the phase before, as one schedule over both.
+        overrides: dotted keys and their values (`optim.lr`, `adv`, `model.quantize_fraction`); only keys that
+            may change during a run (`phase_key_error`), never the model's shape.
+    """
+
+    name: str
+    steps: int
+    restart_schedule: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form: name, steps, restart_schedule, then the overrides as nested sections."""
+        out: dict[str, Any] = {"name": self.name, "steps": self.steps, "restart_schedule": self.restart_schedule}
+        for key, value in self.overrides.items():
+            *sections, name = key.split(".")
+            node = out
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = _plain(value)
+        return out
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; the defaults are the source of truth, files and overrides change named keys.
 
     Args:
         model: keyword arguments of `codec.model.SimVQCodec` that differ from its defaults.
         data, optim, loss, disc: see their classes.
-        steps: total generator steps.
-        adv_start_step: steps trained without the adversary (reconstruction and VQ losses only).
+        steps: total generator steps; with `phases`, their sum.
+        adv: train against the discriminators (with `loss.weights` of `adv/gen` or `adv/feat` above 0).
+        phases: the run's stages in order, each with its own steps and overrides (`Phase`), e.g. a first
+            phase without the adversary; the learning-rate schedule restarts with each. Empty: the run is one
+            phase of `steps` steps (named "train" in the logs).
         init_from: a checkpoint file or run directory to start from when `run_dir` has no checkpoint yet:
             weights, EMA, optimisers, step and data position carry over as on resume, but the model config
             may differ wherever the parameter shapes do not (e.g. `model.phase`). A released model (an
@@ -238,7 +275,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
     steps: int = 200_000
-    adv_start_step: int = 2000
+    adv: bool = True
+    phases: list[Phase] = field(default_factory=list)
     init_from: str = ""
     ema_decay: float = 0.999
     seed: int = 0
@@ -254,7 +292,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists instead of tuples) for YAML, JSON and checkpoints."""
-        return _plain(dataclasses.asdict(self))
+        out = _plain(dataclasses.asdict(self))
+        out["phases"] = [phase.to_dict() for phase in self.phases]
+        if self.phases:
+            del out["steps"]  # the phases' sum
+        return out
 
 
 CHOICES = {
@@ -266,9 +308,18 @@ CHOICES = {
 }
 
 
+FIXED_DATA_KEYS = (
+    "data.train", "data.dev", "data.dev_fraction", "data.segment_samples", "data.batch_size", "data.num_workers",
+    "data.cache", "data.dev_clips", "data.dev_clip_samples",
+)
+"""Data keys that hold for the whole run (the files, the batches and the dev set are laid out once); the
+other data keys shape each crop and may change between phases."""
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults, then the YAML file at `path` (if any), then `key=value` overrides (dotted keys)."""
     cfg = TrainConfig()
+    given = []
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
@@ -279,31 +330,71 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of keys, not {type(data).__name__}")
+        if "adv_start_step" in data:  # a run directory's config.yaml from before phases: resume it as it trained
+            warnings.warn(f"{path}: adv_start_step is read as adv or phases; a new config says those")
+            data = _before_phases(data)
         for key, value in _flatten(data):
             set_key(cfg, key, value)
+            given.append(key)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=3e-4)")
         set_key(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        given.append(key.strip())
+    _sum_phases(cfg, "steps" in given)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Rebuild a config saved with `TrainConfig.to_dict()` (unknown keys are an error)."""
+    """Rebuild a config saved with `TrainConfig.to_dict()` (unknown keys are an error), also one saved before
+    runs had phases."""
+    data = _before_phases(data)
     cfg = TrainConfig()
     for key, value in _flatten(data):
         set_key(cfg, key, value)
+    _sum_phases(cfg, "steps" in data)
     validate(cfg)
     return cfg
 
+
+def with_phase(cfg: TrainConfig, phase: Phase) -> TrainConfig:
+    """The config that `phase` trains with: `cfg` with the phase's overrides, and no phases of its own."""
+    out = copy.deepcopy(cfg)
+    out.phases = []
+    for key, value in phase.overrides.items():
+        set_key(out, key, value)
+    return out
+
+
+def phase_key_error(key: str) -> str | None:
+    """Why a phase may not set the dotted `key` (said of the key: "holds for the whole run; ..."), or None when
+    it may."""
+    from codec.model import SimVQCodec
+
+    options = [f"model.{name}" for name in SimVQCodec.TRAINING_OPTIONS]
+    crop = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f"data.{f.name}" not in FIXED_DATA_KEYS]
+    if key == "adv" or key.startswith(("optim.", "loss.weights.", "data.augment.")) or key in (
+        "loss.pitch_teacher_forcing", "loss.adv_loss", *options, *crop
+    ):
+        return None
+    if key.startswith("model."):
+        return f"is part of the model that the whole run trains; a phase may set only {', '.join(options)}"
+    return (f"holds for the whole run; a phase may set adv, optim.*, loss.weights.*, loss.pitch_teacher_forcing, "
+            f"loss.adv_loss, {', '.join(options)}, {', '.join(crop)}")
 
 def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
     """Set one dotted key (`optim.lr`, `loss.weights.mel`, `model.n_stages`), converting the value's type.
 
     A mapping value sets the keys of a section (`loss.weights={mel: 10}`)."""
     parts = key.split(".")
+    if parts[0] == "phases":
+        _set_phases(cfg, parts[1:], value, key)
+        return
+    if key == "adv_start_step":
+        raise ConfigError("adv_start_step is gone: set adv=false for a run without the adversary, or give the run "
+                          "phases, the first with adv: false (docs/training.md, \"Phases\")")
     obj: Any = cfg
     for i, name in enumerate(parts[:-1]):
         if not dataclasses.is_dataclass(obj):
@@ -312,7 +403,7 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
         obj = getattr(obj, name)
     name = parts[-1]
     if obj is cfg.model:
-        obj[name] = _model_value(name, value)
+        _set_model_key(cfg.model, name, value)
     elif obj is cfg.loss.weights:
         if name not in LOSS_KEYS:
             raise ConfigError(f"unknown loss weight {key!r}; known: {', '.join(LOSS_KEYS)}")
@@ -333,6 +424,16 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Check choices and ranges that a type alone cannot express."""
+    names = [phase.name for phase in cfg.phases]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"phases: each phase needs a name of its own, got {', '.join(names)}")
+    for phase in cfg.phases:
+        if phase.steps < 1:
+            raise ConfigError(f"phases.{phase.name}.steps must be at least 1, got {phase.steps}")
+        try:
+            validate(with_phase(cfg, phase))
+        except ConfigError as e:
+            raise ConfigError(f"phase {phase.name!r}: {e}") from None
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -371,6 +472,91 @@ def dump_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+def _set_phases(cfg: TrainConfig, parts: list[str], value: Any, key: str) -> None:
+    """`phases` (the list) or `phases.NAME.KEY` (one key of the phase named NAME)."""
+    if not parts:
+        if value is None:
+            cfg.phases = []
+            return
+        if not isinstance(value, list):
+            raise ConfigError(f"phases must be a list of phases, each a mapping with a name and steps, got {value!r}")
+        cfg.phases = [_parse_phase(item, i) for i, item in enumerate(value)]
+        return
+    name, *rest = parts
+    phase = next((p for p in cfg.phases if p.name == name), None)
+    if phase is None:
+        known = ", ".join(p.name for p in cfg.phases) or "none"
+        raise ConfigError(f"{key!r}: no phase named {name!r} (this config's phases: {known})")
+    if not rest:
+        raise ConfigError(f"{key!r}: name a key of the phase, e.g. phases.{name}.steps=1000")
+    sub = ".".join(rest)
+    items = _flatten(value, sub) if isinstance(value, dict) else [(sub, value)]
+    for sub_key, sub_value in items:
+        _set_phase_key(phase, sub_key, sub_value)
+
+
+def _parse_phase(value: Any, index: int) -> Phase:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ConfigError(f"phases[{index}] must be a mapping with a name and steps, got {value!r}")
+    name = value["name"]
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ConfigError(f"phases[{index}]: name {name!r} must be letters, digits, '-' or '_'")
+    if "steps" not in value:
+        raise ConfigError(f"phases[{index}] ({name}) needs steps")
+    phase = Phase(name, 0)
+    for key, item in _flatten({k: v for k, v in value.items() if k != "name"}):
+        _set_phase_key(phase, key, item)
+    return phase
+
+
+def _set_phase_key(phase: Phase, key: str, value: Any) -> None:
+    label = f"phases.{phase.name}.{key}"
+    if key in ("steps", "restart_schedule"):
+        setattr(phase, key, _coerce(value, int if key == "steps" else bool, label))
+        return
+    if key == "name":
+        raise ConfigError(f"{label}: a phase is renamed in its entry of the phases list")
+    if reason := phase_key_error(key):
+        raise ConfigError(f"{label} {reason}")
+    scratch = TrainConfig()
+    try:
+        set_key(scratch, key, value)  # checked and converted as at the top level
+    except ConfigError as e:
+        raise ConfigError(f"phases.{phase.name}: {e}") from None
+    *sections, name = key.split(".")
+    node: Any = scratch
+    for section in sections:
+        node = getattr(node, section)
+    phase.overrides[key] = node[name] if isinstance(node, dict) else getattr(node, name)
+
+
+def _sum_phases(cfg: TrainConfig, steps_given: bool) -> None:
+    """A run with phases is as long as they are together (`steps`, where given, must say the same)."""
+    if not cfg.phases:
+        return
+    total = sum(phase.steps for phase in cfg.phases)
+    if steps_given and cfg.steps != total:
+        raise ConfigError(f"steps={cfg.steps}, but the phases add up to {total}: a run with phases is as long as "
+                          "they are together; set phases.NAME.steps and leave steps out")
+    cfg.steps = total
+
+
+def _before_phases(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved before runs had phases: its `adv_start_step` N becomes `adv` (N = 0: on; N >= steps: off),
+    or a phase without the adversary and one with it on the same schedule, as such a run trained."""
+    if "adv_start_step" not in data:
+        return data
+    data = dict(data)
+    start, steps = int(data.pop("adv_start_step")), int(data.get("steps", TrainConfig.steps))
+    if 0 < start < steps:
+        del data["steps"]
+        data["phases"] = [{"name": "reconstruction", "steps": start, "adv": False},
+                          {"name": "adversary", "steps": steps - start, "restart_schedule": False, "adv": True}]
+    else:
+        data["adv"] = start <= 0
+    return data
+
+
 def _check_field(obj: Any, name: str, key: str) -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     if name not in names:
@@ -387,6 +573,22 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             out.append((key, value))
     return out
+
+
+def _set_model_key(model: dict[str, Any], name: str, value: Any) -> None:
+    """One `model.NAME`: an argument of SimVQCodec, or one it no longer takes where its value is the behaviour
+    that remains (a config saved by an earlier version), which is dropped."""
+    from codec.model import RETIRED_ARGUMENTS, upgrade_config
+
+    if name not in RETIRED_ARGUMENTS:
+        model[name] = _model_value(name, value)
+        return
+    try:
+        upgraded = upgrade_config({**model, name: value})
+    except ValueError as e:
+        raise ConfigError(f"model.{name}: {e}") from None
+    model.clear()
+    model.update(upgraded)
 
 
 def _model_value(name: str, value: Any) -> Any:

@@ -9,7 +9,7 @@ import torch
 
 from codec.checkpoint import save_model
 from codec.errors import CheckpointError
-from codec.model import SimVQCodec
+from codec.model import SimVQCodec, upgrade_config
 from training.checkpoints import load_checkpoint, resolve_checkpoint
 
 
@@ -29,7 +29,7 @@ def export(
     state = load_checkpoint(path)
     config = state["config"]
     try:
-        model = SimVQCodec(**config["model"])
+        model = SimVQCodec(**upgrade_config(state.get("model_config", config["model"])))
         model.load_state_dict(state["ema"]["model"] if weights == "ema" else state["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not match this version's SimVQCodec: {str(e).splitlines()[0]}") from None

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from training.dev import DevResult, mel_figure
 from training.losses import MultiScaleMelLoss
+from training.phases import PhaseSpan
 
 TRAIN_LOG = "train_metrics.jsonl"
 DEV_LOG = "dev_metrics.jsonl"
@@ -23,10 +24,11 @@ class Monitor:
     """Reports training scalars every `log_every` steps and dev passes.
 
     Scalars go to TensorBoard (`RUN_DIR/tb`) and to `RUN_DIR/train_metrics.jsonl`; dev results to TensorBoard
-    and `RUN_DIR/dev_metrics.jsonl`. TensorBoard (and its mel images, which need matplotlib) is skipped where
-    it is not installed. A tqdm bar shows steps/s and the main losses on a terminal; otherwise a plain line
-    is printed every `log_every` steps. On resume, records after `start_step` (written by the interrupted
-    run after its last checkpoint) are dropped so each step appears once.
+    and `RUN_DIR/dev_metrics.jsonl`; each record names the phase of the run it comes from. TensorBoard (and its
+    mel images, which need matplotlib) is skipped where it is not installed. A tqdm bar shows steps/s and the
+    main losses on a terminal; otherwise a plain line is printed every `log_every` steps. On resume, records
+    after `start_step` (written by the interrupted run after its last checkpoint) are dropped so each step
+    appears once.
 
     Args:
         run_dir: the run directory.
@@ -49,8 +51,14 @@ class Monitor:
         self.last = (start_step, time.perf_counter())
         self.references_logged = False
 
-    def step(self, step: int, scalars: dict[str, float]) -> None:
-        """Record the scalars of `step` (1-based count of finished steps) when it is a logging step."""
+    def phase(self, span: PhaseSpan, phases: int, step: int) -> None:
+        """Say that the run trains phase `span` (of `phases`) from `step` on."""
+        line = (f"phase {span.name} ({span.index + 1} of {phases}): steps {step}-{span.end} of {self.bar.total}"
+                f"{', adversarial' if span.adversarial else ''}")
+        (self.bar.write if self.tty else lambda s: print(s, file=sys.stderr))(line)
+
+    def step(self, step: int, scalars: dict[str, float], phase: str) -> None:
+        """Record the scalars of `step` (1-based count of finished steps, in `phase`) when it is a logging step."""
         self.bar.update(1)
         if step % self.log_every:
             return
@@ -60,13 +68,14 @@ class Monitor:
         self.last = (step, now)
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
-        _append(self.run_dir / TRAIN_LOG, {"step": step, "time": time.time(), **scalars})
+        _append(self.run_dir / TRAIN_LOG, {"step": step, "phase": phase, "time": time.time(), **scalars})
         shown = {k: f"{scalars[k]:.3f}" for k in BAR_KEYS if k in scalars}
         if self.tty:
-            self.bar.set_postfix(shown, refresh=False)
+            self.bar.set_postfix({"phase": phase, **shown}, refresh=False)
         else:
             text = " ".join(f"{k}={v}" for k, v in shown.items())
-            print(f"step {step}/{self.bar.total} {scalars['perf/steps_per_s']:.2f} steps/s {text}", file=sys.stderr)
+            print(f"step {step}/{self.bar.total} ({phase}) {scalars['perf/steps_per_s']:.2f} steps/s {text}",
+                  file=sys.stderr)
 
     def dev(
         self,
@@ -74,8 +83,10 @@ class Monitor:
         result: DevResult,
         clips: list[torch.Tensor],
         mel_loss: MultiScaleMelLoss,
+        phase: str,
     ) -> None:
-        """Record a dev pass: scalars per stage, the JSON line, audio and mel images of the first clips."""
+        """Record a dev pass at the end of `step` (in `phase`): scalars per stage, the JSON line, audio and mel
+        images of the first clips."""
         w = self.writer
         w.add_scalar("dev/mel", result.mel, step)
         w.add_scalar("dev/mel_unquantized", result.mel_unquantized, step)
@@ -92,8 +103,8 @@ class Monitor:
                 w.add_figure(f"dev/mel_{i}", mel_figure(clips[i], audio, mel_loss), step)
         self.references_logged = True
         w.flush()
-        _append(self.run_dir / DEV_LOG, result.to_json(step))
-        line = (f"dev step {step}: mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f}), "
+        _append(self.run_dir / DEV_LOG, {**result.to_json(step), "phase": phase})
+        line = (f"dev step {step} ({phase}): mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f}), "
                 f"convergence {result.convergence:.3f}, utilisation "
                 + " ".join(f"{u:.2f}" for u in result.utilisation))
         if result.voicing_accuracy is not None:

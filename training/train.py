@@ -22,7 +22,7 @@ from codec.errors import CheckpointError
 from codec.model import SimVQCodec
 from codec.modules import ConvNeXtBlock
 from training import checkpoints
-from training.config import ConfigError, TrainConfig, config_from_dict, dump_config
+from training.config import ConfigError, DataConfig, TrainConfig, config_from_dict, dump_config, with_phase
 from training.data import AudioDataset, Batch, EpochBatchSampler, collate, dev_clips, load_items, split_items
 from training.dev import evaluate
 from training.discriminators import Discriminators
@@ -31,6 +31,7 @@ from training.losses import (
     ComplexSTFTLoss, LinearSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss,
 )
 from training.monitor import Monitor
+from training.phases import PhaseSpan, adversarial_steps_before, is_adversarial, phase_spans, span_at
 from training.pitch import pitch_loss, yin_f0
 from training.schedule import lr_factor
 
@@ -69,15 +70,18 @@ def init_distributed(cfg: TrainConfig) -> Distributed:
 class Trainer:
     """Generator (the codec), discriminators, EMA, optimisers, data and reporting for one process.
 
-    A new trainer resumes from the latest checkpoint in `run_dir/checkpoints` when there is one.
+    A new trainer resumes from the latest checkpoint in `run_dir/checkpoints` when there is one. The step
+    says which of the run's phases it trains (`phase`, whose config is `phase_cfg`: `cfg` with the phase's
+    overrides).
 
     Args:
         cfg: the run's configuration.
         run_dir: checkpoints, `config.yaml`, TensorBoard logs and JSON lines logs go here.
         world: this process's place in a distributed job.
         batches: where training batches come from: None for a DataLoader over `data.train`, or an object
-            with `iterate(epoch, batch)` (endless `Batch`es from that data position) and `next_position(epoch,
-            batch)`, as `training.bundle_run.DeviceCorpus` (crops drawn on the device). Settable later.
+            with `iterate(epoch, batch)` (endless `Batch`es from that data position), `next_position(epoch,
+            batch)` and `use_data(data)` (the crop settings of a new phase's `DataConfig`), as
+            `training.bundle_run.DeviceCorpus` (crops drawn on the device). Settable later.
     """
 
     def __init__(
@@ -129,10 +133,14 @@ class Trainer:
         self.data_position = (0, 0)
         self.elapsed = 0.0
         self._build_data()
+        self.spans = phase_spans(cfg)
         self.resumed_from = self._resume()
         if self.resumed_from is None:
             _seed_all(cfg.seed + 1 + world.rank)  # per-rank randomness (quantizer dropout) from here on
         self._stop_requested = False
+        self.phase: PhaseSpan | None = None
+        self.phase_cfg = cfg
+        self._enter_phase()
 
     # --- data ----------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -140,10 +148,7 @@ class Trainer:
         train, dev = split_items(
             load_items(cfg.train), load_items(cfg.dev) if cfg.dev else None, cfg.dev_fraction
         )
-        self.dataset = AudioDataset(
-            train, model.sample_rate, cfg.segment_samples, cfg.gain_db, self.cfg.seed, cfg.cache, cfg.speed,
-            cfg.augment,
-        )
+        self.dataset, self.dataset_data = self._dataset(train, cfg), cfg
         self.repeats = self.dataset.slots_per_item()
         self.corpus = {
             "train": str(cfg.train),
@@ -158,6 +163,34 @@ class Trainer:
         self.dev_clips: list[torch.Tensor] = []
         if self.world.is_main and self.cfg.eval_every > 0:
             self.dev_clips = dev_clips(dev, model.sample_rate, model.hop_length, cfg.dev_clips, cfg.dev_clip_samples)
+
+    def _dataset(self, items: list, data: DataConfig) -> AudioDataset:
+        """The training examples of `items` as `data` crops them."""
+        return AudioDataset(
+            items, self.model.sample_rate, data.segment_samples, data.gain_db, self.cfg.seed, data.cache, data.speed,
+            data.augment,
+        )
+
+    # --- phases --------------------------------------------------------------------------------------
+    def _enter_phase(self) -> PhaseSpan:
+        """Switch to the phase that trains the current step, if it is not the current one: its training-only
+        model options, optimiser settings and crop settings take effect (its learning rates, loss weights and
+        adversary follow `phase_cfg` step by step)."""
+        span = span_at(self.spans, self.step)
+        if span == self.phase:
+            return span
+        self.phase = span
+        self.phase_cfg = cfg = with_phase(self.cfg, self.cfg.phases[span.index]) if self.cfg.phases else self.cfg
+        config = self.model.config
+        self.model.quantizer.set_training(**{k: cfg.model.get(k, config[k]) for k in SimVQCodec.TRAINING_OPTIONS})
+        o = cfg.optim
+        for optimizer in (self.gen_opt, self.disc_opt):
+            for group in optimizer.param_groups:
+                group["betas"], group["weight_decay"] = o.betas, o.weight_decay
+        self.gen_opt.param_groups[1]["lr_scale"] = o.codebook_lr_scale
+        if cfg.data != self.dataset_data:
+            self.dataset, self.dataset_data = self._dataset(self.dataset.items, cfg.data), cfg.data
+        return span
 
     def _loader(self) -> tuple[Iterable[Batch], Any]:
         """Batches from the data position on, and the object whose `next_position` follows them."""
@@ -182,10 +215,13 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------------
     def train_step(self, audio: torch.Tensor) -> dict[str, float]:
-        """One discriminator update (once adversarial) and one generator update on `audio` [B, 1, T]."""
-        cfg, weights = self.cfg, self.cfg.loss.weights
+        """One discriminator update (in an adversarial phase) and one generator update on `audio` [B, 1, T]."""
+        if not self.phase.start <= self.step < self.phase.end:
+            self._enter_phase()
+        cfg = self.phase_cfg
+        weights = cfg.loss.weights
         audio = audio.to(self.device, non_blocking=True)
-        adversarial = self.step >= cfg.adv_start_step and (weights["adv/gen"] > 0 or weights["adv/feat"] > 0)
+        adversarial = is_adversarial(cfg)
         lr_gen, lr_disc = self._set_learning_rates()
         scalars: dict[str, Any] = {"lr/gen": lr_gen, "lr/disc": lr_disc if adversarial else 0.0}
 
@@ -247,7 +283,7 @@ class Trainer:
         the target f0; the target voicing)."""
         syn = self.model.synthesis
         f0, voiced = yin_f0(audio[:, 0], self.model.sample_rate, syn.n_fft, syn.hop)
-        teacher = torch.rand(audio.shape[0], 1, device=audio.device) < self.cfg.loss.pitch_teacher_forcing
+        teacher = torch.rand(audio.shape[0], 1, device=audio.device) < self.phase_cfg.loss.pitch_teacher_forcing
         return torch.where(teacher, f0, torch.full_like(f0, float("nan"))), f0, voiced
 
     def _disc_windows(self, audio: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,12 +311,15 @@ class Trainer:
         return ok, float(norm)
 
     def _set_learning_rates(self) -> tuple[float, float]:
-        o, start = self.cfg.optim, self.cfg.adv_start_step
-        gen = o.lr * lr_factor(self.step, self.cfg.steps, o.warmup_steps, o.decay, o.min_lr_ratio, o.gamma)
-        disc_step = max(0, self.step - start)
-        disc = o.disc_lr * lr_factor(
-            disc_step, max(1, self.cfg.steps - start), o.warmup_steps, o.decay, o.min_lr_ratio, o.gamma
-        )
+        """The phase's schedule: the generator's from its start, the discriminators' from its first
+        adversarial step."""
+        o, span = self.phase_cfg.optim, self.phase
+
+        def factor(start: int) -> float:
+            step, total = max(0, self.step - start), max(1, span.schedule_end - start)
+            return lr_factor(step, total, o.warmup_steps, o.decay, o.min_lr_ratio, o.gamma)
+
+        gen, disc = o.lr * factor(span.schedule_start), o.disc_lr * factor(span.adv_start)
         for optimizer, lr in ((self.gen_opt, gen), (self.disc_opt, disc)):
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -295,7 +334,8 @@ class Trainer:
     def fit(self, until: int | None = None) -> Path | None:
         """Train until `cfg.steps` (or step `until`, the time limit, SIGTERM); returns the last checkpoint.
 
-        Stopping early (`until`, time limit, SIGTERM) writes a checkpoint, so a later `fit` resumes there."""
+        Stopping early (`until`, time limit, SIGTERM) writes a checkpoint, so a later `fit` resumes there; so
+        does the end of each phase, after a dev pass."""
         cfg = self.cfg
         end = cfg.steps if until is None else min(until, cfg.steps)
         monitor = None
@@ -304,10 +344,30 @@ class Trainer:
             dump_config(cfg, self.run_dir / "config.yaml")
             monitor = Monitor(self.run_dir, cfg.steps, self.step, cfg.log_every, self.model.sample_rate)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        loader, sampler = self._loader()
-        batches = iter(loader)
         started = time.monotonic() - self.elapsed
         last_ckpt = checkpoints.latest_checkpoint(self.ckpt_dir) if self.world.is_main else None
+        try:
+            stop = False
+            while self.step < end and not stop:
+                span = self._enter_phase()
+                if monitor:
+                    monitor.phase(span, len(self.spans), self.step)
+                stop, last_ckpt = self._fit_phase(min(end, span.end), monitor, started, last_ckpt)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if monitor:
+                monitor.close()
+        return last_ckpt
+
+    def _fit_phase(self, end: int, monitor: Monitor | None, started: float, last_ckpt: Path | None
+                   ) -> tuple[bool, Path | None]:
+        """Train the current phase until step `end` (or a stop); returns (stopped, the last checkpoint)."""
+        cfg = self.cfg
+        if self.batches is not None:
+            self.batches.use_data(self.phase_cfg.data)
+        loader, sampler = self._loader()
+        batches = iter(loader)
         try:
             while self.step < end:
                 batch = next(batches)
@@ -316,7 +376,7 @@ class Trainer:
                 self.elapsed = time.monotonic() - started
                 stop = self._should_stop()
                 if monitor:
-                    monitor.step(self.step, scalars)
+                    monitor.step(self.step, scalars, self.phase.name)
                 final = stop or self.step >= end
                 dev_due = monitor and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final)
                 if self.world.is_main and (dev_due or self.step % cfg.ckpt_every == 0 or final):
@@ -326,18 +386,14 @@ class Trainer:
                     result = evaluate(
                         self.ema.model, self.dev_clips, self.mel_loss, self.linear_loss, cfg.dev_audio_samples
                     )
-                    monitor.dev(self.step, result, self.dev_clips, self.mel_loss)
+                    monitor.dev(self.step, result, self.dev_clips, self.mel_loss, self.phase.name)
                 if self.step % cfg.ckpt_every == 0 or final:
                     last_ckpt = self.save() or last_ckpt
                 if stop:
-                    break
+                    return True, last_ckpt
+            return False, last_ckpt
         finally:
             del batches, loader
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-            if monitor:
-                monitor.close()
-        return last_ckpt
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
@@ -363,6 +419,7 @@ class Trainer:
         return {
             "step": self.step,
             "config": self.cfg.to_dict(),
+            "model_config": self.model.config,  # every constructor argument, defaults included
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "disc": self.disc.state_dict(),
@@ -423,11 +480,11 @@ class Trainer:
             self.disc_opt.load_state_dict(state["disc_opt"])
             self.disc_scaler.load_state_dict(state["disc_scaler"])
         except (RuntimeError, ValueError) as e:
-            if self.step > self.cfg.adv_start_step:
+            if adversarial_steps_before(self.spans, self.step) > 0:
                 raise CheckpointError(
                     f"{path}: its discriminators do not match disc.* of this config: {str(e).splitlines()[0]}"
                 ) from None
-            # Never trained yet (the adversary starts at adv_start_step): start them fresh.
+            # Never trained yet (no adversarial phase so far): start them fresh.
             warnings.warn(f"{path}: discriminators differ from the config's; untrained so far, they start fresh")
         self.gen_scaler.load_state_dict(state["gen_scaler"])
         self.skipped = {k: int(v) for k, v in state["skipped"].items()}
