@@ -354,3 +354,21 @@ def test_the_recipe_warm_starts_from_a_release_and_trains_its_phases(corpus, tmp
     assert (logged[1]["phase"], logged[2]["phase"]) == ("quantizer", "adversary")
     assert "adv/disc" not in logged[1] and logged[2]["adv/disc"] > 0
     assert logged[1]["lr/gen"] == logged[2]["lr/gen"] == pytest.approx(1e-4 / 200)  # each phase warms up again
+
+
+def test_a_phase_draws_its_codebooks_from_the_latents_of_training_crops(corpus, tmp_path, capsys):
+    released = _tiny_release(corpus, tmp_path)
+    phases = ["phases=[{name: quantizer, steps: 2, draw_codebooks: all}, {name: more, steps: 2}]"]
+    trainer = Trainer(tiny_config(corpus, "eval_every=0", f"init_from={released}", *phases), tmp_path / "drawn")
+    before = [s.frozen_codebook.clone() for s in trainer.model.quantizer.stages]
+    trainer.fit(until=1)
+    assert "drew the codes of stage(s) 1, 2, 3, 4 from" in capsys.readouterr().err
+    stages = trainer.model.quantizer.stages
+    assert all(not torch.equal(s.frozen_codebook, b) for s, b in zip(stages, before))
+    assert torch.equal(trainer.ema.model.quantizer.stages[0].frozen_codebook, stages[0].frozen_codebook)
+    drawn = [s.frozen_codebook.clone() for s in stages]
+    trainer.fit(until=3)  # the next phase does not draw: its codes are the ones drawn
+    assert all(torch.equal(s.frozen_codebook, d) for s, d in zip(stages, drawn))
+    again = Trainer(tiny_config(corpus, "eval_every=0", f"init_from={released}", *phases), tmp_path / "again")
+    again.fit(until=1)  # the same seed draws the same codes
+    assert torch.equal(again.model.quantizer.stages[2].frozen_codebook, drawn[2])

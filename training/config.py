@@ -247,6 +247,10 @@ class TrainConfig:
         data, optim, loss, disc: see their classes.
         steps: total generator steps; with `phases`, their sum.
         adv: train against the discriminators (with `loss.weights` of `adv/gen` or `adv/feat` above 0).
+        draw_codebooks: at the first step of the run (or of the phase that sets it), draw the frozen codes of
+            the quantizer's stages from their own inputs (`ResidualQuantizer.draw_codebooks`): "new" the
+            stages that have not trained yet (a fresh model's, or a warm start's resized ones), "all" every
+            stage, "none" keeps the Gaussian codes (rescaled to the input on the first batch).
         phases: the run's stages in order, each with its own steps and overrides (`Phase`), e.g. a first
             phase without the adversary; the learning-rate schedule restarts with each. Empty: the run is one
             phase of `steps` steps (named "train" in the logs).
@@ -276,6 +280,7 @@ class TrainConfig:
     disc: DiscConfig = field(default_factory=DiscConfig)
     steps: int = 200_000
     adv: bool = True
+    draw_codebooks: str = "none"
     phases: list[Phase] = field(default_factory=list)
     init_from: str = ""
     ema_decay: float = 0.999
@@ -305,6 +310,7 @@ CHOICES = {
     "disc.norm": ("weight", "spectral"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
+    "draw_codebooks": ("none", "new", "all"),
 }
 
 
@@ -375,14 +381,14 @@ def phase_key_error(key: str) -> str | None:
 
     options = [f"model.{name}" for name in SimVQCodec.TRAINING_OPTIONS]
     crop = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f"data.{f.name}" not in FIXED_DATA_KEYS]
-    if key == "adv" or key.startswith(("optim.", "loss.weights.", "data.augment.")) or key in (
+    if key in ("adv", "draw_codebooks") or key.startswith(("optim.", "loss.weights.", "data.augment.")) or key in (
         "loss.pitch_teacher_forcing", "loss.adv_loss", *options, *crop
     ):
         return None
     if key.startswith("model."):
         return f"is part of the model that the whole run trains; a phase may set only {', '.join(options)}"
-    return (f"holds for the whole run; a phase may set adv, optim.*, loss.weights.*, loss.pitch_teacher_forcing, "
-            f"loss.adv_loss, {', '.join(options)}, {', '.join(crop)}")
+    return (f"holds for the whole run; a phase may set adv, draw_codebooks, optim.*, loss.weights.*, "
+            f"loss.pitch_teacher_forcing, loss.adv_loss, {', '.join(options)}, {', '.join(crop)}")
 
 def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
     """Set one dotted key (`optim.lr`, `loss.weights.mel`, `model.n_stages`), converting the value's type.

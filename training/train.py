@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -192,6 +193,35 @@ class Trainer:
             self.dataset, self.dataset_data = self._dataset(self.dataset.items, cfg.data), cfg.data
         return span
 
+    @torch.no_grad()
+    def _draw_codebooks(self, which: str) -> None:
+        """Draw the frozen codes of the new stages (`which="new"`) or of all of them from their inputs: the
+        latents of training crops of an epoch of their own (`DRAW_EPOCH`, so the run's data order is not
+        touched), at least twice as many frames as the largest codebook drawn. Every process draws the same."""
+        quantizer = self.model.quantizer
+        stages = [i for i, s in enumerate(quantizer.stages) if which == "all" or not bool(s.initialized)]
+        if not stages:
+            return
+        frames = max(2 * max(quantizer.codebook_sizes[i] for i in stages), 10_000)
+        per_crop = self.cfg.data.segment_samples // self.model.hop_length
+        batch_size, latents, index = self.cfg.data.batch_size, [], 0
+        order = np.random.default_rng([self.cfg.seed, DRAW_EPOCH]).permutation(len(self.dataset))
+        while len(latents) * batch_size * per_crop < frames:
+            if self.batches is not None:
+                audio = self.batches.batch(DRAW_EPOCH, index).audio
+            else:
+                slots = range(index * batch_size, (index + 1) * batch_size)
+                keys = [(DRAW_EPOCH, index, int(order[slot % len(order)]), slot) for slot in slots]
+                audio = torch.stack([self.dataset.crop(key) for key in keys])
+            latents.append(self.model.encode_latents(audio.to(self.device)).float())
+            index += 1
+        z = torch.cat(latents).reshape(-1, latents[0].shape[-1])
+        quantizer.draw_codebooks(z, stages, torch.Generator(device=z.device).manual_seed(self.cfg.seed))
+        self.ema.model.quantizer.load_state_dict(quantizer.state_dict())  # the average starts from the new codes
+        if self.world.is_main:
+            print(f"drew the codes of stage(s) {', '.join(str(i + 1) for i in stages)} from {z.shape[0]} frames",
+                  file=sys.stderr)
+
     def _loader(self) -> tuple[Iterable[Batch], Any]:
         """Batches from the data position on, and the object whose `next_position` follows them."""
         cfg = self.cfg.data
@@ -366,6 +396,8 @@ class Trainer:
         cfg = self.cfg
         if self.batches is not None:
             self.batches.use_data(self.phase_cfg.data)
+        if self.step == self.phase.start and self.phase_cfg.draw_codebooks != "none":
+            self._draw_codebooks(self.phase_cfg.draw_codebooks)
         loader, sampler = self._loader()
         batches = iter(loader)
         try:
@@ -505,6 +537,9 @@ class Trainer:
         for target in (self.model, self.ema.model):
             load_grown(target, released.state_dict(), model_dir)
 
+
+DRAW_EPOCH = 2**31 - 1
+"""The epoch number of the crops whose latents codebooks are drawn from (`Trainer._draw_codebooks`)."""
 
 # Input projections whose inputs may grow at the end (features appended, `STFTFeatures(advances=True)`).
 GROWABLE_INPUTS = ("encoder_in.0.weight",)
