@@ -8,6 +8,7 @@ packages that build on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from importlib.metadata import entry_points
@@ -26,9 +27,10 @@ EPILOG = """examples:
 
 OUTPUT_NOTE = """\
 output: a file is written under a temporary name and renamed into place on success, so a failure leaves
-nothing. Output to - streams as it is made: nothing is written before the first 10 s of input have been
-read, so a shorter input that fails leaves no output at all, but a longer one can leave partial output.
-The exit status (0 only when the output is complete) is what to check; {partial}
+nothing. Output to - streams as it is made; a file that standard output is redirected to
+is cut back to its length before the command if it fails. On a pipe nothing is written before the first
+10 s of input have been read, so a shorter input that fails leaves no output at all, but a longer one can
+leave partial output. The exit status (0 only when the output is complete) is what to check; {partial}
 """
 COMPRESS_PARTIAL = "a partial .tok has no CRC trailer, so every reader refuses it."
 DECOMPRESS_PARTIAL = ("a partial WAV's header declares the full length when the .tok knows it (so compress "
@@ -41,9 +43,14 @@ def _fail(message: str) -> int:
 
 
 def _check_paths(src: str, dst: str, force: bool) -> str | None:
-    if src != "-" and dst != "-" and os.path.abspath(src) == os.path.abspath(dst):
+    from codec.output import check_destination
+
+    if dst == "-":
+        return None
+    if src != "-" and os.path.abspath(src) == os.path.abspath(dst):
         return "input and output are the same file"
-    if dst != "-" and Path(dst).exists() and not force:
+    check_destination(dst)
+    if Path(dst).exists() and not force:
         return f"{dst} exists: pass --force to overwrite it"
     return None
 
@@ -239,6 +246,18 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     return args
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError that escaped a command: the path it concerns and the cause. One that names no
+    path came from printing to standard output (`info > /dev/full`)."""
+    from codec.output import STDOUT, output_error
+
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    with contextlib.suppress(OSError, ValueError):  # what could not be printed must not be retried at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return str(output_error(STDOUT, exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     from codec.errors import CodecError
 
@@ -249,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a failure here is an output error like any other
+        return code
     except CodecError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -257,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()
         return 1
+    except OSError as exc:
+        return _fail(os_error_line(exc))
 
 
 if __name__ == "__main__":

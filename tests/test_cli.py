@@ -1,5 +1,6 @@
 """The command line, run as users run it: round trips, pipes, and clean failures."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,89 @@ def test_bitrate_nan_is_refused_as_not_a_rate(tmp_path, wav_44k_stereo):
         "simvq-codec: error: the bitrate must be a number of kbit/s above 0, got nan")
     assert "inf included) means all stages" in " ".join(cli.build_parser(plugins=False)._subparsers._group_actions[0]
                                                         .choices["compress"].format_help().split())
+
+
+def _run_to(stdout, *args, stdin=None, **kwargs):
+    """`run`, with standard output going to the open file `stdout` (a redirect such as `> out.wav`)."""
+    return subprocess.run([sys.executable, "-m", "codec.cli", "--threads", "1", *args], input=stdin,
+                          stdout=stdout, stderr=subprocess.PIPE, **kwargs)
+
+
+def _one_error_line(r) -> str:
+    lines = r.stderr.decode().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and b"Traceback" not in r.stderr, r.stderr.decode()
+    return lines[0]
+
+
+def test_a_redirected_stdout_is_cut_back_when_the_command_fails(tmp_path):
+    """`cat truncated.wav | compress - - | decompress - - > out.wav`: after the first 10 s block the output has
+    started, and the failure must leave the redirected file as it was, not a short well-formed WAV or FLAC."""
+    whole = tmp_path / "whole.wav"
+    sf.write(whole, np.tile(speechlike(1.0), 30), 16000, subtype="PCM_16")  # header: 30 s
+    cut = whole.read_bytes()[: 44 + 21 * 16000 * 2]  # holds 21 s
+    partial_tok = run("compress", "-", "-", stdin=cut)
+    assert partial_tok.returncode == 2 and len(partial_tok.stdout) > 1000  # two 10 s blocks went out
+    for fmt in ("wav", "flac"):
+        out = tmp_path / f"out.{fmt}"
+        with open(out, "wb") as f:
+            r = _run_to(f, "decompress", "-", "-", "--format", fmt, stdin=partial_tok.stdout)
+        assert b"truncated token file" in r.stderr and _one_error_line(r)
+        assert out.read_bytes() == b"", fmt
+    with open(tmp_path / "out.tok", "wb") as f:
+        assert _run_to(f, "compress", "-", "-", stdin=cut).returncode == 2
+    assert (tmp_path / "out.tok").read_bytes() == b""
+    log = tmp_path / "log.txt"  # appending: what was there before stays, nothing is added
+    log.write_bytes(b"kept\n")
+    with open(log, "ab") as f:
+        assert _run_to(f, "decompress", "-", "-", stdin=partial_tok.stdout).returncode == 2
+    assert log.read_bytes() == b"kept\n"
+    with open(tmp_path / "ok.wav", "wb") as f:  # and a command that succeeds writes it whole
+        ok_tok = run("compress", str(EXAMPLE), "-").stdout
+        assert _run_to(f, "decompress", "-", "-", stdin=ok_tok).returncode == 0
+    assert sf.info(tmp_path / "ok.wav").frames == sf.info(EXAMPLE).frames
+
+
+def test_output_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
+    src, tok = tmp_path / "in.wav", tmp_path / "in.tok"
+    sf.write(src, speechlike(0.5), 16000)
+    assert run("compress", str(src), str(tok)).returncode == 0
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for force in ((), ("--force",)):
+        line = _one_error_line(run("compress", str(src), str(folder), *force))
+        assert line == f"simvq-codec: error: cannot write {folder}: it is a directory"
+    line = _one_error_line(run("decompress", str(tok), "/proc/x.wav"))
+    assert line == "simvq-codec: error: cannot write /proc/x.wav: no such file or directory"
+    with open("/dev/full", "wb") as full:
+        for args in (("compress", str(src), "-"), ("decompress", str(tok), "-"),
+                     ("decompress", str(tok), "-", "--format", "flac"), ("info", str(tok))):
+            line = _one_error_line(_run_to(full, *args))
+            assert line == "simvq-codec: error: cannot write stdout: no space left on device", args
+    import resource
+
+    def small_files():  # a disk that fills up after 2 KB: writes past it fail (EFBIG) as they would (ENOSPC)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    sf.write(tmp_path / "long.wav", speechlike(12.0), 16000)
+    for args, out in ((("compress", str(tmp_path / "long.wav")), tmp_path / "long.tok"),
+                      (("decompress", str(tok)), tmp_path / "out.wav"),
+                      (("decompress", str(tok)), tmp_path / "out.flac")):
+        r = subprocess.run([sys.executable, "-m", "codec.cli", "--threads", "1", *args, str(out)],
+                           capture_output=True, preexec_fn=small_files)
+        assert _one_error_line(r) == f"simvq-codec: error: cannot write {out}: file too large"
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.tok", "in.wav", "long.wav"]
+
+
+def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / ".x.part"))
+
+    src = tmp_path / "in.wav"
+    sf.write(src, speechlike(0.3), 16000)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert cli.main(["compress", str(src), str(tmp_path / "a.tok")]) == 2
+    assert capsys.readouterr().err == f"simvq-codec: error: cannot write {tmp_path / 'a.tok'}: read-only file system\n"
