@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Callable, Iterator
 
 EXIT_USAGE = 2
 
@@ -26,8 +30,8 @@ EPILOG = """examples:
 
 
 OUTPUT_NOTE = """\
-output: a file is written under a temporary name and renamed into place on success, so a failure leaves
-nothing. Output to - streams as it is made; a file that standard output is redirected to
+output: a file is written under a temporary name and renamed into place on success, so a failure (SIGTERM
+included) leaves nothing. Output to - streams as it is made; a file that standard output is redirected to
 is cut back to its length before the command if it fails. On a pipe nothing is written before the first
 10 s of input have been read, so a shorter input that fails leaves no output at all, but a longer one can
 leave partial output. The exit status (0 only when the output is complete) is what to check; {partial}
@@ -55,10 +59,73 @@ def _check_paths(src: str, dst: str, force: bool) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt, so that a command removes its temporary output."""
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise (KeyboardInterrupt, Terminated) in the main thread, once, wherever it waits.
+
+    A process's signal can land on any of its threads (torch's, tqdm's), where Python only notes it, and a
+    main thread blocked reading a pipe would not look until input came. So a relay thread reads the note
+    (the wakeup fd) and signals the main thread, again every 50 ms until the handler has run (a delivery
+    just as the main thread enters read() can go unseen); the deliveries after the first are ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def handler(signum: int, frame) -> None:
+        if not caught:
+            caught.append(signum)
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    main, done = threading.get_ident(), threading.Event()
+
+    def relay() -> None:
+        with open(read_fd, "rb", buffering=0) as notes:
+            note = notes.read(1)
+            while note and not caught and not done.is_set():
+                signal.pthread_kill(main, note[0])
+                done.wait(0.05)
+            while notes.read(1024):  # open until the end, for the notes of later signals
+                pass
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    relaying = threading.Thread(target=relay, name="signal-relay", daemon=True)
+    relaying.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the relay reads the end of its pipe and returns
+        relaying.join()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _cleans_up_when_stopped(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command that writes files, run so that Ctrl-C and SIGTERM alike remove its temporary output."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        with _signals_raise():
+            return command(args)
+
+    return run
+
+
 def _progress_wanted(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+@_cleans_up_when_stopped
 def cmd_compress(args) -> int:
     from codec import api
 
@@ -76,6 +143,7 @@ def cmd_compress(args) -> int:
     return 0
 
 
+@_cleans_up_when_stopped
 def cmd_decompress(args) -> int:
     from codec import api
 
@@ -134,6 +202,7 @@ def cmd_models(args) -> int:
     return 0
 
 
+@_cleans_up_when_stopped
 def cmd_export_onnx(args) -> int:
     from codec import onnx_export, presets
 
@@ -273,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except CodecError as exc:
         return _fail(str(exc))
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

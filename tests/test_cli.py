@@ -261,3 +261,25 @@ def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     assert cli.main(["compress", str(src), str(tmp_path / "a.tok")]) == 2
     assert capsys.readouterr().err == f"simvq-codec: error: cannot write {tmp_path / 'a.tok'}: read-only file system\n"
+
+
+def test_sigterm_removes_the_temporary_file_as_ctrl_c_does(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "a.tok"
+    p = subprocess.Popen([sys.executable, "-m", "codec.cli", "--threads", "1", "compress", "-", str(out)],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    sf.write(tmp_path / "in.wav", speechlike(30.0), 16000, subtype="PCM_16")
+    p.stdin.write((tmp_path / "in.wav").read_bytes()[:100_000])  # then wait, the pipe open
+    p.stdin.flush()
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".a.tok.*.part")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".a.tok.*.part")), "the temporary file never appeared"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 128 + signal.SIGTERM
+    p.stdin.close()
+    assert b"Traceback" not in p.stderr.read()
+    p.stderr.close()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["in.wav"]
