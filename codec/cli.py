@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import signal
 import sys
@@ -39,6 +40,28 @@ leave partial output. The exit status (0 only when the output is complete) is wh
 COMPRESS_PARTIAL = "a partial .tok has no CRC trailer, so every reader refuses it."
 DECOMPRESS_PARTIAL = ("a partial WAV's header declares the full length when the .tok knows it (so compress "
                       "refuses it as truncated), and FLAC on a pipe is written only on success.")
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number of at least 1 (threads, jobs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def amount(text: str) -> float:
+    """argparse type: a finite number above 0 (sizes, rates); NaN and infinity are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -241,7 +264,7 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
         prog="simvq-codec",
         description="SimVQ neural speech codec: compress speech into discrete tokens (.tok files) and back.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, help="CPU threads for the model (default: all cores)")
+    parser.add_argument("--threads", type=count, help="CPU threads for the model (default: all cores)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("compress", help="audio (WAV, FLAC, OGG; any rate and channels) -> .tok",

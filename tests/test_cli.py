@@ -283,3 +283,32 @@ def test_sigterm_removes_the_temporary_file_as_ctrl_c_does(tmp_path):
     assert b"Traceback" not in p.stderr.read()
     p.stderr.close()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["in.wav"]
+
+
+def test_threads_must_be_a_positive_count(capsys):
+    for value in ("-1", "0", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["--threads", value, "models"])
+        assert exit_.value.code == 2
+        assert f"argument --threads: must be a whole number of at least 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_binary_files_where_text_is_expected_and_nan_sizes_are_one_line(tmp_path, capsys):
+    wav, folder = tmp_path / "three.wav", tmp_path / "corpus"
+    sf.write(wav, speechlike(0.5), 16000)
+    folder.mkdir()
+    manifest = f"{wav} is an audio file, not a manifest: pass a folder of audio files or a manifest"
+    for argv, message in (
+        (["bundle", str(wav), str(tmp_path / "b")], manifest),
+        (["tokenize", str(wav), "--out", str(tmp_path / "t")], manifest),
+        (["bundle", str(folder), str(tmp_path / "b"), "--config", str(wav)],
+         f"config {wav} is not a YAML file (it is not UTF-8 text)"),
+    ):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"simvq-codec: error: {message}") and err.count("\n") == 1, err
+    for option in ("--max-mb", "--kbps"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["bundle", str(folder), str(tmp_path / "b"), option, "nan"])
+        assert exit_.value.code == 2
+        assert f"argument {option}: must be a finite number above 0, got 'nan'" in capsys.readouterr().err
