@@ -370,6 +370,10 @@ def wav_header(sample_rate: int, num_frames: int | None) -> bytes:
                        sample_rate * 2, 2, 16, b"data", data)
 
 
+def _empty_flac() -> AudioError:
+    return AudioError("the audio is empty (0 samples) and FLAC cannot hold an empty stream: write WAV instead")
+
+
 class _Kept:
     """The file object libsndfile writes through: an exception in its `write` (a full disk, say) is kept and
     the write reports nothing written, instead of the exception being printed and lost in the C callback;
@@ -395,7 +399,9 @@ class AudioWriter:
 
     On a non-seekable stream (a pipe), WAV is written as it comes, its header with the first block;
     FLAC is spooled to a temporary file and copied out on a successful close. Leaving the context on an
-    exception writes nothing more: an error before the first block leaves the stream untouched.
+    exception writes nothing more: an error before the first block leaves the stream untouched. FLAC cannot
+    hold an empty stream (a length of 0 means "unknown" to its readers), so closing one with no samples
+    raises AudioError.
 
     Args:
         dst: a path, `-` for stdout, or a binary file object.
@@ -407,7 +413,11 @@ class AudioWriter:
     def __init__(self, dst: str | os.PathLike | BinaryIO, sample_rate: int, format: str | None = None,
                  num_frames: int | None = None):
         self.format = output_format(dst, format)
+        if self.format == "FLAC" and num_frames == 0:
+            raise _empty_flac()
         self.clipped = 0
+        self.frames = 0
+        self._path = dst if isinstance(dst, (str, os.PathLike)) and dst != "-" else None
         self._stream: BinaryIO | None = None
         self._header: bytes | None = None  # a piped WAV's header, until the first block goes with it
         self._spool = None
@@ -440,6 +450,7 @@ class AudioWriter:
     def write(self, block: np.ndarray) -> None:
         pcm, clipped = to_pcm16(block)
         self.clipped += clipped
+        self.frames += len(pcm)
         if self._file is not None:
             self._checked(self._file.write, pcm)
         else:
@@ -453,6 +464,11 @@ class AudioWriter:
 
     def close(self) -> None:
         """Finish the output (the header of an empty piped WAV, a spooled FLAC's bytes)."""
+        if self.format == "FLAC" and self.frames == 0:
+            self.abort()
+            if self._path is not None:
+                os.unlink(self._path)
+            raise _empty_flac()
         if self._file is not None:
             self._checked(self._file.close)
         if self._spool is not None:

@@ -312,3 +312,19 @@ def test_binary_files_where_text_is_expected_and_nan_sizes_are_one_line(tmp_path
             cli.main(["bundle", str(folder), str(tmp_path / "b"), option, "nan"])
         assert exit_.value.code == 2
         assert f"argument {option}: must be a finite number above 0, got 'nan'" in capsys.readouterr().err
+
+
+def test_an_empty_token_file_decodes_to_an_empty_wav_and_flac_refuses_it(tmp_path):
+    from codec import load_model
+    from codec.tokfile import write_tok
+
+    release = load_model(warn=False)
+    tok = tmp_path / "empty.tok"
+    write_tok(tok, release.header(release.model.n_stages, 0), np.zeros((release.model.n_stages, 0), np.int64))
+    assert run("decompress", str(tok), str(tmp_path / "e.wav")).returncode == 0
+    assert sf.info(tmp_path / "e.wav").frames == 0
+    for out in (str(tmp_path / "e.flac"), "-"):
+        r = run("decompress", str(tok), out, "--format", "flac")
+        assert _one_error_line(r) == ("simvq-codec: error: the audio is empty (0 samples) and FLAC cannot hold an "
+                                      "empty stream: write WAV instead") and r.stdout == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.wav", "empty.tok"]

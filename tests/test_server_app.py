@@ -276,6 +276,15 @@ def test_token_errors(client, tiny, other, tmp_path):
     assert_problem(client.post("/decode", json=unknown), 422, "unknown-model", "elsewhere")
 
 
+def test_an_empty_stream_decodes_to_an_empty_wav_and_flac_refuses_it(client, tiny):
+    js = client.post("/encode?format=json", content=wav(0.3), headers={"content-type": "audio/wav"}).json()
+    empty = {**js, "num_samples": 0, "num_frames": 0, "codes": [[] for _ in js["codes"]]}
+    r = client.post("/decode", json=empty)
+    assert r.status_code == 200 and sf.info(io.BytesIO(r.content)).frames == 0
+    assert_problem(client.post("/decode?format=flac", json=empty), 422, "invalid-audio",
+                   "FLAC cannot hold an empty stream")
+
+
 def test_body_limit_with_and_without_content_length(tiny):
     app = create_app(settings(max_body_bytes=4096), models={"tiny-test": tiny})
     body = wav(0.5)
