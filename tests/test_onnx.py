@@ -200,3 +200,27 @@ def test_runner_command_line_round_trip_without_torch(exported, tmp_path):
     info = json.loads((exported / "codec.json").read_text())
     assert data["codes"].shape[0] == 12 and str(data["sha256"]) == info["sha256"]
     assert sf.info(out).frames == int(data["num_samples"]) == len(example_speech("reference.wav"))
+
+
+def test_cli_export_on_a_full_disk_leaves_nothing_and_a_rerun_needs_no_force(tmp_path):
+    import resource
+
+    from codec.checkpoint import save_model
+
+    save_model(tiny_codec(), tmp_path / "tiny", model_id="tiny", trained=False)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "codec.cli", "--threads", "1", "export-onnx", str(out), "--model",
+               str(tmp_path / "tiny")]
+
+    def small_files():  # files past 4 KB cannot be written (EFBIG), as on a full disk (ENOSPC)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    r = subprocess.run(command, capture_output=True, text=True, preexec_fn=small_files)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"simvq-codec: error: cannot write {out}: file too large"
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = subprocess.run([*command, "--force"], capture_output=True, text=True, preexec_fn=small_files)
+    assert r.returncode == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == before  # as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]
