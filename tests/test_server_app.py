@@ -276,6 +276,18 @@ def test_token_errors(client, tiny, other, tmp_path):
     assert_problem(client.post("/decode", json=unknown), 422, "unknown-model", "elsewhere")
 
 
+def test_token_json_codes_must_be_json_integers_in_range(client):
+    js = client.post("/encode?format=json", content=wav(0.3), headers={"content-type": "audio/wav"}).json()
+    for code, message in ((2**70, "less than 65536"), (-1, "greater than or equal to 0"), ("7", "valid integer"),
+                          (True, "valid integer"), (7.0, "valid integer")):
+        bad = {**js, "codes": [[code] + row[1:] for row in js["codes"]]}
+        body = assert_problem(client.post("/decode", json=bad), 422, "invalid-token-json", "codes.0.0", message)
+        assert body["errors"][0]["location"] == "body field 'codes.0.0'", code
+    assert_problem(client.post("/decode", json={**js, "num_samples": "4800"}), 422, "invalid-token-json",
+                   "num_samples")
+    assert client.post("/decode", json=js).status_code == 200
+
+
 def test_an_empty_stream_decodes_to_an_empty_wav_and_flac_refuses_it(client, tiny):
     js = client.post("/encode?format=json", content=wav(0.3), headers={"content-type": "audio/wav"}).json()
     empty = {**js, "num_samples": 0, "num_frames": 0, "codes": [[] for _ in js["codes"]]}

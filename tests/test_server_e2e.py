@@ -187,6 +187,43 @@ def test_a_refused_websocket_logs_no_error(tmp_path):
     assert [r.getMessage() for r in records] == []
 
 
+def test_a_500_is_logged_once_and_keeps_the_connection_for_the_next_request(tmp_path):
+    import http.client
+    import logging
+
+    app = create_app(Settings(models=["tiny-test"], pool_size=1, warmup=False, load_in_background=False),
+                     models={"tiny-test": make_tiny_model(tmp_path)})
+
+    async def boom() -> None:
+        raise OverflowError("Python int too large to convert to C long")
+
+    app.add_api_route("/boom", boom)
+    srv = LoopbackServer(app)  # configures uvicorn's loggers: listen after that
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "server")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with srv:
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+            for i in range(6):
+                conn.request("GET", "/boom")
+                r = conn.getresponse()
+                assert r.status == 500 and json.loads(r.read())["type"].endswith(":internal-error")
+                local = conn.sock.getsockname()
+                conn.request("GET", "/healthz")  # on the same keep-alive connection
+                r = conn.getresponse()
+                assert r.status == 200 and json.loads(r.read()) == {"status": "alive"}, i
+                assert conn.sock.getsockname() == local, "the connection was closed and reopened"
+            conn.close()
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["unhandled error on GET /boom"] * 6
+
+
 def assert_problem(r: httpx.Response, status: int, reason: str) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == PROBLEM
