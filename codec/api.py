@@ -166,7 +166,7 @@ def decompress(src: Source, dst: Source, model: Pretrained | str | None = None, 
         header = reader.header
         # without `model`, the file's own model id names an installed model only, never a folder
         release = as_pretrained(model if model is not None else file_model_dir(header.model_id))
-        release.check(header)
+        release.check(header, "the model given" if model is not None else "the installed model")
         codec = release.model
         device = _device(codec)
         seconds = None if header.num_samples is None else header.num_samples / header.sample_rate

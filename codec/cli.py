@@ -161,9 +161,17 @@ def cmd_compress(args) -> int:
     if not args.quiet and args.output != "-":
         seconds = header.num_samples / header.sample_rate
         size = Path(args.output).stat().st_size
-        print(f"{args.output}: {seconds:.2f} s, {header.n_stages} stages, {size} bytes "
-              f"({size * 8 / max(seconds, 1e-9) / 1000:.2f} kbit/s)", file=sys.stderr)
+        print(f"{args.output}: {seconds:.2f} s, {header.n_stages} stages, {file_bitrate(size, seconds)}",
+              file=sys.stderr)
     return 0
+
+
+def file_bitrate(size: int, seconds: float) -> str:
+    """A .tok file's kbit/s with its size; under 1 s of audio only the size, since the fixed header (tens of
+    bytes) is then most of the file and a rate would say nothing of the codec (9,088,000 kbit/s for 1 sample)."""
+    if seconds < 1.0:
+        return f"{size} bytes (no rate for under 1 s of audio: the header is most of the file)"
+    return f"{size * 8 / seconds / 1000:.3f} kbit/s ({size} bytes)"
 
 
 @_cleans_up_when_stopped
@@ -205,7 +213,7 @@ def cmd_info(args) -> int:
         ("frames", f"{h.num_frames}"),
         ("duration", f"{seconds:.3f} s"),
         ("nominal bitrate", f"{h.nominal_bitrate / 1000:.3f} kbit/s"),
-        ("file bitrate", f"{size * 8 / max(seconds, 1e-9) / 1000:.3f} kbit/s ({size} bytes)"),
+        ("file bitrate", file_bitrate(size, seconds)),
     ]
     for key, value in rows:
         print(f"{key:16} {value}")

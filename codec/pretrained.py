@@ -55,11 +55,12 @@ class Pretrained:
             mismatch.append(f"n_stages {header.n_stages} (model has {m.n_stages})")
         return mismatch
 
-    def check(self, header: TokHeader) -> None:
-        """TokFormatError unless this model made the tokens of `header` (same weights) and their layout fits."""
+    def check(self, header: TokHeader, role: str = "the model given") -> None:
+        """TokFormatError unless this model made the tokens of `header` (same weights) and their layout fits;
+        `role` is how the message names this model ("the installed model" when the file chose it)."""
         if header.weights_hash != self.weights_hash:
             raise TokFormatError(
-                f"the file was made by model {header.model_id!r} with weights {header.weights_hash.hex()}, but the "
-                f"model given ({self.model_id!r}) has weights {self.sha256[:16]}: decode with the matching model")
+                f"the file was made by model {header.model_id!r} with weights {header.weights_hash.hex()}, but "
+                f"{role} ({self.model_id!r}) has weights {self.sha256[:16]}: decode with the matching model")
         if mismatch := self.layout_mismatch(header):
             raise TokFormatError(f"the file does not fit model {self.model_id!r}: " + ", ".join(mismatch))

@@ -328,3 +328,22 @@ def test_an_empty_token_file_decodes_to_an_empty_wav_and_flac_refuses_it(tmp_pat
         assert _one_error_line(r) == ("simvq-codec: error: the audio is empty (0 samples) and FLAC cannot hold an "
                                       "empty stream: write WAV instead") and r.stdout == b""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.wav", "empty.tok"]
+
+
+def test_a_token_file_of_other_weights_names_the_installed_model_and_a_tiny_file_has_no_rate(tmp_path):
+    import dataclasses
+
+    from codec import load_model
+    from codec.tokfile import write_tok
+
+    release = load_model(warn=False)
+    foreign = dataclasses.replace(release.header(1, 1), weights_hash=bytes(8))
+    write_tok(tmp_path / "foreign.tok", foreign, np.zeros((1, 1), np.int64))
+    line = _one_error_line(run("decompress", str(tmp_path / "foreign.tok"), str(tmp_path / "out.wav")))
+    assert line == ("simvq-codec: error: the file was made by model 'simvq-16k' with weights 0000000000000000, but the "
+                    f"installed model ('simvq-16k') has weights {release.sha256[:16]}: decode with the matching model")
+    write_tok(tmp_path / "one.tok", release.header(1, 1), np.zeros((1, 1), np.int64))  # a 1-sample file
+    info = run("info", str(tmp_path / "one.tok")).stdout.decode()
+    rows = {line[:16].strip(): line[17:] for line in info.splitlines()}
+    assert rows["file bitrate"] == f"{(tmp_path / 'one.tok').stat().st_size} bytes (no rate for under 1 s of audio: " \
+                                   "the header is most of the file)"

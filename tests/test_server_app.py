@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 
 from codec.api import compress, encode_array
 from codec.audio import read_audio
+from codec.errors import UnknownModelError
+from codec.presets import load_model
 from codec.tokfile import read_tok
 from server import Settings, create_app
 from server.deps import get_model
@@ -372,6 +374,9 @@ def test_failed_model_load_is_reported(monkeypatch):
     with TestClient(app) as c:
         p = assert_problem(c.get("/healthz"), 503, "model-failed", "no-such-model")
         assert "Traceback" not in p["detail"]
+        with pytest.raises(UnknownModelError) as err:
+            load_model("no-such-model")
+        assert p["detail"] == f"the model failed to load ({err.value}); fix the model settings and restart"
         assert_problem(c.get("/readyz"), 503, "model-failed")
 
 
@@ -458,6 +463,8 @@ def test_not_found_and_method_not_allowed_are_problems(client):
     r = client.get("/encode")
     assert_problem(r, 405, "method-not-allowed", "POST")
     assert r.headers["allow"] == "POST"
+    head = client.head("/")  # the listening page answers HEAD as GET, without the body
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/html") and head.content == b""
 
 
 def test_metrics_count_routes_statuses_audio_and_rejections(client):
