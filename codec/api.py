@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from codec.audio import AudioInfo, AudioReader, AudioWriter, output_format, read_audio
 from codec.errors import AudioError, CodecError
 from codec.model import SimVQCodec
+from codec.output import open_output
 from codec.presets import load_model, model_for_tokens
 from codec.pretrained import Pretrained
 from codec.stages import resolve_stages
@@ -100,30 +100,6 @@ def decode_codes(codes: np.ndarray, model: SimVQCodec, num_samples: int, decode:
 
 # --- files and streams ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _open_output(dst: Source) -> Iterator[BinaryIO]:
-    """A binary sink; a path is written to a temporary file renamed into place only on success."""
-    if dst == "-":
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    if not isinstance(dst, (str, os.PathLike)):
-        yield dst
-        return
-    path = Path(dst)
-    if not path.parent.exists():
-        raise CodecError(f"cannot write {path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.chmod(tmp, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@contextlib.contextmanager
 def open_input(src: Source) -> Iterator[BinaryIO]:
     """A binary source: a path (CodecError when it is not a file), `-` for stdin, or a file object as is."""
     if src == "-":
@@ -162,7 +138,7 @@ def compress(src: Source, dst: Source, model: Pretrained | str | None = None, n_
         seconds = None if info.frames is None else info.frames / info.sample_rate
         total = 0
         stream = codec.stream(1)
-        with _open_output(dst) as sink, _progress(progress, seconds, "compress") as bar:
+        with open_output(dst) as sink, _progress(progress, seconds, "compress") as bar:
             writer = None  # nothing is written until the first block has passed the input checks (on a pipe,
             device = _device(codec)  # input that fails within its first block leaves no output at all)
             for block in reader.blocks():
@@ -194,7 +170,7 @@ def decompress(src: Source, dst: Source, model: Pretrained | str | None = None, 
         device = _device(codec)
         seconds = None if header.num_samples is None else header.num_samples / header.sample_rate
         stream = codec.stream(1)
-        with (_open_output(dst) as sink, _progress(progress, seconds, "decompress") as bar,
+        with (open_output(dst) as sink, _progress(progress, seconds, "decompress") as bar,
               AudioWriter(sink, codec.sample_rate, format, num_frames=header.num_samples) as writer):
             held = np.zeros(0, np.float32)  # the last block waits until the true length is known
             written = 0

@@ -8,6 +8,7 @@ its length in the header when known (else the streaming convention 0xFFFFFFFF).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -369,12 +370,38 @@ def wav_header(sample_rate: int, num_frames: int | None) -> bytes:
                        sample_rate * 2, 2, 16, b"data", data)
 
 
+def _empty_flac() -> AudioError:
+    return AudioError("the audio is empty (0 samples) and FLAC cannot hold an empty stream: write WAV instead")
+
+
+class _Kept:
+    """The file object libsndfile writes through: an exception in its `write` (a full disk, say) is kept and
+    the write reports nothing written, instead of the exception being printed and lost in the C callback;
+    `AudioWriter` raises it once libsndfile returns."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                return self._f.write(data)
+            except Exception as exc:  # noqa: BLE001 - raised by AudioWriter once libsndfile returns
+                self.error = exc
+        return 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 class AudioWriter:
     """Write mono float32 blocks as 16-bit WAV or FLAC, counting samples that had to be clipped.
 
     On a non-seekable stream (a pipe), WAV is written as it comes, its header with the first block;
     FLAC is spooled to a temporary file and copied out on a successful close. Leaving the context on an
-    exception writes nothing more: an error before the first block leaves the stream untouched.
+    exception writes nothing more: an error before the first block leaves the stream untouched. FLAC cannot
+    hold an empty stream (a length of 0 means "unknown" to its readers), so closing one with no samples
+    raises AudioError.
 
     Args:
         dst: a path, `-` for stdout, or a binary file object.
@@ -386,10 +413,15 @@ class AudioWriter:
     def __init__(self, dst: str | os.PathLike | BinaryIO, sample_rate: int, format: str | None = None,
                  num_frames: int | None = None):
         self.format = output_format(dst, format)
+        if self.format == "FLAC" and num_frames == 0:
+            raise _empty_flac()
         self.clipped = 0
+        self.frames = 0
+        self._path = dst if isinstance(dst, (str, os.PathLike)) and dst != "-" else None
         self._stream: BinaryIO | None = None
         self._header: bytes | None = None  # a piped WAV's header, until the first block goes with it
         self._spool = None
+        self._kept: _Kept | None = None
         stream = _stdout() if dst == "-" else dst if not isinstance(dst, (str, os.PathLike)) else None
         if stream is not None and not getattr(stream, "seekable", lambda: False)():
             if self.format == "WAV":
@@ -398,14 +430,29 @@ class AudioWriter:
                 return
             self._spool, self._target = tempfile.TemporaryFile(), stream  # FLAC needs seeking: spool
             stream = self._spool
-        self._file = sf.SoundFile(stream if stream is not None else dst, "w", sample_rate, 1,
-                                  format=self.format, subtype="PCM_16")
+        if stream is not None:
+            stream = self._kept = _Kept(stream)
+        self._file = self._checked(sf.SoundFile, stream if stream is not None else dst, "w", sample_rate, 1,
+                                   format=self.format, subtype="PCM_16")
+
+    def _checked(self, call, *args, **kwargs):
+        """`call` on libsndfile, raising the error its file object kept (a failed write) if there is one."""
+        try:
+            out = call(*args, **kwargs)
+        except (AssertionError, RuntimeError):  # soundfile asserts on short writes; LibsndfileError
+            if self._kept is not None and self._kept.error is not None:
+                raise self._kept.error from None
+            raise
+        if self._kept is not None and self._kept.error is not None:
+            raise self._kept.error
+        return out
 
     def write(self, block: np.ndarray) -> None:
         pcm, clipped = to_pcm16(block)
         self.clipped += clipped
+        self.frames += len(pcm)
         if self._file is not None:
-            self._file.write(pcm)
+            self._checked(self._file.write, pcm)
         else:
             self._write_header()
             self._stream.write(pcm.tobytes())
@@ -417,8 +464,13 @@ class AudioWriter:
 
     def close(self) -> None:
         """Finish the output (the header of an empty piped WAV, a spooled FLAC's bytes)."""
+        if self.format == "FLAC" and self.frames == 0:
+            self.abort()
+            if self._path is not None:
+                os.unlink(self._path)
+            raise _empty_flac()
         if self._file is not None:
-            self._file.close()
+            self._checked(self._file.close)
         if self._spool is not None:
             self._spool.seek(0)
             shutil.copyfileobj(self._spool, self._target, 1 << 20)
@@ -430,11 +482,13 @@ class AudioWriter:
     def abort(self) -> None:
         """Stop without finishing: nothing more reaches a stream (a spooled FLAC is dropped)."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(Exception):  # the error being handled is the one to report
+                self._file.close()
         if self._spool is not None:
             self._spool.close()
         if self._stream is not None:
-            self._stream.flush()
+            with contextlib.suppress(OSError):
+                self._stream.flush()
 
     def __enter__(self) -> "AudioWriter":
         return self

@@ -135,10 +135,21 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
         raise CheckpointError(f"{model_dir / CONFIG} has model arguments this version does not take: {exc}") from None
     try:
         state = load_file(weights)
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except (RuntimeError, OSError) as exc:
-        raise CheckpointError(f"cannot load {weights}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot load {weights}: {exc}") from None
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not fit the model that {model_dir / CONFIG} describes "
+                              f"({_first_problems(exc)}): the config or the weights were changed") from None
     return Pretrained(model.to(device).eval(), config["model_id"], digest, bool(config.get("trained", False)))
+
+
+def _first_problems(exc: RuntimeError, limit: int = 240) -> str:
+    """The first of the problems `load_state_dict` lists (one a line, under a heading line), and how many more."""
+    lines = [line.strip().rstrip(".") for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc).strip()]
+    first = lines[0] if len(lines[0]) <= limit else lines[0][: limit - 3] + "..."
+    return first + (f"; and {len(lines) - 1} more" if len(lines) > 1 else "")
 
 
 def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SimVQCodec:

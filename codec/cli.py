@@ -8,10 +8,16 @@ packages that build on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import math
 import os
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Callable, Iterator
 
 EXIT_USAGE = 2
 
@@ -25,14 +31,37 @@ EPILOG = """examples:
 
 
 OUTPUT_NOTE = """\
-output: a file is written under a temporary name and renamed into place on success, so a failure leaves
-nothing. Output to - streams as it is made: nothing is written before the first 10 s of input have been
-read, so a shorter input that fails leaves no output at all, but a longer one can leave partial output.
-The exit status (0 only when the output is complete) is what to check; {partial}
+output: a file is written under a temporary name and renamed into place on success, so a failure (SIGTERM
+included) leaves nothing. Output to - streams as it is made; a file that standard output is redirected to
+is cut back to its length before the command if it fails. On a pipe nothing is written before the first
+10 s of input have been read, so a shorter input that fails leaves no output at all, but a longer one can
+leave partial output. The exit status (0 only when the output is complete) is what to check; {partial}
 """
 COMPRESS_PARTIAL = "a partial .tok has no CRC trailer, so every reader refuses it."
 DECOMPRESS_PARTIAL = ("a partial WAV's header declares the full length when the .tok knows it (so compress "
                       "refuses it as truncated), and FLAC on a pipe is written only on success.")
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number of at least 1 (threads, jobs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def amount(text: str) -> float:
+    """argparse type: a finite number above 0 (sizes, rates); NaN and infinity are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -41,17 +70,85 @@ def _fail(message: str) -> int:
 
 
 def _check_paths(src: str, dst: str, force: bool) -> str | None:
-    if src != "-" and dst != "-" and os.path.abspath(src) == os.path.abspath(dst):
+    from codec.output import check_destination
+
+    if dst == "-":
+        return None
+    if src != "-" and os.path.abspath(src) == os.path.abspath(dst):
         return "input and output are the same file"
-    if dst != "-" and Path(dst).exists() and not force:
+    check_destination(dst)
+    if Path(dst).exists() and not force:
         return f"{dst} exists: pass --force to overwrite it"
     return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt, so that a command removes its temporary output."""
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise (KeyboardInterrupt, Terminated) in the main thread, once, wherever it waits.
+
+    A process's signal can land on any of its threads (torch's, tqdm's), where Python only notes it, and a
+    main thread blocked reading a pipe would not look until input came. So a relay thread reads the note
+    (the wakeup fd) and signals the main thread, again every 50 ms until the handler has run (a delivery
+    just as the main thread enters read() can go unseen); the deliveries after the first are ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def handler(signum: int, frame) -> None:
+        if not caught:
+            caught.append(signum)
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    main, done = threading.get_ident(), threading.Event()
+
+    def relay() -> None:
+        with open(read_fd, "rb", buffering=0) as notes:
+            note = notes.read(1)
+            while note and not caught and not done.is_set():
+                signal.pthread_kill(main, note[0])
+                done.wait(0.05)
+            while notes.read(1024):  # open until the end, for the notes of later signals
+                pass
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    relaying = threading.Thread(target=relay, name="signal-relay", daemon=True)
+    relaying.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the relay reads the end of its pipe and returns
+        relaying.join()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _cleans_up_when_stopped(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command that writes files, run so that Ctrl-C and SIGTERM alike remove its temporary output."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        with _signals_raise():
+            return command(args)
+
+    return run
 
 
 def _progress_wanted(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+@_cleans_up_when_stopped
 def cmd_compress(args) -> int:
     from codec import api
 
@@ -64,11 +161,20 @@ def cmd_compress(args) -> int:
     if not args.quiet and args.output != "-":
         seconds = header.num_samples / header.sample_rate
         size = Path(args.output).stat().st_size
-        print(f"{args.output}: {seconds:.2f} s, {header.n_stages} stages, {size} bytes "
-              f"({size * 8 / max(seconds, 1e-9) / 1000:.2f} kbit/s)", file=sys.stderr)
+        print(f"{args.output}: {seconds:.2f} s, {header.n_stages} stages, {file_bitrate(size, seconds)}",
+              file=sys.stderr)
     return 0
 
 
+def file_bitrate(size: int, seconds: float) -> str:
+    """A .tok file's kbit/s with its size; under 1 s of audio only the size, since the fixed header (tens of
+    bytes) is then most of the file and a rate would say nothing of the codec (9,088,000 kbit/s for 1 sample)."""
+    if seconds < 1.0:
+        return f"{size} bytes (no rate for under 1 s of audio: the header is most of the file)"
+    return f"{size * 8 / seconds / 1000:.3f} kbit/s ({size} bytes)"
+
+
+@_cleans_up_when_stopped
 def cmd_decompress(args) -> int:
     from codec import api
 
@@ -113,7 +219,7 @@ def cmd_info(args) -> int:
         rows += [
             ("duration", f"{seconds:.3f} s"),
             ("nominal bitrate", f"{h.nominal_bitrate / 1000:.3f} kbit/s"),
-            ("file bitrate", f"{size * 8 / max(seconds, 1e-9) / 1000:.3f} kbit/s ({size} bytes)"),
+            ("file bitrate", file_bitrate(size, seconds)),
         ]
     for key, value in rows:
         print(f"{key:16} {value}")
@@ -133,6 +239,7 @@ def cmd_models(args) -> int:
     return 0
 
 
+@_cleans_up_when_stopped
 def cmd_export_onnx(args) -> int:
     from codec import onnx_export, presets
 
@@ -171,7 +278,7 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
         prog="simvq-codec",
         description="SimVQ neural speech codec: compress speech into discrete tokens (.tok files) and back.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, help="CPU threads for the model (default: all cores)")
+    parser.add_argument("--threads", type=count, help="CPU threads for the model (default: all cores)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("compress", help="audio (WAV, FLAC, OGG; any rate and channels) -> .tok",
@@ -245,6 +352,18 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     return args
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError that escaped a command: the path it concerns and the cause. One that names no
+    path came from printing to standard output (`info > /dev/full`)."""
+    from codec.output import STDOUT, output_error
+
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    with contextlib.suppress(OSError, ValueError):  # what could not be printed must not be retried at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return str(output_error(STDOUT, exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     from codec.errors import CodecError
 
@@ -255,14 +374,20 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a failure here is an output error like any other
+        return code
     except CodecError as exc:
         return _fail(str(exc))
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         sys.stderr.close()
         return 1
+    except OSError as exc:
+        return _fail(os_error_line(exc))
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class UnknownModelError(CodecError, LookupError):
 
 class CheckpointError(CodecError, ValueError):
     """A checkpoint whose files are missing, altered (sha256 mismatch) or inconsistent."""
+
+
+class OutputError(CodecError):
+    """The output cannot be written: a folder, a full disk, a read-only file system, no permission."""

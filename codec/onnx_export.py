@@ -30,6 +30,8 @@ import itertools
 import json
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codec.errors import CodecError
+from codec.errors import CodecError, OutputError
 from codec.model import SimVQCodec
+from codec.output import output_error
 from codec.modules import carried_phase
 from codec.pretrained import Pretrained
 from codec.streaming import StreamingState
@@ -283,14 +286,38 @@ def _export(step: nn.Module, main: tuple[str, Tensor, dict], main_out: tuple[str
 
 def export_onnx(pretrained: Pretrained, out_dir: str | os.PathLike) -> dict:
     """Write `encoder.onnx`, `decoder.onnx` and `codec.json` (the state contract) for `pretrained` into
-    `out_dir`; returns the contract."""
+    `out_dir`; returns the contract. The files are written into a temporary folder beside it and moved in
+    at the end, so a failure (a full disk) leaves `out_dir` as it was."""
     try:
         import onnx
     except ImportError:
         raise OnnxUnavailableError("ONNX export needs the onnx package: pip install 'simvq-codec[onnx]'") from None
-    model = pretrained.model.eval()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write into {out}: it is not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    except OSError as exc:
+        raise output_error(out, exc) from None
+    try:
+        info = _write_graphs(pretrained, tmp, onnx)
+        tmp.chmod(0o755)  # mkdtemp's folder is private; an export is for all to read
+        if not out.exists():
+            os.rename(tmp, out)
+        else:
+            for name in (ENCODER_FILE, DECODER_FILE, CONTRACT_FILE):  # the contract last
+                os.replace(tmp / name, out / name)
+    except OSError as exc:
+        raise output_error(out, exc) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def _write_graphs(pretrained: Pretrained, out: Path, onnx) -> dict:
+    """The two graphs and the contract, written into the folder `out`."""
+    model = pretrained.model.eval()
     with torch.no_grad():
         model.quantizer.encode(torch.zeros(1, 1, model.quantizer.stages[0].dim))  # caches W(C) and the whiteners
         encoder, decoder = EncoderStep(model).eval(), DecoderStep(model).eval()

@@ -10,12 +10,15 @@ as `codec.json` describes it (docs/deploy.md, "ONNX").
     python examples/onnx_runner.py decompress onnx/ speech.npz restored.wav [--stages 4]
     python examples/onnx_runner.py roundtrip onnx/ speech.wav restored.wav [--stages 4]
 
-`.npz` files hold `codes` [n_stages, frames] (int16), `num_samples` and the model's `sha256`.
+`.npz` files hold `codes` [n_stages, frames] (int16), `num_samples` and the model's `sha256`. It refuses what
+`simvq-codec` refuses (a missing, unreadable, truncated or empty file, NaN or infinity in the audio, a stage
+count out of range, an output it cannot write) with the same message, one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -25,6 +28,10 @@ import onnxruntime as ort
 import soundfile as sf
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64}
+
+
+class RunnerError(ValueError):
+    """Input or output that the runner refuses, with the command line's message: one line, exit 2."""
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
@@ -119,7 +126,7 @@ class Decoder(_Graph):
     def decode(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes, np.int64)
         if codes.min(initial=0) < 0 or codes.max(initial=0) >= self.codebook_size:
-            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+            raise RunnerError(f"codes must lie in [0, {self.codebook_size})")
         out = [self.step(codes[:, :, t : t + 1]) for t in range(codes.shape[2])]  # one frame per step
         audio = np.concatenate(out, axis=1) if out else np.zeros((self.batch, 0), np.float32)
         self.started = self.started or bool(out)
@@ -133,15 +140,88 @@ class Decoder(_Graph):
         return tail
 
 
+def _declared_frames(path: Path) -> int | None:
+    """The frames a RIFF/WAVE header declares in its data chunk (None: not a WAV, or the streaming size)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"RIFF" or len(f.read(4)) != 4 or f.read(4) != b"WAVE":
+            return None
+        block_align = 0
+        while len(head := f.read(8)) == 8:
+            chunk, size = head[:4], int.from_bytes(head[4:], "little")
+            if chunk == b"data":
+                return None if size in (0, 0xFFFFFFFF) or not block_align else size // block_align
+            body = f.read(size + (size & 1))
+            if chunk == b"fmt " and len(body) >= 14:
+                block_align = int.from_bytes(body[12:14], "little")
+    return None
+
+
+def read_wav(path: str | Path, sample_rate: int) -> np.ndarray:
+    """A WAV (FLAC, OGG) at the model's rate -> mono float32 [T], refused as `simvq-codec compress` refuses it:
+    missing, unreadable, truncated, empty, or holding NaN or infinity."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunnerError(f"{path} is a directory, not an audio file" if path.is_dir() else f"no such file: {path}")
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        detail = str(exc).split(": ")[-1]
+        raise RunnerError(f"cannot read {path} as audio (WAV, FLAC or OGG expected): {detail}") from None
+    declared = _declared_frames(path)
+    if declared is not None and declared > len(audio):
+        raise RunnerError(f"{path} is truncated: its header declares {declared} frames ({declared / rate:.2f} s) "
+                          f"but it holds {len(audio)} ({len(audio) / rate:.2f} s)")
+    if len(audio) == 0:
+        raise RunnerError(f"{path} contains no audio samples")
+    if not np.isfinite(audio).all():
+        bad = int(np.argmax(~np.isfinite(audio).all(axis=1)))
+        raise RunnerError(f"{path} has a non-finite sample (NaN or infinity) at {bad / rate:.3f} s")
+    if rate != sample_rate:
+        raise RunnerError(f"{path} is {rate} Hz; this model takes {sample_rate} Hz (resample it first)")
+    return audio.mean(axis=1)
+
+
+def check_stages(n_stages: int | None, total: int) -> int:
+    """`n_stages` (None: all `total`) if it lies in 1..total, with the command line's message otherwise."""
+    if n_stages is None:
+        return total
+    if not 1 <= n_stages <= total:
+        raise RunnerError(f"stages must be between 1 and {total}, got {n_stages}")
+    return n_stages
+
+
+def read_npz(path: str | Path) -> tuple[np.ndarray, int, str]:
+    """A `.npz` written by `compress` -> (codes [n_stages, frames] int64, num_samples, sha256)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunnerError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) == b"SVQT":
+            raise RunnerError(f"{path} is a .tok file: decode it with `simvq-codec decompress`; this runner "
+                              "reads the .npz files its compress writes")
+    try:
+        with np.load(path) as data:
+            return data["codes"].astype(np.int64), int(data["num_samples"]), str(data["sha256"])
+    except (OSError, ValueError, KeyError):
+        raise RunnerError(f"{path} is not a .npz file written by this runner's compress") from None
+
+
+def _writable(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise RunnerError(f"cannot write {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise RunnerError(f"cannot write {path}: the folder {path.parent} does not exist")
+    return path
+
+
 def compress(codec: Codec, wav_path: str | Path, n_stages: int | None = None) -> tuple[np.ndarray, int]:
     """A mono WAV at the model's rate -> (codes [n_stages, frames], its sample count), frame by frame."""
-    audio, rate = sf.read(str(wav_path), dtype="float32", always_2d=True)
-    if rate != codec.sample_rate:
-        raise ValueError(f"{wav_path} is {rate} Hz; this model takes {codec.sample_rate} Hz (resample it first)")
-    audio = audio.mean(axis=1)[None]  # mono, [1, T]
+    n = check_stages(n_stages, codec.n_stages)
+    audio = read_wav(wav_path, codec.sample_rate)[None]  # [1, T]
     encoder = codec.encoder()
     codes = np.concatenate([encoder.encode(audio), encoder.flush()], axis=2)[0]
-    return codes[: n_stages or codec.n_stages], audio.shape[1]
+    return codes[:n], audio.shape[1]
 
 
 def decompress(codec: Codec, codes: np.ndarray, num_samples: int | None = None) -> np.ndarray:
@@ -149,6 +229,35 @@ def decompress(codec: Codec, codes: np.ndarray, num_samples: int | None = None) 
     decoder = codec.decoder()
     audio = np.concatenate([decoder.decode(codes[None]), decoder.flush()], axis=1)[0]
     return audio[:num_samples]
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.onnx_dir)
+    if not (folder / "codec.json").is_file():
+        raise RunnerError(f"{folder} holds no codec.json: write the graphs with `simvq-codec export-onnx {folder}`")
+    codec = Codec(folder, args.threads)
+    out = _writable(args.output)
+    if args.command in ("compress", "roundtrip"):
+        codes, num_samples = compress(codec, args.input, args.stages)
+    else:
+        codes, num_samples, sha256 = read_npz(args.input)
+        if sha256 != codec.contract["sha256"]:
+            raise RunnerError(f"{args.input} was made by other weights than {args.onnx_dir}'s")
+        codes = codes[: check_stages(args.stages, codes.shape[0])]
+    buf = io.BytesIO()
+    if args.command == "compress":
+        np.savez(buf, codes=codes.astype(np.int16), num_samples=num_samples, sha256=codec.contract["sha256"])
+        summary = f"{codes.shape[0]} stages x {codes.shape[1]} frames"
+    else:
+        sf.write(buf, decompress(codec, codes, num_samples), codec.sample_rate, format="WAV", subtype="FLOAT")
+        summary = f"{num_samples} samples from {codes.shape[0]} stages"
+    try:
+        out.write_bytes(buf.getvalue())
+    except OSError as exc:
+        cause = exc.strerror or str(exc)
+        raise RunnerError(f"cannot write {out}: {cause[0].lower() + cause[1:]}") from None
+    print(f"{out}: {summary}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,22 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("output", metavar=dst)
         p.add_argument("--stages", type=int, help="stages to keep or decode (default: all)")
     args = parser.parse_args(argv)
-    codec = Codec(args.onnx_dir, args.threads)
-    if args.command in ("compress", "roundtrip"):
-        codes, num_samples = compress(codec, args.input, args.stages)
-    else:
-        data = np.load(args.input)
-        if str(data["sha256"]) != codec.contract["sha256"]:
-            print(f"error: {args.input} was made by other weights than {args.onnx_dir}'s", file=sys.stderr)
-            return 2
-        codes, num_samples = data["codes"].astype(np.int64)[: args.stages], int(data["num_samples"])
-    if args.command == "compress":
-        np.savez(args.output, codes=codes.astype(np.int16), num_samples=num_samples, sha256=codec.contract["sha256"])
-        print(f"{args.output}: {codes.shape[0]} stages x {codes.shape[1]} frames", file=sys.stderr)
-    else:
-        sf.write(args.output, decompress(codec, codes, num_samples), codec.sample_rate, subtype="FLOAT")
-        print(f"{args.output}: {num_samples} samples from {codes.shape[0]} stages", file=sys.stderr)
-    return 0
+    try:
+        return run(args)
+    except RunnerError as exc:
+        print(f"onnx_runner: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -44,17 +44,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from server.app import configure_logging, create_app
-        from server.settings import UVICORN_WS, Settings
+        from server.protocol import uvicorn_options
+        from server.settings import Settings
     except ImportError as exc:
         print(f"simvq-codec: error: the service needs its extras ({exc.name} is missing): "
               "pip install 'simvq-codec[server]'", file=sys.stderr)
         return 2
 
-    overrides = {"host": args.host, "port": args.port}
+    flags = {"host": ("--host", args.host), "port": ("--port", args.port)}
     threads = getattr(args, "threads", None)  # the global --threads of simvq-codec
     if threads and "SIMVQ_TORCH_THREADS" not in os.environ:
-        overrides["torch_threads"] = threads
-    for key, value in overrides.items():
+        flags["torch_threads"] = ("--threads", threads)
+    for key, (_, value) in flags.items():
         if value is not None:
             os.environ[f"SIMVQ_{key.upper()}"] = str(value)  # worker processes read the same settings
     from pydantic import ValidationError
@@ -63,7 +64,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = Settings()
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        name = "SIMVQ_" + ".".join(str(x) for x in first["loc"]).upper()
+        key = ".".join(str(x) for x in first["loc"])
+        flag, value = flags.get(key, (None, None))
+        name = flag if value is not None else f"SIMVQ_{key.upper()}"  # the option given, else the variable
         print(f"simvq-codec: error: {name}: {first['msg']}", file=sys.stderr)
         return 2
     if getattr(args, "ray", False):
@@ -72,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("simvq-codec: error: --workers must be at least 1", file=sys.stderr)
         return 2
     common = dict(
-        host=settings.host, port=settings.port, ws=UVICORN_WS, ws_max_size=settings.ws_max_message_bytes,
+        host=settings.host, port=settings.port, **uvicorn_options(settings),
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, log_level=args.log_level,
         proxy_headers=True,
     )

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codec.errors import AudioError, CheckpointError, CodecError, TokFormatError, UnknownModelError
 from codec.stages import StageError
@@ -147,13 +148,43 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"
         return problem_response(request, exc.status_code, reason, title, detail, dict(exc.headers or {}))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(
-            request, 500, "internal-error", "Internal server error",
-            "the server failed to process this request; it has been logged. Retry, and report it if it persists.",
-        )
+    app.add_middleware(InternalErrors)
+
+
+class InternalErrors:
+    """ASGI middleware: an unexpected exception becomes the 500 problem, logged once, and goes no further.
+
+    Starlette's outermost handler would answer the same 500 but then re-raise, and uvicorn closes a
+    connection whose request raised: the client's next request on it failed. An exception after the
+    response has started still propagates, since that response can only be cut off.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            if started:
+                raise
+            request = Request(scope)
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            response = problem_response(
+                request, 500, "internal-error", "Internal server error",
+                "the server failed to process this request; it has been logged. Retry, and report it if it persists.",
+            )
+            await response(scope, receive, send)
 
 
 def _example(status: int, reason: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from codec.errors import CodecError
 from codec.model import SimVQCodec
 from codec.pretrained import Pretrained
 from server.errors import ProblemError
@@ -185,7 +186,8 @@ class Runtime:
             self.phase = Phase.READY
         except Exception as exc:  # surfaced by /readyz and /healthz; the process stays up to report it
             log.exception("model loading failed")
-            self.failure = f"{type(exc).__name__}: {exc}"
+            # a model the settings name wrongly is said as the CLI says it; anything else by its kind
+            self.failure = str(exc) if isinstance(exc, CodecError) else f"{type(exc).__name__}: {exc}"
             self.phase = Phase.FAILED
 
     async def drain(self, timeout: float) -> bool:

@@ -25,7 +25,8 @@ class TokenJSON(BaseModel):
     """Codes as integers plus the .tok header fields; `POST /encode?format=json` returns it and
     `POST /decode` accepts it. `codes[s][f]` is stage `s` of frame `f`."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_TOKENS_EXAMPLE]})
+    # strict: a number given as a string ("7") or a boolean (true) is refused, not converted
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [_TOKENS_EXAMPLE]})
 
     model_id: str = Field(min_length=1, max_length=255, description="Model that made the codes.")
     weights_hash: str = Field(
@@ -42,7 +43,9 @@ class TokenJSON(BaseModel):
         "A request gives this, bits_per_code, or both (consistent).")
     num_samples: int = Field(ge=0, description="Samples of the original audio; decode returns exactly this many.")
     num_frames: int = Field(ge=0, description="Frames (columns of `codes`).")
-    codes: list[list[int]] = Field(max_length=64, description="[n_stages][num_frames] integer codes.")
+    codes: list[list[Annotated[int, Field(ge=0, lt=1 << 16)]]] = Field(
+        max_length=64, description="[n_stages][num_frames] integer codes, each in [0, 2**bits_per_code)."
+    )
 
     @model_validator(mode="after")
     def _one_width_rule(self) -> "TokenJSON":

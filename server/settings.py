@@ -58,6 +58,10 @@ class Settings(BaseSettings):
                                 "has its own limit, upload_min_bytes_per_s.",
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="How long shutdown waits for requests in flight.")
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="Close a keep-alive connection idle this long; also how long a request's line and "
+                               "headers may take from the connection's start or their first byte (408).",
+    )
 
     # --- input limits -------------------------------------------------------------------------------------
     max_body_bytes: int = Field(
@@ -85,7 +89,9 @@ class Settings(BaseSettings):
     max_channels: int = Field(8, ge=1, le=1024, description="Most input channels accepted (422).")
 
     # --- streaming ----------------------------------------------------------------------------------------
-    ws_max_message_bytes: int = Field(1024 * 1024, ge=1024, description="Largest WebSocket message (close 1009).")
+    ws_max_message_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest WebSocket message (an error message, then close 1009)."
+    )
     ws_idle_timeout_s: float = Field(60.0, gt=0, description="Close a stream silent for this long (close 1008).")
     max_stream_duration_s: float = Field(3600.0, gt=0, description="Most audio one stream may carry (close 1008).")
 

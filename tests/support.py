@@ -21,7 +21,7 @@ import uvicorn
 from codec.checkpoint import load_pretrained, save_model
 from codec.model import SimVQCodec
 from codec.pretrained import Pretrained
-from server.settings import UVICORN_WS
+from server.protocol import uvicorn_options
 
 TINY_CONFIG: dict[str, Any] = dict(
     encoder_dim=32, encoder_layers=1, decoder_dim=32, decoder_layers=1, kernel_size=3, expansion=2,
@@ -115,16 +115,17 @@ def free_port() -> int:
 
 
 class LoopbackServer:
-    """Run an app on real uvicorn (websockets implementation) in a thread, on 127.0.0.1:<free port>.
+    """Run an app on real uvicorn in a thread, on 127.0.0.1:<free port>, with the options `simvq-codec serve`
+    gives it for the app's settings (`server.protocol.uvicorn_options`).
 
     Use as a context manager; `url` and `ws_url` point at it. Leaving stops uvicorn gracefully.
     """
 
-    def __init__(self, app: Any, ws_max_size: int = 16 * 1024 * 1024, timeout_graceful_shutdown: int = 10) -> None:
+    def __init__(self, app: Any, timeout_graceful_shutdown: int = 10) -> None:
         self.port = free_port()
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, ws=UVICORN_WS, log_level="warning", lifespan="on",
-            ws_max_size=ws_max_size, timeout_graceful_shutdown=timeout_graceful_shutdown,
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+            timeout_graceful_shutdown=timeout_graceful_shutdown, **uvicorn_options(app.state.settings),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)

@@ -93,6 +93,24 @@ def test_a_config_saved_with_retired_options_loads_where_their_behaviour_remains
             load_model_dir(tmp_path)
 
 
+def test_a_config_that_does_not_fit_its_weights_says_what_does_not_fit(tmp_path):
+    save_model(tiny_codec(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model"]["latent_dim"] = 24  # the hash covers the weights, not the arguments
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        load_model_dir(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path / 'model.safetensors'} does not fit the model that {tmp_path / 'config.json'} describes (size "
+        "mismatch for encoder_out.1.weight: copying a param with shape torch.Size([16, 32]) from checkpoint, the "
+        "shape in current model is torch.Size([24, 32]); and 14 more): the config or the weights were changed")
+    config["model"]["latent_dim"], config["model"]["n_stages"] = 16, 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r'\(Unexpected key\(s\) in state_dict: "quantizer.stages.2.frozen_codebo'
+                                              r'.{100,200}\.\.\.\): the config'):
+        load_model_dir(tmp_path)
+
+
 def test_presets_resolve_ids_and_reject_unknown(tmp_path):
     assert presets.DEFAULT_MODEL_ID in presets.list_models()
     assert presets.model_dir(None) == presets.MODELS[presets.DEFAULT_MODEL_ID][0]

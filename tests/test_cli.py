@@ -1,6 +1,7 @@
 """The command line, run as users run it: round trips, pipes, and clean failures."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,176 @@ def test_bitrate_nan_is_refused_as_not_a_rate(tmp_path, wav_44k_stereo):
         "simvq-codec: error: the bitrate must be a number of kbit/s above 0, got nan")
     assert "inf included) means all stages" in " ".join(cli.build_parser(plugins=False)._subparsers._group_actions[0]
                                                         .choices["compress"].format_help().split())
+
+
+def _run_to(stdout, *args, stdin=None, **kwargs):
+    """`run`, with standard output going to the open file `stdout` (a redirect such as `> out.wav`)."""
+    return subprocess.run([sys.executable, "-m", "codec.cli", "--threads", "1", *args], input=stdin,
+                          stdout=stdout, stderr=subprocess.PIPE, **kwargs)
+
+
+def _one_error_line(r) -> str:
+    lines = r.stderr.decode().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and b"Traceback" not in r.stderr, r.stderr.decode()
+    return lines[0]
+
+
+def test_a_redirected_stdout_is_cut_back_when_the_command_fails(tmp_path):
+    """`cat truncated.wav | compress - - | decompress - - > out.wav`: after the first 10 s block the output has
+    started, and the failure must leave the redirected file as it was, not a short well-formed WAV or FLAC."""
+    whole = tmp_path / "whole.wav"
+    sf.write(whole, np.tile(speechlike(1.0), 30), 16000, subtype="PCM_16")  # header: 30 s
+    cut = whole.read_bytes()[: 44 + 21 * 16000 * 2]  # holds 21 s
+    partial_tok = run("compress", "-", "-", stdin=cut)
+    assert partial_tok.returncode == 2 and len(partial_tok.stdout) > 1000  # two 10 s blocks went out
+    for fmt in ("wav", "flac"):
+        out = tmp_path / f"out.{fmt}"
+        with open(out, "wb") as f:
+            r = _run_to(f, "decompress", "-", "-", "--format", fmt, stdin=partial_tok.stdout)
+        assert b"truncated token file" in r.stderr and _one_error_line(r)
+        assert out.read_bytes() == b"", fmt
+    with open(tmp_path / "out.tok", "wb") as f:
+        assert _run_to(f, "compress", "-", "-", stdin=cut).returncode == 2
+    assert (tmp_path / "out.tok").read_bytes() == b""
+    log = tmp_path / "log.txt"  # appending: what was there before stays, nothing is added
+    log.write_bytes(b"kept\n")
+    with open(log, "ab") as f:
+        assert _run_to(f, "decompress", "-", "-", stdin=partial_tok.stdout).returncode == 2
+    assert log.read_bytes() == b"kept\n"
+    with open(tmp_path / "ok.wav", "wb") as f:  # and a command that succeeds writes it whole
+        ok_tok = run("compress", str(EXAMPLE), "-").stdout
+        assert _run_to(f, "decompress", "-", "-", stdin=ok_tok).returncode == 0
+    assert sf.info(tmp_path / "ok.wav").frames == sf.info(EXAMPLE).frames
+
+
+def test_output_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
+    src, tok = tmp_path / "in.wav", tmp_path / "in.tok"
+    sf.write(src, speechlike(0.5), 16000)
+    assert run("compress", str(src), str(tok)).returncode == 0
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for force in ((), ("--force",)):
+        line = _one_error_line(run("compress", str(src), str(folder), *force))
+        assert line == f"simvq-codec: error: cannot write {folder}: it is a directory"
+    line = _one_error_line(run("decompress", str(tok), "/proc/x.wav"))
+    assert line == "simvq-codec: error: cannot write /proc/x.wav: no such file or directory"
+    with open("/dev/full", "wb") as full:
+        for args in (("compress", str(src), "-"), ("decompress", str(tok), "-"),
+                     ("decompress", str(tok), "-", "--format", "flac"), ("info", str(tok))):
+            line = _one_error_line(_run_to(full, *args))
+            assert line == "simvq-codec: error: cannot write stdout: no space left on device", args
+    import resource
+
+    def small_files():  # a disk that fills up after 2 KB: writes past it fail (EFBIG) as they would (ENOSPC)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    sf.write(tmp_path / "long.wav", speechlike(12.0), 16000)
+    for args, out in ((("compress", str(tmp_path / "long.wav")), tmp_path / "long.tok"),
+                      (("decompress", str(tok)), tmp_path / "out.wav"),
+                      (("decompress", str(tok)), tmp_path / "out.flac")):
+        r = subprocess.run([sys.executable, "-m", "codec.cli", "--threads", "1", *args, str(out)],
+                           capture_output=True, preexec_fn=small_files)
+        assert _one_error_line(r) == f"simvq-codec: error: cannot write {out}: file too large"
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.tok", "in.wav", "long.wav"]
+
+
+def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / ".x.part"))
+
+    src = tmp_path / "in.wav"
+    sf.write(src, speechlike(0.3), 16000)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert cli.main(["compress", str(src), str(tmp_path / "a.tok")]) == 2
+    assert capsys.readouterr().err == f"simvq-codec: error: cannot write {tmp_path / 'a.tok'}: read-only file system\n"
+
+
+def test_sigterm_removes_the_temporary_file_as_ctrl_c_does(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "a.tok"
+    p = subprocess.Popen([sys.executable, "-m", "codec.cli", "--threads", "1", "compress", "-", str(out)],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    sf.write(tmp_path / "in.wav", speechlike(30.0), 16000, subtype="PCM_16")
+    p.stdin.write((tmp_path / "in.wav").read_bytes()[:100_000])  # then wait, the pipe open
+    p.stdin.flush()
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".a.tok.*.part")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".a.tok.*.part")), "the temporary file never appeared"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 128 + signal.SIGTERM
+    p.stdin.close()
+    assert b"Traceback" not in p.stderr.read()
+    p.stderr.close()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["in.wav"]
+
+
+def test_threads_must_be_a_positive_count(capsys):
+    for value in ("-1", "0", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["--threads", value, "models"])
+        assert exit_.value.code == 2
+        assert f"argument --threads: must be a whole number of at least 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_binary_files_where_text_is_expected_and_nan_sizes_are_one_line(tmp_path, capsys):
+    wav, folder = tmp_path / "three.wav", tmp_path / "corpus"
+    sf.write(wav, speechlike(0.5), 16000)
+    folder.mkdir()
+    manifest = f"{wav} is an audio file, not a manifest: pass a folder of audio files or a manifest"
+    for argv, message in (
+        (["bundle", str(wav), str(tmp_path / "b")], manifest),
+        (["tokenize", str(wav), "--out", str(tmp_path / "t")], manifest),
+        (["bundle", str(folder), str(tmp_path / "b"), "--config", str(wav)],
+         f"config {wav} is not a YAML file (it is not UTF-8 text)"),
+    ):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"simvq-codec: error: {message}") and err.count("\n") == 1, err
+    for option in ("--max-mb", "--kbps"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["bundle", str(folder), str(tmp_path / "b"), option, "nan"])
+        assert exit_.value.code == 2
+        assert f"argument {option}: must be a finite number above 0, got 'nan'" in capsys.readouterr().err
+
+
+def test_an_empty_token_file_decodes_to_an_empty_wav_and_flac_refuses_it(tmp_path):
+    from codec import load_model
+    from codec.tokfile import write_tok
+
+    release = load_model(warn=False)
+    tok = tmp_path / "empty.tok"
+    write_tok(tok, release.header(release.model.n_stages, 0), np.zeros((release.model.n_stages, 0), np.int64))
+    assert run("decompress", str(tok), str(tmp_path / "e.wav")).returncode == 0
+    assert sf.info(tmp_path / "e.wav").frames == 0
+    for out in (str(tmp_path / "e.flac"), "-"):
+        r = run("decompress", str(tok), out, "--format", "flac")
+        assert _one_error_line(r) == ("simvq-codec: error: the audio is empty (0 samples) and FLAC cannot hold an "
+                                      "empty stream: write WAV instead") and r.stdout == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.wav", "empty.tok"]
+
+
+def test_a_token_file_of_other_weights_names_the_installed_model_and_a_tiny_file_has_no_rate(tmp_path):
+    import dataclasses
+
+    from codec import load_model
+    from codec.tokfile import write_tok
+
+    release = load_model(warn=False)
+    foreign = dataclasses.replace(release.header(1, 1), weights_hash=bytes(8))
+    write_tok(tmp_path / "foreign.tok", foreign, np.zeros((1, 1), np.int64))
+    line = _one_error_line(run("decompress", str(tmp_path / "foreign.tok"), str(tmp_path / "out.wav")))
+    assert line == ("simvq-codec: error: the file was made with weights 00000000, which this installation does not "
+                    f"have (installed: simvq-16k (weights {release.sha256[:8]})); pass --model ID|DIR to decode it "
+                    "with a model you choose")
+    write_tok(tmp_path / "one.tok", release.header(1, 1), np.zeros((1, 1), np.int64))  # a 1-sample file
+    info = run("info", str(tmp_path / "one.tok")).stdout.decode()
+    rows = {line[:16].strip(): line[17:] for line in info.splitlines()}
+    assert rows["file bitrate"] == f"{(tmp_path / 'one.tok').stat().st_size} bytes (no rate for under 1 s of audio: " \
+                                   "the header is most of the file)"

@@ -198,3 +198,70 @@ def test_runner_command_line_round_trip_without_torch(exported, tmp_path):
     info = json.loads((exported / "codec.json").read_text())
     assert data["codes"].shape[0] == 12 and str(data["sha256"]) == info["sha256"]
     assert sf.info(out).frames == int(data["num_samples"]) == len(example_speech("reference.wav"))
+
+
+def test_cli_export_on_a_full_disk_leaves_nothing_and_a_rerun_needs_no_force(tmp_path):
+    import resource
+
+    from codec.checkpoint import save_model
+
+    save_model(tiny_codec(), tmp_path / "tiny", model_id="tiny", trained=False)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "codec.cli", "--threads", "1", "export-onnx", str(out), "--model",
+               str(tmp_path / "tiny")]
+
+    def small_files():  # files past 4 KB cannot be written (EFBIG), as on a full disk (ENOSPC)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    r = subprocess.run(command, capture_output=True, text=True, preexec_fn=small_files)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"simvq-codec: error: cannot write {out}: file too large"
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = subprocess.run([*command, "--force"], capture_output=True, text=True, preexec_fn=small_files)
+    assert r.returncode == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == before  # as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]
+
+
+def test_the_runner_refuses_what_the_cli_refuses_with_the_same_message(tmp_path, capsys):
+    from codec.checkpoint import save_model
+
+    model_dir, onnx_dir = tmp_path / "tiny", tmp_path / "onnx"
+    save_model(tiny_codec(), model_dir, model_id="tiny", trained=False)
+    assert cli.main(["export-onnx", str(onnx_dir), "--model", str(model_dir)]) == 0
+    nan = np.zeros(16000, np.float32)
+    nan[100] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    (tmp_path / "cut.wav").write_bytes((EXAMPLES / "speech.wav").read_bytes()[:150_000])
+    (tmp_path / "text.wav").write_text("not audio")
+    sf.write(tmp_path / "ok.wav", speechlike(0.3), 16000)
+    capsys.readouterr()
+
+    def last_line(code: int) -> str:
+        assert code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1].split(": error: ", 1)[1]
+
+    out = str(tmp_path / "out.x")
+    cases = [([name], []) for name in ("nan.wav", "empty.wav", "cut.wav", "text.wav", "missing.wav")]
+    cases += [(["ok.wav"], ["--stages", n]) for n in ("0", "5", "-1", "-12")]
+    for names, options in cases:
+        src = str(tmp_path / names[0])
+        want = last_line(cli.main(["compress", src, out, "--model", str(model_dir), *options]))
+        assert last_line(runner.main(["compress", str(onnx_dir), src, out, *options])) == want, (names, options)
+        assert last_line(runner.main(["roundtrip", str(onnx_dir), src, out, *options])) == want, (names, options)
+    nowhere = str(tmp_path / "no" / "out.wav")
+    want = last_line(cli.main(["compress", str(tmp_path / "ok.wav"), nowhere, "--model", str(model_dir)]))
+    assert last_line(runner.main(["roundtrip", str(onnx_dir), str(tmp_path / "ok.wav"), nowhere])) == want
+    assert not (tmp_path / "out.x").exists()
+    npz = str(tmp_path / "ok.npz")
+    assert runner.main(["compress", str(onnx_dir), str(tmp_path / "ok.wav"), npz]) == 0
+    capsys.readouterr()
+    assert last_line(runner.main(["decompress", str(onnx_dir), npz, out, "--stages", "13"])) == (
+        "stages must be between 1 and 4, got 13")
+    tok = str(EXAMPLES.parent / "tests" / "golden" / "simvq-16k.tok")
+    assert last_line(runner.main(["decompress", str(onnx_dir), tok, out])).startswith(
+        f"{tok} is a .tok file: decode it with `simvq-codec decompress`")
+    assert last_line(runner.main(["decompress", str(onnx_dir), str(tmp_path / "ok.wav"), out])) == (
+        f"{tmp_path / 'ok.wav'} is not a .npz file written by this runner's compress")

@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 
 from codec.api import compress, encode_array
 from codec.audio import read_audio
+from codec.errors import UnknownModelError
+from codec.presets import load_model
 from codec.tokfile import read_tok, write_tok
 from server import Settings, create_app
 from server.deps import get_model
@@ -303,6 +305,27 @@ def test_token_errors(client, tiny, other, tmp_path):
     assert_problem(client.post("/decode", json=neither), 422, "invalid-token-json", "give stage_bits")
 
 
+def test_token_json_codes_must_be_json_integers_in_range(client):
+    js = client.post("/encode?format=json", content=wav(0.3), headers={"content-type": "audio/wav"}).json()
+    for code, message in ((2**70, "less than 65536"), (-1, "greater than or equal to 0"), ("7", "valid integer"),
+                          (True, "valid integer"), (7.0, "valid integer")):
+        bad = {**js, "codes": [[code] + row[1:] for row in js["codes"]]}
+        body = assert_problem(client.post("/decode", json=bad), 422, "invalid-token-json", "codes.0.0", message)
+        assert body["errors"][0]["location"] == "body field 'codes.0.0'", code
+    assert_problem(client.post("/decode", json={**js, "num_samples": "4800"}), 422, "invalid-token-json",
+                   "num_samples")
+    assert client.post("/decode", json=js).status_code == 200
+
+
+def test_an_empty_stream_decodes_to_an_empty_wav_and_flac_refuses_it(client, tiny):
+    js = client.post("/encode?format=json", content=wav(0.3), headers={"content-type": "audio/wav"}).json()
+    empty = {**js, "num_samples": 0, "num_frames": 0, "codes": [[] for _ in js["codes"]]}
+    r = client.post("/decode", json=empty)
+    assert r.status_code == 200 and sf.info(io.BytesIO(r.content)).frames == 0
+    assert_problem(client.post("/decode?format=flac", json=empty), 422, "invalid-audio",
+                   "FLAC cannot hold an empty stream")
+
+
 def test_body_limit_with_and_without_content_length(tiny):
     app = create_app(settings(max_body_bytes=4096), models={"tiny-test": tiny})
     body = wav(0.5)
@@ -378,6 +401,9 @@ def test_failed_model_load_is_reported(monkeypatch):
     with TestClient(app) as c:
         p = assert_problem(c.get("/healthz"), 503, "model-failed", "no-such-model")
         assert "Traceback" not in p["detail"]
+        with pytest.raises(UnknownModelError) as err:
+            load_model("no-such-model")
+        assert p["detail"] == f"the model failed to load ({err.value}); fix the model settings and restart"
         assert_problem(c.get("/readyz"), 503, "model-failed")
 
 
@@ -464,6 +490,8 @@ def test_not_found_and_method_not_allowed_are_problems(client):
     r = client.get("/encode")
     assert_problem(r, 405, "method-not-allowed", "POST")
     assert r.headers["allow"] == "POST"
+    head = client.head("/")  # the listening page answers HEAD as GET, without the body
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/html") and head.content == b""
 
 
 def test_metrics_count_routes_statuses_audio_and_rejections(client):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -186,6 +188,43 @@ def test_a_refused_websocket_logs_no_error(tmp_path):
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == []
+
+
+def test_a_500_is_logged_once_and_keeps_the_connection_for_the_next_request(tmp_path):
+    import http.client
+    import logging
+
+    app = create_app(Settings(models=["tiny-test"], pool_size=1, warmup=False, load_in_background=False),
+                     models={"tiny-test": make_tiny_model(tmp_path)})
+
+    async def boom() -> None:
+        raise OverflowError("Python int too large to convert to C long")
+
+    app.add_api_route("/boom", boom)
+    srv = LoopbackServer(app)  # configures uvicorn's loggers: listen after that
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "server")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with srv:
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+            for i in range(6):
+                conn.request("GET", "/boom")
+                r = conn.getresponse()
+                assert r.status == 500 and json.loads(r.read())["type"].endswith(":internal-error")
+                local = conn.sock.getsockname()
+                conn.request("GET", "/healthz")  # on the same keep-alive connection
+                r = conn.getresponse()
+                assert r.status == 200 and json.loads(r.read()) == {"status": "alive"}, i
+                assert conn.sock.getsockname() == local, "the connection was closed and reopened"
+            conn.close()
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["unhandled error on GET /boom"] * 6
 
 
 def assert_problem(r: httpx.Response, status: int, reason: str) -> dict:
@@ -371,9 +410,12 @@ def test_graceful_shutdown_drains_requests_in_flight(tmp_path):
     assert not srv.thread.is_alive() and app.state.runtime is None
 
 
-def test_cli_serve_starts_uvicorn_and_stops_on_sigterm(tmp_path, recording):
+@contextlib.contextmanager
+def cli_server(tmp_path, **settings: str) -> Iterator[tuple[subprocess.Popen, httpx.Client, int]]:
+    """`python -m server serve` on a free port with these SIMVQ_* settings, once ready: (process, client, port)."""
     port = free_port()
-    env = {**os.environ, "SIMVQ_POOL_SIZE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "SIMVQ_POOL_SIZE": "1", "PYTHONPATH": str(REPO),
+           **{f"SIMVQ_{key.upper()}": value for key, value in settings.items()}}
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -387,16 +429,56 @@ def test_cli_serve_starts_uvicorn_and_stops_on_sigterm(tmp_path, recording):
                     pass
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
                 time.sleep(0.2)
-            r = encode(client, recording.read_bytes(), MEDIA[recording.suffix], "?bitrate=1.5")
-            assert r.status_code == 200 and read_tok(io.BytesIO(r.content))[0].n_stages == 3
-            d = client.post("/decode?format=flac", content=r.content,
-                            headers={"content-type": "application/octet-stream"})
-            assert d.status_code == 200 and d.content[:4] == b"fLaC"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
-        log = proc.stdout.read()
-        assert "Application shutdown complete" in log and "Traceback" not in log
+            yield proc, client, port
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_serve_starts_uvicorn_and_stops_on_sigterm(tmp_path, recording):
+    with cli_server(tmp_path) as (proc, client, _):
+        r = encode(client, recording.read_bytes(), MEDIA[recording.suffix], "?bitrate=1.5")
+        assert r.status_code == 200 and read_tok(io.BytesIO(r.content))[0].n_stages == 3
+        d = client.post("/decode?format=flac", content=r.content,
+                        headers={"content-type": "application/octet-stream"})
+        assert d.status_code == 200 and d.content[:4] == b"fLaC"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+        log = proc.stdout.read()
+        assert "Application shutdown complete" in log and "Traceback" not in log
+
+
+def test_cli_serve_explains_an_oversized_message_and_times_out_slow_headers(tmp_path):
+    import select
+    import socket
+
+    with cli_server(tmp_path, ws_max_message_bytes="1024", keep_alive_timeout_s="1") as (_, client, port):
+        with connect(f"ws://127.0.0.1:{port}/v1/stream/decode") as ws:  # 3 KiB: past the limit, under uvicorn's
+            ws.send('{"type": "start"}')
+            assert json.loads(ws.recv())["type"] == "ready"
+            ws.send(b"\x00" * 3072)
+            error = json.loads(ws.recv())
+            assert error["type"] == "error" and error["reason"] == "message-too-large" and error["code"] == 1009
+            with pytest.raises(Exception):
+                ws.recv()
+            assert ws.close_code == 1009
+        for request in (b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n", b""):  # a byte every 0.2 s, or nothing
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                started, answer = time.monotonic(), b""
+                for byte in request:
+                    sock.sendall(bytes([byte]))
+                    if select.select([sock], [], [], 0.2)[0]:  # the server answered: send no more
+                        break
+                while chunk := sock.recv(4096):
+                    answer += chunk
+                waited = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"header-timeout" in answer, answer
+            assert 0.9 < waited < 6, waited  # the deadline is 1 s; the rest is a loaded machine's slack
+        assert client.get("/healthz").status_code == 200  # a prompt request is served as before
+
+
+def test_cli_serve_names_the_option_that_is_out_of_range(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "server", "serve", "--port", "99999"], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "simvq-codec: error: --port: Input should be less than or equal to 65535\n"

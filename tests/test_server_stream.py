@@ -136,6 +136,42 @@ def test_streamed_decode_matches_offline_decode(client):
     assert np.abs(audio[: len(offline_pcm)].astype(int) - offline_pcm).max() <= 1
 
 
+def test_a_large_decode_message_runs_in_bounded_blocks(client, monkeypatch):
+    """One message of 1,234 frames (24.7 s) reaches the decoder 500 frames at a time, as the CLI decodes, and
+    gives what the same frames sent as many small messages give."""
+    from codec.api import DECODE_BLOCK_FRAMES
+    from codec.model import CodecStream
+
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 64, (1234, 4)).astype("<u2")
+    seen: list[int] = []
+    decode = CodecStream.decode
+
+    def counted(self, codes):
+        seen.append(codes.shape[-1])
+        return decode(self, codes)
+
+    monkeypatch.setattr(CodecStream, "decode", counted)
+
+    def pcm(messages_of: int) -> bytes:
+        with client.websocket_connect("/v1/stream/decode") as ws:
+            ws.send_text('{"type": "start"}')
+            ws.receive_json()
+            for lo in range(0, len(frames), messages_of):
+                ws.send_bytes(frames[lo : lo + messages_of].tobytes())
+            ws.send_text('{"type": "end"}')
+            messages, code = drain(ws)
+        assert code == 1000 and messages[-1] == {"type": "end", "num_samples": 1234 * 320, "num_frames": 1234}
+        return b"".join(m for m in messages if isinstance(m, bytes))
+
+    whole = np.frombuffer(pcm(len(frames)), "<i2")
+    assert seen == [DECODE_BLOCK_FRAMES, DECODE_BLOCK_FRAMES, 234]
+    seen.clear()
+    pieces = np.frombuffer(pcm(50), "<i2")
+    assert max(seen) == 50 and len(whole) == len(pieces) == 1234 * 320
+    assert np.abs(whole.astype(int) - pieces).max() <= 1
+
+
 def _error(client, path, start, payloads):
     with client.websocket_connect(path) as ws:
         if start is not None:

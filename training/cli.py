@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from codec.cli import parse_command_line
+from codec.cli import amount, count, parse_command_line
 from codec.errors import CodecError
 
 TRAIN_EPILOG = """examples:
@@ -71,15 +71,15 @@ def register(subparsers) -> None:
     p.add_argument("out_dir", help="the bundle folder to write")
     p.add_argument("--config", metavar="FILE", default=str(Path(__file__).parent / "configs" / "simvq-16k.yaml"),
                    help="training config (default: training/configs/simvq-16k.yaml)")
-    p.add_argument("--max-mb", type=float, default=40.0, help="cap on the whole bundle in MiB (default 40)")
-    p.add_argument("--kbps", type=float, default=24.0, help="Opus bitrate of the audio (default 24)")
+    p.add_argument("--max-mb", type=amount, default=40.0, help="cap on the whole bundle in MiB (default 40)")
+    p.add_argument("--kbps", type=amount, default=24.0, help="Opus bitrate of the audio (default 24)")
     p.add_argument("--init", metavar="REF", help="start from: an installed model id or model directory "
                    "(weights), or a run directory, checkpoint or bundle_run output (all training state); "
                    "default: the config's init_from")
     p.add_argument("--wheels", action="store_true", help="add the wheels of every package beyond torch, numpy "
                    "and scipy that the run needs, for CPython 3.12 on manylinux x86_64 (pip download)")
     p.add_argument("--min-hours", type=float, default=0.25, help="refuse when less speech fits (default 0.25)")
-    p.add_argument("--jobs", type=int, help="encoding threads (default: all cores)")
+    p.add_argument("--jobs", type=count, help="encoding threads (default: all cores)")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing bundle")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=cmd_bundle)

@@ -332,6 +332,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 data = yaml.safe_load(f) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path} is not a YAML file (it is not UTF-8 text)") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

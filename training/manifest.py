@@ -65,8 +65,16 @@ def read_manifest(path: str | os.PathLike) -> list[AudioItem]:
     lines starting with `#` are skipped; relative paths are relative to the manifest's folder."""
     path = Path(path)
     root = path.resolve().parent
-    with open(path, newline="", encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text or path.suffix.lower() in AUDIO_EXTENSIONS:
+        what = "an audio file" if path.suffix.lower() in AUDIO_EXTENSIONS else "not a text file"
+        raise AudioError(f"{path} is {what}, not a manifest: pass a folder of audio files or a manifest "
+                         "(a CSV with a path column, or one path per line)")
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise AudioError(f"manifest {path} lists no files")
     header = [h.strip() for h in next(csv.reader([lines[0]]))]

@@ -6,11 +6,10 @@ import io
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import soundfile as sf
 from fastapi import APIRouter, Query, Request, Response
 
 from codec.api import decode_codes
-from codec.audio import to_pcm16
+from codec.audio import write_audio
 from codec.tokfile import TokHeader
 from server.deps import ModelQuery, RuntimeDep, SettingsDep, within_deadline, work_slot
 from server.errors import ProblemError, problem_responses
@@ -55,9 +54,8 @@ def _decode_job(header: TokHeader, codes: np.ndarray, served: ServedModel, conta
     wav = np.asarray(wav, dtype=np.float32).reshape(-1)
     if wav.shape[0] != header.num_samples:
         raise RuntimeError(f"decoder returned {wav.shape[0]} samples for a header of {header.num_samples}")
-    pcm, clipped = to_pcm16(wav)  # one conversion for every container
     buf = io.BytesIO()
-    sf.write(buf, pcm, header.sample_rate, format=container, subtype="PCM_16")
+    clipped = write_audio(buf, wav, header.sample_rate, container)  # the CLI's writer and its rules
     return buf.getvalue(), clipped
 
 

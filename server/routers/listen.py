@@ -44,7 +44,7 @@ def page_and_policy() -> tuple[str, str]:
     return html, policy
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
 async def listen_page(settings: SettingsDep) -> HTMLResponse:
     """The page; the service's duration limit is written into it so that a recording stops there."""
     html, policy = page_and_policy()

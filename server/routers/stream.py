@@ -22,6 +22,7 @@ from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from codec.api import DECODE_BLOCK_FRAMES
 from codec.audio import to_pcm16
 from codec.stages import StageError, resolve_stages
 from server.errors import ProblemError, codec_error_problem, problem_body, problem_response
@@ -323,14 +324,21 @@ async def stream_decode(websocket: WebSocket) -> None:
             return codes
 
         def step(codes: np.ndarray | None) -> bytes:
-            """PCM of the samples these codes complete; None = the end of the stream (the decoder's tail)."""
+            """PCM of the samples these codes complete, decoded `DECODE_BLOCK_FRAMES` frames at a time as the
+            CLI does, so a large message costs one block's activations; None = the end of the stream (the
+            decoder's tail)."""
             nonlocal out_samples
             if codes is None:
-                wav = stream.flush_decoder()
+                waves = iter([stream.flush_decoder()])
             else:
-                wav = stream.decode(torch.from_numpy(codes).view(1, -1, stages).transpose(1, 2))
-            out_samples += wav.shape[-1]
-            return to_pcm16(wav.reshape(-1).cpu().numpy())[0].tobytes()
+                frames = torch.from_numpy(codes).view(1, -1, stages).transpose(1, 2)
+                waves = (stream.decode(frames[..., i : i + DECODE_BLOCK_FRAMES])
+                         for i in range(0, frames.shape[-1], DECODE_BLOCK_FRAMES))
+            pcm = []
+            for wav in waves:
+                out_samples += wav.shape[-1]
+                pcm.append(to_pcm16(wav.reshape(-1).cpu().numpy())[0].tobytes())
+            return b"".join(pcm)
 
         await _relay(session, parse, step)
         websocket.app.state.metrics.audio_seconds.labels(operation="stream_decode").inc(out_samples / model.sample_rate)
