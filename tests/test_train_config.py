@@ -120,7 +120,7 @@ def test_the_defaults_are_the_shipped_model():
 
 def test_the_recipe_is_phases_that_overrides_lengthen_by_name():
     cfg = load_config(RECIPE, ["phases.adversary.steps=10", "phases.quantizer.optim.lr=2e-4"])
-    assert cfg.init_from == "simvq-16k-v1" and cfg.data.train == "data/corpus/train.csv"
+    assert cfg.init_from == "simvq-16k" and cfg.data.train == "data/corpus/train.csv"
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.model) == (1e-4, 200, {})
     quantizer, adversary = cfg.phases
     assert (quantizer.name, quantizer.steps, adversary.name, adversary.steps) == ("quantizer", 2000, "adversary", 10)
