@@ -21,8 +21,10 @@ from pathlib import Path
 
 import soundfile as sf
 
-from server import Settings, create_app
-from tests.support import REPO, LoopbackServer, chromium_missing, headless_chromium
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's packages
+
+from bench.support import REPO, LoopbackServer, chromium_missing, headless_chromium  # noqa: E402
+from server import Settings, create_app  # noqa: E402
 
 
 def upload(driver, path: Path, timeout: float = 300) -> tuple[float, float, float]:

@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support import audio_bytes, real_recording, speech_like  # noqa: E402
+from bench.support import audio_bytes, real_recording, speech_like  # noqa: E402
 
 
 @dataclass

@@ -43,7 +43,7 @@ def subset(source: Path | None, minutes: float, folder: Path) -> Path:
             if total >= minutes * 60:
                 break
     else:
-        from tests.support import speech_like
+        from bench.support import speech_like
 
         i = 0
         while total < minutes * 60:

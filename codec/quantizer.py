@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codec.modules import is_power_of_two
-from codec.stages import check_stages
+from codec.stages import stages_or_all
 
 
 @dataclass
@@ -361,7 +361,7 @@ class ResidualQuantizer(nn.Module):
         self.quantize_fraction = quantize_fraction
 
     def _check_stages(self, n_stages: int | None) -> int:
-        return self.n_stages if n_stages is None else check_stages(int(n_stages), self.n_stages)
+        return stages_or_all(n_stages, self.n_stages)
 
     def forward(self, z: Tensor, n_stages: int | None = None) -> QuantizerResult:
         """Quantize `z [B, T, D]` with the first `n_stages` stages (all by default)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from codec.errors import CodecError
+
+
+MAX_STAGES = 64  # the most residual stages a model, a .tok file or a request may have (6 bits of the v2 header)
 
 
 class StageError(CodecError, ValueError):
@@ -22,6 +25,11 @@ def check_stages(n_stages: int, total: int) -> int:
     if not 1 <= n_stages <= total:
         raise StageError(f"stages must be between 1 and {total}, got {n_stages}")
     return n_stages
+
+
+def stages_or_all(n_stages: int | None, total: int) -> int:
+    """`total` when `n_stages` is None, else `n_stages` checked by :func:`check_stages`."""
+    return total if n_stages is None else check_stages(int(n_stages), total)
 
 
 def stages_for_bitrate(model: HasStages, kbps: float) -> int:
@@ -45,6 +53,17 @@ def resolve_stages(model: HasStages, n_stages: int | None = None, bitrate: float
         raise StageError("give either the number of stages or the bitrate, not both")
     if bitrate is not None:
         return stages_for_bitrate(model, bitrate)
-    if n_stages is None:
-        return model.n_stages
-    return check_stages(n_stages, model.n_stages)
+    return stages_or_all(n_stages, model.n_stages)
+
+
+def resolve_stage_list(model: HasStages, stages: Sequence[int] | None = None,
+                       bitrates: Sequence[float] | None = None) -> list[int] | None:
+    """Stage counts for each of `stages` or of `bitrates` (kbit/s) by the rule of :func:`resolve_stages`;
+    None when neither list is given (the caller picks its default)."""
+    if stages and bitrates:
+        raise StageError("give either stage counts or bitrates, not both")
+    if bitrates:
+        return [stages_for_bitrate(model, kbps) for kbps in bitrates]
+    if stages:
+        return [check_stages(n, model.n_stages) for n in stages]
+    return None

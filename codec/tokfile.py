@@ -13,6 +13,7 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 
 from codec.errors import TokFormatError
+from codec.stages import MAX_STAGES
 
 MAGIC = b"SV"  # every .tok file starts with these two bytes; the third is the version (2), or "Q" of version 1
 MAGIC_V1 = b"SVQT"  # version 1: these four bytes, then the version byte 1
@@ -26,7 +27,6 @@ V2_RESERVED = 0x80
 MAX_SAMPLE_RATE = 384_000
 MAX_HOP_LENGTH = 2**32 - 1
 MAX_HOP_LENGTH_V2 = 2**16 - 1
-MAX_STAGES = 64
 MAX_BITS = 16
 MAX_FRAMES = 10**10
 MAX_MODEL_ID_BYTES = 255
@@ -107,7 +107,7 @@ class TokHeader:
             stores the first 4).
         sample_rate: Hz of the audio, 1..384000 (None when read from a version-2 file).
         hop_length: samples per frame, 1..2**32-1 (version 2: 1..65535).
-        n_stages: residual stages S stored per frame, 1..64.
+        n_stages: residual stages S stored per frame, 1..MAX_STAGES (64).
         stage_bits: log2(codebook size) of each stage, 1..16 each (an int: that width for every stage).
             Version 1 holds one width for all stages; version 2 one for each of stages 1-3 and one shared
             by stages 4..S.

@@ -106,18 +106,12 @@ def model_settings(ref: str | None, stages: list[int] | None = None, bitrates: l
 
     Loads the model in this process (with the untrained-model warning) and checks every value.
     """
-    from codec.errors import CodecError
-    from codec.stages import check_stages, stages_for_bitrate
+    from codec.stages import resolve_stage_list
 
     release = get_model(ref, warn=True)
     model = release.model
-    if stages and bitrates:
-        raise CodecError("give either stage counts or bitrates, not both")
-    if bitrates:
-        counts = [stages_for_bitrate(model, kbps) for kbps in bitrates]
-    elif stages:
-        counts = [check_stages(s, model.n_stages) for s in stages]
-    else:
+    counts = resolve_stage_list(model, stages, bitrates)
+    if counts is None:
         counts = [s for s in DEFAULT_STAGES if s <= model.n_stages] + [model.n_stages]
     name = release.model_id
     return [ModelSetting(ref, name, n, model.bitrate(n) / 1000, model.codebook_sizes[:n]) for n in sorted(set(counts))]

@@ -6,6 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from codec.stages import MAX_STAGES
+
 _TOKENS_EXAMPLE = {
     "model_id": "simvq-16k",
     "weights_hash": "3f2a9c0d11b7e845",
@@ -35,16 +37,16 @@ class TokenJSON(BaseModel):
     sample_rate: int = Field(ge=1, le=384_000, description="Sample rate of the decoded audio, Hz.")
     hop_length: int = Field(ge=1, le=1_000_000, description="Samples per frame.")
     frame_rate: float = Field(gt=0, description="Frames per second (sample_rate / hop_length), informative.")
-    n_stages: int = Field(ge=1, le=64, description="Residual stages per frame (rows of `codes`).")
+    n_stages: int = Field(ge=1, le=MAX_STAGES, description="Residual stages per frame (rows of `codes`).")
     bits_per_code: int | None = Field(
         None, ge=1, le=16, description="Bits of every code when all stages share one width (null otherwise).")
     stage_bits: list[Annotated[int, Field(ge=1, le=16)]] | None = Field(
-        None, max_length=64, description="Bits per code of each stage; codes[s] are in [0, 2**stage_bits[s]). "
+        None, max_length=MAX_STAGES, description="Bits per code of each stage; codes[s] are in [0, 2**stage_bits[s]). "
         "A request gives this, bits_per_code, or both (consistent).")
     num_samples: int = Field(ge=0, description="Samples of the original audio; decode returns exactly this many.")
     num_frames: int = Field(ge=0, description="Frames (columns of `codes`).")
     codes: list[list[Annotated[int, Field(ge=0, lt=1 << 16)]]] = Field(
-        max_length=64, description="[n_stages][num_frames] integer codes, each in [0, 2**bits_per_code)."
+        max_length=MAX_STAGES, description="[n_stages][num_frames] integer codes, each in [0, 2**bits_per_code)."
     )
 
     @model_validator(mode="after")

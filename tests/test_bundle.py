@@ -23,7 +23,8 @@ from tests.conftest import speechlike, write_speaker_corpus
 from training import checkpoints
 from training.bundle import WHEELS, BundleError, pack, read_bundle
 from training.bundle_run import DeviceCorpus, OUT_FILES, main as bundle_run, prepare
-from training.cli import add_bundle_run_arguments, main as cli_main
+from training.bundle_args import add_bundle_run_arguments
+from training.cli import main as cli_main
 from training.config import DataConfig, load_config
 from training.data import AudioItem, decode, load_items
 from training.export import export

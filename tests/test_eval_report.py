@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from codec.errors import CodecError
+from codec.stages import StageError
 from eval.dataset import list_inputs
 from eval.model import count_codes, model_settings, stage_usage
 from eval.peers import Codec2
@@ -57,6 +58,8 @@ def test_model_settings_from_stages_and_bitrates(tiny_model_dir):
     assert model_settings(tiny_model_dir, stages=[2])[0].nominal_kbps == pytest.approx(0.4)
     with pytest.raises(CodecError, match="between 1 and 3"):
         model_settings(tiny_model_dir, stages=[4])
+    with pytest.raises(StageError, match="not both"):  # the stage rule of codec.stages, one error type
+        model_settings(tiny_model_dir, stages=[2], bitrates=[0.5])
 
 
 def test_model_rows_use_real_tok_bytes(tiny_model_dir, folder, tmp_path):

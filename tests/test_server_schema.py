@@ -55,3 +55,19 @@ EXCLUDED = [schemathesis.checks.positive_data_acceptance]
 def test_api_conforms_to_its_openapi(case, running):
     srv, _ = running
     case.call_and_validate(base_url=srv.url, excluded_checks=EXCLUDED, timeout=30)
+
+
+def test_stage_limits_come_from_one_constant():
+    from codec import tokfile
+    from codec.stages import MAX_STAGES, StageError, stages_or_all
+    from server.routers.stream import DecodeStart
+    from server.schemas import TokenJSON
+
+    assert tokfile.MAX_STAGES is MAX_STAGES == 64  # 6 bits of the .tok v2 header
+    assert stages_or_all(None, 5) == 5 and stages_or_all(2, 5) == 2
+    with pytest.raises(StageError, match="between 1 and 5"):
+        stages_or_all(6, 5)
+    for model, field in ((TokenJSON, "n_stages"), (DecodeStart, "stages")):
+        limits = {type(m).__name__: getattr(m, "le", None) for m in model.model_fields[field].metadata}
+        assert limits.get("Le") == MAX_STAGES, (model, limits)
+

@@ -36,6 +36,7 @@ from codec.errors import CodecError
 from training import checkpoints
 from training.augment import Augmenter
 from training.bundle import read_bundle
+from training.bundle_args import add_bundle_run_arguments
 from training.config import AugmentConfig, ConfigError, DataConfig, load_config
 from training.data import AudioItem, Batch, decode
 from training.export import export
@@ -271,7 +272,7 @@ def default_work(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace, started: float | None = None) -> int:
-    """Train as `args` say (see `training.cli.add_bundle_run_arguments`); `--minutes` count from `started`
+    """Train as `args` say (see `training.bundle_args`); `--minutes` count from `started`
     (`time.monotonic()`, default now: the libraries are loaded by then, a few seconds after the start)."""
     started = time.monotonic() if started is None else started
     deadline = started + 60.0 * args.minutes
@@ -338,7 +339,6 @@ def run(args: argparse.Namespace, started: float | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     from codec.cli import parse_command_line
-    from training.cli import add_bundle_run_arguments
 
     parser = argparse.ArgumentParser(prog="python -m training.bundle_run", description=__doc__.splitlines()[0])
     add_bundle_run_arguments(parser)

@@ -7,14 +7,15 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from codec.errors import CheckpointError
+from training.portable import PORTABLE, load_portable
+from training.state_format import FORMAT, atomic_write
 
-FORMAT = "simvq-codec-train/1"
 LATEST = "latest"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
@@ -30,8 +31,8 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last:
     written under a temporary name, fsynced, then renamed over the final name."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / checkpoint_name(step)
-    _atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
-    _atomic_write(ckpt_dir / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    atomic_write(ckpt_dir / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
         if old != path:
             old.unlink(missing_ok=True)
@@ -63,8 +64,6 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or the latest one of a run directory or its `checkpoints/` folder, or the portable
     checkpoint (`training.portable`) of a `training.bundle_run` output folder."""
-    from training.portable import PORTABLE
-
     path = Path(path)
     if path.is_file():
         return path
@@ -98,8 +97,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
     A `.json` path is a portable checkpoint (`training.portable`), loaded onto the CPU."""
     if Path(path).suffix == ".json":
-        from training.portable import load_portable
-
         return load_portable(Path(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -130,21 +127,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -30,7 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from codec.checkpoint import sha256_file
 from codec.errors import CheckpointError
-from training.checkpoints import FORMAT, _atomic_write
+from training.state_format import FORMAT, atomic_write
 
 PORTABLE = "checkpoint.json"
 PORTABLE_FORMAT = "simvq-codec-train-portable/1"
@@ -97,7 +97,7 @@ def save_portable(
     for i, shard in enumerate(shards):
         name = f"checkpoint-{step:08d}-{i}.safetensors"
         data = safetensors_bytes(shard)
-        _atomic_write(out_dir / name, lambda f: f.write(data))
+        atomic_write(out_dir / name, lambda f: f.write(data))
         files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest()})
     index = {
         "format": PORTABLE_FORMAT,
@@ -108,7 +108,7 @@ def save_portable(
         "state": skeleton,
     }
     path = out_dir / PORTABLE
-    _atomic_write(path, lambda f: f.write(json.dumps(index).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(index).encode()))
     kept = {f["name"] for f in files}
     for old in out_dir.iterdir():
         if _SHARD.match(old.name) and old.name not in kept:

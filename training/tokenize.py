@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from codec.errors import CodecError
+from codec.stages import resolve_stages, stages_or_all
 from training.manifest import read_listing
 
 TOKENS_FORMAT = "simvq-tokens/1"
@@ -136,7 +137,7 @@ class Tokenizer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(model, device=device, warn=False).model
         self.device = torch.device(device)
-        self.n_stages = self.model.n_stages if n_stages is None else n_stages
+        self.n_stages = stages_or_all(n_stages, self.model.n_stages)
         self.batch_seconds = batch_seconds
 
     def __call__(self, items: Sequence[Item]) -> list[Encoded | Failed]:
@@ -294,9 +295,7 @@ def _index(model_ref: str | None, n_stages: int | None, shard_size: int, items: 
     from codec.presets import describe
 
     config = describe(model_ref)
-    from codec.stages import check_stages
-
-    stages = config["n_stages"] if n_stages is None else check_stages(n_stages, config["n_stages"])
+    stages = stages_or_all(n_stages, config["n_stages"])
     sizes = config["codebook_size"]  # one size for every stage, or one per stage
     sizes = list(sizes) if isinstance(sizes, list) else [sizes] * config["n_stages"]
     return {
@@ -551,11 +550,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     n_stages = args.stages
-    if args.bitrate is not None:
+    if args.bitrate is not None:  # the model is loaded only to turn a bitrate into stages
         from codec.presets import load_model
-        from codec.stages import stages_for_bitrate
 
-        n_stages = stages_for_bitrate(load_model(args.model, warn=False).model, args.bitrate)
+        n_stages = resolve_stages(load_model(args.model, warn=False).model, n_stages, args.bitrate)
     result = tokenize(args.input, args.out, model=args.model, n_stages=n_stages, workers=args.workers,
                       use_ray=args.ray, ray_address=args.ray_address, device=args.device, shard_size=args.shard_size,
                       batch_seconds=args.batch_seconds, threads=args.worker_threads, force=args.force,

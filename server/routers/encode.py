@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from codec.api import encode_audio
 from codec.errors import AudioError
-from codec.stages import resolve_stages
+from codec.stages import MAX_STAGES, resolve_stages
 from server.deps import ModelDep, RuntimeDep, SettingsDep, within_deadline, work_slot
 from server.errors import problem_responses
 from server.runtime import ServedModel
@@ -82,7 +82,9 @@ async def encode(
     settings: SettingsDep,
     runtime: RuntimeDep,
     served: ModelDep,
-    stages: Annotated[int | None, Query(ge=1, le=64, description="Residual stages to keep (1..n_stages).")] = None,
+    stages: Annotated[
+        int | None, Query(ge=1, le=MAX_STAGES, description="Residual stages to keep (1..n_stages).")
+    ] = None,
     bitrate: Annotated[
         float | None,
         Query(description="Target kbit/s: the most stages within it; at or above the top rate, every stage; "

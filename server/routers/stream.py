@@ -24,7 +24,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from codec.api import DECODE_BLOCK_FRAMES
 from codec.audio import to_pcm16
-from codec.stages import StageError, resolve_stages
+from codec.stages import MAX_STAGES, StageError, resolve_stages
 from server.errors import ProblemError, codec_error_problem, problem_body, problem_response
 from server.runtime import Phase, Runtime, ServedModel
 
@@ -50,7 +50,7 @@ class EncodeStart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["start"] = "start"
     model: str | None = Field(None, max_length=255)
-    stages: int | None = Field(None, ge=1, le=64)
+    stages: int | None = Field(None, ge=1, le=MAX_STAGES)
     bitrate: float | None = Field(None, description="Target kbit/s, by the rule of POST /encode's `bitrate`.")
     sample_rate: int | None = Field(None, ge=1, description="PCM rate; default the model's (resampled if not).")
     channels: int = Field(1, ge=1, description="Interleaved PCM channels, mixed down by averaging.")
@@ -63,7 +63,7 @@ class DecodeStart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["start"] = "start"
     model: str | None = Field(None, max_length=255)
-    stages: int | None = Field(None, ge=1, le=64, description="Codes per incoming frame; default all.")
+    stages: int | None = Field(None, ge=1, le=MAX_STAGES, description="Codes per incoming frame; default all.")
     format: Literal["s16le"] = "s16le"
 
 
