@@ -105,7 +105,8 @@ class RunningWhitener(nn.Module):
 
 
 class Codebook(nn.Module):
-    """One stage: a linear map into a small lookup space, nearest-neighbour search there, a map back.
+    """One stage of plain VQ: a linear map into a small lookup space, nearest-neighbour search among learned
+    codes there, a map back. `SimVQCodebook` is the stage the codec uses; this one is the collapse baseline.
 
     Searching in a low-dimensional space (`code_dim`, 8 by default) instead of the full latent is what keeps
     1024 codes in use (the factorised codes of "Improved VQGAN" and DAC): in 64 dimensions the encoder
@@ -115,9 +116,6 @@ class Codebook(nn.Module):
     Args:
         dim: latent dimension D (what the stage reads and writes).
         codebook_size: K, a power of two.
-        kind: "simvq" (frozen C [K, d], learned linear W with bias, codes = W(C); C is Gaussian with std
-            d^-1/2 until `draw_from` replaces it by a sample of the stage's inputs) or "vq" (learned codes,
-            initialised like C).
         code_dim: d, the lookup dimension; None searches the latent itself (no projections).
         whiten: whiten the lookup-space input with running statistics (`RunningWhitener`) before the search
             and colour the selected code back after it.
@@ -126,11 +124,12 @@ class Codebook(nn.Module):
             not start with a handful of codes winning every search.
     """
 
+    kind = "vq"
+
     def __init__(
         self,
         dim: int,
         codebook_size: int,
-        kind: str = "simvq",
         code_dim: int | None = None,
         whiten: bool = False,
         init_from_data: bool = True,
@@ -138,32 +137,33 @@ class Codebook(nn.Module):
         super().__init__()
         if not is_power_of_two(codebook_size):
             raise ValueError(f"codebook_size must be a power of two, got {codebook_size}")
-        if kind not in ("simvq", "vq"):
-            raise ValueError(f"quantizer kind must be 'simvq' or 'vq', got {kind!r}")
-        self.kind, self.dim, self.codebook_size = kind, dim, codebook_size
+        self.dim, self.codebook_size = dim, codebook_size
         self.code_dim = code_dim or dim
         if code_dim:
             self.in_proj, self.out_proj = nn.Linear(dim, code_dim), nn.Linear(code_dim, dim)
         else:
             self.in_proj, self.out_proj = nn.Identity(), nn.Identity()
         self.whitener = RunningWhitener(self.code_dim) if whiten else None
-        gaussian = torch.randn(codebook_size, self.code_dim) * self.code_dim**-0.5
-        if kind == "simvq":
-            self.register_buffer("frozen_codebook", gaussian)
-            self.proj = nn.Linear(self.code_dim, self.code_dim)
-            nn.init.eye_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
-        else:
-            self.codes = nn.Parameter(gaussian)
+        self._make_codes(torch.randn(codebook_size, self.code_dim) * self.code_dim**-0.5)
         self.register_buffer("initialized", torch.tensor(not init_from_data))
         self._cache: tuple[tuple, tuple[Tensor, ...]] | None = None
 
+    # The four things a kind of codebook defines: its codes from a Gaussian start, how they are computed,
+    # which parameters define them, and how they are moved or replaced wholesale.
+    def _make_codes(self, gaussian: Tensor) -> None:
+        self.codes = nn.Parameter(gaussian)
+
     def _compute_codebook(self) -> Tensor:
-        return self.proj(self.frozen_codebook) if self.kind == "simvq" else self.codes
+        return self.codes
 
     def codebook_parameters(self) -> list[nn.Parameter]:
-        """What defines the codes: W and its bias (SimVQ) or the codes themselves (plain VQ)."""
-        return list(self.proj.parameters()) if self.kind == "simvq" else [self.codes]
+        """What defines the codes (here the codes themselves)."""
+        return [self.codes]
+
+    def _set_codes(self, codes: Tensor | None = None, scale: float | Tensor = 1.0, shift: float | Tensor = 0.0
+                   ) -> None:
+        """Codes become `codes` (default: the current ones) times `scale` plus `shift`."""
+        self.codes.copy_((self.codes if codes is None else codes) * scale + shift)
 
     def _whitening(self) -> tuple[Tensor, Tensor] | None:
         if self.whitener is None:
@@ -227,13 +227,8 @@ class Codebook(nn.Module):
             stats /= dist.get_world_size()
         mean = stats[0]
         std = (stats[1] - mean.pow(2)).mean().clamp_min(1e-12).sqrt()
-        # C has per-dimension std d^-1/2, so W = std * sqrt(d) * I gives codes with the input's spread.
-        d = self.code_dim
-        if self.kind == "simvq":
-            self.proj.weight.copy_(torch.eye(d, device=z.device) * std * d**0.5)
-            self.proj.bias.copy_(mean)
-        else:
-            self.codes.mul_(std * d**0.5).add_(mean)
+        # The Gaussian start has per-dimension std d^-1/2: scaled by std * sqrt(d), the codes have the input's spread.
+        self._set_codes(scale=std * self.code_dim**0.5, shift=mean)
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -251,13 +246,7 @@ class Codebook(nn.Module):
         z = self._to_lookup(projected, self._whitening())
         if z.shape[0] < self.codebook_size:
             raise ValueError(f"drawing {self.codebook_size} codes needs at least as many frames, got {z.shape[0]}")
-        drawn = z[torch.randperm(z.shape[0], generator=generator, device=z.device)[: self.codebook_size]]
-        if self.kind == "simvq":
-            self.frozen_codebook.copy_(drawn)
-            self.proj.weight.copy_(torch.eye(self.code_dim))
-            self.proj.bias.zero_()
-        else:
-            self.codes.copy_(drawn)
+        self._set_codes(z[torch.randperm(z.shape[0], generator=generator, device=z.device)[: self.codebook_size]])
         self.initialized.fill_(True)
 
     def nearest(self, z: Tensor, codebook: Tensor) -> Tensor:
@@ -295,6 +284,40 @@ class Codebook(nn.Module):
         return F.embedding(indices, self.output_codebook())
 
 
+class SimVQCodebook(Codebook):
+    """One SimVQ stage: a frozen codebook C [K, d] moved as a whole by one learned linear map W (with bias); the
+    codes are W(C). Every gradient step on W moves all codes, not only those selected, which is what keeps
+    them in use. C is Gaussian with std d^-1/2 until `draw_from` replaces it by a sample of the stage's own
+    inputs. Arguments as `Codebook`."""
+
+    kind = "simvq"
+
+    def _make_codes(self, gaussian: Tensor) -> None:
+        self.register_buffer("frozen_codebook", gaussian)
+        self.proj = nn.Linear(self.code_dim, self.code_dim)
+        nn.init.eye_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def _compute_codebook(self) -> Tensor:
+        return self.proj(self.frozen_codebook)
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        """What defines the codes: W and its bias."""
+        return list(self.proj.parameters())
+
+    def _set_codes(self, codes: Tensor | None = None, scale: float | Tensor = 1.0, shift: float | Tensor = 0.0
+                   ) -> None:
+        """W becomes `scale` times the identity and its bias `shift`; C becomes `codes` when given."""
+        if codes is not None:
+            self.frozen_codebook.copy_(codes)
+        self.proj.weight.copy_(torch.eye(self.code_dim, device=self.proj.weight.device) * scale)
+        self.proj.bias.copy_(torch.as_tensor(shift, dtype=self.proj.bias.dtype).expand_as(self.proj.bias))
+
+
+CODEBOOKS: dict[str, type[Codebook]] = {"simvq": SimVQCodebook, "vq": Codebook}
+"""The stage classes by the name a model config gives them (`quantizer`)."""
+
+
 def stage_sizes(codebook_size: int | Sequence[int], n_stages: int) -> tuple[int, ...]:
     """One codebook size per stage from a single size or a list of `n_stages` sizes."""
     if isinstance(codebook_size, int):
@@ -313,7 +336,7 @@ class ResidualQuantizer(nn.Module):
         n_stages: number of stages S; stage s adds log2(K_s) bits per frame.
         codebook_size: K, the size of every stage, or one size per stage (e.g. a large first stage for the low
             rates under a ladder of small ones).
-        kind: "simvq" or "vq" (see `Codebook`).
+        kind: "simvq" (`SimVQCodebook`) or "vq" (plain `Codebook`, the collapse baseline).
         quantizer_dropout: in training, the fraction of examples that use a random number of stages
             1..S instead of all S, so that one model serves every bitrate.
         quantize_fraction: in training, the fraction of examples whose decoder input is quantized; the others
@@ -346,7 +369,7 @@ class ResidualQuantizer(nn.Module):
         self.codebook_sizes = stage_sizes(codebook_size, n_stages)
         self.n_stages = n_stages
         self.stages = nn.ModuleList(
-            Codebook(dim, size, kind, code_dim, whiten, init_from_data) for size in self.codebook_sizes
+            CODEBOOKS[kind](dim, size, code_dim, whiten, init_from_data) for size in self.codebook_sizes
         )
 
     def set_training(self, quantizer_dropout: float, straight_through: str, quantize_fraction: float) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from codec.model import SimVQCodec
 from codec.modules import PHASE_GRADIENT_FLOOR, causal_stft, hann_window, unit_phase
-from codec.quantizer import Codebook, ResidualQuantizer, RunningWhitener
+from codec.quantizer import ResidualQuantizer, RunningWhitener, SimVQCodebook
 from tests.conftest import speechlike, tiny_codec
 
 HOP = 320
@@ -304,7 +304,7 @@ def test_training_forward_returns_losses_and_counts():
 
 
 def test_simvq_codebook_is_linear_map_of_frozen_gaussian():
-    book = Codebook(dim=8, codebook_size=32, init_from_data=False)
+    book = SimVQCodebook(dim=8, codebook_size=32, init_from_data=False)
     assert not book.frozen_codebook.requires_grad
     assert book.frozen_codebook.std().item() == pytest.approx(8**-0.5, rel=0.3)
     with torch.no_grad():
@@ -315,7 +315,7 @@ def test_simvq_codebook_is_linear_map_of_frozen_gaussian():
         book.proj.bias.fill_(1.0)
         torch.testing.assert_close(book.codebook(), 2.0 * book.frozen_codebook + 1.0)
     # ... and changes in its submodules: the projections and the whitener's statistics.
-    book = Codebook(dim=8, codebook_size=32, code_dim=4, whiten=True, init_from_data=False)
+    book = SimVQCodebook(dim=8, codebook_size=32, code_dim=4, whiten=True, init_from_data=False)
     with torch.no_grad():
         before = book.output_codebook().clone()
         book.out_proj.weight.mul_(3.0)
@@ -325,7 +325,7 @@ def test_simvq_codebook_is_linear_map_of_frozen_gaussian():
 
 
 def test_nearest_is_true_nearest_neighbour():
-    book = Codebook(dim=4, codebook_size=16, init_from_data=False)
+    book = SimVQCodebook(dim=4, codebook_size=16, init_from_data=False)
     z = torch.randn(50, 4)
     with torch.no_grad():
         codes = book.codebook()
@@ -413,7 +413,7 @@ def test_whitening_keeps_codes_in_use_on_anisotropic_input():
     z = torch.randn(2000, 16) * torch.logspace(1, -2, 16)  # variances spanning six orders of magnitude
     used = {}
     for whiten in (False, True):
-        book = Codebook(16, 256, code_dim=None, whiten=whiten).train()
+        book = SimVQCodebook(16, 256, code_dim=None, whiten=whiten).train()
         *_, idx = book(z)
         used[whiten] = int(idx.unique().numel())
     assert used[True] > 150 and used[False] < 0.5 * used[True], used
