@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from codec.modules import ConvNeXtBlock, ISTFTSynthesis, PitchHead, STFTFeatures
+from codec.modules import ConvNeXtBlock, ISTFTSynthesis, PitchHead, STFTFeatures, vectorised
 from codec.quantizer import ResidualQuantizer
 from codec.streaming import StreamingModule, StreamingState
 
@@ -52,6 +52,12 @@ def _convnext_stack(dim: int, layers: int, kernel_size: int, expansion: int) -> 
 @dataclass
 class _PendingSamples:
     samples: Tensor  # `[B, 1, r]`, r < hop: the start of a frame that is not complete yet
+
+
+CALLER_STATE = ("samples", "synthesis.skip")
+"""The streaming state (`StreamingState.tensors()` names) that a caller feeding whole frames keeps itself: the
+partial frame (always empty then) and the decoder's count of leading samples still to drop. The ONNX graphs
+(`codec.onnx_export`) and the batched step (`codec.batched`) leave both out."""
 
 
 class SimVQCodec(StreamingModule):
@@ -221,7 +227,7 @@ class SimVQCodec(StreamingModule):
         own = torch.where(voicing_logit > 0, log_f0.exp(), torch.zeros_like(log_f0)).detach()
         f0 = own if f0 is None else torch.where(f0.isnan(), own, f0)
         prior = self.synthesis.harmonic_deviation(f0 / self.sample_rate).float()
-        trust = torch.sigmoid(trust_logit) * (f0 > 0)[..., None]
+        trust = vectorised(torch.sigmoid, trust_logit) * (f0 > 0)[..., None]
         batch, steps, _ = spectrum.shape
         parts = spectrum.reshape(batch, prior.shape[1], 2, self.synthesis.bins)
         deviation = parts[:, :, 1].float()

@@ -8,6 +8,7 @@ overlap-add tail), so chunked and whole-signal processing agree.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,26 @@ def centre_advance(n_fft: int, hop: int, device: torch.device, dtype: torch.dtyp
     return 2 * math.pi * hop / n_fft * torch.arange(n_fft // 2 + 1, dtype=dtype, device=device)
 
 
+VECTOR_BLOCK = 64
+"""Elements that any of PyTorch's CPU kernels takes through its SIMD code at once (a multiple of every block)."""
+
+
+def vectorised(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`fn(x)` for an elementwise `fn`, every element through the kernel's SIMD code.
+
+    A CPU kernel runs whole blocks of a tensor through SIMD code and the last few elements through scalar
+    code, and for some functions (`sgn`, `angle`, `sigmoid`, `pow`, complex `abs`) the two differ in the last
+    bit: an element's result would depend on where in a batch or a chunk it sits. Here the last elements are
+    computed again inside a whole block, so a result depends on the element alone (`codec.batched`)."""
+    x = x.contiguous()
+    out = fn(x)
+    rest = x.numel() % VECTOR_BLOCK
+    if rest and not out.requires_grad and not torch.jit.is_tracing():
+        block = torch.cat([x.view(-1)[-rest:], x.new_zeros(VECTOR_BLOCK - rest)])
+        out.view(-1)[-rest:] = fn(block)[:rest]
+    return out
+
+
 PHASE_GRADIENT_FLOOR = 1e-4
 """Below this magnitude a bin's phase is noise: `unit_phase` differentiates it as if it had this magnitude."""
 
@@ -110,7 +131,7 @@ def unit_phase(z: Tensor) -> Tensor:
 
     The exact derivative grows as 1 / |z|: a near-silent bin of a training crop made the whole step's
     gradient infinite, and the trainer skipped one step in ten. The value is exactly `torch.sgn`'s."""
-    exact = torch.sgn(z + 1e-30)
+    exact = vectorised(torch.sgn, z + 1e-30)
     if not z.requires_grad:
         return exact
     bounded = z / z.abs().clamp_min(PHASE_GRADIENT_FLOOR)
@@ -175,7 +196,7 @@ class STFTFeatures(StreamingModule):
         # go in at once (vectorised bodies against scalar tails), and in float32 those differences between a
         # streamed and an offline pass would reach the codes.
         spec = causal_stft(x.double(), self.window.double(), self.hop, padded=False)  # [B, N (+ 1), bins]
-        return self.from_spectrum(spec.real, spec.imag, spec.abs()).to(wav.dtype)
+        return self.from_spectrum(spec.real, spec.imag, vectorised(torch.abs, spec)).to(wav.dtype)
 
     def from_spectrum(self, re: Tensor, im: Tensor, mag: Tensor) -> Tensor:
         """The STFT's real and imaginary parts and magnitude `[B, N, bins]` -> the features, N / frames_per_step
@@ -192,10 +213,10 @@ class STFTFeatures(StreamingModule):
             prod_im = im[:, 1:] * re[:, :-1] - re[:, 1:] * im[:, :-1]
             adv_re, adv_im = prod_re * cos + prod_im * sin, prod_im * cos - prod_re * sin
             # |X_k X_{k-1}|^(compress/2): on the scale of the compressed spectrum below.
-            adv_scale = (mag[:, 1:] * mag[:, :-1] + 1e-14).pow(self.compress / 2 - 1.0)
+            adv_scale = vectorised(lambda m: m.pow(self.compress / 2 - 1.0), mag[:, 1:] * mag[:, :-1] + 1e-14)
             advances = self._steps(torch.cat([(part * adv_scale).float() for part in (adv_re, adv_im)], dim=-1))
             re, im, mag = re[:, 1:], im[:, 1:], mag[:, 1:]
-        scale = (mag + 1e-7).pow(self.compress - 1.0)
+        scale = vectorised(lambda m: m.pow(self.compress - 1.0), mag + 1e-7)
         parts = [torch.log(mag + 1e-5), re * scale, im * scale]
         feats = self._steps(torch.cat([part.float() for part in parts], dim=-1))
         return torch.cat([feats, advances], dim=-1) if self.advances else feats
@@ -415,7 +436,7 @@ class ISTFTSynthesis(StreamingModule):
             spectra.append(spectrum)
             out.append(played[:, : n * hop])
             played = played[:, n * hop :]
-            phase = carried_phase(own[:, -1], torch.angle(unit[:, -1]).double())
+            phase = carried_phase(own[:, -1], vectorised(torch.angle, unit[:, -1]).double())
         if state is not None:
             state.phase = phase.detach()
         played_spectra = torch.cat(spectra, dim=1) if spectra else mag.new_zeros(mag.shape, dtype=torch.complex64)
