@@ -30,12 +30,18 @@ def clips() -> list[torch.Tensor]:
 def _run(model, clips, plan: list[tuple[int, int, int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """plan: (clip, first step, stages) per stream. Each step encodes the next frame of every live stream in
     one batch and decodes those codes in another: {clip: (codes [S, F], decoded samples)}."""
-    batch = StreamBatch(model)
-    enc = {c: batch.new_state() for c, _, _ in plan}
-    dec = {c: batch.new_state() for c, _, _ in plan}
+    batch = StreamBatch(model, capacity=2)  # grows as streams open
+    enc: dict[int, int] = {}
+    dec: dict[int, int] = {}
     codes: dict[int, list] = {c: [] for c, _, _ in plan}
     audio: dict[int, list] = {c: [] for c, _, _ in plan}
-    for step in range(max(start for _, start, _ in plan) + FRAMES):
+    for step in range(max(start for _, start, _ in plan) + FRAMES + 1):
+        for c, start, _ in plan:
+            if step == start:
+                enc[c], dec[c] = batch.open(), batch.open()
+            if step == start + FRAMES:  # its slots go back, to be reused by later streams
+                batch.close(enc[c])
+                batch.close(dec[c])
         live = [(c, step - start, n) for c, start, n in plan if 0 <= step - start < FRAMES]
         if not live:
             continue
@@ -75,11 +81,11 @@ def test_a_batched_stream_gives_the_offline_codes_and_audio(model, clips):
 
 def test_a_batched_state_goes_on_through_model_stream(model, clips):
     batch = StreamBatch(model)
-    states = [batch.new_state(), batch.new_state()]
+    slots = [batch.open(), batch.open()]
     codes = model.encode(clips[0][None, None])[0]  # [4, F]
-    first = batch.decode(states, torch.stack([codes[:, 0], codes[:, 0]]))
+    first = batch.decode(slots, torch.stack([codes[:, 0], codes[:, 0]]))
     assert [len(x) for x in first] == [HOP - model.decoder_delay] * 2
-    stream = CodecStream(model, states[0])
+    stream = CodecStream(model, batch.state(slots[0]))
     with torch.inference_mode():
         rest = stream.decode(codes[None, :, 1:])[0, 0]
         tail = stream.flush_decoder()[0, 0]
@@ -89,12 +95,16 @@ def test_a_batched_state_goes_on_through_model_stream(model, clips):
 
 def test_steps_check_their_inputs(model):
     batch = StreamBatch(model)
-    with pytest.raises(ValueError, match="one frame of 320 samples per state"):
-        batch.encode([batch.new_state()], torch.zeros(2, HOP))
-    with pytest.raises(ValueError, match="one frame per state"):
-        batch.decode([batch.new_state()], torch.zeros(1, 2, 1, dtype=torch.long))
+    slot = batch.open()
+    with pytest.raises(ValueError, match="one frame of 320 samples per slot"):
+        batch.encode([slot], torch.zeros(2, HOP))
+    with pytest.raises(ValueError, match="one frame per slot"):
+        batch.decode([slot], torch.zeros(1, 2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="at least one stream"):
         batch.encode([], torch.zeros(0, HOP))
+    batch.close(slot)
+    with pytest.raises(ValueError, match="is not open"):
+        batch.encode([slot], torch.zeros(1, HOP))
 
 
 @pytest.mark.parametrize("fn", [torch.sgn, torch.angle, torch.abs])

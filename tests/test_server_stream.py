@@ -92,8 +92,11 @@ def test_each_frame_is_sent_as_soon_as_it_is_complete(client):
         ws.send_bytes(pcm[319:320].tobytes())  # completes frame 0: its 4 codes come back at once
         first = ws.receive()
         assert len(first["bytes"]) == 4 * 2
-        ws.send_bytes(pcm[320:960].tobytes())  # two more frames in one message
-        assert len(ws.receive()["bytes"]) == 2 * 4 * 2
+        ws.send_bytes(pcm[320:960].tobytes())  # two more frames in one message: each as soon as it is encoded
+        sizes = [len(ws.receive()["bytes"])]
+        if sizes[0] < 2 * 4 * 2:
+            sizes.append(len(ws.receive()["bytes"]))
+        assert sizes in ([4 * 2, 4 * 2], [2 * 4 * 2])  # one message per frame, or both if the first waited
         ws.send_text('{"type": "end"}')
         messages, code = drain(ws)
     assert code == 1000 and messages[-1]["num_frames"] == 3
@@ -239,3 +242,13 @@ def test_open_streams_share_the_model_and_each_gets_the_bytes_it_gets_alone(tiny
         alone = [_run_streams(c, [s])[0] for s in streams]
     assert together == alone
     assert np.array_equal(np.frombuffer(together[1], "<u2").reshape(-1, 2).T, codes[:2])  # the offline tokens
+
+
+def test_a_stream_that_falls_behind_real_time_is_told_so_and_closed(tiny):
+    with make_client(tiny, stream_max_lag_s=1e-6) as c:  # every frame's output comes later than that
+        err, code = _error(c, "/v1/stream/encode", {"type": "start"}, [b"\x00" * 640])
+        assert code == 1013 and err["reason"] == "behind-real-time" and "behind real time" in err["detail"]
+        assert 'simvq_rejections_total{reason="behind-real-time"} 1.0' in c.get("/metrics").text
+        with c.websocket_connect("/v1/stream/decode") as ws:  # the server goes on serving
+            ws.send_text('{"type": "start"}')
+            assert ws.receive_json()["type"] == "ready"
