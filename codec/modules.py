@@ -7,6 +7,7 @@ overlap-add tail), so chunked and whole-signal processing agree.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,9 +82,41 @@ def hann_window(n_fft: int) -> Tensor:
     return torch.hann_window(n_fft, periodic=True)
 
 
+def constant(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A function of hashable arguments whose tensors are computed once (outside inference mode, so that
+    training can save them for backward) and shared: constants of the per-frame path, kept out of it."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):  # noqa: ANN002, ANN202 - the wrapped function's own signature
+        with torch.inference_mode(False), torch.no_grad():
+            return cached(*args)
+
+    return wrapper
+
+
+@constant
 def centre_advance(n_fft: int, hop: int, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
     """`[n_fft // 2 + 1]`: how far each bin's centre frequency turns its phase in one hop (radians)."""
     return 2 * math.pi * hop / n_fft * torch.arange(n_fft // 2 + 1, dtype=dtype, device=device)
+
+
+@constant
+def centre_turn(n_fft: int, hop: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The cosine and sine of `centre_advance`."""
+    centre = centre_advance(n_fft, hop, device, dtype)
+    return torch.cos(centre), torch.sin(centre)
+
+
+@constant
+def _bin_centres(bins: int, n_fft: int, device: torch.device) -> Tensor:
+    """`[bins]` float64: each bin's centre frequency in cycles per sample."""
+    return torch.arange(bins, dtype=torch.float64, device=device) / n_fft
+
+
+@constant
+def _offsets(lo: int, hi: int, device: torch.device) -> Tensor:
+    return torch.arange(lo, hi, device=device)
 
 
 VECTOR_BLOCK = 64
@@ -97,13 +130,18 @@ def vectorised(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     code, and for some functions (`sgn`, `angle`, `sigmoid`, `pow`, complex `abs`) the two differ in the last
     bit: an element's result would depend on where in a batch or a chunk it sits. Here the last elements are
     computed again inside a whole block, so a result depends on the element alone (`codec.batched`)."""
-    x = x.contiguous()
-    out = fn(x)
-    rest = x.numel() % VECTOR_BLOCK
-    if rest and not out.requires_grad and not torch.jit.is_tracing():
-        block = torch.cat([x.view(-1)[-rest:], x.new_zeros(VECTOR_BLOCK - rest)])
-        out.view(-1)[-rest:] = fn(block)[:rest]
+    n = x.numel()
+    rest = n % VECTOR_BLOCK
+    if not rest or x.requires_grad or torch.jit.is_tracing():
+        return fn(x)
+    if n <= _PADDED_UP_TO:  # small (a streaming step): one call on a padded copy
+        return fn(torch.constant_pad_nd(x.reshape(-1), (0, VECTOR_BLOCK - rest)))[:n].view(x.shape)
+    out = fn(x.contiguous())  # large: the last elements again, inside a block
+    out.view(-1)[-rest:] = fn(torch.constant_pad_nd(x.reshape(-1)[-rest:], (0, VECTOR_BLOCK - rest)))[:rest]
     return out
+
+
+_PADDED_UP_TO = 1 << 14  # elements
 
 
 PHASE_GRADIENT_FLOOR = 1e-4
@@ -207,8 +245,7 @@ class STFTFeatures(StreamingModule):
         float64 and rounding after, with half the bytes to copy (a third less time for these features)."""
         if self.advances:
             # X_k conj(X_{k-1}), turned back by the bin centre's advance 2 pi hop b / n_fft.
-            centre = centre_advance(self.n_fft, self.hop, re.device, re.dtype)
-            cos, sin = torch.cos(centre), torch.sin(centre)
+            cos, sin = centre_turn(self.n_fft, self.hop, re.device, re.dtype)
             prod_re = re[:, 1:] * re[:, :-1] + im[:, 1:] * im[:, :-1]
             prod_im = im[:, 1:] * re[:, :-1] - re[:, 1:] * im[:, :-1]
             adv_re, adv_im = prod_re * cos + prod_im * sin, prod_im * cos - prod_re * sin
@@ -321,7 +358,7 @@ class ISTFTSynthesis(StreamingModule):
         a voiced bin on its harmonic's frequency ("propagated" phase)."""
         voiced = f0 > 0
         f0 = torch.where(voiced, f0, torch.ones_like(f0)).double()[..., None]
-        centre = torch.arange(self.bins, dtype=torch.float64, device=f0.device) / self.n_fft  # cycles/sample
+        centre = _bin_centres(self.bins, self.n_fft, f0.device)  # cycles/sample
         harmonic = torch.round(centre / f0).clamp_min(1) * f0
         deviation = 2 * math.pi * self.hop * (harmonic - centre)
         return torch.where(voiced[..., None], deviation, torch.zeros_like(deviation))
@@ -379,7 +416,7 @@ class ISTFTSynthesis(StreamingModule):
             frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, self.n_fft), stride=(1, self.hop)
         ).reshape(frames.shape[0], total)
         if tail is not None:
-            out = torch.cat([out[:, : self.delay] + tail, out[:, self.delay :]], dim=-1)
+            out[:, : self.delay] += tail
         return out
 
     def _rephased(self, mag: Tensor, deviation: Tensor) -> Tensor:
@@ -488,7 +525,7 @@ class PitchHead(nn.Module):
     def log_f0(self, logits: Tensor) -> Tensor:
         """Logits `[B, N, bins]` -> log f0 `[B, N]`: the probability-weighted mean of the bins within two of the
         most likely one (finer than a bin, blind to a competing octave)."""
-        near = torch.arange(-2, 3, device=logits.device)
+        near = _offsets(-2, 3, logits.device)
         index = (logits.argmax(-1, keepdim=True) + near).clamp(0, self.bins - 1)  # [B, N, 5]
         weights = torch.softmax(logits.gather(-1, index), dim=-1)
         return (weights * self.bin_log_f0[index]).sum(-1)

@@ -197,7 +197,10 @@ class Scheduler:
                 for b, (s, (frame, _)) in enumerate(rows):
                     codes[b, : s.stages] = frame
                 audio = batch.decode(slots, torch.from_numpy(codes), [s.stages for s in streams])
-                payloads = [to_pcm16(a.numpy())[0].tobytes() for a in audio]
+                hop = streams[0].batch.model.hop_length
+                pcm = to_pcm16(torch.stack([a if a.shape[0] == hop else a.new_zeros(hop) for a in audio]).numpy())[0]
+                payloads = [row.tobytes() if a.shape[0] == hop else to_pcm16(a.numpy())[0].tobytes()
+                            for row, a in zip(pcm, audio)]  # a stream's first frame is short
             out = {id(s): (p, due) for (s, (_, due)), p in zip(rows, payloads)}
         done = []
         for s, item in heads:
