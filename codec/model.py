@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from codec.modules import ConvNeXtBlock, ISTFTSynthesis, PitchHead, STFTFeatures, vectorised
+from codec.modules import ConvNeXtBlock, ISTFTSynthesis, Linear, PitchHead, STFTFeatures, vectorised
 from codec.quantizer import ResidualQuantizer
 from codec.streaming import StreamingModule, StreamingState
 
@@ -142,9 +142,9 @@ class SimVQCodec(StreamingModule):
         frames_per_step = hop_length // sub_hop
 
         self.features = STFTFeatures(n_fft, sub_hop, frames_per_step, advances=advance_features)
-        self.encoder_in = nn.Sequential(nn.Linear(self.features.out_dim, encoder_dim), nn.LayerNorm(encoder_dim))
+        self.encoder_in = nn.Sequential(Linear(self.features.out_dim, encoder_dim), nn.LayerNorm(encoder_dim))
         self.encoder = _convnext_stack(encoder_dim, encoder_layers, kernel_size, expansion)
-        self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), nn.Linear(encoder_dim, latent_dim))
+        self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), Linear(encoder_dim, latent_dim))
         if normalize_latent:
             self.encoder_out.append(nn.LayerNorm(latent_dim, elementwise_affine=False))
 
@@ -154,9 +154,9 @@ class SimVQCodec(StreamingModule):
         )
 
         self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters, rephase_hears)
-        self.decoder_in = nn.Linear(latent_dim, decoder_dim)
+        self.decoder_in = Linear(latent_dim, decoder_dim)
         self.decoder = _convnext_stack(decoder_dim, decoder_layers, kernel_size, expansion)
-        self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))
+        self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), Linear(decoder_dim, self.synthesis.in_dim))
         self.pitch_head = PitchHead(decoder_dim, frames_per_step, self.synthesis.bins) if pitch_prior else None
 
     # --- properties a caller needs ---------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codec.streaming import StreamingModule
+
+
+_PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose inference on the CPU multiplies by its weight packed once for oneDNN.
+
+    MKL's matrix product (what `F.linear` calls) repacks the weight on every call, which costs more than the
+    product itself when a streaming step multiplies a few rows by a weight that is no longer in the cache; the
+    packed product reads it once, in the layout its kernel wants. Its rows also agree bit for bit whatever their
+    number (one row aside), which batched streaming needs (`codec.batched`). Training (gradients on), other
+    devices and dtypes, and tracing (ONNX export) use `F.linear`. The packed copy is made again after the weight
+    changes (its version counter moves) and is not part of the module's state."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (not _ONEDNN or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+                or self.weight.dtype != torch.float32 or torch.jit.is_tracing()):
+            return F.linear(x, self.weight, self.bias)
+        key = (self.weight.data_ptr(), self.weight._version, tuple(self.weight.shape))
+        cached = _PACKED.get(self)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
+            _PACKED[self] = cached
+        return torch.ops.mkldnn._linear_pointwise(x, cached[1], self.bias, "none", [], "")
 
 
 @dataclass
@@ -68,8 +95,8 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         self.dwconv = CausalConv1d(dim, dim, kernel_size, groups=dim)
         self.norm = nn.LayerNorm(dim)
-        self.pw1 = nn.Linear(dim, expansion * dim)
-        self.pw2 = nn.Linear(expansion * dim, dim)
+        self.pw1 = Linear(dim, expansion * dim)
+        self.pw2 = Linear(expansion * dim, dim)
         self.scale = nn.Parameter(torch.full((dim,), layer_scale))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -510,7 +537,7 @@ class PitchHead(nn.Module):
         self.register_buffer("bin_log_f0", torch.linspace(math.log(f0_min), math.log(f0_max), bins), persistent=False)
         width = bins + 1 + gate_bins
         self.proj = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, frames_per_step * width)
+            nn.LayerNorm(dim), Linear(dim, dim), nn.GELU(), Linear(dim, frames_per_step * width)
         )
         nn.init.zeros_(self.proj[-1].weight)
         nn.init.zeros_(self.proj[-1].bias)
