@@ -53,6 +53,8 @@ class Run:
     delays_ms: list[float] = field(default_factory=list)
     lost: int = 0  # connections refused or closed before their end
     frames_expected: int = 0
+    server_cpu: float = float("nan")  # share of its core the server used over the run
+    client_cpu: float = float("nan")  # cores this process used
 
     @property
     def p99(self) -> float:
@@ -134,6 +136,12 @@ async def measure(base: str, pairs: int, seconds: float, pcm: np.ndarray, codes:
     return run
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def opus_frame_us(pcm: np.ndarray, frames: int = 2000, repeats: int = 3) -> float | None:
     """libopus encode + decode of one 20 ms 16 kHz mono frame at 6 kbit/s, microseconds (best of `repeats`)."""
     name = ctypes.util.find_library("opus")
@@ -198,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     try:
         for pairs in (int(x) for x in args.streams.split(",")):
+            start, server, client = time.monotonic(), _cpu_seconds(proc.pid), time.process_time()
             run = asyncio.run(measure(base, pairs, args.seconds, pcm, codes))
+            wall = time.monotonic() - start
+            run.server_cpu = (_cpu_seconds(proc.pid) - server) / wall
+            run.client_cpu = (time.process_time() - client) / wall
             runs.append(run)
             if not run.passed and not args.keep_going:
                 break
@@ -207,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"server: one worker pinned to core {args.server_core}, torch on 1 thread; clients on cores {cores}; "
           f"{args.seconds:g} s per count, the first {WARMUP_S:g} s not counted")
-    print("\n| two-way streams | WebSocket streams | frames | p50 ms | p99 ms | max ms | lost | real time |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| two-way streams | WebSocket streams | frames | p50 ms | p99 ms | max ms | lost | server CPU "
+          "| real time |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
         d = np.array(r.delays_ms) if r.delays_ms else np.array([np.inf])
         print(f"| {r.pairs} | {2 * r.pairs} | {len(r.delays_ms)} / {r.frames_expected} | {np.percentile(d, 50):.1f} | "
-              f"{np.percentile(d, 99):.1f} | {d.max():.1f} | {r.lost} | {'yes' if r.passed else 'no'} |")
+              f"{np.percentile(d, 99):.1f} | {d.max():.1f} | {r.lost} | {100 * r.server_cpu:.0f} % | "
+              f"{'yes' if r.passed else 'no'} |")
     best = max((r.pairs for r in runs if r.passed), default=0)
     print(f"\nstreams per core: {best} two-way real-time 20 ms streams at p99 <= 20 ms "
           f"(the server's own cap, measured at its warm-up: {own_cap} WebSocket streams = {own_cap // 2} two-way)")

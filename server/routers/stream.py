@@ -73,7 +73,11 @@ class _Session:
 
     async def receive(self) -> dict[str, Any]:
         try:
-            message = await asyncio.wait_for(self.websocket.receive(), self.idle_timeout)
+            if hasattr(asyncio, "timeout"):  # Python 3.11: a timer, not the task wait_for makes per message
+                async with asyncio.timeout(self.idle_timeout):
+                    message = await self.websocket.receive()
+            else:
+                message = await asyncio.wait_for(self.websocket.receive(), self.idle_timeout)
         except asyncio.TimeoutError:
             raise StreamError(CLOSE_POLICY, "idle-timeout",
                               f"no message for {self.idle_timeout:g} s; send audio or {{\"type\": \"end\"}}") from None
