@@ -112,7 +112,9 @@ class Scheduler:
     def open(self, model: torch.nn.Module, direction: Literal["encode", "decode"], stages: int) -> Stream:
         """A new stream of `model` (its next tick includes it); its handler is the current task."""
         with self._lock:
-            batch = self._batches.setdefault(id(model), StreamBatch(model))
+            batch = self._batches.get(id(model))
+            if batch is None:
+                batch = self._batches[id(model)] = StreamBatch(model)
             stream = Stream(direction, batch, stages, model.hop_length / model.sample_rate,
                             task=asyncio.current_task())
             key = (id(model), direction)
