@@ -7,7 +7,7 @@ import torch
 
 from codec.batched import MIN_ROWS, StreamBatch
 from codec.model import CodecStream
-from codec.modules import VECTOR_BLOCK, vectorised
+from codec.modules import VECTOR_BLOCK, Linear, vectorised
 from tests.conftest import speechlike, tiny_codec
 
 HOP = 320
@@ -116,3 +116,17 @@ def test_vectorised_results_do_not_depend_on_the_position_in_the_tensor(fn):
     for i in list(range(8)) + list(range(len(z) - 8, len(z))):
         assert torch.equal(vectorised(fn, z[i : i + 1])[0], whole[i])
     assert torch.equal(whole[: 3 * VECTOR_BLOCK], fn(z)[: 3 * VECTOR_BLOCK])  # the body is the kernel's own
+
+
+def test_packed_linear_rows_agree_whatever_their_number_and_training_uses_f_linear():
+    torch.manual_seed(1)
+    layer = Linear(48, 40)
+    x = torch.randn(70, 48)
+    with torch.inference_mode():
+        whole = layer(x)
+        assert all(torch.equal(layer(x[:n]), whole[:n]) for n in (2, 3, 4, 17, 69))
+        assert torch.allclose(whole, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+        layer.weight.mul_(2)  # a changed weight is packed again
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    trained = layer(x)  # gradients on: F.linear itself
+    assert trained.requires_grad and torch.equal(trained, torch.nn.functional.linear(x, layer.weight, layer.bias))
