@@ -203,6 +203,20 @@ def unit_phase(z: Tensor) -> Tensor:
     return exact.detach() + (bounded - bounded.detach())
 
 
+def _unit_and_last_phase(heard: Tensor) -> tuple[Tensor, Tensor]:
+    """Sub-frames `[B, N, bins]` -> `unit_phase(heard)` and the phase of its last sub-frame `[B, 1, bins]` (float64).
+
+    Without gradients both come from one copy padded to whole SIMD blocks (what `vectorised` gives for each,
+    in fewer calls: this runs once per step of the played re-phasing)."""
+    if heard.requires_grad:
+        unit = unit_phase(heard)
+        return unit, vectorised(torch.angle, unit[:, -1:]).double()
+    n = heard.numel()
+    padded = torch.sgn(torch.constant_pad_nd((heard + 1e-30).reshape(-1), (0, -n % VECTOR_BLOCK)))
+    phases = torch.angle(padded)[:n].view(heard.shape)
+    return padded[:n].view(heard.shape), phases[:, -1:].double()
+
+
 def causal_stft(x: Tensor, window: Tensor, hop: int, padded: bool = True) -> Tensor:
     """`[B, T]` -> complex `[B, N, bins]`: frame k is the `n_fft` samples ending at sample (k+1)*hop.
 
@@ -489,26 +503,26 @@ class ISTFTSynthesis(StreamingModule):
         batch, n, hop = mag.shape[0], self.frames_per_step, self.hop
         state = self._streaming_state
         phase = state.phase if state is not None else mag.new_zeros(batch, self.bins, dtype=torch.float64)
+        phase = phase[:, None]  # [B, 1, bins] through the steps
         played = tail if tail is not None else mag.new_zeros(batch, self.delay)
         advance = deviation.double() + self._centre_advance(deviation.device)
         advance = advance.reshape(batch, -1, n, self.bins).cumsum(2)  # each step's advances from its start
         out, spectra = [], []
-        for step in range(advance.shape[1]):
-            step_mag = mag[:, step * n : (step + 1) * n]
-            own = torch.remainder(phase[:, None] + advance[:, step], 2 * math.pi)
+        for step_advance, step_mag in zip(advance.unbind(1), mag.reshape(batch, -1, n, self.bins).unbind(1)):
+            own = torch.remainder(phase + step_advance, 2 * math.pi)
             pending = played  # the last `delay` samples played, still waiting for this step's sub-frames
             played = self._overlap_add(torch.polar(step_mag, own.to(mag.dtype)), pending)
             for _ in range(self.rephase_iters):
                 heard = torch.fft.rfft(played.unfold(-1, self.n_fft, hop) * self.analysis_window, dim=-1)
-                unit = unit_phase(heard)
+                unit, last_phase = _unit_and_last_phase(heard)
                 spectrum = unit * step_mag
                 played = self._overlap_add(spectrum, pending)
             spectra.append(spectrum)
             out.append(played[:, : n * hop])
             played = played[:, n * hop :]
-            phase = carried_phase(own[:, -1], vectorised(torch.angle, unit[:, -1]).double())
+            phase = carried_phase(own[:, -1:], last_phase)
         if state is not None:
-            state.phase = phase.detach()
+            state.phase = phase[:, 0].detach()
         played_spectra = torch.cat(spectra, dim=1) if spectra else mag.new_zeros(mag.shape, dtype=torch.complex64)
         return played_spectra, torch.cat([*out, played], dim=-1)
 
