@@ -51,6 +51,7 @@ class StreamBatch:
                     fresh = getattr(state, f.name)
                     self._table[layer, f.name] = fresh.new_zeros(self._pad + capacity, *fresh.shape[1:])
         self._fields = list(self._table)
+        self._device = next(iter(self._table.values())).device
         self._free = list(range(self._pad + capacity - 1, self._pad - 1, -1))
         self._skip: dict[int, int] = {}  # slot -> leading decoded samples it still drops
 
@@ -91,7 +92,7 @@ class StreamBatch:
             raise ValueError(f"expected one frame of {hop} samples per slot, [{len(slots)}, {hop}]; "
                              f"got {tuple(frames.shape)}")
         index = self._gather(slots)
-        wav = _pad_rows(frames, len(index))[:, None]
+        wav = _pad_rows(frames.to(index.device), len(index))[:, None]
         with torch.inference_mode(), self.model.streaming(self._batch):
             codes = self.model.encode(wav, n_stages)
         self._scatter(index, len(slots))
@@ -106,8 +107,9 @@ class StreamBatch:
         if codes.dim() != 2 or codes.shape[0] != len(slots):
             raise ValueError(f"expected codes [{len(slots)}, S], one frame per slot; got {tuple(codes.shape)}")
         index = self._gather(slots)
-        codes = _pad_rows(codes, len(index))
-        used = None if stages is None else torch.tensor([*stages, *[codes.shape[1]] * (len(index) - len(slots))])
+        codes = _pad_rows(codes.to(index.device), len(index))
+        used = None if stages is None else torch.tensor([*stages, *[codes.shape[1]] * (len(index) - len(slots))],
+                                                         device=index.device)
         with torch.inference_mode():
             latents = self._latents(codes, used)[:, None]
             with self.model.streaming(self._batch):
@@ -139,7 +141,7 @@ class StreamBatch:
         for slot in slots:
             if slot not in self._skip:
                 raise ValueError(f"slot {slot} is not open")
-        index = torch.tensor([*slots, *range(max(0, MIN_ROWS - len(slots)))])
+        index = torch.tensor([*slots, *range(max(0, MIN_ROWS - len(slots)))], device=self._device)
         for layer, field in self._fields:
             setattr(self._batch.layers[layer], field, self._table[layer, field].index_select(0, index))
         self._batch.batch_size = len(index)

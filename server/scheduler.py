@@ -36,9 +36,11 @@ log = logging.getLogger("server")
 END = object()
 """Queued after a stream's last frame: the scheduler answers it in order, after the last frame's output."""
 
-STEP_BUDGET = 0.5
+STEP_BUDGET = 0.4
 """Share of a frame's duration that a batched encode step and decode step of a full worker may take together
-(`measure_capacity`); the rest is for the WebSocket traffic and jitter (docs/service.md, "Capacity")."""
+(`measure_capacity`); the rest is for the WebSocket traffic and jitter. Set so that the cap a worker measures
+agreed with what bench/streams_per_core.py found it carries at p99 <= 20 ms on the development machine
+(docs/service.md, "Capacity")."""
 
 
 CLOSE_INTERNAL, CLOSE_TRY_LATER = 1011, 1013  # WebSocket close codes (RFC 6455 section 7.4.1)
@@ -191,14 +193,14 @@ class Scheduler:
             batch, slots = streams[0].batch, [s.slot for s in streams]
             if direction == "encode":
                 frames = torch.from_numpy(np.stack([frame for _, (frame, _) in rows]))
-                codes = batch.encode(slots, frames, max(s.stages for s in streams)).numpy()
+                codes = batch.encode(slots, frames, max(s.stages for s in streams)).cpu().numpy()
                 payloads = [codes[b, : s.stages].astype("<u2").tobytes() for b, s in enumerate(streams)]
             else:
                 width = max(s.stages for s in streams)
                 codes = np.zeros((len(rows), width), np.int64)
                 for b, (s, (frame, _)) in enumerate(rows):
                     codes[b, : s.stages] = frame
-                audio = batch.decode(slots, torch.from_numpy(codes), [s.stages for s in streams])
+                audio = [a.cpu() for a in batch.decode(slots, torch.from_numpy(codes), [s.stages for s in streams])]
                 hop = streams[0].batch.model.hop_length
                 pcm = to_pcm16(torch.stack([a if a.shape[0] == hop else a.new_zeros(hop) for a in audio]).numpy())[0]
                 payloads = [row.tobytes() if a.shape[0] == hop else to_pcm16(a.numpy())[0].tobytes()
@@ -208,7 +210,7 @@ class Scheduler:
         for s, item in heads:
             if item is END:
                 if direction == "decode":  # the decoder's last samples
-                    tail = CodecStream(s.batch.model, s.batch.state(s.slot)).flush_decoder()
+                    tail = CodecStream(s.batch.model, s.batch.state(s.slot)).flush_decoder().cpu()
                     if tail.shape[-1]:
                         done.append((s, to_pcm16(tail.reshape(-1).numpy())[0].tobytes(), None))
                 done.append((s, END, None))
