@@ -163,15 +163,21 @@ async def run_phase(url: str, op: str, clients: int, seconds: float, wav: bytes,
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SIMVQ_MAX_CONCURRENCY": str(args.max_concurrency),
-           "SIMVQ_TORCH_THREADS": str(args.torch_threads)}
+    env = {"SIMVQ_MAX_CONCURRENCY": str(args.max_concurrency), "SIMVQ_TORCH_THREADS": str(args.torch_threads)}
     if args.pool_size:
         env["SIMVQ_POOL_SIZE"] = str(args.pool_size)
     if args.model:
         env["SIMVQ_MODELS"] = args.model
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning"],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return serve(env)
+
+
+def serve(settings: dict[str, str], prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`python -m server serve` on a free loopback port with `SIMVQ_*` `settings`, the command behind `prefix`
+    (e.g. `taskset -c 0`); returns once /readyz answers 200: (process, base URL)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), **settings}
+    command = [*prefix, sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -4,9 +4,9 @@
 
 Streams examples/speech.wav (10.4 s) through `model.stream()` in chunks of each size: encode (all stages), then
 decode the codes in the same chunking. Speed is in multiples of real time (audio seconds per second of wall
-clock), best of `--repeats`. A stream's cost is mostly per call (PyTorch's per-operator overhead on a few
-vectors), so this is what sizes the WebSocket service's streams per core (docs/service.md). Prints a Markdown
-table.
+clock), best of `--repeats`. A lone stream's cost is mostly per call (PyTorch's per-operator overhead on a
+few vectors); the service batches every live stream's frames into one call instead (server.scheduler), which
+`bench/streams_per_core.py` measures. Prints a Markdown table.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from codec.modules import ConvNeXtBlock, ISTFTSynthesis, PitchHead, STFTFeatures
+from codec.modules import ConvNeXtBlock, ISTFTSynthesis, Linear, PitchHead, STFTFeatures, vectorised
 from codec.quantizer import ResidualQuantizer
 from codec.streaming import StreamingModule, StreamingState
 
@@ -74,6 +74,12 @@ def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     if hears != "played" and args.get("rephase_iters"):
         raise ValueError(f"rephase_hears={hears!r} is gone: the re-phasing hears what was played")
     return args
+
+
+CALLER_STATE = ("samples", "synthesis.skip")
+"""The streaming state (`StreamingState.tensors()` names) that a caller feeding whole frames keeps itself: the
+partial frame (always empty then) and the decoder's count of leading samples still to drop. The ONNX graphs
+(`codec.onnx_export`) and the batched step (`codec.batched`) leave both out."""
 
 
 class SimVQCodec(StreamingModule):
@@ -158,9 +164,9 @@ class SimVQCodec(StreamingModule):
         frames_per_step = hop_length // sub_hop
 
         self.features = STFTFeatures(n_fft, sub_hop, frames_per_step, advances=advance_features)
-        self.encoder_in = nn.Sequential(nn.Linear(self.features.out_dim, encoder_dim), nn.LayerNorm(encoder_dim))
+        self.encoder_in = nn.Sequential(Linear(self.features.out_dim, encoder_dim), nn.LayerNorm(encoder_dim))
         self.encoder = _convnext_stack(encoder_dim, encoder_layers, kernel_size, expansion)
-        self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), nn.Linear(encoder_dim, latent_dim))
+        self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), Linear(encoder_dim, latent_dim))
 
         self.quantizer = ResidualQuantizer(
             latent_dim, n_stages, codebook_size, quantizer, quantizer_dropout, code_dim, whiten_codes,
@@ -168,9 +174,9 @@ class SimVQCodec(StreamingModule):
         )
 
         self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters, carry_share)
-        self.decoder_in = nn.Linear(latent_dim, decoder_dim)
+        self.decoder_in = Linear(latent_dim, decoder_dim)
         self.decoder = _convnext_stack(decoder_dim, decoder_layers, kernel_size, expansion)
-        self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, self.synthesis.in_dim))
+        self.decoder_out = nn.Sequential(nn.LayerNorm(decoder_dim), Linear(decoder_dim, self.synthesis.in_dim))
         self.pitch_head = PitchHead(decoder_dim, frames_per_step, self.synthesis.bins) if pitch_prior else None
 
     # --- properties a caller needs ---------------------------------------------------------------
@@ -254,7 +260,7 @@ class SimVQCodec(StreamingModule):
         own = torch.where(voicing_logit > 0, log_f0.exp(), torch.zeros_like(log_f0)).detach()
         f0 = own if f0 is None else torch.where(f0.isnan(), own, f0)
         prior = self.synthesis.harmonic_deviation(f0 / self.sample_rate).float()
-        trust = torch.sigmoid(trust_logit) * (f0 > 0)[..., None]
+        trust = vectorised(torch.sigmoid, trust_logit) * (f0 > 0)[..., None]
         batch, steps, _ = spectrum.shape
         parts = spectrum.reshape(batch, prior.shape[1], 2, self.synthesis.bins)
         deviation = parts[:, :, 1].float()

@@ -7,7 +7,10 @@ overlap-add tail), so chunked and whole-signal processing agree.
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +18,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codec.streaming import StreamingModule
+
+
+_PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose inference on the CPU multiplies by its weight packed once for oneDNN.
+
+    MKL's matrix product (what `F.linear` calls) repacks the weight on every call, which costs more than the
+    product itself when a streaming step multiplies a few rows by a weight that is no longer in the cache; the
+    packed product reads it once, in the layout its kernel wants. Its rows also agree bit for bit whatever their
+    number (one row aside), which batched streaming needs (`codec.batched`). Training (gradients on), other
+    devices and dtypes, and tracing (ONNX export) use `F.linear`. The packed copy is made again after the weight
+    changes (its version counter moves) and is not part of the module's state."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (not _ONEDNN or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+                or self.weight.dtype != torch.float32 or torch.jit.is_tracing()):
+            return F.linear(x, self.weight, self.bias)
+        key = (self.weight.data_ptr(), self.weight._version, tuple(self.weight.shape))
+        cached = _PACKED.get(self)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
+            _PACKED[self] = cached
+        return torch.ops.mkldnn._linear_pointwise(x, cached[1], self.bias, "none", [], "")
 
 
 @dataclass
@@ -66,8 +95,8 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         self.dwconv = CausalConv1d(dim, dim, kernel_size, groups=dim)
         self.norm = nn.LayerNorm(dim)
-        self.pw1 = nn.Linear(dim, expansion * dim)
-        self.pw2 = nn.Linear(expansion * dim, dim)
+        self.pw1 = Linear(dim, expansion * dim)
+        self.pw2 = Linear(expansion * dim, dim)
         self.scale = nn.Parameter(torch.full((dim,), layer_scale))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -80,9 +109,66 @@ def hann_window(n_fft: int) -> Tensor:
     return torch.hann_window(n_fft, periodic=True)
 
 
+def constant(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A function of hashable arguments whose tensors are computed once (outside inference mode, so that
+    training can save them for backward) and shared: constants of the per-frame path, kept out of it."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):  # noqa: ANN002, ANN202 - the wrapped function's own signature
+        with torch.inference_mode(False), torch.no_grad():
+            return cached(*args)
+
+    return wrapper
+
+
+@constant
 def centre_advance(n_fft: int, hop: int, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
     """`[n_fft // 2 + 1]`: how far each bin's centre frequency turns its phase in one hop (radians)."""
     return 2 * math.pi * hop / n_fft * torch.arange(n_fft // 2 + 1, dtype=dtype, device=device)
+
+
+@constant
+def centre_turn(n_fft: int, hop: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The cosine and sine of `centre_advance`."""
+    centre = centre_advance(n_fft, hop, device, dtype)
+    return torch.cos(centre), torch.sin(centre)
+
+
+@constant
+def _bin_centres(bins: int, n_fft: int, device: torch.device) -> Tensor:
+    """`[bins]` float64: each bin's centre frequency in cycles per sample."""
+    return torch.arange(bins, dtype=torch.float64, device=device) / n_fft
+
+
+@constant
+def _offsets(lo: int, hi: int, device: torch.device) -> Tensor:
+    return torch.arange(lo, hi, device=device)
+
+
+VECTOR_BLOCK = 64
+"""Elements that any of PyTorch's CPU kernels takes through its SIMD code at once (a multiple of every block)."""
+
+
+def vectorised(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`fn(x)` for an elementwise `fn`, every element through the kernel's SIMD code.
+
+    A CPU kernel runs whole blocks of a tensor through SIMD code and the last few elements through scalar
+    code, and for some functions (`sgn`, `angle`, `sigmoid`, `pow`, complex `abs`) the two differ in the last
+    bit: an element's result would depend on where in a batch or a chunk it sits. Here the last elements are
+    computed again inside a whole block, so a result depends on the element alone (`codec.batched`)."""
+    n = x.numel()
+    rest = n % VECTOR_BLOCK
+    if not rest or x.requires_grad or torch.jit.is_tracing():
+        return fn(x)
+    if n <= _PADDED_UP_TO:  # small (a streaming step): one call on a padded copy
+        return fn(torch.constant_pad_nd(x.reshape(-1), (0, VECTOR_BLOCK - rest)))[:n].view(x.shape)
+    out = fn(x.contiguous())  # large: the last elements again, inside a block
+    out.view(-1)[-rest:] = fn(torch.constant_pad_nd(x.reshape(-1)[-rest:], (0, VECTOR_BLOCK - rest)))[:rest]
+    return out
+
+
+_PADDED_UP_TO = 1 << 14  # elements
 
 
 PHASE_GRADIENT_FLOOR = 1e-4
@@ -101,11 +187,25 @@ def unit_phase(z: Tensor) -> Tensor:
 
     The exact derivative grows as 1 / |z|: a near-silent bin of a training crop made the whole step's
     gradient infinite, and the trainer skipped one step in ten. The value is exactly `torch.sgn`'s."""
-    exact = torch.sgn(z + 1e-30)
+    exact = vectorised(torch.sgn, z + 1e-30)
     if not z.requires_grad:
         return exact
     bounded = z / z.abs().clamp_min(PHASE_GRADIENT_FLOOR)
     return exact.detach() + (bounded - bounded.detach())
+
+
+def _unit_and_last_phase(heard: Tensor) -> tuple[Tensor, Tensor]:
+    """Sub-frames `[B, N, bins]` -> `unit_phase(heard)` and the phase of its last sub-frame `[B, 1, bins]` (float64).
+
+    Without gradients both come from one copy padded to whole SIMD blocks (what `vectorised` gives for each,
+    in fewer calls: this runs once per step of the played re-phasing)."""
+    if heard.requires_grad:
+        unit = unit_phase(heard)
+        return unit, vectorised(torch.angle, unit[:, -1:]).double()
+    n = heard.numel()
+    padded = torch.sgn(torch.constant_pad_nd((heard + 1e-30).reshape(-1), (0, -n % VECTOR_BLOCK)))
+    phases = torch.angle(padded)[:n].view(heard.shape)
+    return padded[:n].view(heard.shape), phases[:, -1:].double()
 
 
 def causal_stft(x: Tensor, window: Tensor, hop: int, padded: bool = True) -> Tensor:
@@ -166,7 +266,7 @@ class STFTFeatures(StreamingModule):
         # go in at once (vectorised bodies against scalar tails), and in float32 those differences between a
         # streamed and an offline pass would reach the codes.
         spec = causal_stft(x.double(), self.window.double(), self.hop, padded=False)  # [B, N (+ 1), bins]
-        return self.from_spectrum(spec.real, spec.imag, spec.abs()).to(wav.dtype)
+        return self.from_spectrum(spec.real, spec.imag, vectorised(torch.abs, spec)).to(wav.dtype)
 
     def from_spectrum(self, re: Tensor, im: Tensor, mag: Tensor) -> Tensor:
         """The STFT's real and imaginary parts and magnitude `[B, N, bins]` -> the features, N / frames_per_step
@@ -177,16 +277,15 @@ class STFTFeatures(StreamingModule):
         float64 and rounding after, with half the bytes to copy (a third less time for these features)."""
         if self.advances:
             # X_k conj(X_{k-1}), turned back by the bin centre's advance 2 pi hop b / n_fft.
-            centre = centre_advance(self.n_fft, self.hop, re.device, re.dtype)
-            cos, sin = torch.cos(centre), torch.sin(centre)
+            cos, sin = centre_turn(self.n_fft, self.hop, re.device, re.dtype)
             prod_re = re[:, 1:] * re[:, :-1] + im[:, 1:] * im[:, :-1]
             prod_im = im[:, 1:] * re[:, :-1] - re[:, 1:] * im[:, :-1]
             adv_re, adv_im = prod_re * cos + prod_im * sin, prod_im * cos - prod_re * sin
             # |X_k X_{k-1}|^(compress/2): on the scale of the compressed spectrum below.
-            adv_scale = (mag[:, 1:] * mag[:, :-1] + 1e-14).pow(self.compress / 2 - 1.0)
+            adv_scale = vectorised(lambda m: m.pow(self.compress / 2 - 1.0), mag[:, 1:] * mag[:, :-1] + 1e-14)
             advances = self._steps(torch.cat([(part * adv_scale).float() for part in (adv_re, adv_im)], dim=-1))
             re, im, mag = re[:, 1:], im[:, 1:], mag[:, 1:]
-        scale = (mag + 1e-7).pow(self.compress - 1.0)
+        scale = vectorised(lambda m: m.pow(self.compress - 1.0), mag + 1e-7)
         parts = [torch.log(mag + 1e-5), re * scale, im * scale]
         feats = self._steps(torch.cat([part.float() for part in parts], dim=-1))
         return torch.cat([feats, advances], dim=-1) if self.advances else feats
@@ -285,7 +384,7 @@ class ISTFTSynthesis(StreamingModule):
         a voiced bin on its harmonic's frequency ("propagated" phase)."""
         voiced = f0 > 0
         f0 = torch.where(voiced, f0, torch.ones_like(f0)).double()[..., None]
-        centre = torch.arange(self.bins, dtype=torch.float64, device=f0.device) / self.n_fft  # cycles/sample
+        centre = _bin_centres(self.bins, self.n_fft, f0.device)  # cycles/sample
         harmonic = torch.round(centre / f0).clamp_min(1) * f0
         deviation = 2 * math.pi * self.hop * (harmonic - centre)
         return torch.where(voiced[..., None], deviation, torch.zeros_like(deviation))
@@ -336,12 +435,18 @@ class ISTFTSynthesis(StreamingModule):
         """Complex sub-frames `[B, N, bins]` and the pending sums `tail` -> `[B, N * hop + delay]` samples, the
         first `delay` of them completing `tail`."""
         frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self.window  # [B, N, n_fft]
-        total = (frames.shape[1] - 1) * self.hop + self.n_fft
-        out = F.fold(
-            frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, self.n_fft), stride=(1, self.hop)
-        ).reshape(frames.shape[0], total)
+        batch, count = frames.shape[:2]
+        total = (count - 1) * self.hop + self.n_fft
+        if batch < 4 or count > 8:
+            out = F.fold(
+                frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, self.n_fft), stride=(1, self.hop)
+            ).reshape(batch, total)
+        else:  # fold's sums in fold's order (the last frame first), without its cost on many rows of a few frames
+            out = frames.new_zeros(batch, total)
+            for j in reversed(range(count)):
+                out[:, j * self.hop : j * self.hop + self.n_fft] += frames[:, j]
         if tail is not None:
-            out = torch.cat([out[:, : self.delay] + tail, out[:, self.delay :]], dim=-1)
+            out[:, : self.delay] += tail
         return out
 
     def _played(self, mag: Tensor, deviation: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -355,26 +460,26 @@ class ISTFTSynthesis(StreamingModule):
         batch, n, hop = mag.shape[0], self.frames_per_step, self.hop
         state = self._streaming_state
         phase = state.phase if state is not None else mag.new_zeros(batch, self.bins, dtype=torch.float64)
+        phase = phase[:, None]  # [B, 1, bins] through the steps
         played = tail if tail is not None else mag.new_zeros(batch, self.delay)
         advance = deviation.double() + self._centre_advance(deviation.device)
         advance = advance.reshape(batch, -1, n, self.bins).cumsum(2)  # each step's advances from its start
         out, spectra = [], []
-        for step in range(advance.shape[1]):
-            step_mag = mag[:, step * n : (step + 1) * n]
-            own = torch.remainder(phase[:, None] + advance[:, step], 2 * math.pi)
+        for step_advance, step_mag in zip(advance.unbind(1), mag.reshape(batch, -1, n, self.bins).unbind(1)):
+            own = torch.remainder(phase + step_advance, 2 * math.pi)
             pending = played  # the last `delay` samples played, still waiting for this step's sub-frames
             played = self._overlap_add(torch.polar(step_mag, own.to(mag.dtype)), pending)
             for _ in range(self.rephase_iters):
                 heard = torch.fft.rfft(played.unfold(-1, self.n_fft, hop) * self.analysis_window, dim=-1)
-                unit = unit_phase(heard)
+                unit, last_phase = _unit_and_last_phase(heard)
                 spectrum = unit * step_mag
                 played = self._overlap_add(spectrum, pending)
             spectra.append(spectrum)
             out.append(played[:, : n * hop])
             played = played[:, n * hop :]
-            phase = carried_phase(own[:, -1], torch.angle(unit[:, -1]).double(), self.carry_share)
+            phase = carried_phase(own[:, -1:], last_phase, self.carry_share)
         if state is not None:
-            state.phase = phase.detach()
+            state.phase = phase[:, 0].detach()
         played_spectra = torch.cat(spectra, dim=1) if spectra else mag.new_zeros(mag.shape, dtype=torch.complex64)
         return played_spectra, torch.cat([*out, played], dim=-1)
 
@@ -407,7 +512,7 @@ class PitchHead(nn.Module):
         self.register_buffer("bin_log_f0", torch.linspace(math.log(f0_min), math.log(f0_max), bins), persistent=False)
         width = bins + 1 + gate_bins
         self.proj = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, frames_per_step * width)
+            nn.LayerNorm(dim), Linear(dim, dim), nn.GELU(), Linear(dim, frames_per_step * width)
         )
         nn.init.zeros_(self.proj[-1].weight)
         nn.init.zeros_(self.proj[-1].bias)
@@ -422,7 +527,7 @@ class PitchHead(nn.Module):
     def log_f0(self, logits: Tensor) -> Tensor:
         """Logits `[B, N, bins]` -> log f0 `[B, N]`: the probability-weighted mean of the bins within two of the
         most likely one (finer than a bin, blind to a competing octave)."""
-        near = torch.arange(-2, 3, device=logits.device)
+        near = _offsets(-2, 3, logits.device)
         index = (logits.argmax(-1, keepdim=True) + near).clamp(0, self.bins - 1)  # [B, N, 5]
         weights = torch.softmax(logits.gather(-1, index), dim=-1)
         return (weights * self.bin_log_f0[index]).sum(-1)

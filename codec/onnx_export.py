@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codec.errors import CodecError, OutputError
-from codec.model import SimVQCodec
+from codec.model import CALLER_STATE, SimVQCodec
 from codec.output import output_error
 from codec.modules import carried_phase
 from codec.pretrained import Pretrained
@@ -49,8 +49,6 @@ from codec.streaming import StreamingState
 FORMAT = "simvq-codec-onnx/1"
 OPSET = 17
 ENCODER_FILE, DECODER_FILE, CONTRACT_FILE = "encoder.onnx", "decoder.onnx", "codec.json"
-# Caller-side state (see the module docstring): not graph inputs.
-_CALLER_STATE = ("samples", "synthesis.skip")
 
 
 class OnnxUnavailableError(CodecError):
@@ -59,7 +57,7 @@ class OnnxUnavailableError(CodecError):
 
 def _state_names(model: SimVQCodec, prefixes: tuple[str, ...]) -> list[str]:
     names = model.init_streaming_state(1).tensors()
-    return [n for n in names if n not in _CALLER_STATE and n.startswith(prefixes)]
+    return [n for n in names if n not in CALLER_STATE and n.startswith(prefixes)]
 
 
 def _bind(model: SimVQCodec, names: list[str], tensors: tuple[Tensor, ...]) -> StreamingState:

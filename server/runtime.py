@@ -1,4 +1,5 @@
-"""The served models, the worker pool that runs torch off the event loop, admission slots and readiness."""
+"""The served models, the worker pool that runs torch off the event loop, the stream scheduler, admission slots
+and readiness."""
 
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ from codec.errors import CodecError
 from codec.model import SimVQCodec
 from codec.pretrained import Pretrained
 from server.errors import ProblemError
+from server.scheduler import Scheduler, measure_capacity
 from server.settings import Settings
 
 log = logging.getLogger("server")
 T = TypeVar("T")
+
+UNMEASURED_STREAMS = 16
+"""The stream cap when `max_streams` is not set and there is no warm-up to measure it in."""
 
 
 class Phase(str, enum.Enum):  # noqa: UP042 - StrEnum needs Python 3.11
@@ -152,7 +157,8 @@ class Runtime:
             max_workers=settings.resolved_pool_size(), thread_name_prefix="simvq-work"
         )
         self.slots = Slots(settings.max_concurrency)
-        self.stream_slots = Slots(settings.max_streams)
+        self.stream_slots = Slots(settings.max_streams or UNMEASURED_STREAMS)  # measured in `load` when not set
+        self.scheduler = Scheduler(asyncio.get_running_loop(), settings.stream_max_lag_s)
         self.upload_bytes = Slots(settings.max_upload_bytes)  # bodies being received, before a work slot
         self.active = 0  # HTTP requests and streams being served, for draining
         self._idle = asyncio.Event()
@@ -183,12 +189,20 @@ class Runtime:
                     log.info("warmed up %s in %.2f s", model_id, time.perf_counter() - t0)
                 self.models[model_id] = served
             self.default_model_id = next(iter(self.models))
+            if self.settings.max_streams is None and self.settings.warmup:
+                self.stream_slots.capacity = min(self._stream_capacity(served.model) for served in self.models.values())
             self.phase = Phase.READY
         except Exception as exc:  # surfaced by /readyz and /healthz; the process stays up to report it
             log.exception("model loading failed")
             # a model the settings name wrongly is said as the CLI says it; anything else by its kind
             self.failure = str(exc) if isinstance(exc, CodecError) else f"{type(exc).__name__}: {exc}"
             self.phase = Phase.FAILED
+
+    def _stream_capacity(self, model: SimVQCodec) -> int:
+        streams, step_ms = measure_capacity(model)
+        log.info("stream capacity of %s: %d streams (a batched step of %d encode and %d decode frames: %.1f ms)",
+                 type(model).__name__, streams, streams // 2, streams // 2, step_ms)
+        return streams
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work, wait up to `timeout` s for requests and streams in flight; True if all finished."""
@@ -200,6 +214,7 @@ class Runtime:
             return False
 
     def close(self) -> None:
+        self.scheduler.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def enter(self) -> None:

@@ -95,3 +95,7 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: str = Field(description="loading, ready, failed or draining.", examples=["ready"])
     models: list[str] = Field(default_factory=list, examples=[["simvq-16k"]])
+    max_streams: int = Field(
+        description="WebSocket streams this worker admits at once: SIMVQ_MAX_STREAMS, or measured during the warm-up.",
+        examples=[60],
+    )

@@ -51,7 +51,12 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(
         4, ge=1, le=10_000, description="Encode/decode requests admitted at once; beyond it an immediate 503."
     )
-    max_streams: int = Field(16, ge=1, le=10_000, description="Concurrent WebSocket streams; beyond it 503/1013.")
+    max_streams: int | None = Field(
+        None, ge=1, le=10_000,
+        description="Concurrent WebSocket streams per worker; beyond it 503/1013. Default: what the worker "
+                    "carries in real time, measured during the warm-up (server.scheduler.measure_capacity); "
+                    "16 without a warm-up.",
+    )
     retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After seconds sent with 503.")
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of one request's work once its body has arrived (504); the upload "
@@ -94,6 +99,9 @@ class Settings(BaseSettings):
     )
     ws_idle_timeout_s: float = Field(60.0, gt=0, description="Close a stream silent for this long (close 1008).")
     max_stream_duration_s: float = Field(3600.0, gt=0, description="Most audio one stream may carry (close 1008).")
+    stream_max_lag_s: float = Field(
+        1.0, gt=0, description="Close a stream whose output falls this far behind real time (close 1013).",
+    )
 
     # --- network ------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address uvicorn binds.")

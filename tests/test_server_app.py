@@ -392,7 +392,9 @@ def test_readiness_while_loading_then_ready(tiny):
             if c.get("/readyz").status_code == 200:
                 break
             time.sleep(0.02)
-        assert c.get("/readyz").json() == {"status": "ready", "models": ["tiny-test"]}
+        ready = c.get("/readyz").json()
+        assert ready.pop("max_streams") >= 2  # measured during the warm-up
+        assert ready == {"status": "ready", "models": ["tiny-test"]}
         assert "simvq_ready 1.0" in c.get("/metrics").text
 
 

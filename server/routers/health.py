@@ -26,7 +26,7 @@ async def healthz(runtime: RuntimeDep) -> Health:
 async def readyz(runtime: RuntimeDep) -> Readiness:
     """200 once every model is loaded and warmed up; 503 while loading, after a failure or while draining."""
     runtime.require_ready()
-    return Readiness(status=runtime.phase.value, models=list(runtime.models))
+    return Readiness(status=runtime.phase.value, models=list(runtime.models), max_streams=runtime.stream_slots.capacity)
 
 
 @router.get(

@@ -17,23 +17,21 @@ from typing import Any, Literal
 
 import numpy as np
 import soxr
-import torch
 from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from codec.api import DECODE_BLOCK_FRAMES
-from codec.audio import to_pcm16
 from codec.stages import MAX_STAGES, StageError, resolve_stages
 from server.errors import ProblemError, codec_error_problem, problem_body, problem_response
 from server.runtime import Phase, Runtime, ServedModel
+from server.scheduler import CLOSE_INTERNAL, CLOSE_TRY_LATER, Stream, StreamFailed, pump
 
 log = logging.getLogger("server")
 router = APIRouter()
 
 # WebSocket close codes (RFC 6455 section 7.4.1)
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_UNSUPPORTED, CLOSE_INVALID = 1000, 1001, 1003, 1007
-CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1008, 1009, 1011, 1013
+CLOSE_POLICY, CLOSE_TOO_BIG = 1008, 1009  # and CLOSE_INTERNAL, CLOSE_TRY_LATER from server.scheduler
 
 
 class StreamError(Exception):
@@ -75,7 +73,11 @@ class _Session:
 
     async def receive(self) -> dict[str, Any]:
         try:
-            message = await asyncio.wait_for(self.websocket.receive(), self.idle_timeout)
+            if hasattr(asyncio, "timeout"):  # Python 3.11: a timer, not the task wait_for makes per message
+                async with asyncio.timeout(self.idle_timeout):
+                    message = await self.websocket.receive()
+            else:
+                message = await asyncio.wait_for(self.websocket.receive(), self.idle_timeout)
         except asyncio.TimeoutError:
             raise StreamError(CLOSE_POLICY, "idle-timeout",
                               f"no message for {self.idle_timeout:g} s; send audio or {{\"type\": \"end\"}}") from None
@@ -104,7 +106,8 @@ def _layout(served: ServedModel, stages: int) -> dict[str, Any]:
     return {
         "model_id": served.model_id, "weights_hash": served.pretrained.weights_hash.hex(), "sample_rate": m.sample_rate,
         "hop_length": m.hop_length, "frame_rate": m.frame_rate, "n_stages": stages,
-        "bits_per_code": m.bits_per_code, "frame_bytes": 2 * stages,
+        "stage_bits": list(m.stage_bits[:stages]), "frame_bytes": 2 * stages,
+        "bits_per_code": m.stage_bits[0] if len(set(m.stage_bits[:stages])) == 1 else None,
     }
 
 
@@ -206,24 +209,43 @@ def _check_message(message: dict[str, Any], limit: int) -> bytes | dict[str, Any
     return control
 
 
-def _codes_bytes(codes: torch.Tensor) -> bytes:
-    """`[1, S, n]` codes -> n*S little-endian uint16, frame-major."""
-    return codes[0].transpose(0, 1).contiguous().cpu().numpy().astype("<u2").tobytes()
-
-
-async def _relay(session: _Session, parse: Callable[[bytes], Any], step: Callable[[Any], bytes]) -> None:
-    """The message loop of both directions: each binary message is checked and converted by `parse` (which
-    raises StreamError), run through `step` in the worker pool, and what `step` returns is sent at once (if
-    anything); `{"type": "end"}` runs `step(None)`, the stream's flush, sends its output and ends the loop."""
+async def _relay(session: _Session, stream: Stream, parse: Callable[[bytes], np.ndarray],
+                 finish: Callable[[], np.ndarray]) -> int:
+    """The message loop of both directions. Each binary message is checked and cut into whole frames by
+    `parse` (which raises StreamError) and queued on the worker's scheduler while the outputs it delivers are
+    sent; `{"type": "end"}` queues `finish()`'s last frames and the end. Returns the bytes sent once the last
+    output is out; a stream the scheduler fails (`behind-real-time`) ends with its StreamError."""
+    scheduler = session.runtime.scheduler
     limit = session.websocket.app.state.settings.ws_max_message_bytes
-    while True:
-        item = _check_message(await session.receive(), limit)
-        last = isinstance(item, dict)
-        out = await session.runtime.run(None, step, None if last else parse(item))
-        if out:
-            await session.websocket.send_bytes(out)
-        if last:
-            return
+
+    async def read() -> None:
+        while True:
+            item = _check_message(await session.receive(), limit)
+            last = isinstance(item, dict)
+            scheduler.submit(stream, finish() if last else parse(item), end=last)
+            if last:
+                return
+            await stream.drained.wait()  # a client far ahead of the scheduler waits here
+
+    def read_failed(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and stream.task is not None:
+            stream.task.cancel()  # the pump below stops; the reader's error is raised instead
+
+    reader = asyncio.create_task(read())
+    reader.add_done_callback(read_failed)
+    try:
+        return await pump(stream, session.websocket.send_bytes)
+    except asyncio.CancelledError:
+        failed = stream.error or (reader.done() and not reader.cancelled() and reader.exception())
+        if not failed:
+            raise
+        asyncio.current_task().uncancel()
+        if isinstance(failed, StreamFailed):
+            raise StreamError(failed.code, failed.reason, failed.detail) from None
+        raise failed from None
+    finally:
+        reader.cancel()
+        scheduler.close(stream)
 
 
 @router.websocket("/v1/stream/encode")
@@ -245,15 +267,30 @@ async def stream_encode(websocket: WebSocket) -> None:
             raise StreamError(CLOSE_POLICY, "invalid-channels", f"at most {settings.max_channels} channels")
         resampler = None if in_rate == model.sample_rate else soxr.ResampleStream(
             in_rate, model.sample_rate, 1, dtype="float32")
-        block = 2 * start.channels
-        stream = model.stream(1)
+        block, hop = 2 * start.channels, model.hop_length
         max_in = int(settings.max_stream_duration_s * in_rate)
         seen, frames, out_samples = 0, 0, 0
+        pending = np.zeros(0, np.float32)  # the start of a frame not complete yet, at the model rate
         await session.send_json({"type": "ready", **_layout(served, stages), "input_sample_rate": in_rate,
                                  "channels": start.channels})
 
+        def cut(mono: np.ndarray, last: bool = False) -> np.ndarray:
+            """Audio at the input rate -> the whole frames it completes `[n, hop]` (at the end, the last
+            partial frame zero-padded, as `flush_encoder` pads it)."""
+            nonlocal pending, frames, out_samples
+            if resampler is not None:
+                mono = resampler.resample_chunk(mono, last=last)
+            out_samples += mono.shape[0]
+            x = np.concatenate([pending, mono]) if pending.size else mono
+            if last and x.shape[0] % hop:
+                x = np.concatenate([x, np.zeros(-x.shape[0] % hop, np.float32)])
+            whole = x.shape[0] - x.shape[0] % hop
+            pending = x[whole:]
+            frames += whole // hop
+            return np.ascontiguousarray(x[:whole], dtype=np.float32).reshape(-1, hop)
+
         def parse(data: bytes) -> np.ndarray:
-            """A PCM message -> mono float32 at the input rate."""
+            """A PCM message -> the whole frames it completes."""
             nonlocal seen
             if len(data) % block:
                 raise StreamError(CLOSE_INVALID, "invalid-pcm",
@@ -264,27 +301,11 @@ async def stream_encode(websocket: WebSocket) -> None:
             if seen > max_in:
                 raise StreamError(CLOSE_POLICY, "stream-too-long",
                                   f"a stream may carry at most {settings.max_stream_duration_s:g} s")
-            return pcm.astype(np.float32).mean(axis=1) / 32768.0 if start.channels > 1 \
-                else pcm[:, 0].astype(np.float32) / 32768.0
+            return cut(pcm.astype(np.float32).mean(axis=1) / 32768.0 if start.channels > 1
+                       else pcm[:, 0].astype(np.float32) / 32768.0)
 
-        def step(mono: np.ndarray | None) -> bytes:
-            """Token frames of the frames this audio completes; None = the end (the resampler's and the
-            encoder's last samples)."""
-            nonlocal frames, out_samples
-            last = mono is None
-            if last:
-                mono = np.zeros(0, np.float32)
-            if resampler is not None:
-                mono = resampler.resample_chunk(mono, last=last)
-            wav = torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).view(1, 1, -1)
-            codes = stream.encode(wav, n_stages=stages)
-            if last:
-                codes = torch.cat([codes, stream.flush_encoder(n_stages=stages)], dim=-1)
-            frames += codes.shape[-1]
-            out_samples += mono.shape[0]
-            return _codes_bytes(codes)
-
-        await _relay(session, parse, step)
+        stream = runtime.scheduler.open(model, "encode", stages)
+        await _relay(session, stream, parse, lambda: cut(np.zeros(0, np.float32), last=True))
         websocket.app.state.metrics.audio_seconds.labels(operation="stream_encode").inc(out_samples / model.sample_rate)
         await session.send_json({"type": "end", "num_samples": out_samples, "num_frames": frames})
 
@@ -301,46 +322,31 @@ async def stream_decode(websocket: WebSocket) -> None:
         served = _pick_model(runtime, start.model)
         model = served.model
         stages = _stages(model, start.stages, None)
-        stream = model.stream(1)
         max_frames = int(settings.max_stream_duration_s * model.frame_rate)
-        frames, out_samples = 0, 0
+        frames = 0
         await session.send_json({"type": "ready", **_layout(served, stages)})
 
         def parse(data: bytes) -> np.ndarray:
-            """A token message -> codes `[n * stages]` int64, frame-major."""
+            """A token message -> its frames, codes `[n, stages]` int64."""
             nonlocal frames
             if len(data) % (2 * stages):
                 raise StreamError(CLOSE_INVALID, "invalid-tokens",
                                   f"token messages must hold whole frames of {2 * stages} bytes "
                                   f"({stages} uint16 codes); got {len(data)} bytes")
             codes = np.frombuffer(data, "<u2").astype(np.int64)
-            if codes.size and codes.max() >= model.codebook_size:
+            sizes = np.asarray(model.codebook_sizes[:stages])
+            if codes.size and (codes.reshape(-1, stages) >= sizes).any():
                 raise StreamError(CLOSE_INVALID, "invalid-tokens",
-                                  f"codes must lie in [0, {model.codebook_size}); got {int(codes.max())}")
+                                  f"codes of stage s must lie in [0, K_s), sizes {sizes.tolist()}; got {int(codes.max())}")
             frames += codes.size // stages
             if frames > max_frames:
                 raise StreamError(CLOSE_POLICY, "stream-too-long",
                                   f"a stream may carry at most {settings.max_stream_duration_s:g} s")
-            return codes
+            return codes.reshape(-1, stages)
 
-        def step(codes: np.ndarray | None) -> bytes:
-            """PCM of the samples these codes complete, decoded `DECODE_BLOCK_FRAMES` frames at a time as the
-            CLI does, so a large message costs one block's activations; None = the end of the stream (the
-            decoder's tail)."""
-            nonlocal out_samples
-            if codes is None:
-                waves = iter([stream.flush_decoder()])
-            else:
-                frames = torch.from_numpy(codes).view(1, -1, stages).transpose(1, 2)
-                waves = (stream.decode(frames[..., i : i + DECODE_BLOCK_FRAMES])
-                         for i in range(0, frames.shape[-1], DECODE_BLOCK_FRAMES))
-            pcm = []
-            for wav in waves:
-                out_samples += wav.shape[-1]
-                pcm.append(to_pcm16(wav.reshape(-1).cpu().numpy())[0].tobytes())
-            return b"".join(pcm)
-
-        await _relay(session, parse, step)
+        stream = runtime.scheduler.open(model, "decode", stages)
+        sent = await _relay(session, stream, parse, lambda: np.zeros((0, stages), np.int64))
+        out_samples = sent // 2
         websocket.app.state.metrics.audio_seconds.labels(operation="stream_decode").inc(out_samples / model.sample_rate)
         await session.send_json({"type": "end", "num_samples": out_samples, "num_frames": frames})
 

@@ -1,0 +1,289 @@
+"""One scheduler per worker: the next frame of every live stream in one batched model step per tick.
+
+The WebSocket handlers (server.routers.stream) cut what arrives into whole frames and queue them on their
+`Stream`; the scheduler's thread takes the next frame of every stream that has one, runs all encode frames
+of a model as one `codec.batched.StreamBatch` step and all its decode frames as another, and hands each
+stream its output on the event loop. A tick never waits for a stream: one that joins is in the next tick,
+one that leaves simply has no frame, and a client that reads slowly only fills its own outbox. A stream's
+output is bit for bit what it would get alone (`codec.batched`).
+
+Each frame carries the time real time wants its output by (`due`: when it arrived, or later for a client
+sending ahead of real time). A stream whose output falls `max_lag_s` behind that, because the worker is
+overloaded or because its client does not read, is failed with `behind-real-time` (close 1013), never
+served late in silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from codec.audio import to_pcm16
+from codec.batched import StreamBatch
+from codec.model import CodecStream
+
+log = logging.getLogger("server")
+
+END = object()
+"""Queued after a stream's last frame: the scheduler answers it in order, after the last frame's output."""
+
+STEP_BUDGET = 0.4
+"""Share of a frame's duration that a batched encode step and decode step of a full worker may take together
+(`measure_capacity`); the rest is for the WebSocket traffic and jitter. Set so that the cap a worker measures
+agreed with what bench/streams_per_core.py found it carries at p99 <= 20 ms on the development machine
+(docs/service.md, "Capacity")."""
+
+
+CLOSE_INTERNAL, CLOSE_TRY_LATER = 1011, 1013  # WebSocket close codes (RFC 6455 section 7.4.1)
+
+
+class StreamFailed(Exception):
+    """A stream's failure that the scheduler found: the close code, reason and detail its client gets."""
+
+    def __init__(self, code: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.reason, self.detail = code, reason, detail
+
+
+@dataclass(eq=False)
+class Stream:
+    """One WebSocket stream's place in the scheduler: its slot, its frames in and its outputs out.
+
+    Frames are queued by the event loop (`submit`) and taken one per tick by the scheduler's thread; outputs
+    (`bytes`, then `END`) come back to `outbox` on the event loop, where the handler sends them.
+    """
+
+    direction: Literal["encode", "decode"]
+    batch: StreamBatch
+    stages: int
+    frame_s: float
+    task: asyncio.Task | None = None  # the handler, cancelled when the stream fails
+    slot: int = -1  # its row in `batch` (set by the scheduler's thread at the stream's first step)
+    queue: deque = field(default_factory=deque)  # (frame, due) or END
+    outbox: deque = field(default_factory=deque)  # bytes, then END
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # outbox has something
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # queue below its bound
+    error: StreamFailed | None = None
+    closed: bool = False
+    _start: float | None = None
+    _queued: int = 0
+
+    def __post_init__(self) -> None:
+        self.drained.set()
+
+    def due(self, arrival: float) -> float:
+        """The due time of the next frame, which arrived at `arrival`: real time wants frame k of a stream
+        by its first frame's arrival plus k frames, and never before the frame itself arrived."""
+        if self._start is None:
+            self._start = arrival
+        due = max(arrival, self._start + self._queued * self.frame_s)
+        self._queued += 1
+        return due
+
+    def fail(self, error: StreamFailed) -> None:
+        if self.error is None and not self.closed:
+            self.error = error
+            if self.task is not None:
+                self.task.cancel()
+
+
+class Scheduler:
+    """The worker's stream scheduler: `open` streams, `submit` their frames, read their `outbox`; `close`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_lag_s: float, max_queued: int = 250) -> None:
+        self.loop, self.max_lag_s, self.max_queued = loop, max_lag_s, max_queued
+        self._batches: dict[int, StreamBatch] = {}
+        self._groups: dict[tuple[int, str], tuple[Stream, ...]] = {}  # replaced, never mutated: read lock-free
+        self._closed: deque[Stream] = deque()  # their slots are freed by the scheduler's thread, between steps
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="simvq-streams", daemon=True)
+        self._thread.start()
+
+    # --- the event loop's side ------------------------------------------------------------------------
+    def open(self, model: torch.nn.Module, direction: Literal["encode", "decode"], stages: int) -> Stream:
+        """A new stream of `model` (its next tick includes it); its handler is the current task."""
+        with self._lock:
+            batch = self._batches.get(id(model))
+            if batch is None:
+                batch = self._batches[id(model)] = StreamBatch(model)
+            stream = Stream(direction, batch, stages, model.hop_length / model.sample_rate,
+                            task=asyncio.current_task())
+            key = (id(model), direction)
+            self._groups[key] = self._groups.get(key, ()) + (stream,)
+        return stream
+
+    def close(self, stream: Stream) -> None:
+        """Drop a stream (at once: a tick that is running discards its output; its slot is freed after)."""
+        stream.closed = True
+        with self._lock:
+            for key, group in self._groups.items():
+                if stream in group:
+                    self._groups[key] = tuple(s for s in group if s is not stream)
+        self._closed.append(stream)
+
+    def submit(self, stream: Stream, frames: np.ndarray, end: bool = False) -> None:
+        """Queue whole frames (`[n, hop]` float32 audio or `[n, stages]` int64 codes) that arrived now, and
+        after them the end of the stream if `end`."""
+        now = time.monotonic()
+        for frame in frames:
+            stream.queue.append((frame, stream.due(now)))
+        if end:
+            stream.queue.append(END)
+        if len(stream.queue) > self.max_queued:
+            stream.drained.clear()  # the handler stops reading until the scheduler catches up
+        self._work.set()
+
+    def stop(self) -> None:
+        self._running = False
+        self._work.set()
+        self._thread.join(timeout=10)
+
+    # --- the scheduler's thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while self._running:
+            self._work.wait()
+            self._work.clear()
+            while self._running and self.tick():
+                pass
+
+    def tick(self) -> bool:
+        """One batched step per model and direction over the streams that have a frame: whether any had."""
+        while self._closed:
+            stream = self._closed.popleft()
+            if stream.slot >= 0:
+                stream.batch.close(stream.slot)
+        busy = False
+        for (_, direction), group in list(self._groups.items()):
+            heads = [(s, s.queue.popleft()) for s in group if s.queue]
+            if not heads:
+                continue
+            busy = True
+            try:
+                done = self._step(direction, heads)
+            except Exception:
+                log.exception("a batched %s step failed", direction)
+                error = StreamFailed(CLOSE_INTERNAL, "internal-error",
+                                     "the server failed on this stream; it has been logged")
+                self.loop.call_soon_threadsafe(lambda: [s.fail(error) for s, _ in heads])
+                continue
+            self.loop.call_soon_threadsafe(self._deliver, done)
+        return busy
+
+    def _step(self, direction: str, heads: list[tuple[Stream, Any]]) -> list[tuple[Stream, Any, float | None]]:
+        """Run one step: (stream, bytes or END, due; None for what follows the end) for each head, in order."""
+        rows = [(s, item) for s, item in heads if item is not END]
+        out: dict[int, tuple[bytes, float]] = {}
+        for s, _ in heads:
+            if s.slot < 0:
+                s.slot = s.batch.open()
+        if rows:
+            streams = [s for s, _ in rows]
+            batch, slots = streams[0].batch, [s.slot for s in streams]
+            if direction == "encode":
+                frames = torch.from_numpy(np.stack([frame for _, (frame, _) in rows]))
+                codes = batch.encode(slots, frames, max(s.stages for s in streams)).cpu().numpy()
+                payloads = [codes[b, : s.stages].astype("<u2").tobytes() for b, s in enumerate(streams)]
+            else:
+                width = max(s.stages for s in streams)
+                codes = np.zeros((len(rows), width), np.int64)
+                for b, (s, (frame, _)) in enumerate(rows):
+                    codes[b, : s.stages] = frame
+                audio = [a.cpu() for a in batch.decode(slots, torch.from_numpy(codes), [s.stages for s in streams])]
+                hop = streams[0].batch.model.hop_length
+                pcm = to_pcm16(torch.stack([a if a.shape[0] == hop else a.new_zeros(hop) for a in audio]).numpy())[0]
+                payloads = [row.tobytes() if a.shape[0] == hop else to_pcm16(a.numpy())[0].tobytes()
+                            for row, a in zip(pcm, audio)]  # a stream's first frame is short
+            out = {id(s): (p, due) for (s, (_, due)), p in zip(rows, payloads)}
+        done = []
+        for s, item in heads:
+            if item is END:
+                if direction == "decode":  # the decoder's last samples
+                    tail = CodecStream(s.batch.model, s.batch.state(s.slot)).flush_decoder().cpu()
+                    if tail.shape[-1]:
+                        done.append((s, to_pcm16(tail.reshape(-1).numpy())[0].tobytes(), None))
+                done.append((s, END, None))
+            else:
+                done.append((s, *out[id(s)]))
+        return done
+
+    # --- back on the event loop -----------------------------------------------------------------------
+    def _deliver(self, done: list[tuple[Stream, Any, float | None]]) -> None:
+        now = time.monotonic()
+        for stream, payload, due in done:
+            if stream.closed or stream.error is not None:
+                continue
+            lag = 0.0 if due is None else now - due
+            if lag > self.max_lag_s or len(stream.outbox) * stream.frame_s > self.max_lag_s:
+                late = max(lag, len(stream.outbox) * stream.frame_s)
+                stream.fail(StreamFailed(
+                    CLOSE_TRY_LATER, "behind-real-time",
+                    f"this stream's output fell {late * 1000:.0f} ms behind real time (the limit is "
+                    f"{self.max_lag_s * 1000:.0f} ms): the server is overloaded or the client reads too slowly; "
+                    "reconnect, later or to another instance"))
+                continue
+            stream.outbox.append(payload)
+            stream.ready.set()
+            if len(stream.queue) <= self.max_queued // 2:
+                stream.drained.set()
+
+
+async def pump(stream: Stream, send: Callable[[bytes], Any]) -> int:
+    """Send a stream's outputs as they come, those that wait joined into one message, until its END: the
+    bytes sent."""
+    sent = 0
+    while True:
+        await stream.ready.wait()
+        stream.ready.clear()
+        items = list(stream.outbox)
+        stream.outbox.clear()
+        end = items and items[-1] is END
+        data = b"".join(items[:-1] if end else items)
+        if data:
+            await send(data)
+            sent += len(data)
+        if end:
+            return sent
+
+
+def measure_capacity(model: torch.nn.Module, budget: float = STEP_BUDGET, probe: tuple[int, int] = (8, 48),
+                     repeats: int = 5) -> tuple[int, float]:
+    """The WebSocket streams one worker carries in real time with `model`: the largest even N such that a
+    batched encode step of N/2 frames and a decode step of N/2 frames take at most `budget` of a frame.
+
+    The two steps are timed at the two `probe` sizes (their CPU time, the best of `repeats`) and the cost
+    taken as linear in between and beyond; N is at least 2. Returns (N, milliseconds of the two steps at N/2
+    frames each)."""
+    batch = StreamBatch(model)
+    hop, frame_ms = model.hop_length, 1000 * model.hop_length / model.sample_rate
+    generator = torch.Generator().manual_seed(0)
+
+    def step_ms(rows: int) -> float:
+        enc = [batch.open() for _ in range(rows)]
+        dec = [batch.open() for _ in range(rows)]
+        times = []
+        for i in range(repeats + 2):
+            frames = 0.1 * torch.randn(rows, hop, generator=generator)
+            start = time.thread_time()  # the core's time, not another process's turns on it
+            codes = batch.encode(enc, frames)
+            batch.decode(dec, codes)
+            if i >= 2:  # the first steps pay for allocation
+                times.append(time.thread_time() - start)
+        return 1000 * min(times)
+
+    small, large = probe
+    t_small, t_large = step_ms(small), step_ms(large)
+    per_row = max((t_large - t_small) / (large - small), 1e-6)
+    rows = max(1, int((budget * frame_ms - (t_small - per_row * small)) / per_row))
+    return 2 * rows, t_small + per_row * (rows - small)
