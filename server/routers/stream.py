@@ -336,8 +336,8 @@ async def stream_decode(websocket: WebSocket) -> None:
             codes = np.frombuffer(data, "<u2").astype(np.int64)
             sizes = np.asarray(model.codebook_sizes[:stages])
             if codes.size and (codes.reshape(-1, stages) >= sizes).any():
-                raise StreamError(CLOSE_INVALID, "invalid-tokens",
-                                  f"codes of stage s must lie in [0, K_s), sizes {sizes.tolist()}; got {int(codes.max())}")
+                raise StreamError(CLOSE_INVALID, "invalid-tokens", "codes of stage s must lie in [0, K_s), sizes "
+                                  f"{sizes.tolist()}; got {int(codes.max())}")
             frames += codes.size // stages
             if frames > max_frames:
                 raise StreamError(CLOSE_POLICY, "stream-too-long",
