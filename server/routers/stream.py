@@ -335,9 +335,11 @@ async def stream_decode(websocket: WebSocket) -> None:
                                   f"({stages} uint16 codes); got {len(data)} bytes")
             codes = np.frombuffer(data, "<u2").astype(np.int64)
             sizes = np.asarray(model.codebook_sizes[:stages])
-            if codes.size and (codes.reshape(-1, stages) >= sizes).any():
-                raise StreamError(CLOSE_INVALID, "invalid-tokens", "codes of stage s must lie in [0, K_s), sizes "
-                                  f"{sizes.tolist()}; got {int(codes.max())}")
+            beyond = (codes.reshape(-1, stages) >= sizes).any(0)
+            if beyond.any():
+                s = int(beyond.argmax())
+                raise StreamError(CLOSE_INVALID, "invalid-tokens", f"stage {s + 1}'s codes must lie in "
+                                  f"[0, {sizes[s]}); got {int(codes.reshape(-1, stages)[:, s].max())}")
             frames += codes.size // stages
             if frames > max_frames:
                 raise StreamError(CLOSE_POLICY, "stream-too-long",
