@@ -30,7 +30,7 @@ def comma_list(kind):
         try:
             values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
         if not values:
             raise argparse.ArgumentTypeError("the list is empty")
         return values

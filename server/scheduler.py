@@ -176,7 +176,7 @@ class Scheduler:
                 log.exception("a batched %s step failed", direction)
                 error = StreamFailed(CLOSE_INTERNAL, "internal-error",
                                      "the server failed on this stream; it has been logged")
-                self.loop.call_soon_threadsafe(lambda: [s.fail(error) for s, _ in heads])
+                self.loop.call_soon_threadsafe(_fail_all, [s for s, _ in heads], error)
                 continue
             self.loop.call_soon_threadsafe(self._deliver, done)
         return busy
@@ -287,3 +287,9 @@ def measure_capacity(model: torch.nn.Module, budget: float = STEP_BUDGET, probe:
     per_row = max((t_large - t_small) / (large - small), 1e-6)
     rows = max(1, int((budget * frame_ms - (t_small - per_row * small)) / per_row))
     return 2 * rows, t_small + per_row * (rows - small)
+
+
+def _fail_all(streams: list[Stream], error: StreamFailed) -> None:
+    """End each of `streams` with `error` (on the event loop, after a failed step)."""
+    for stream in streams:
+        stream.fail(error)

@@ -61,7 +61,7 @@ def test_each_stream_gets_in_a_batch_what_it_gets_alone(model, clips):
     # Streams join and leave at different steps (batches of 1 to 7 rows) and keep different stage counts.
     plan = [(c, (3 * c) % 5, 1 + c % 4) for c in range(len(clips))]
     together = _run(model, clips, plan)
-    for c, start, n in plan:
+    for c, _start, n in plan:
         alone = _run(model, clips, [(c, 0, n)])[c]
         assert torch.equal(together[c][0], alone[0]), f"clip {c}: codes differ"
         assert torch.equal(together[c][1], alone[1]), f"clip {c}: audio differs"

@@ -520,7 +520,7 @@ def test_stages_of_different_sizes_pack_their_own_bits():
     assert model.codebook_sizes == (256, 64, 64, 16) and model.stage_bits == (8, 6, 6, 4)
     assert model.bitrate(2) == 14 * model.frame_rate and model.bitrate() == 24 * model.frame_rate
     with pytest.raises(ValueError, match="differ in size"):
-        model.codebook_size
+        _ = model.codebook_size
     out = model.train()(torch.randn(2, 1, 4 * HOP))
     assert [c.numel() for c in out.stage_counts] == [256, 64, 64, 16]
     codes = model.eval().encode(torch.randn(1, 1, 6 * HOP))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from codec.audio import read_audio
@@ -459,7 +460,7 @@ def test_cli_serve_explains_an_oversized_message_and_times_out_slow_headers(tmp_
             ws.send(b"\x00" * 3072)
             error = json.loads(ws.recv())
             assert error["type"] == "error" and error["reason"] == "message-too-large" and error["code"] == 1009
-            with pytest.raises(Exception):
+            with pytest.raises(ConnectionClosed):
                 ws.recv()
             assert ws.close_code == 1009
         for request in (b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n", b""):  # a byte every 0.2 s, or nothing

@@ -97,7 +97,7 @@ def save_portable(
     for i, shard in enumerate(shards):
         name = f"checkpoint-{step:08d}-{i}.safetensors"
         data = safetensors_bytes(shard)
-        atomic_write(out_dir / name, lambda f: f.write(data))
+        atomic_write(out_dir / name, lambda f, data=data: f.write(data))
         files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest()})
     index = {
         "format": PORTABLE_FORMAT,
