@@ -28,8 +28,9 @@ ARMS = {
     "eq": dict(eq_prob=1.0),
     "noise": dict(noise_prob=1.0),
     "reverb (rt60 up to 0.6 s)": dict(reverb_prob=1.0),
-    "all at probability 1": dict(band_prob=1.0, highpass_prob=1.0, resample_prob=1.0, eq_prob=1.0,
-                                 noise_prob=1.0, reverb_prob=1.0),
+    "all at probability 1": dict(
+        band_prob=1.0, highpass_prob=1.0, resample_prob=1.0, eq_prob=1.0, noise_prob=1.0, reverb_prob=1.0
+    ),
     "all at probability 0.3": dict(band_prob=0.3, eq_prob=0.3, noise_prob=0.3, reverb_prob=0.3),
 }
 

@@ -70,8 +70,10 @@ def main() -> None:
     rows = [("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")]
     for threads in (1, 2):
         e, d = speed(model, wav, threads, args.repeats)
-        rows += [(f"encode, {threads} thread(s)", f"{e:.0f}x real time"),
-                 (f"decode, {threads} thread(s)", f"{d:.0f}x real time")]
+        rows += [
+            (f"encode, {threads} thread(s)", f"{e:.0f}x real time"),
+            (f"decode, {threads} thread(s)", f"{d:.0f}x real time"),
+        ]
 
     for n in (model.n_stages, model.n_stages // 2, 1):
         header, codes = encode_array(speech, rate, release, n_stages=n)

@@ -41,7 +41,8 @@ def upload(driver, path: Path, timeout: float = 300) -> tuple[float, float, floa
         raise RuntimeError(driver.execute_script("return document.getElementById('error').textContent"))
     players = driver.execute_script(
         "return Math.max(...[...document.querySelectorAll('section.row[data-playable-s]')]"
-        ".map((r) => +r.dataset.playableS))")
+        ".map((r) => +r.dataset.playableS))"
+    )
     return float(players), float(driver.execute_script("return document.body.dataset.seconds")), wall
 
 
@@ -74,11 +75,14 @@ def main() -> None:
                 image.quantize(colors=48, method=Image.Quantize.MEDIANCUT).save(args.screenshot, optimize=True)
         finally:
             driver.quit()
-    print(f"{args.file.name}: {info.frames / info.samplerate:.2f} s, {args.repeats} uploads after a warm-up, "
-          "default bitrates, default settings")
+    print(
+        f"{args.file.name}: {info.frames / info.samplerate:.2f} s, {args.repeats} uploads after a warm-up, "
+        "default bitrates, default settings"
+    )
     print("| measure | median s | min s | max s |\n| --- | --- | --- | --- |")
-    for name, values in zip(("players ready (page)", "spectrograms drawn (page)", "spectrograms drawn (wall)"),
-                            zip(*runs)):
+    for name, values in zip(
+        ("players ready (page)", "spectrograms drawn (page)", "spectrograms drawn (wall)"), zip(*runs)
+    ):
         print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
 
 

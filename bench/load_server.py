@@ -87,8 +87,15 @@ def _reset_peak(pid: int) -> None:
         pass
 
 
-async def _client(client: httpx.AsyncClient, op: str, wav: bytes, tok: bytes, stop: float,
-                  latencies: list[float], statuses: dict[str, int]) -> None:
+async def _client(
+    client: httpx.AsyncClient,
+    op: str,
+    wav: bytes,
+    tok: bytes,
+    stop: float,
+    latencies: list[float],
+    statuses: dict[str, int],
+) -> None:
     while time.perf_counter() < stop:
         t0 = time.perf_counter()
         try:
@@ -99,8 +106,9 @@ async def _client(client: httpx.AsyncClient, op: str, wav: bytes, tok: bytes, st
             else:  # roundtrip: encode then decode what came back
                 r = await client.post("/encode", content=wav, headers={"content-type": "audio/wav"})
                 if r.status_code == 200:
-                    r = await client.post("/decode", content=r.content,
-                                          headers={"content-type": "application/octet-stream"})
+                    r = await client.post(
+                        "/decode", content=r.content, headers={"content-type": "application/octet-stream"}
+                    )
             key = str(r.status_code)
             if r.status_code == 503:
                 # an overloaded client backs off as told, but briefly, to keep pressure on the cap
@@ -122,8 +130,9 @@ async def _health_probe(url: str, stop: float, worst: list[float]) -> None:
             await asyncio.sleep(0.25)
 
 
-async def run_phase(url: str, op: str, clients: int, seconds: float, wav: bytes, tok: bytes,
-                    pid: int | None) -> PhaseResult:
+async def run_phase(
+    url: str, op: str, clients: int, seconds: float, wav: bytes, tok: bytes, pid: int | None
+) -> PhaseResult:
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     health: list[float] = []
@@ -143,7 +152,8 @@ async def run_phase(url: str, op: str, clients: int, seconds: float, wav: bytes,
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         await asyncio.gather(
             *(_client(client, op, wav, tok, stop, latencies, statuses) for _ in range(clients)),
-            _health_probe(url, stop, health), sample_rss(),
+            _health_probe(url, stop, health),
+            sample_rss(),
         )
     elapsed = time.perf_counter() - start
     if pid:
@@ -152,13 +162,19 @@ async def run_phase(url: str, op: str, clients: int, seconds: float, wav: bytes,
     ok = statuses.get("200", 0)
     rejected = statuses.get("503", 0)
     return PhaseResult(
-        op=op, clients=clients, seconds=round(elapsed, 2), requests=sum(statuses.values()), ok=ok,
-        rejected_503=rejected, other_errors=sum(statuses.values()) - ok - rejected,
+        op=op,
+        clients=clients,
+        seconds=round(elapsed, 2),
+        requests=sum(statuses.values()),
+        ok=ok,
+        rejected_503=rejected,
+        other_errors=sum(statuses.values()) - ok - rejected,
         rps_ok=round(ok / elapsed, 2),
         p50_ms=round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
         p99_ms=round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
         health_max_ms=round(max(health) * 1000, 1) if health else None,
-        server_peak_rss_mb=round(peak[0], 1) if pid else None, statuses=statuses,
+        server_peak_rss_mb=round(peak[0], 1) if pid else None,
+        statuses=statuses,
     )
 
 
@@ -228,23 +244,30 @@ def main(argv: list[str] | None = None) -> int:
         wav = clip(args.clip_seconds)
         tok = httpx.post(url + "/encode", content=wav, headers={"content-type": "audio/wav"}, timeout=60).content
         model = httpx.get(url + "/v1/models").json()["models"][0]
-        print(f"server {url}  model {model['id']} (trained: {model['trained']})  cap {cap}  "
-              f"clip {args.clip_seconds:g} s ({len(wav)} B wav, {len(tok)} B tok)  cpus {os.cpu_count()}  "
-              f"load avg {os.getloadavg()[0]:.2f}")
+        print(
+            f"server {url}  model {model['id']} (trained: {model['trained']})  cap {cap}  "
+            f"clip {args.clip_seconds:g} s ({len(wav)} B wav, {len(tok)} B tok)  cpus {os.cpu_count()}  "
+            f"load avg {os.getloadavg()[0]:.2f}"
+        )
         if pid:
             print(f"server RSS after warm-up: {_rss_mb(pid, 'VmRSS'):.1f} MB")
         results = []
-        header = (f"{'op':9} {'clients':>7} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'ok':>6} {'503':>6} "
-                  f"{'errors':>6} {'health max ms':>13} {'peak RSS MB':>11}")
+        header = (
+            f"{'op':9} {'clients':>7} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'ok':>6} {'503':>6} "
+            f"{'errors':>6} {'health max ms':>13} {'peak RSS MB':>11}"
+        )
         print(header)
         for op in args.ops:
             for clients in (cap, 2 * cap):
                 r = asyncio.run(run_phase(url, op, clients, args.seconds, wav, tok, pid))
                 results.append(r)
                 fmt = lambda v: "-" if v is None else f"{v}"  # noqa: E731
-                print(f"{r.op:9} {r.clients:>7} {r.rps_ok:>7} {fmt(r.p50_ms):>8} {fmt(r.p99_ms):>8} {r.ok:>6} "
-                      f"{r.rejected_503:>6} {r.other_errors:>6} {fmt(r.health_max_ms):>13} "
-                      f"{fmt(r.server_peak_rss_mb):>11}", flush=True)
+                print(
+                    f"{r.op:9} {r.clients:>7} {r.rps_ok:>7} {fmt(r.p50_ms):>8} {fmt(r.p99_ms):>8} {r.ok:>6} "
+                    f"{r.rejected_503:>6} {r.other_errors:>6} {fmt(r.health_max_ms):>13} "
+                    f"{fmt(r.server_peak_rss_mb):>11}",
+                    flush=True,
+                )
                 if r.other_errors:
                     print(f"  non-503 errors: {r.statuses}")
         print(f"load avg at end {os.getloadavg()[0]:.2f}")

@@ -87,14 +87,20 @@ def main() -> None:
         sizes = {name: (folder / name).stat().st_size for name in (ENCODER_FILE, DECODER_FILE, CONTRACT_FILE)}
 
     frames = len(wav) // hop
-    print(f"{seconds:.2f} s of speech ({frames} frames of {1000 * hop / rate:g} ms), streamed one frame per call, "
-          f"{model.n_stages} stages, 1 thread, best of {args.repeats}; ONNX codes identical to PyTorch's: {same}\n")
+    print(
+        f"{seconds:.2f} s of speech ({frames} frames of {1000 * hop / rate:g} ms), streamed one frame per call, "
+        f"{model.n_stages} stages, 1 thread, best of {args.repeats}; ONNX codes identical to PyTorch's: {same}\n"
+    )
     print("| runtime | encode (x real time) | decode (x real time) | encode ms/frame | decode ms/frame |")
     print("| --- | --- | --- | --- | --- |")
-    for name, enc, dec in (("PyTorch " + torch.__version__, t_enc, t_dec),
-                           ("onnxruntime " + runner.ort.__version__, o_enc, o_dec)):
-        print(f"| {name} | {seconds / enc:.1f} | {seconds / dec:.1f} | {1000 * enc / frames:.3f} | "
-              f"{1000 * dec / frames:.3f} |")
+    for name, enc, dec in (
+        ("PyTorch " + torch.__version__, t_enc, t_dec),
+        ("onnxruntime " + runner.ort.__version__, o_enc, o_dec),
+    ):
+        print(
+            f"| {name} | {seconds / enc:.1f} | {seconds / dec:.1f} | {1000 * enc / frames:.3f} | "
+            f"{1000 * dec / frames:.3f} |"
+        )
     print("\n| file | bytes | MB |")
     print("| --- | --- | --- |")
     for name, size in sizes.items():

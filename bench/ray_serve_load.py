@@ -33,9 +33,11 @@ _spec.loader.exec_module(load_server)  # its clip() and client loop, shared with
 
 def batch_stats(metrics: str, op: str) -> tuple[float, float]:
     """(model calls, clips) the replica's batcher counted for `op` (zero without batching)."""
+
     def value(name: str) -> float:
         m = re.search(rf'^{name}{{op="{op}"}} ([0-9.e+]+)$', metrics, re.MULTILINE)
         return float(m.group(1)) if m else 0.0
+
     return value("simvq_batch_clips_count"), value("simvq_batch_clips_sum")
 
 
@@ -71,11 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         n = args.num_cpus
         variants = [(True, 1, n), (True, n, 1), (False, 1, 1)]
         for batching, workers, threads in variants:
-            settings = Settings(models=[args.model or DEFAULT_MODEL_ID], torch_threads=threads,
-                                max_duration_s=max(300.0, args.clip_seconds))
-            options = RayOptions(name="bench", batching=batching, batch_seconds=args.batch_seconds,
-                                 batch_wait_s=args.batch_wait_s, max_ongoing_requests=args.clients,
-                                 max_queued_requests=-1, num_cpus=n, model_workers=workers)
+            settings = Settings(
+                models=[args.model or DEFAULT_MODEL_ID],
+                torch_threads=threads,
+                max_duration_s=max(300.0, args.clip_seconds),
+            )
+            options = RayOptions(
+                name="bench",
+                batching=batching,
+                batch_seconds=args.batch_seconds,
+                batch_wait_s=args.batch_wait_s,
+                max_ongoing_requests=args.clients,
+                max_queued_requests=-1,
+                num_cpus=n,
+                model_workers=workers,
+            )
             label = f"{workers} x {threads} thread(s)" if batching else f"pool of {n} x 1 thread"
             t0 = time.perf_counter()
             serve.run(build(settings, options), name="bench", route_prefix="/")
@@ -86,12 +98,20 @@ def main(argv: list[str] | None = None) -> int:
                 result = asyncio.run(load_server.run_phase(url, op, args.clients, args.seconds, wav, tok, None))
                 after = batch_stats(httpx.get(url + "/metrics").text, op)
                 calls, clips = after[0] - before[0], after[1] - before[1]
-                row = {"op": op, "batching": batching, "model_calls": label, "clients": args.clients,
-                       "rps": result.rps_ok,
-                       "audio_x_realtime": round(result.rps_ok * args.clip_seconds, 1), "p50_ms": result.p50_ms,
-                       "p99_ms": result.p99_ms, "ok": result.ok, "503": result.rejected_503,
-                       "other_errors": result.other_errors,
-                       "mean_batch": round(clips / calls, 2) if calls else None}
+                row = {
+                    "op": op,
+                    "batching": batching,
+                    "model_calls": label,
+                    "clients": args.clients,
+                    "rps": result.rps_ok,
+                    "audio_x_realtime": round(result.rps_ok * args.clip_seconds, 1),
+                    "p50_ms": result.p50_ms,
+                    "p99_ms": result.p99_ms,
+                    "ok": result.ok,
+                    "503": result.rejected_503,
+                    "other_errors": result.other_errors,
+                    "mean_batch": round(clips / calls, 2) if calls else None,
+                }
                 rows.append(row)
                 if args.json:
                     print(json.dumps(row), flush=True)
@@ -100,16 +120,22 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\n{args.clip_seconds:g} s clips, {args.clients} clients, {args.seconds:g} s per phase, "
-          f"Ray num_cpus={args.num_cpus}, one replica, batch budget {args.batch_seconds:g} s padded\n")
-    print("| op | batching | model calls at once | req/s | audio x real time | p50 ms | p99 ms | ok | 503 | "
-          "other errors | mean clips per model call |")
+    print(
+        f"\n{args.clip_seconds:g} s clips, {args.clients} clients, {args.seconds:g} s per phase, "
+        f"Ray num_cpus={args.num_cpus}, one replica, batch budget {args.batch_seconds:g} s padded\n"
+    )
+    print(
+        "| op | batching | model calls at once | req/s | audio x real time | p50 ms | p99 ms | ok | 503 | "
+        "other errors | mean clips per model call |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['op']} | {'yes' if r['batching'] else 'no'} | {r['model_calls']} | {r['rps']} | "
-              f"{r['audio_x_realtime']} | "
-              f"{r['p50_ms']} | {r['p99_ms']} | {r['ok']} | {r['503']} | {r['other_errors']} | "
-              f"{r['mean_batch'] if r['mean_batch'] is not None else '-'} |")
+        print(
+            f"| {r['op']} | {'yes' if r['batching'] else 'no'} | {r['model_calls']} | {r['rps']} | "
+            f"{r['audio_x_realtime']} | "
+            f"{r['p50_ms']} | {r['p99_ms']} | {r['ok']} | {r['503']} | {r['other_errors']} | "
+            f"{r['mean_batch'] if r['mean_batch'] is not None else '-'} |"
+        )
     return 0
 
 

@@ -69,8 +69,10 @@ async def normal_client(url: str, wav: bytes, stop: float, phase: Phase) -> None
 async def slow_sender(url: str, wav: bytes, rate: float, stop: float, phase: Phase) -> None:
     """Trickle `wav` to /encode at `rate` bytes/s, one connection after another, until `stop`."""
     parts = urlsplit(url)
-    head = (f"POST /encode HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: audio/wav\r\n"
-            f"Content-Length: {len(wav)}\r\n\r\n").encode()
+    head = (
+        f"POST /encode HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: audio/wav\r\n"
+        f"Content-Length: {len(wav)}\r\n\r\n"
+    ).encode()
     while time.perf_counter() < stop:
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         answer = asyncio.ensure_future(reader.read(64))
@@ -97,8 +99,10 @@ async def slow_sender(url: str, wav: bytes, rate: float, stop: float, phase: Pha
 async def run_phase(url: str, wav: bytes, clients: int, slow: int, rate: float, seconds: float) -> Phase:
     phase = Phase(slow)
     stop = time.perf_counter() + seconds
-    await asyncio.gather(*(slow_sender(url, wav, rate, stop, phase) for _ in range(slow)),
-                         *(normal_client(url, wav, stop, phase) for _ in range(clients)))
+    await asyncio.gather(
+        *(slow_sender(url, wav, rate, stop, phase) for _ in range(slow)),
+        *(normal_client(url, wav, stop, phase) for _ in range(clients)),
+    )
     return phase
 
 
@@ -123,19 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         proc, url = start_server(args)
     try:
         wav = clip(args.clip_seconds)
-        print(f"server {url}  slots {args.max_concurrency}  clip {args.clip_seconds:g} s ({len(wav)} B)  "
-              f"{args.clients} normal clients  slow senders at {args.slow_rate:g} B/s  {args.seconds:g} s per phase  "
-              f"cpus {os.cpu_count()}  load avg {os.getloadavg()[0]:.2f}")
-        print(f"{'slow senders':>12} {'requests':>8} {'ok':>6} {'success':>8} {'p50 ms':>8} {'p99 ms':>8}  "
-              "normal clients' other statuses; what the slow senders got")
+        print(
+            f"server {url}  slots {args.max_concurrency}  clip {args.clip_seconds:g} s ({len(wav)} B)  "
+            f"{args.clients} normal clients  slow senders at {args.slow_rate:g} B/s  {args.seconds:g} s per phase  "
+            f"cpus {os.cpu_count()}  load avg {os.getloadavg()[0]:.2f}"
+        )
+        print(
+            f"{'slow senders':>12} {'requests':>8} {'ok':>6} {'success':>8} {'p50 ms':>8} {'p99 ms':>8}  "
+            "normal clients' other statuses; what the slow senders got"
+        )
         failed = False
         for slow in (0, args.slow_senders):
             r = asyncio.run(run_phase(url, wav, args.clients, slow, args.slow_rate, args.seconds))
             others = {k: v for k, v in r.statuses.items() if k != "200"}
             success = r.ok / r.requests if r.requests else 0.0
             fmt = lambda v: "-" if v is None else f"{v}"  # noqa: E731
-            print(f"{slow:>12} {r.requests:>8} {r.ok:>6} {success:>8.1%} {fmt(r.percentile(50)):>8} "
-                  f"{fmt(r.percentile(99)):>8}  {others or '-'}; {r.slow_outcomes or '-'}", flush=True)
+            print(
+                f"{slow:>12} {r.requests:>8} {r.ok:>6} {success:>8.1%} {fmt(r.percentile(50)):>8} "
+                f"{fmt(r.percentile(99)):>8}  {others or '-'}; {r.slow_outcomes or '-'}",
+                flush=True,
+            )
             failed |= success < 1.0
         print(f"load avg at end {os.getloadavg()[0]:.2f}")
         return 1 if failed else 0

@@ -65,8 +65,16 @@ class Run:
         return self.lost == 0 and self.p99 <= 1000 * FRAME_S and len(self.delays_ms) >= 0.99 * self.frames_expected
 
 
-async def _connection(url: str, start: dict, frames: list[bytes], out_bytes: list[int], t0: float, run: Run,
-                      ready: asyncio.Event, go: asyncio.Event) -> None:
+async def _connection(
+    url: str,
+    start: dict,
+    frames: list[bytes],
+    out_bytes: list[int],
+    t0: float,
+    run: Run,
+    ready: asyncio.Event,
+    go: asyncio.Event,
+) -> None:
     """One paced connection: frame k goes out at t0 + k * 20 ms; frame k's output is complete once
     `out_bytes[k]` bytes have come back."""
     from websockets.asyncio.client import connect
@@ -158,7 +166,7 @@ def opus_frame_us(pcm: np.ndarray, frames: int = 2000, repeats: int = 3) -> floa
     for _ in range(repeats):
         start = time.perf_counter()
         for k in range(frames):
-            frame = pcm[(k * HOP) % (len(pcm) - HOP):][:HOP]
+            frame = pcm[(k * HOP) % (len(pcm) - HOP) :][:HOP]
             size = lib.opus_encode(enc, frame.ctypes.data_as(ctypes.c_void_p), HOP, packet, 4000)
             lib.opus_decode(dec, packet, size, out.ctypes.data_as(ctypes.c_void_p), HOP, 0)
         best = min(best, (time.perf_counter() - start) / frames)
@@ -217,22 +225,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_server(proc)
 
-    print(f"server: one worker pinned to core {args.server_core}, torch on 1 thread; clients on cores {cores}; "
-          f"{args.seconds:g} s per count, the first {WARMUP_S:g} s not counted")
-    print("\n| two-way streams | WebSocket streams | frames | p50 ms | p99 ms | max ms | lost | server CPU "
-          "| real time |")
+    print(
+        f"server: one worker pinned to core {args.server_core}, torch on 1 thread; clients on cores {cores}; "
+        f"{args.seconds:g} s per count, the first {WARMUP_S:g} s not counted"
+    )
+    print(
+        "\n| two-way streams | WebSocket streams | frames | p50 ms | p99 ms | max ms | lost | server CPU | real time |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
         d = np.array(r.delays_ms) if r.delays_ms else np.array([np.inf])
-        print(f"| {r.pairs} | {2 * r.pairs} | {len(r.delays_ms)} / {r.frames_expected} | {np.percentile(d, 50):.1f} | "
-              f"{np.percentile(d, 99):.1f} | {d.max():.1f} | {r.lost} | {100 * r.server_cpu:.0f} % | "
-              f"{'yes' if r.passed else 'no'} |")
+        print(
+            f"| {r.pairs} | {2 * r.pairs} | {len(r.delays_ms)} / {r.frames_expected} | {np.percentile(d, 50):.1f} | "
+            f"{np.percentile(d, 99):.1f} | {d.max():.1f} | {r.lost} | {100 * r.server_cpu:.0f} % | "
+            f"{'yes' if r.passed else 'no'} |"
+        )
     best = max((r.pairs for r in runs if r.passed), default=0)
-    print(f"\nstreams per core: {best} two-way real-time 20 ms streams at p99 <= 20 ms "
-          f"(the server's own cap, measured at its warm-up: {own_cap} WebSocket streams = {own_cap // 2} two-way)")
+    print(
+        f"\nstreams per core: {best} two-way real-time 20 ms streams at p99 <= 20 ms "
+        f"(the server's own cap, measured at its warm-up: {own_cap} WebSocket streams = {own_cap // 2} two-way)"
+    )
     if opus is not None:
-        print(f"Opus 6 kbit/s on this machine: {opus:.0f} us to encode and decode one 20 ms frame, "
-              f"{1e6 * FRAME_S / opus:.0f} two-way streams per core in codec time alone")
+        print(
+            f"Opus 6 kbit/s on this machine: {opus:.0f} us to encode and decode one 20 ms frame, "
+            f"{1e6 * FRAME_S / opus:.0f} two-way streams per core in codec time alone"
+        )
     return 0
 
 

@@ -67,8 +67,13 @@ class LoopbackServer:
     def __init__(self, app: Any, timeout_graceful_shutdown: int = 10) -> None:
         self.port = free_port()
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
-            timeout_graceful_shutdown=timeout_graceful_shutdown, **uvicorn_options(app.state.settings),
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=timeout_graceful_shutdown,
+            **uvicorn_options(app.state.settings),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
@@ -97,10 +102,19 @@ class LoopbackServer:
 
 # Headless Chromium on a closed network: without these it keeps trying (and failing) to reach Google's services.
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--mute-audio", "--window-size=1100,1000", "--force-device-scale-factor=1",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--mute-audio",
+    "--window-size=1100,1000",
+    "--force-device-scale-factor=1",
     # a fake microphone (a beep) that needs no permission prompt, so the recording path can be driven too
-    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
 )
 
 

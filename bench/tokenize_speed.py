@@ -87,8 +87,16 @@ def main(argv: list[str] | None = None) -> int:
                 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             try:
                 t0 = time.perf_counter()
-                result = tokenize(manifest, Path(tmp) / mode, model=args.model, workers=workers, use_ray=use_ray,
-                                  shard_size=args.shard_size, device="cpu", threads=1)
+                result = tokenize(
+                    manifest,
+                    Path(tmp) / mode,
+                    model=args.model,
+                    workers=workers,
+                    use_ray=use_ray,
+                    shard_size=args.shard_size,
+                    device="cpu",
+                    threads=1,
+                )
                 wall = time.perf_counter() - t0
             finally:
                 if use_ray:
@@ -96,14 +104,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((mode, workers, result, wall))
             print(f"# {mode}: {result.audio_seconds / 3600 / (wall / 3600):.0f} audio h/h", file=sys.stderr)
 
-    print(f"\ninput: {source or 'generated speech-like clips'}; model: {args.model or 'bundled simvq-16k'}; "
-          "1 torch thread per worker\n")
+    print(
+        f"\ninput: {source or 'generated speech-like clips'}; model: {args.model or 'bundled simvq-16k'}; "
+        "1 torch thread per worker\n"
+    )
     print("| mode | workers | files | failed | audio min | wall s | audio hours per hour |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode, workers, r, wall in rows:
         label = {"local1": "local, in process", "local2": "local process pool", "ray": "Ray Data actors"}[mode]
-        print(f"| {label} | {workers} | {r.encoded + r.failed} | {r.failed} | {r.audio_seconds / 60:.1f} | "
-              f"{wall:.1f} | {r.audio_seconds / wall:.0f} |")
+        print(
+            f"| {label} | {workers} | {r.encoded + r.failed} | {r.failed} | {r.audio_seconds / 60:.1f} | "
+            f"{wall:.1f} | {r.audio_seconds / wall:.0f} |"
+        )
     return 0
 
 

@@ -37,8 +37,10 @@ def as_pretrained(model: Pretrained | str | os.PathLike | None) -> Pretrained:
     if isinstance(model, Pretrained):
         return model
     if isinstance(model, SimVQCodec):
-        raise CodecError("token files name the model that made them, and a bare SimVQCodec has no identity: "
-                         "pass what codec.load_model returns")
+        raise CodecError(
+            "token files name the model that made them, and a bare SimVQCodec has no identity: "
+            "pass what codec.load_model returns"
+        )
     return load_model(model)
 
 
@@ -47,8 +49,9 @@ def _device(model: SimVQCodec) -> torch.device:
 
 
 # --- in memory --------------------------------------------------------------------------------------
-def encode_array(wav: np.ndarray, sample_rate: int, model: Pretrained, n_stages: int | None = None
-                 ) -> tuple[TokHeader, np.ndarray]:
+def encode_array(
+    wav: np.ndarray, sample_rate: int, model: Pretrained, n_stages: int | None = None
+) -> tuple[TokHeader, np.ndarray]:
     """Mono or `[T, C]` float audio at any rate -> (header, codes `[S, F]` int64)."""
     codec = model.model
     wav = np.asarray(wav, dtype=np.float32)
@@ -63,8 +66,9 @@ def encode_array(wav: np.ndarray, sample_rate: int, model: Pretrained, n_stages:
     return _encode_mono(wav, model, n_stages)
 
 
-def encode_audio(src: Source, model: Pretrained, n_stages: int | None = None, encode: EncodeFn | None = None
-                 ) -> tuple[TokHeader, np.ndarray]:
+def encode_audio(
+    src: Source, model: Pretrained, n_stages: int | None = None, encode: EncodeFn | None = None
+) -> tuple[TokHeader, np.ndarray]:
     """A whole audio file (path, `-` or file object) -> (header, codes `[S, F]` int64), in memory: the file
     is read once by `codec.audio` (mix-down, resampling, truncation and non-finite samples refused there).
     `encode` runs the model call (default: `model.model.encode`; the server passes its batching one)."""
@@ -72,8 +76,9 @@ def encode_audio(src: Source, model: Pretrained, n_stages: int | None = None, en
     return _encode_mono(wav, model, n_stages, encode)
 
 
-def _encode_mono(wav: np.ndarray, model: Pretrained, n_stages: int | None, encode: EncodeFn | None = None
-                 ) -> tuple[TokHeader, np.ndarray]:
+def _encode_mono(
+    wav: np.ndarray, model: Pretrained, n_stages: int | None, encode: EncodeFn | None = None
+) -> tuple[TokHeader, np.ndarray]:
     """Checked mono float32 `[T]` at the model's rate -> (header, codes)."""
     codec = model.model
     n = resolve_stages(codec, n_stages)
@@ -88,8 +93,7 @@ def decode_array(header: TokHeader, codes: np.ndarray, model: Pretrained) -> np.
     return decode_codes(codes, model.model, header.num_samples)
 
 
-def decode_codes(codes: np.ndarray, model: SimVQCodec, num_samples: int, decode: DecodeFn | None = None
-                 ) -> np.ndarray:
+def decode_codes(codes: np.ndarray, model: SimVQCodec, num_samples: int, decode: DecodeFn | None = None) -> np.ndarray:
     """Codes `[S, F]` -> the first `num_samples` float32 samples, with no identity check: for a caller that
     has already matched the header to the model (the server picks the model by the header). `decode` runs
     the model call (default: `model.decode`; the server passes its batching one)."""
@@ -116,12 +120,25 @@ def open_input(src: Source) -> Iterator[BinaryIO]:
 
 def _progress(enabled: bool, total_seconds: float | None, desc: str) -> tqdm:
     total = None if total_seconds is None else round(total_seconds, 1)
-    return tqdm(total=total, unit="s", unit_scale=False, desc=desc, disable=not enabled, file=sys.stderr,
-                bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} s audio [{elapsed}<{remaining}]")
+    return tqdm(
+        total=total,
+        unit="s",
+        unit_scale=False,
+        desc=desc,
+        disable=not enabled,
+        file=sys.stderr,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} s audio [{elapsed}<{remaining}]",
+    )
 
 
-def compress(src: Source, dst: Source, model: Pretrained | str | None = None, n_stages: int | None = None,
-             bitrate: float | None = None, progress: bool = False) -> tuple[TokHeader, AudioInfo]:
+def compress(
+    src: Source,
+    dst: Source,
+    model: Pretrained | str | None = None,
+    n_stages: int | None = None,
+    bitrate: float | None = None,
+    progress: bool = False,
+) -> tuple[TokHeader, AudioInfo]:
     """Compress audio (path, `-` or file object) into a .tok file, streaming in blocks.
 
     `model`: what `load_model` returns, or a preset id or model directory (None: the default model).
@@ -153,8 +170,9 @@ def compress(src: Source, dst: Source, model: Pretrained | str | None = None, n_
     return release.header(n, total), info
 
 
-def decompress(src: Source, dst: Source, model: Pretrained | str | None = None, format: str | None = None,
-               progress: bool = False) -> tuple[TokHeader, int]:
+def decompress(
+    src: Source, dst: Source, model: Pretrained | str | None = None, format: str | None = None, progress: bool = False
+) -> tuple[TokHeader, int]:
     """Decode a .tok file (path, `-` or file object) to WAV or FLAC. Returns (header, clipped samples).
 
     The output has exactly the original number of samples. Without `model`, the installed model whose
@@ -170,8 +188,11 @@ def decompress(src: Source, dst: Source, model: Pretrained | str | None = None, 
         device = _device(codec)
         seconds = None if header.num_samples is None else header.num_samples / header.sample_rate
         stream = codec.stream(1)
-        with (open_output(dst) as sink, _progress(progress, seconds, "decompress") as bar,
-              AudioWriter(sink, codec.sample_rate, format, num_frames=header.num_samples) as writer):
+        with (
+            open_output(dst) as sink,
+            _progress(progress, seconds, "decompress") as bar,
+            AudioWriter(sink, codec.sample_rate, format, num_frames=header.num_samples) as writer,
+        ):
             held = np.zeros(0, np.float32)  # the last block waits until the true length is known
             written = 0
             for block in reader:

@@ -131,8 +131,10 @@ def read_wav_layout(stream: BinaryIO, name: str, head: bytes = b"") -> WavLayout
 
 def truncated(name: str, declared: int, found: int, sample_rate: int) -> AudioError:
     """The one message for audio that holds fewer frames than its header declares (every input path)."""
-    return AudioError(f"{name} is truncated: its header declares {declared} frames ({declared / sample_rate:.2f} s) "
-                      f"but it holds {found} ({found / sample_rate:.2f} s)")
+    return AudioError(
+        f"{name} is truncated: its header declares {declared} frames ({declared / sample_rate:.2f} s) "
+        f"but it holds {found} ({found / sample_rate:.2f} s)"
+    )
 
 
 def check_wav_complete(file, name: str, frames: int, sample_rate: int) -> None:
@@ -159,10 +161,20 @@ class _StreamingWav:
     def __init__(self, stream: BinaryIO, head: bytes, name: str):
         self.stream, self.name = stream, name
         layout = read_wav_layout(stream, name, head)
-        tag, bits, channels, rate, block_align = layout.tag, layout.bits, layout.channels, layout.sample_rate, \
-            layout.block_align
-        dtypes = {(_WAV_PCM, 8): "u1", (_WAV_PCM, 16): "<i2", (_WAV_PCM, 32): "<i4",
-                  (_WAV_FLOAT, 32): "<f4", (_WAV_FLOAT, 64): "<f8"}
+        tag, bits, channels, rate, block_align = (
+            layout.tag,
+            layout.bits,
+            layout.channels,
+            layout.sample_rate,
+            layout.block_align,
+        )
+        dtypes = {
+            (_WAV_PCM, 8): "u1",
+            (_WAV_PCM, 16): "<i2",
+            (_WAV_PCM, 32): "<i4",
+            (_WAV_FLOAT, 32): "<f4",
+            (_WAV_FLOAT, 64): "<f8",
+        }
         if (tag, bits) == (_WAV_PCM, 24):
             self.dtype = "int24"
         elif (tag, bits) in dtypes:
@@ -295,8 +307,9 @@ class AudioReader:
     def blocks(self) -> Iterator[np.ndarray]:
         """Mono float32 blocks at the target rate; raises AudioError on non-finite samples."""
         rate = self.info.sample_rate
-        resampler = (None if rate == self.target_rate
-                     else soxr.ResampleStream(rate, self.target_rate, 1, dtype="float32"))
+        resampler = (
+            None if rate == self.target_rate else soxr.ResampleStream(rate, self.target_rate, 1, dtype="float32")
+        )
         block = max(1, int(self.block_seconds * rate))
         seen, total = 0, 0
         if isinstance(self._file, sf.SoundFile):
@@ -348,7 +361,7 @@ def to_pcm16(wav: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def output_format(dst: str | os.PathLike | BinaryIO, requested: str | None = None) -> str:
-    """"WAV" or "FLAC": as requested, else by the destination's extension, else WAV."""
+    """ "WAV" or "FLAC": as requested, else by the destination's extension, else WAV."""
     if requested:
         fmt = requested.upper()
         if fmt not in OUTPUT_FORMATS.values():
@@ -366,8 +379,22 @@ def wav_header(sample_rate: int, num_frames: int | None) -> bytes:
     """44-byte PCM16 mono WAV header; unknown length uses the streaming convention 0xFFFFFFFF."""
     data = 0xFFFFFFFF if num_frames is None else num_frames * 2
     riff = 0xFFFFFFFF if num_frames is None else 36 + data
-    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", riff, b"WAVE", b"fmt ", 16, _WAV_PCM, 1, sample_rate,
-                       sample_rate * 2, 2, 16, b"data", data)
+    return struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF",
+        riff,
+        b"WAVE",
+        b"fmt ",
+        16,
+        _WAV_PCM,
+        1,
+        sample_rate,
+        sample_rate * 2,
+        2,
+        16,
+        b"data",
+        data,
+    )
 
 
 def _empty_flac() -> AudioError:
@@ -410,8 +437,13 @@ class AudioWriter:
         num_frames: total length when known (lets a WAV on a pipe carry its real length).
     """
 
-    def __init__(self, dst: str | os.PathLike | BinaryIO, sample_rate: int, format: str | None = None,
-                 num_frames: int | None = None):
+    def __init__(
+        self,
+        dst: str | os.PathLike | BinaryIO,
+        sample_rate: int,
+        format: str | None = None,
+        num_frames: int | None = None,
+    ):
         self.format = output_format(dst, format)
         if self.format == "FLAC" and num_frames == 0:
             raise _empty_flac()
@@ -432,8 +464,15 @@ class AudioWriter:
             stream = self._spool
         if stream is not None:
             stream = self._kept = _Kept(stream)
-        self._file = self._checked(sf.SoundFile, stream if stream is not None else dst, "w", sample_rate, 1,
-                                   format=self.format, subtype="PCM_16")
+        self._file = self._checked(
+            sf.SoundFile,
+            stream if stream is not None else dst,
+            "w",
+            sample_rate,
+            1,
+            format=self.format,
+            subtype="PCM_16",
+        )
 
     def _checked(self, call, *args, **kwargs):
         """`call` on libsndfile, raising the error its file object kept (a failed write) if there is one."""

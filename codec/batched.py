@@ -89,8 +89,9 @@ class StreamBatch:
         which is what encoding with fewer stages gives."""
         hop = self.model.hop_length
         if frames.shape != (len(slots), hop):
-            raise ValueError(f"expected one frame of {hop} samples per slot, [{len(slots)}, {hop}]; "
-                             f"got {tuple(frames.shape)}")
+            raise ValueError(
+                f"expected one frame of {hop} samples per slot, [{len(slots)}, {hop}]; got {tuple(frames.shape)}"
+            )
         index = self._gather(slots)
         wav = _pad_rows(frames.to(index.device), len(index))[:, None]
         with torch.inference_mode(), self.model.streaming(self._batch):
@@ -108,8 +109,11 @@ class StreamBatch:
             raise ValueError(f"expected codes [{len(slots)}, S], one frame per slot; got {tuple(codes.shape)}")
         index = self._gather(slots)
         codes = _pad_rows(codes.to(index.device), len(index))
-        used = None if stages is None else torch.tensor([*stages, *[codes.shape[1]] * (len(index) - len(slots))],
-                                                         device=index.device)
+        used = (
+            None
+            if stages is None
+            else torch.tensor([*stages, *[codes.shape[1]] * (len(index) - len(slots))], device=index.device)
+        )
         with torch.inference_mode():
             latents = self._latents(codes, used)[:, None]
             with self.model.streaming(self._batch):

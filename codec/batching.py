@@ -14,8 +14,7 @@ import torch
 from codec.model import SimVQCodec
 
 
-def encode_padded(model: SimVQCodec, clips: Sequence[torch.Tensor], n_stages: int | None = None
-                  ) -> list[torch.Tensor]:
+def encode_padded(model: SimVQCodec, clips: Sequence[torch.Tensor], n_stages: int | None = None) -> list[torch.Tensor]:
     """Encode mono clips `[T_i]` (tensors at the model rate, on its device) in one forward pass.
 
     The clips are right-padded with zeros to the longest and stacked into `[B, 1, T]`; clip i keeps the

@@ -140,8 +140,10 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as exc:
-        raise CheckpointError(f"{weights} does not fit the model that {model_dir / CONFIG} describes "
-                              f"({_first_problems(exc)}): the config or the weights were changed") from None
+        raise CheckpointError(
+            f"{weights} does not fit the model that {model_dir / CONFIG} describes "
+            f"({_first_problems(exc)}): the config or the weights were changed"
+        ) from None
     return Pretrained(model.to(device).eval(), config["model_id"], digest, bool(config.get("trained", False)))
 
 

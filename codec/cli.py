@@ -38,8 +38,10 @@ is cut back to its length before the command if it fails. On a pipe nothing is w
 leave partial output. The exit status (0 only when the output is complete) is what to check; {partial}
 """
 COMPRESS_PARTIAL = "a partial .tok has no CRC trailer, so every reader refuses it."
-DECOMPRESS_PARTIAL = ("a partial WAV's header declares the full length when the .tok knows it (so compress "
-                      "refuses it as truncated), and FLAC on a pipe is written only on success.")
+DECOMPRESS_PARTIAL = (
+    "a partial WAV's header declares the full length when the .tok knows it (so compress "
+    "refuses it as truncated), and FLAC on a pipe is written only on success."
+)
 
 
 def count(text: str) -> int:
@@ -154,15 +156,22 @@ def cmd_compress(args) -> int:
 
     if problem := _check_paths(args.input, args.output, args.force):
         return _fail(problem)
-    header, info = api.compress(args.input, args.output, model=args.model, n_stages=args.stages,
-                                bitrate=args.bitrate, progress=_progress_wanted(args))
+    header, info = api.compress(
+        args.input,
+        args.output,
+        model=args.model,
+        n_stages=args.stages,
+        bitrate=args.bitrate,
+        progress=_progress_wanted(args),
+    )
     if info.needs_conversion(header.sample_rate) and not args.quiet:
         print(f"note: input is {info.describe()}; converted to mono {header.sample_rate} Hz", file=sys.stderr)
     if not args.quiet and args.output != "-":
         seconds = header.num_samples / header.sample_rate
         size = Path(args.output).stat().st_size
-        print(f"{args.output}: {seconds:.2f} s, {header.n_stages} stages, {file_bitrate(size, seconds)}",
-              file=sys.stderr)
+        print(
+            f"{args.output}: {seconds:.2f} s, {header.n_stages} stages, {file_bitrate(size, seconds)}", file=sys.stderr
+        )
     return 0
 
 
@@ -180,8 +189,9 @@ def cmd_decompress(args) -> int:
 
     if problem := _check_paths(args.input, args.output, args.force):
         return _fail(problem)
-    header, clipped = api.decompress(args.input, args.output, model=args.model, format=args.format,
-                                     progress=_progress_wanted(args))
+    header, clipped = api.decompress(
+        args.input, args.output, model=args.model, format=args.format, progress=_progress_wanted(args)
+    )
     if clipped:
         print(f"warning: {clipped} samples were clipped to [-1, 1]", file=sys.stderr)
     return 0
@@ -250,8 +260,11 @@ def cmd_export_onnx(args) -> int:
     info = onnx_export.export_onnx(presets.load_model(args.model), out)
     if not args.quiet:
         sizes = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in files[:2])
-        print(f"{out}: {sizes}, {files[2].name} ({info['model_id']}, weights {info['sha256'][:16]}, "
-              f"{len(info['encoder']['state'])} + {len(info['decoder']['state'])} state tensors)", file=sys.stderr)
+        print(
+            f"{out}: {sizes}, {files[2].name} ({info['model_id']}, weights {info['sha256'][:16]}, "
+            f"{len(info['encoder']['state'])} + {len(info['decoder']['state'])} state tensors)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -277,35 +290,55 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simvq-codec",
         description="SimVQ neural speech codec: compress speech into discrete tokens (.tok files) and back.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--threads", type=count, help="CPU threads for the model (default: all cores)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("compress", help="audio (WAV, FLAC, OGG; any rate and channels) -> .tok",
-                       description="Compress audio into a .tok token file. Input is mixed down to mono and "
-                                   "resampled to the model's rate.",
-                       epilog=OUTPUT_NOTE.format(partial=COMPRESS_PARTIAL))
+    p = sub.add_parser(
+        "compress",
+        help="audio (WAV, FLAC, OGG; any rate and channels) -> .tok",
+        description="Compress audio into a .tok token file. Input is mixed down to mono and "
+        "resampled to the model's rate.",
+        epilog=OUTPUT_NOTE.format(partial=COMPRESS_PARTIAL),
+    )
     p.add_argument("input", help="audio file, or - for stdin")
     p.add_argument("output", help=".tok file, or - for stdout")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--bitrate", type=float, metavar="KBPS",
-                      help="target kbit/s: the largest number of stages that fits; any rate at or above the "
-                           "top one (inf included) means all stages (default: all stages)")
-    rate.add_argument("--stages", type=int, metavar="N",
-                      help="number of residual stages to keep (1 to the model's stage count; default: all)")
+    rate.add_argument(
+        "--bitrate",
+        type=float,
+        metavar="KBPS",
+        help="target kbit/s: the largest number of stages that fits; any rate at or above the "
+        "top one (inf included) means all stages (default: all stages)",
+    )
+    rate.add_argument(
+        "--stages",
+        type=int,
+        metavar="N",
+        help="number of residual stages to keep (1 to the model's stage count; default: all)",
+    )
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("decompress", help=".tok -> audio (WAV, or FLAC by extension)",
-                       description="Decode a .tok file back to audio with exactly the original length.",
-                       epilog=OUTPUT_NOTE.format(partial=DECOMPRESS_PARTIAL))
+    p = sub.add_parser(
+        "decompress",
+        help=".tok -> audio (WAV, or FLAC by extension)",
+        description="Decode a .tok file back to audio with exactly the original length.",
+        epilog=OUTPUT_NOTE.format(partial=DECOMPRESS_PARTIAL),
+    )
     p.add_argument("input", help=".tok file, or - for stdin")
     p.add_argument("output", help="output .wav or .flac, or - for WAV on stdout")
     p.add_argument("--format", choices=["wav", "flac"], help="output format (default: by extension, else wav)")
     p.set_defaults(func=cmd_decompress)
 
     for p in (sub.choices["compress"], sub.choices["decompress"]):
-        p.add_argument("--model", metavar="ID|DIR", help="model id or directory (default: simvq-16k; decompress: "
-                                                          "the installed model whose weights made the file)")
+        p.add_argument(
+            "--model",
+            metavar="ID|DIR",
+            help="model id or directory (default: simvq-16k; decompress: "
+            "the installed model whose weights made the file)",
+        )
         p.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes")
 
@@ -316,10 +349,14 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the models this installation has")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("export-onnx", help="write the streaming encoder and decoder as ONNX graphs",
-                       description="Export a model as two ONNX graphs with explicit streaming state "
-                                   "(encoder.onnx, decoder.onnx) and their state contract (codec.json).",
-                       epilog=EXPORT_ONNX_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export-onnx",
+        help="write the streaming encoder and decoder as ONNX graphs",
+        description="Export a model as two ONNX graphs with explicit streaming state "
+        "(encoder.onnx, decoder.onnx) and their state contract (codec.json).",
+        epilog=EXPORT_ONNX_NOTE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into (created if missing)")
     p.add_argument("--model", metavar="ID|DIR", help="model id or directory (default: simvq-16k)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite the files if they exist")
@@ -343,8 +380,10 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     """`parser.parse_args`, except that KEY=VALUE words after an option still join the command's
     `overrides` list (argparse stops collecting it at the first option: `train a=1 --run-dir R b=2`)."""
     args, extra = parser.parse_known_args(argv)
-    if extra and isinstance(getattr(args, "overrides", None), list) and all(
-        "=" in e and not e.startswith("-") for e in extra
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and all("=" in e and not e.startswith("-") for e in extra)
     ):
         args.overrides += extra
     elif extra:

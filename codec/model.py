@@ -169,8 +169,16 @@ class SimVQCodec(StreamingModule):
         self.encoder_out = nn.Sequential(nn.LayerNorm(encoder_dim), Linear(encoder_dim, latent_dim))
 
         self.quantizer = ResidualQuantizer(
-            latent_dim, n_stages, codebook_size, quantizer, quantizer_dropout, code_dim, whiten_codes,
-            init_from_data, straight_through, quantize_fraction,
+            latent_dim,
+            n_stages,
+            codebook_size,
+            quantizer,
+            quantizer_dropout,
+            code_dim,
+            whiten_codes,
+            init_from_data,
+            straight_through,
+            quantize_fraction,
         )
 
         self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters, carry_share)

@@ -35,8 +35,14 @@ class Linear(nn.Linear):
     changes (its version counter moves) and is not part of the module's state."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (not _ONEDNN or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
-                or self.weight.dtype != torch.float32 or torch.jit.is_tracing()):
+        if (
+            not _ONEDNN
+            or torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or self.weight.dtype != torch.float32
+            or torch.jit.is_tracing()
+        ):
             return F.linear(x, self.weight, self.bias)
         key = (self.weight.data_ptr(), self.weight._version, tuple(self.weight.shape))
         cached = _PACKED.get(self)
@@ -335,8 +341,15 @@ class ISTFTSynthesis(StreamingModule):
     output `[B, 1, T * hop * frames_per_step]` offline; streaming, the samples completed so far.
     """
 
-    def __init__(self, n_fft: int, hop: int, frames_per_step: int, phase: str = "absolute", rephase_iters: int = 0,
-                 carry_share: float = 0.0):
+    def __init__(
+        self,
+        n_fft: int,
+        hop: int,
+        frames_per_step: int,
+        phase: str = "absolute",
+        rephase_iters: int = 0,
+        carry_share: float = 0.0,
+    ):
         super().__init__()
         if phase not in ("absolute", "propagated"):
             raise ValueError(f"phase must be 'absolute' or 'propagated', got {phase!r}")
@@ -356,9 +369,11 @@ class ISTFTSynthesis(StreamingModule):
         self.in_dim = frames_per_step * 2 * self.bins
 
     def _init_streaming_state(self, batch_size: int) -> _SynthesisState:
-        return _SynthesisState(self.window.new_zeros(batch_size, self.delay),
-                               torch.tensor(self.delay, device=self.window.device),
-                               self.window.new_zeros(batch_size, self.bins, dtype=torch.float64))
+        return _SynthesisState(
+            self.window.new_zeros(batch_size, self.delay),
+            torch.tensor(self.delay, device=self.window.device),
+            self.window.new_zeros(batch_size, self.bins, dtype=torch.float64),
+        )
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Decoder output `[B, T, in_dim]` -> log magnitudes and phase parameters, each `[B, N, bins]`."""
@@ -505,15 +520,20 @@ class PitchHead(nn.Module):
     a trained decoder almost as it was) and is learned from the decoder's own losses.
     """
 
-    def __init__(self, dim: int, frames_per_step: int, gate_bins: int, f0_min: float = 50.0, f0_max: float = 550.0,
-                 bins: int = 128):
+    def __init__(
+        self,
+        dim: int,
+        frames_per_step: int,
+        gate_bins: int,
+        f0_min: float = 50.0,
+        f0_max: float = 550.0,
+        bins: int = 128,
+    ):
         super().__init__()
         self.frames_per_step, self.bins = frames_per_step, bins
         self.register_buffer("bin_log_f0", torch.linspace(math.log(f0_min), math.log(f0_max), bins), persistent=False)
         width = bins + 1 + gate_bins
-        self.proj = nn.Sequential(
-            nn.LayerNorm(dim), Linear(dim, dim), nn.GELU(), Linear(dim, frames_per_step * width)
-        )
+        self.proj = nn.Sequential(nn.LayerNorm(dim), Linear(dim, dim), nn.GELU(), Linear(dim, frames_per_step * width))
         nn.init.zeros_(self.proj[-1].weight)
         nn.init.zeros_(self.proj[-1].bias)
         with torch.no_grad():

@@ -100,10 +100,10 @@ class EncoderStep(nn.Module):
     def features(self, history: Tensor, audio: Tensor) -> tuple[Tensor, Tensor]:
         """`STFTFeatures` streaming: (features [B, T, out_dim], the next history)."""
         x = torch.cat([history, audio], dim=-1)  # [B, context + T * frame]
-        next_history = x[:, -self.context:]
+        next_history = x[:, -self.context :]
         blocks = x.double().reshape(x.shape[0], -1, self.hop)  # [B, context / hop + N, hop]
         last = self.blocks - 1
-        frames = torch.cat([blocks[:, i: (i - last) or None] for i in range(self.blocks)], dim=-1)  # [B, N, n_fft]
+        frames = torch.cat([blocks[:, i : (i - last) or None] for i in range(self.blocks)], dim=-1)  # [B, N, n_fft]
         re, im = (frames @ self.basis).chunk(2, dim=-1)
         feats = self.model.features.from_spectrum(re, im, torch.sqrt(re * re + im * im))
         return feats.to(audio.dtype), next_history
@@ -184,8 +184,9 @@ class DecoderStep(nn.Module):
                 played = self.overlap_add(re * scale, im * scale, pending)
             out.append(played[:, : n * hop])
             played = played[:, n * hop :]
-            phase = carried_phase(own[:, -1].double(), torch.atan2(im[:, -1], re[:, -1]).double(),
-                                  synthesis.carry_share)
+            phase = carried_phase(
+                own[:, -1].double(), torch.atan2(im[:, -1], re[:, -1]).double(), synthesis.carry_share
+            )
         return torch.cat([*out, played], dim=-1), phase
 
     def synthesise(self, spectrum: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,9 +236,16 @@ def contract(pretrained: Pretrained, encoder: EncoderStep, decoder: DecoderStep)
     frames, samples = (1, model.hop_length) if _played_model(model) else ("frames", "frames * hop_length")
 
     def state(names: list[str]) -> list[dict]:
-        return [{"name": n, "output": f"next.{n}", "shape": ["batch", *initial[n].shape[1:]],
-                 "dtype": str(initial[n].dtype).removeprefix("torch."), "initial": _initial(initial[n])}
-                for n in names]
+        return [
+            {
+                "name": n,
+                "output": f"next.{n}",
+                "shape": ["batch", *initial[n].shape[1:]],
+                "dtype": str(initial[n].dtype).removeprefix("torch."),
+                "initial": _initial(initial[n]),
+            }
+            for n in names
+        ]
 
     return {
         "format": FORMAT,
@@ -278,8 +286,16 @@ def _export(step: nn.Module, main: tuple[str, Tensor, dict], main_out: tuple[str
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing notes the Python constants it bakes in (the delay, "is there a step"), which are constants.
         warnings.simplefilter("ignore")
-        torch.onnx.export(step, (example, *state), str(path), input_names=names, output_names=outputs,
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            step,
+            (example, *state),
+            str(path),
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 def export_onnx(pretrained: Pretrained, out_dir: str | os.PathLike) -> dict:

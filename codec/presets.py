@@ -39,8 +39,9 @@ def model_dir(model: str | os.PathLike | None = None) -> Path:
     path = Path(model)
     if path.is_dir():
         return path
-    raise UnknownModelError(f"unknown model {str(model)!r}: this installation has {', '.join(list_models())} "
-                            "(or pass a model directory)")
+    raise UnknownModelError(
+        f"unknown model {str(model)!r}: this installation has {', '.join(list_models())} (or pass a model directory)"
+    )
 
 
 def model_for_tokens(header: TokHeader) -> str:
@@ -56,8 +57,10 @@ def model_for_tokens(header: TokHeader) -> str:
     named = "" if header.model_id is None else f" (model {header.model_id!r} in the file)"
     installed = ", ".join(f"{m} (weights {describe(m)['sha256'][:8]})" for m in list_models())
     why = "which this installation does not have" if not found else f"which match several models ({', '.join(found)})"
-    raise UnknownModelError(f"the file was made with weights {header.weights_hash.hex()}{named}, {why} (installed: "
-                            f"{installed}); pass --model ID|DIR to decode it with a model you choose")
+    raise UnknownModelError(
+        f"the file was made with weights {header.weights_hash.hex()}{named}, {why} (installed: "
+        f"{installed}); pass --model ID|DIR to decode it with a model you choose"
+    )
 
 
 def describe(model: str | os.PathLike | None = None) -> dict:
@@ -65,8 +68,9 @@ def describe(model: str | os.PathLike | None = None) -> dict:
     return read_config(model_dir(model))
 
 
-def load_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-               warn: bool = True) -> Pretrained:
+def load_model(
+    model: str | os.PathLike | None = None, device: str | torch.device = "cpu", warn: bool = True
+) -> Pretrained:
     """Load a preset id (default `simvq-16k`) or a model directory, verifying its hash: the model with its
     identity (`Pretrained`: `.model`, `.model_id`, `.sha256`, `.trained`).
 
@@ -74,8 +78,10 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
     """
     codec = load_pretrained(model_dir(model), device)
     if warn and not codec.trained:
-        print(f"warning: model {codec.model_id!r} is UNTRAINED (random weights): its output is noise, not speech",
-              file=sys.stderr)
+        print(
+            f"warning: model {codec.model_id!r} is UNTRAINED (random weights): its output is noise, not speech",
+            file=sys.stderr,
+        )
     return codec
 
 

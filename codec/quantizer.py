@@ -160,8 +160,7 @@ class Codebook(nn.Module):
         """What defines the codes (here the codes themselves)."""
         return [self.codes]
 
-    def _set_codes(self, codes: Tensor | None = None, scale: float | Tensor = 1.0, shift: float | Tensor = 0.0
-                   ) -> None:
+    def _set_codes(self, codes: Tensor | None = None, scale: float | Tensor = 1.0, shift: float | Tensor = 0.0) -> None:
         """Codes become `codes` (default: the current ones) times `scale` plus `shift`."""
         self.codes.copy_((self.codes if codes is None else codes) * scale + shift)
 
@@ -208,8 +207,9 @@ class Codebook(nn.Module):
         versions, stack = [], [self]
         while stack:
             module = stack.pop()
-            versions += [(id(t), t._version) for t in (*module._parameters.values(), *module._buffers.values())
-                         if t is not None]
+            versions += [
+                (id(t), t._version) for t in (*module._parameters.values(), *module._buffers.values()) if t is not None
+            ]
             stack += [child for child in module._modules.values() if child is not None]
         key = tuple(versions)
         if self._cache is None or self._cache[0] != key:
@@ -305,8 +305,7 @@ class SimVQCodebook(Codebook):
         """What defines the codes: W and its bias."""
         return list(self.proj.parameters())
 
-    def _set_codes(self, codes: Tensor | None = None, scale: float | Tensor = 1.0, shift: float | Tensor = 0.0
-                   ) -> None:
+    def _set_codes(self, codes: Tensor | None = None, scale: float | Tensor = 1.0, shift: float | Tensor = 0.0) -> None:
         """W becomes `scale` times the identity and its bias `shift`; C becomes `codes` when given."""
         if codes is not None:
             self.frozen_codebook.copy_(codes)
@@ -438,8 +437,9 @@ class ResidualQuantizer(nn.Module):
         )
 
     @torch.no_grad()
-    def draw_codebooks(self, z: Tensor, stages: Collection[int] | None = None,
-                       generator: torch.Generator | None = None) -> None:
+    def draw_codebooks(
+        self, z: Tensor, stages: Collection[int] | None = None, generator: torch.Generator | None = None
+    ) -> None:
         """Draw the frozen codes of `stages` (indices; all by default) from their own inputs, stage after stage,
         for latents `z [..., D]` with at least as many frames as the largest of those codebooks
         (`Codebook.draw_from`)."""

@@ -41,8 +41,10 @@ def stages_for_bitrate(model: HasStages, kbps: float) -> int:
     fitting = [n for n in range(1, model.n_stages + 1) if model.bitrate(n) <= kbps * 1000 + 1e-6]
     if not fitting:
         lowest, top = model.bitrate(1) / 1000, model.bitrate() / 1000
-        raise StageError(f"{kbps:g} kbit/s is below this model's lowest bitrate, {lowest:g} kbit/s (one stage); "
-                         f"use {lowest:g} to {top:g} kbit/s")
+        raise StageError(
+            f"{kbps:g} kbit/s is below this model's lowest bitrate, {lowest:g} kbit/s (one stage); "
+            f"use {lowest:g} to {top:g} kbit/s"
+        )
     return fitting[-1]
 
 
@@ -56,8 +58,9 @@ def resolve_stages(model: HasStages, n_stages: int | None = None, bitrate: float
     return stages_or_all(n_stages, model.n_stages)
 
 
-def resolve_stage_list(model: HasStages, stages: Sequence[int] | None = None,
-                       bitrates: Sequence[float] | None = None) -> list[int] | None:
+def resolve_stage_list(
+    model: HasStages, stages: Sequence[int] | None = None, bitrates: Sequence[float] | None = None
+) -> list[int] | None:
     """Stage counts for each of `stages` or of `bitrates` (kbit/s) by the rule of :func:`resolve_stages`;
     None when neither list is given (the caller picks its default)."""
     if stages and bitrates:

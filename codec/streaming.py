@@ -43,9 +43,12 @@ class StreamingState:
 
     def clone(self) -> StreamingState:
         """An independent copy (tensors cloned)."""
-        layers = {name: dataclasses.replace(state, **{f.name: getattr(state, f.name).clone()
-                                                      for f in dataclasses.fields(state)})
-                  for name, state in self.layers.items()}
+        layers = {
+            name: dataclasses.replace(
+                state, **{f.name: getattr(state, f.name).clone() for f in dataclasses.fields(state)}
+            )
+            for name, state in self.layers.items()
+        }
         return StreamingState(self.model, layers, self.batch_size)
 
     def tensors(self) -> dict[str, Tensor]:
@@ -85,8 +88,11 @@ class StreamingModule(nn.Module):
 
     def init_streaming_state(self, batch_size: int = 1) -> StreamingState:
         """A fresh state for one stream of `batch_size` items through this module and its descendants."""
-        layers = {name: m._init_streaming_state(batch_size) for name, m in self.named_modules()
-                  if isinstance(m, StreamingModule)}
+        layers = {
+            name: m._init_streaming_state(batch_size)
+            for name, m in self.named_modules()
+            if isinstance(m, StreamingModule)
+        }
         return StreamingState(self, layers, batch_size)
 
     @contextmanager

@@ -135,8 +135,9 @@ class TokHeader:
             self._check_model_id()
         sizes = (8,) if version == 1 else (4, 8)
         if not isinstance(self.weights_hash, (bytes, bytearray)) or len(self.weights_hash) not in sizes:
-            raise TokFormatError(f"weights_hash must be {' or '.join(map(str, sizes))} bytes (the first bytes of "
-                                 "the weights sha256)")
+            raise TokFormatError(
+                f"weights_hash must be {' or '.join(map(str, sizes))} bytes (the first bytes of the weights sha256)"
+            )
         object.__setattr__(self, "weights_hash", bytes(self.weights_hash))
         if self.sample_rate is None and version == 1:
             raise TokFormatError("a version-1 header needs the sample rate")
@@ -187,8 +188,10 @@ class TokHeader:
         if self.version == 1 and len(set(bits)) > 1:
             raise TokFormatError(f"version 1 holds one width for every stage, got {bits_text(bits)}")
         if self.version == 2 and _widths_word(bits) is None:
-            raise TokFormatError(f"version 2 holds a width for each of stages 1-{EXPLICIT_WIDTHS} and one for "
-                                 f"the rest, got {bits_text(bits)}")
+            raise TokFormatError(
+                f"version 2 holds a width for each of stages 1-{EXPLICIT_WIDTHS} and one for "
+                f"the rest, got {bits_text(bits)}"
+            )
         object.__setattr__(self, "stage_bits", bits)
 
     @property
@@ -259,12 +262,25 @@ class TokHeader:
         trailer = self.counts_in_trailer
         if self.version == 2:
             layout = (self.n_stages - 1) | (V2_COUNTS_IN_TRAILER if trailer else 0)
-            return _HEADER_V2.pack(MAGIC, 2, layout, self.weights_hash[:4], self.hop_length,
-                                   _widths_word(self.stage_bits), 0 if trailer else self.num_samples)
+            return _HEADER_V2.pack(
+                MAGIC,
+                2,
+                layout,
+                self.weights_hash[:4],
+                self.hop_length,
+                _widths_word(self.stage_bits),
+                0 if trailer else self.num_samples,
+            )
         model_id = self.model_id.encode("utf-8")
         fixed = _FIXED.pack(
-            self.weights_hash, self.sample_rate, self.hop_length, self.n_stages, self.stage_bits[0],
-            self.num_samples or 0, self.num_frames or 0, len(model_id),
+            self.weights_hash,
+            self.sample_rate,
+            self.hop_length,
+            self.n_stages,
+            self.stage_bits[0],
+            self.num_samples or 0,
+            self.num_frames or 0,
+            len(model_id),
         )
         flags = FLAG_COUNTS_IN_TRAILER if trailer else 0
         return _PREFIX.pack(MAGIC_V1, 1, flags, len(fixed) + len(model_id)) + fixed + model_id
@@ -291,7 +307,8 @@ def check_codes(header: TokHeader, codes: np.ndarray) -> None:
         bits = header.stage_bits[s]
         where = "" if header.bits_per_code else f" in stage {s + 1}"
         raise TokFormatError(
-            f"codes{where} must be in [0, {sizes[s]}) for {bits} bits, got [{int(lo[s])}, {int(hi[s])}]")
+            f"codes{where} must be in [0, {sizes[s]}) for {bits} bits, got [{int(lo[s])}, {int(hi[s])}]"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- bits
@@ -301,8 +318,9 @@ def _frame_widths(bits: int | Sequence[int]) -> np.ndarray:
     return np.atleast_1d(np.asarray(bits, dtype=np.int64))
 
 
-def pack_codes(values: np.ndarray, bits: int | Sequence[int], carry: np.ndarray | None = None
-               ) -> tuple[bytes, np.ndarray]:
+def pack_codes(
+    values: np.ndarray, bits: int | Sequence[int], carry: np.ndarray | None = None
+) -> tuple[bytes, np.ndarray]:
     """Pack values (flat, frame-major) LSB-first after `carry`; returns (whole bytes, the < 8 bits left).
 
     bits: the width of every value, or one width per stage: value k then has width bits[k % len(bits)] (and
@@ -320,8 +338,9 @@ def pack_codes(values: np.ndarray, bits: int | Sequence[int], carry: np.ndarray 
     return np.packbits(stream[:whole], bitorder="little").tobytes(), stream[whole:].copy()
 
 
-def unpack_codes(data: bytes, bits: int | Sequence[int], count: int, carry: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def unpack_codes(
+    data: bytes, bits: int | Sequence[int], count: int, carry: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read `count` values (widths as in `pack_codes`) from `carry` then `data`; returns (uint16 [count],
     bits left)."""
     widths = _frame_widths(bits)
@@ -343,7 +362,7 @@ def unpack_codes(data: bytes, bits: int | Sequence[int], count: int, carry: np.n
     masks = np.tile(((1 << widths) - 1).astype(np.uint32), frames)
     values = ((window >> shift) & masks).astype(np.uint16)
     end = start + need
-    return values, np.unpackbits(buf[end >> 3: len(data) + 1], bitorder="little")[end & 7:]
+    return values, np.unpackbits(buf[end >> 3 : len(data) + 1], bitorder="little")[end & 7 :]
 
 
 def _bytes_for(bits: int, carried: int) -> int:
@@ -440,8 +459,7 @@ class TokWriter:
             self.close()
 
 
-def write_tok(fileobj: BinaryIO | str | os.PathLike, header: TokHeader, codes,
-              num_samples: int | None = None) -> int:
+def write_tok(fileobj: BinaryIO | str | os.PathLike, header: TokHeader, codes, num_samples: int | None = None) -> int:
     """Write a whole .tok file of codes [S, F]; returns its size in bytes.
 
     num_samples: only for a header without counts (writes the trailer form); otherwise the header's counts
@@ -455,7 +473,7 @@ def write_tok(fileobj: BinaryIO | str | os.PathLike, header: TokHeader, codes,
     if codes.ndim != 2:
         writer.write(codes)  # raises the shape error
     for start in range(0, max(codes.shape[1], 1), _WRITE_BLOCK):  # bounds the packing temporaries
-        writer.write(codes[:, start:start + _WRITE_BLOCK])
+        writer.write(codes[:, start : start + _WRITE_BLOCK])
     return writer.close(num_samples)
 
 
@@ -538,8 +556,17 @@ class TokReader:
         bits = _stage_bits_of_word(widths, stages)
         frames = -(-samples // hop) if hop else 0  # hop 0 is refused by TokHeader
         self._crc = zlib.crc32(data)
-        return TokHeader(None, hash4, None, hop, stages, bits, None if streamed else samples,
-                         None if streamed else frames, version=version)
+        return TokHeader(
+            None,
+            hash4,
+            None,
+            hop,
+            stages,
+            bits,
+            None if streamed else samples,
+            None if streamed else frames,
+            version=version,
+        )
 
     def _read_header_v1(self, start: bytes) -> TokHeader:
         prefix = start + self._read(_PREFIX.size - len(start))
@@ -549,8 +576,10 @@ class TokReader:
             raise self._truncated(_PREFIX.size + MIN_HEADER_LENGTH, at_least=True)
         _, version, flags, length = _PREFIX.unpack(prefix)
         if version != 1:
-            raise TokFormatError(f"unsupported token file version {version} after {MAGIC_V1.decode()} (such a "
-                                 "file is version 1; version 2 starts SV 02)")
+            raise TokFormatError(
+                f"unsupported token file version {version} after {MAGIC_V1.decode()} (such a "
+                "file is version 1; version 2 starts SV 02)"
+            )
         if flags & ~KNOWN_FLAGS:
             raise TokFormatError(f"unknown flags 0x{flags:02x} in token file header")
         if not MIN_HEADER_LENGTH <= length <= MAX_HEADER_LENGTH:
@@ -562,15 +591,24 @@ class TokReader:
         if _FIXED.size + id_len != length:
             raise TokFormatError(f"header length {length} does not match the model id length {id_len}")
         try:
-            model_id = body[_FIXED.size:].decode("utf-8")
+            model_id = body[_FIXED.size :].decode("utf-8")
         except UnicodeDecodeError:
             raise TokFormatError("model id in the token file header is not valid UTF-8") from None
         streamed = bool(flags & FLAG_COUNTS_IN_TRAILER)
         if streamed and (samples or frames):
             raise TokFormatError("header counts must be 0 when the counts-in-trailer flag is set")
         self._crc = zlib.crc32(prefix + body)
-        return TokHeader(model_id, hash8, sr, hop, stages, bits,
-                         None if streamed else samples, None if streamed else frames, version=1)
+        return TokHeader(
+            model_id,
+            hash8,
+            sr,
+            hop,
+            stages,
+            bits,
+            None if streamed else samples,
+            None if streamed else frames,
+            version=1,
+        )
 
     def __iter__(self) -> Iterator[np.ndarray]:
         if self._started:
@@ -652,7 +690,7 @@ class TokReader:
                 yield self._emit(values, n)
         if len(buf) < tail:
             raise self._truncated(self.bytes_read - len(buf) + tail, at_least=True)
-        rest, counts, stored = bytes(buf[:-tail]), bytes(buf[-tail:-_CRC.size]), bytes(buf[-_CRC.size:])
+        rest, counts, stored = bytes(buf[:-tail]), bytes(buf[-tail : -_CRC.size]), bytes(buf[-_CRC.size :])
         if h.version == 1:
             num_samples, num_frames = _COUNTS.unpack(counts)
         else:
@@ -669,7 +707,8 @@ class TokReader:
             raise TokFormatError(f"truncated token file: expected {expected} bytes, got {self.bytes_read}")
         if found > payload or self.num_frames > num_frames:
             raise TokFormatError(
-                f"{found - payload} unexpected bytes: bytes after the end of the file or a corrupt trailer")
+                f"{found - payload} unexpected bytes: bytes after the end of the file or a corrupt trailer"
+            )
         n = num_frames - self.num_frames
         self._crc = zlib.crc32(rest, self._crc)
         if n:
@@ -687,14 +726,14 @@ class TokReader:
             self.header = dataclasses.replace(h, num_samples=num_samples, num_frames=num_frames)
 
 
-def read_tok(fileobj: BinaryIO | str | os.PathLike, dtype=np.int64, max_frames: int | None = None
-             ) -> tuple[TokHeader, np.ndarray]:
+def read_tok(
+    fileobj: BinaryIO | str | os.PathLike, dtype=np.int64, max_frames: int | None = None
+) -> tuple[TokHeader, np.ndarray]:
     """Read and verify a whole .tok file; returns (header with counts filled in, codes [S, F])."""
     if isinstance(fileobj, (str, os.PathLike)):
         with open(fileobj, "rb") as f:
             return read_tok(f, dtype, max_frames)
     reader = TokReader(fileobj, block_frames=65536, dtype=dtype, max_frames=max_frames)
     blocks = list(reader)
-    codes = (np.concatenate(blocks, axis=1) if blocks
-             else np.zeros((reader.header.n_stages, 0), dtype=reader.dtype))
+    codes = np.concatenate(blocks, axis=1) if blocks else np.zeros((reader.header.n_stages, 0), dtype=reader.dtype)
     return reader.header, codes

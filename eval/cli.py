@@ -26,11 +26,14 @@ EPILOG = """examples:
 
 def comma_list(kind):
     """An argparse type: a comma-separated list of `kind` values (not empty)."""
+
     def parse(text: str) -> list:
         try:
             values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+            ) from None
         if not values:
             raise argparse.ArgumentTypeError("the list is empty")
         return values
@@ -46,39 +49,77 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="folder (scanned for wav/flac/ogg), manifest CSV (a path column, optionally speaker, duration, "
-                        "split; other columns ignored; paths relative to the CSV) or audio file")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="folder (scanned for wav/flac/ogg), manifest CSV (a path column, optionally speaker, duration, "
+        "split; other columns ignored; paths relative to the CSV) or audio file",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--split", help="keep only manifest rows of this split (e.g. test)")
-    p.add_argument("--per-speaker", type=_positive, metavar="N",
-                   help="at most N files per speaker (manifest column, or a folder's subfolder), evenly spread")
+    p.add_argument(
+        "--per-speaker",
+        type=_positive,
+        metavar="N",
+        help="at most N files per speaker (manifest column, or a folder's subfolder), evenly spread",
+    )
     p.add_argument("--limit", type=_positive, metavar="N", help="only the first N files")
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="ID|DIR", help="preset id or model directory (default: simvq-16k)")
     model.add_argument("--no-model", action="store_true", help="score the peer codecs only")
     rate = model.add_mutually_exclusive_group()
-    rate.add_argument("--stages", type=comma_list(int), metavar="LIST",
-                      help="stage counts to score (default: 1,2,3,4,6,8,12 up to the model's stage count, "
-                           "plus all stages)")
-    rate.add_argument("--bitrates", type=comma_list(float), metavar="LIST",
-                      help="kbit/s targets, e.g. 1.5,3,6 (each -> the most stages that fit)")
-    model.add_argument("--unquantized", action="store_true",
-                      help="also score the model's latent decoded without its quantizer (no tokens, no bitrate): "
-                           "the ceiling that shows what the quantizer costs a model in training")
+    rate.add_argument(
+        "--stages",
+        type=comma_list(int),
+        metavar="LIST",
+        help="stage counts to score (default: 1,2,3,4,6,8,12 up to the model's stage count, plus all stages)",
+    )
+    rate.add_argument(
+        "--bitrates",
+        type=comma_list(float),
+        metavar="LIST",
+        help="kbit/s targets, e.g. 1.5,3,6 (each -> the most stages that fit)",
+    )
+    model.add_argument(
+        "--unquantized",
+        action="store_true",
+        help="also score the model's latent decoded without its quantizer (no tokens, no bitrate): "
+        "the ceiling that shows what the quantizer costs a model in training",
+    )
     peers = p.add_argument_group("peer codecs")
-    peers.add_argument("--peers", type=comma_list(str), default=["opus", "codec2"], metavar="LIST",
-                       help="peer codecs to run: opus,codec2 (default both)")
+    peers.add_argument(
+        "--peers",
+        type=comma_list(str),
+        default=["opus", "codec2"],
+        metavar="LIST",
+        help="peer codecs to run: opus,codec2 (default both)",
+    )
     peers.add_argument("--no-peers", action="store_true", help="score the model only")
-    peers.add_argument("--opus-kbps", type=comma_list(float), default=[6.0, 8.0, 12.0], metavar="LIST",
-                       help="Opus target bitrates (default 6,8,12)")
-    peers.add_argument("--codec2-modes", type=comma_list(str), default=["3200", "1600", "700C"], metavar="LIST",
-                       help="Codec 2 modes (default 3200,1600,700C)")
+    peers.add_argument(
+        "--opus-kbps",
+        type=comma_list(float),
+        default=[6.0, 8.0, 12.0],
+        metavar="LIST",
+        help="Opus target bitrates (default 6,8,12)",
+    )
+    peers.add_argument(
+        "--codec2-modes",
+        type=comma_list(str),
+        default=["3200", "1600", "700C"],
+        metavar="LIST",
+        help="Codec 2 modes (default 3200,1600,700C)",
+    )
     p.add_argument("--pesq-nb", action="store_true", help="also score narrowband PESQ (8 kHz)")
-    p.add_argument("--max-delay-ms", type=float, default=100.0, metavar="MS",
-                   help="delay alignment search bound (default 100)")
-    p.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1,
-                   help="worker processes over files (default: CPU count; use 1 for speed figures)")
+    p.add_argument(
+        "--max-delay-ms", type=float, default=100.0, metavar="MS", help="delay alignment search bound (default 100)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive,
+        default=os.cpu_count() or 1,
+        help="worker processes over files (default: CPU count; use 1 for speed figures)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("-f", "--force", action="store_true", help="overwrite results already in --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary on stdout")
@@ -118,8 +159,9 @@ def _run(args: argparse.Namespace) -> int:
             codecs += peer_codecs(tuple(args.peers), tuple(args.opus_kbps), tuple(args.codec2_modes))
         except ValueError as exc:
             raise CodecError(str(exc)) from None
-    result = evaluate(items, codecs, jobs=args.jobs, max_delay_ms=args.max_delay_ms, pesq_nb=args.pesq_nb,
-                      progress=not args.quiet)
+    result = evaluate(
+        items, codecs, jobs=args.jobs, max_delay_ms=args.max_delay_ms, pesq_nb=args.pesq_nb, progress=not args.quiet
+    )
     result.config["sources"] = [str(s) for s in args.inputs] + ([f"split={args.split}"] if args.split else [])
     paths = write_report(result, args.out, plots=not args.no_plots)
     for codec, why in result.skipped.items():
@@ -132,15 +174,23 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the `eval` subcommand to the `simvq-codec` parser (entry point `simvq_codec.commands`)."""
-    p = subparsers.add_parser("eval", help="score the model against Opus and Codec 2 (PESQ, STOI, SI-SDR, ...)",
-                              description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "eval",
+        help="score the model against Opus and Codec 2 (PESQ, STOI, SI-SDR, ...)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m eval",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -31,8 +31,14 @@ SUMMARY = "summary.json"
 EXPERIMENT = "experiment.json"
 MACHINE_KEYS = ("threads", "device", "data.num_workers", "data.cache", "precision")
 """Overrides that may change between a run and its resumption (they do not change what is trained)."""
-CONTROLLED = ("model.quantizer", "model.codebook_size", "model.n_stages", "model.init_from_data", "model.whiten_codes",
-              "steps")
+CONTROLLED = (
+    "model.quantizer",
+    "model.codebook_size",
+    "model.n_stages",
+    "model.init_from_data",
+    "model.whiten_codes",
+    "steps",
+)
 
 SIZES = {
     # For tests: a second per step is already generous.
@@ -42,8 +48,14 @@ SIZES = {
     # The shipped codec's encoder and decoder sizes (SimVQCodec defaults): for a GPU.
     "base": {},
 }
-STUDY_MODEL = dict(phase="absolute", straight_through="stage", quantize_fraction=1.0, pitch_prior=False,
-                   rephase_iters=0, advance_features=False)
+STUDY_MODEL = dict(
+    phase="absolute",
+    straight_through="stage",
+    quantize_fraction=1.0,
+    pitch_prior=False,
+    rephase_iters=0,
+    advance_features=False,
+)
 """What every size has around its quantizer: the plain decoder (no pitch head, no re-phasing), and every example
 decoded from its codes, as in the study's first runs."""
 
@@ -86,14 +98,16 @@ class RunSpec:
         return f"{self.quantizer}-K{self.codebook_size}-x{self.init_scale:g}-{init}{whiten}"
 
     def overrides(self) -> list[str]:
-        return _overrides({
-            "model.n_stages": 1,
-            "model.quantizer_dropout": 0.0,
-            "model.quantizer": self.quantizer,
-            "model.codebook_size": self.codebook_size,
-            "model.init_from_data": self.init_from_data,
-            "model.whiten_codes": self.whiten,
-        })
+        return _overrides(
+            {
+                "model.n_stages": 1,
+                "model.quantizer_dropout": 0.0,
+                "model.quantizer": self.quantizer,
+                "model.codebook_size": self.codebook_size,
+                "model.init_from_data": self.init_from_data,
+                "model.whiten_codes": self.whiten,
+            }
+        )
 
 
 @dataclass
@@ -172,15 +186,26 @@ def run_one(spec: RunSpec, exp: Experiment, dev, shared_cache: dict | None = Non
                 raise Interrupted(f"{spec.name} stopped at step {trainer.step}; run the same command to resume")
         started = time.monotonic()
         m = measure(trainer.model, dev, trainer.mel_loss)
-        record = {"step": target, **m.to_json(), "train_seconds": round(trainer.elapsed, 2),
-                  "measure_seconds": round(time.monotonic() - started, 2)}
+        record = {
+            "step": target,
+            **m.to_json(),
+            "train_seconds": round(trainer.elapsed, 2),
+            "measure_seconds": round(time.monotonic() - started, 2),
+        }
         with open(curve_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         curve.append(record)
-        log(f"{spec.name} step {target}: utilisation {m.utilisation:.3f} ({m.used}/{spec.codebook_size}), "
-            f"perplexity {m.perplexity:.1f}, latent rank {m.latent_rank:.1f}, mel {m.mel:.3f}")
-    summary = {**asdict(spec), "name": spec.name, "steps": trainer.step,
-               "train_seconds": round(trainer.elapsed, 2), "curve": curve}
+        log(
+            f"{spec.name} step {target}: utilisation {m.utilisation:.3f} ({m.used}/{spec.codebook_size}), "
+            f"perplexity {m.perplexity:.1f}, latent rank {m.latent_rank:.1f}, mel {m.mel:.3f}"
+        )
+    summary = {
+        **asdict(spec),
+        "name": spec.name,
+        "steps": trainer.step,
+        "train_seconds": round(trainer.elapsed, 2),
+        "curve": curve,
+    }
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     if not exp.keep_checkpoints:
         shutil.rmtree(trainer.ckpt_dir, ignore_errors=True)
@@ -218,9 +243,18 @@ def base_overrides(args) -> list[str]:
         "steps": args.steps,
         "optim.lr": args.lr,
         "optim.warmup_steps": max(1, args.steps // 10),
-        "loss.weights": {"stft/complex": 0.0, "stft/linear": 0.0, "spec/mag": 0.0, "spec/phase": 0.0,
-                         "vq/residual": 0.0, "adv/gen": 0.0, "adv/feat": 0.0},
-        "disc.periods": [2], "disc.mpd_channels": [4], "disc.resolutions": [],  # built by the trainer, never used
+        "loss.weights": {
+            "stft/complex": 0.0,
+            "stft/linear": 0.0,
+            "spec/mag": 0.0,
+            "spec/phase": 0.0,
+            "vq/residual": 0.0,
+            "adv/gen": 0.0,
+            "adv/feat": 0.0,
+        },
+        "disc.periods": [2],
+        "disc.mpd_channels": [4],
+        "disc.resolutions": [],  # built by the trainer, never used
         "adv": False,
         "eval_every": 0,
         "ckpt_every": args.steps,
@@ -251,22 +285,47 @@ def _check_overrides(overrides: list[str]) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (a rerun resumes it)")
     study = p.add_argument_group("study")
-    study.add_argument("--ks", type=comma_list(int), default=[1024, 8192, 65536], metavar="LIST",
-                       help="codebook sizes of the main study (default 1024,8192,65536)")
-    study.add_argument("--quantizers", type=comma_list(str), default=["vq", "simvq"], metavar="LIST",
-                       help="vq,simvq (default both)")
-    study.add_argument("--whitening", type=comma_list(str), default=["off", "on"], metavar="LIST",
-                       help="lookup-space whitening of the main study: off (the paper's setting), on (the shipped "
-                            "model's), or both (default off,on); the init study uses the first")
-    study.add_argument("--init-scales", type=comma_list(float), default=[0.1, 1.0, 10.0], metavar="LIST",
-                       help="initial codebook scale factors of the init study (default 0.1,1,10)")
+    study.add_argument(
+        "--ks",
+        type=comma_list(int),
+        default=[1024, 8192, 65536],
+        metavar="LIST",
+        help="codebook sizes of the main study (default 1024,8192,65536)",
+    )
+    study.add_argument(
+        "--quantizers", type=comma_list(str), default=["vq", "simvq"], metavar="LIST", help="vq,simvq (default both)"
+    )
+    study.add_argument(
+        "--whitening",
+        type=comma_list(str),
+        default=["off", "on"],
+        metavar="LIST",
+        help="lookup-space whitening of the main study: off (the paper's setting), on (the shipped "
+        "model's), or both (default off,on); the init study uses the first",
+    )
+    study.add_argument(
+        "--init-scales",
+        type=comma_list(float),
+        default=[0.1, 1.0, 10.0],
+        metavar="LIST",
+        help="initial codebook scale factors of the init study (default 0.1,1,10)",
+    )
     study.add_argument("--init-k", type=int, default=1024, metavar="K", help="K of the init study (default 1024)")
-    study.add_argument("--init-data", type=comma_list(str), default=["yes", "no"], metavar="LIST",
-                       help="data-dependent code init in the init study: yes, no or both (default yes,no)")
+    study.add_argument(
+        "--init-data",
+        type=comma_list(str),
+        default=["yes", "no"],
+        metavar="LIST",
+        help="data-dependent code init in the init study: yes, no or both (default yes,no)",
+    )
     study.add_argument("--no-init-study", action="store_true", help="main study only")
     budget = p.add_argument_group("budget (the same for every run)")
-    budget.add_argument("--size", choices=sorted(SIZES), default="small",
-                        help="encoder/decoder size: tiny, small (CPU default), base (the shipped codec's)")
+    budget.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="small",
+        help="encoder/decoder size: tiny, small (CPU default), base (the shipped codec's)",
+    )
     budget.add_argument("--steps", type=int, default=1500, help="training steps per run (default 1500)")
     budget.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     budget.add_argument("--segment-seconds", type=float, default=0.5, help="training crop length (default 0.5)")
@@ -278,14 +337,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--train", type=Path, default=SNAPSHOT / "train.csv", help="training manifest or folder")
     data.add_argument("--dev", type=Path, default=SNAPSHOT / "dev.csv", help="dev manifest or folder")
-    data.add_argument("--dev-minutes", type=float, default=30.0,
-                      help="dev audio measured (default 30, 0 = all); with N frames utilisation cannot exceed "
-                           "1-(1-1/K)^N: 0.75 for K=65536 at 30 min, 0.96 with the whole 72 min dev set")
+    data.add_argument(
+        "--dev-minutes",
+        type=float,
+        default=30.0,
+        help="dev audio measured (default 30, 0 = all); with N frames utilisation cannot exceed "
+        "1-(1-1/K)^N: 0.75 for K=65536 at 30 min, 0.96 with the whole 72 min dev set",
+    )
     data.add_argument("--dev-clip-seconds", type=float, default=10.0, help="longest dev clip (default 10)")
     data.add_argument("--mel-clips", type=int, default=16, help="dev clips also scored for mel distance (default 16)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoints")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="training config overrides for every run, e.g. model.encoder_dim=128 data.num_workers=2")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="training config overrides for every run, e.g. model.encoder_dim=128 data.num_workers=2",
+    )
 
 
 def build(args) -> tuple[list[RunSpec], Experiment]:
@@ -305,18 +372,28 @@ def build(args) -> tuple[list[RunSpec], Experiment]:
     whitens = _switches(args.whitening, "--whitening", ("off", "on"))
     init_modes = _switches(args.init_data, "--init-data", ("no", "yes"))
     _check_overrides(args.overrides)
-    specs = plan(args.ks, args.quantizers, args.init_scales, None if args.no_init_study else args.init_k,
-                 init_modes, whitens)
+    specs = plan(
+        args.ks, args.quantizers, args.init_scales, None if args.no_init_study else args.init_k, init_modes, whitens
+    )
     overrides = [*base_overrides(args), *args.overrides]
     from training.config import load_config
 
     cfg = load_config(None, [*overrides, *specs[0].overrides()])  # fail now on a bad override, not after a run
     model = {k: v for k, v in cfg.model.items() if f"model.{k}" not in CONTROLLED and k != "quantizer_dropout"}
     settings = {
-        "size": args.size, "model": model, "steps": args.steps, "batch_size": cfg.data.batch_size,
-        "segment_samples": cfg.data.segment_samples, "lr": cfg.optim.lr, "loss_weights": cfg.loss.weights,
-        "train": cfg.data.train, "dev": str(args.dev), "dev_minutes": args.dev_minutes,
-        "dev_clip_seconds": args.dev_clip_seconds, "seed": cfg.seed, "overrides": list(args.overrides),
+        "size": args.size,
+        "model": model,
+        "steps": args.steps,
+        "batch_size": cfg.data.batch_size,
+        "segment_samples": cfg.data.segment_samples,
+        "lr": cfg.optim.lr,
+        "loss_weights": cfg.loss.weights,
+        "train": cfg.data.train,
+        "dev": str(args.dev),
+        "dev_minutes": args.dev_minutes,
+        "dev_clip_seconds": args.dev_clip_seconds,
+        "seed": cfg.seed,
+        "overrides": list(args.overrides),
     }
     exp = Experiment(args.out, overrides, eval_schedule(args.steps, args.evals), args.keep_checkpoints, settings)
     return specs, exp
@@ -326,8 +403,11 @@ def _check_same_plan(exp: Experiment) -> None:
     """A rerun into the same folder must train the same way, or resumed and new runs would not compare."""
     path = exp.out / EXPERIMENT
     same = [o for o in exp.overrides if o.partition("=")[0] not in MACHINE_KEYS]
-    record = {"overrides": same, "eval_steps": exp.eval_steps, "dev": {k: exp.settings[k] for k in
-              ("dev", "dev_minutes", "dev_clip_seconds")}}
+    record = {
+        "overrides": same,
+        "eval_steps": exp.eval_steps,
+        "dev": {k: exp.settings[k] for k in ("dev", "dev_minutes", "dev_clip_seconds")},
+    }
     if path.is_file():
         old = json.loads(path.read_text())
         if {k: old.get(k) for k in record} != record:
@@ -345,13 +425,16 @@ def run(args: argparse.Namespace) -> int:
         from codec.model import SimVQCodec
 
         probe = SimVQCodec(**{**exp.settings["model"], "codebook_size": 2, "n_stages": 1})
-        dev = load_dev_set(args.dev, probe.sample_rate, probe.hop_length, args.dev_minutes, args.dev_clip_seconds,
-                           args.mel_clips)
+        dev = load_dev_set(
+            args.dev, probe.sample_rate, probe.hop_length, args.dev_minutes, args.dev_clip_seconds, args.mel_clips
+        )
         frames = dev.samples // probe.hop_length
         exp.settings["dev_frames"] = frames
         log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-        log(f"{len(specs)} runs x {args.steps} steps; dev set: {len(dev.clips)} clips, {frames} frames "
-            f"({dev.samples / probe.sample_rate / 60:.1f} min)")
+        log(
+            f"{len(specs)} runs x {args.steps} steps; dev set: {len(dev.clips)} clips, {frames} frames "
+            f"({dev.samples / probe.sample_rate / 60:.1f} min)"
+        )
         paths = run_experiment(specs, exp, dev, log)
     except Interrupted as exc:
         print(f"collapse: {exc}", file=sys.stderr)
@@ -369,15 +452,24 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add a `collapse` subcommand (for an entry point of `simvq_codec.commands`, if the lead wants one)."""
-    p = subparsers.add_parser("collapse", help="codebook collapse study: VQ vs SimVQ, K, whitening, init scale",
-                              description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "collapse",
+        help="codebook collapse study: VQ vs SimVQ, K, whitening, init scale",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.collapse", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.collapse",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -10,9 +10,28 @@ from eval.report import strict_json  # NaN/inf -> None
 
 CURVES_PLOT = "utilisation_vs_step.png"
 INIT_PLOT = "init_scale.png"
-COLUMNS = ("name", "quantizer", "whiten", "codebook_size", "init_scale", "init_from_data", "steps", "frames", "used",
-           "utilisation", "ceiling", "peak_utilisation", "perplexity", "perplexity_per_k", "latent_rank",
-           "codebook_rank", "latent_rms", "codebook_rms", "mel", "train_seconds")
+COLUMNS = (
+    "name",
+    "quantizer",
+    "whiten",
+    "codebook_size",
+    "init_scale",
+    "init_from_data",
+    "steps",
+    "frames",
+    "used",
+    "utilisation",
+    "ceiling",
+    "peak_utilisation",
+    "perplexity",
+    "perplexity_per_k",
+    "latent_rank",
+    "codebook_rank",
+    "latent_rms",
+    "codebook_rms",
+    "mel",
+    "train_seconds",
+)
 
 
 def uniform_coverage(frames: int, k: int) -> float:
@@ -59,53 +78,96 @@ def _is_main(row: dict) -> bool:
 
 
 def _label(run: dict) -> str:
-    """"simvq" or "simvq + whitening" (a summary or a table row)."""
+    """ "simvq" or "simvq + whitening" (a summary or a table row)."""
     return run["quantizer"] + (" + whitening" if run.get("whiten") else "")
 
 
 def markdown(rows: list[dict], settings: dict, plots: list[str]) -> str:
     s = settings
-    out = ["# Codebook collapse: plain VQ vs SimVQ", "",
-           f"One stage of K codes, the same `{s.get('size')}` encoder/decoder ({_model_text(s.get('model', {}))}), "
-           f"{s.get('steps')} steps of {s.get('batch_size')} x {s.get('segment_samples')} samples, "
-           f"lr {s.get('lr')}, mel + VQ losses only, seed {s.get('seed')}. Dev set: "
-           f"{s.get('dev_frames', 'n/a')} frames of `{s.get('dev')}`; training data `{s.get('train')}`.",
-           "",
-           "utilisation = codes used at least once over the dev set / K; ceiling = the utilisation expected "
-           "if every code were equally likely, 1 - (1 - 1/K)^frames (a finite dev set cannot show more); "
-           "perplexity = exp of the entropy of the dev code histogram (K at best); "
-           "ranks = exp of the entropy of the normalised singular values of the centred encoder outputs "
-           "(latent, at most D) and of the K codes (codebook); mel = log-mel L1 of reconstructed dev clips. "
-           "Figures are from the last step; peak = best utilisation seen after step 0."]
-    head = ["quantizer", "K", "used", "utilisation", "ceiling", "peak", "perplexity", "ppl / K", "latent rank",
-            "codebook rank", "mel", "train s"]
+    out = [
+        "# Codebook collapse: plain VQ vs SimVQ",
+        "",
+        f"One stage of K codes, the same `{s.get('size')}` encoder/decoder ({_model_text(s.get('model', {}))}), "
+        f"{s.get('steps')} steps of {s.get('batch_size')} x {s.get('segment_samples')} samples, "
+        f"lr {s.get('lr')}, mel + VQ losses only, seed {s.get('seed')}. Dev set: "
+        f"{s.get('dev_frames', 'n/a')} frames of `{s.get('dev')}`; training data `{s.get('train')}`.",
+        "",
+        "utilisation = codes used at least once over the dev set / K; ceiling = the utilisation expected "
+        "if every code were equally likely, 1 - (1 - 1/K)^frames (a finite dev set cannot show more); "
+        "perplexity = exp of the entropy of the dev code histogram (K at best); "
+        "ranks = exp of the entropy of the normalised singular values of the centred encoder outputs "
+        "(latent, at most D) and of the K codes (codebook); mel = log-mel L1 of reconstructed dev clips. "
+        "Figures are from the last step; peak = best utilisation seen after step 0.",
+    ]
+    head = [
+        "quantizer",
+        "K",
+        "used",
+        "utilisation",
+        "ceiling",
+        "peak",
+        "perplexity",
+        "ppl / K",
+        "latent rank",
+        "codebook rank",
+        "mel",
+        "train s",
+    ]
 
     def table(selected: list[dict], first: list[str], cells) -> list[str]:
         lines = ["", "| " + " | ".join(first + head[1:]) + " |", "|" + "---|" * (len(first) + len(head) - 1)]
         for r in selected:
-            lines.append("| " + " | ".join(cells(r) + [
-                str(r["codebook_size"]), f"{r['used']}", f"{100 * r['utilisation']:.1f}%",
-                f"{100 * r['ceiling']:.0f}%", f"{100 * r['peak_utilisation']:.1f}%", _fmt(r["perplexity"], 1),
-                _fmt(r["perplexity_per_k"], 3), _fmt(r["latent_rank"], 1), _fmt(r["codebook_rank"], 1),
-                _fmt(r["mel"], 3), _fmt(r["train_seconds"], 0)]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    cells(r)
+                    + [
+                        str(r["codebook_size"]),
+                        f"{r['used']}",
+                        f"{100 * r['utilisation']:.1f}%",
+                        f"{100 * r['ceiling']:.0f}%",
+                        f"{100 * r['peak_utilisation']:.1f}%",
+                        _fmt(r["perplexity"], 1),
+                        _fmt(r["perplexity_per_k"], 3),
+                        _fmt(r["latent_rank"], 1),
+                        _fmt(r["codebook_rank"], 1),
+                        _fmt(r["mel"], 3),
+                        _fmt(r["train_seconds"], 0),
+                    ]
+                )
+                + " |"
+            )
         return lines
 
     main = sorted((r for r in rows if _is_main(r)), key=lambda r: (r["codebook_size"], r["whiten"], r["quantizer"]))
     if main:
-        out += ["", "## Quantizer, whitening and codebook size (init scale 1, data-dependent init)", "",
-                "whitening = the stage's lookup input whitened with running statistics (the shipped model's setting); "
-                "without it, the paper's setting."]
+        out += [
+            "",
+            "## Quantizer, whitening and codebook size (init scale 1, data-dependent init)",
+            "",
+            "whitening = the stage's lookup input whitened with running statistics (the shipped model's setting); "
+            "without it, the paper's setting.",
+        ]
         out += table(main, ["quantizer"], lambda r: [_label(r)])
     init_k, init_whiten = _init_study(rows)
     if init_k is not None:
-        init = sorted((r for r in rows if r["codebook_size"] == init_k and r["whiten"] == init_whiten),
-                      key=lambda r: (r["quantizer"], not r["init_from_data"], r["init_scale"]))
-        out += ["", f"## Initial codebook scale (K = {init_k}, {'with' if init_whiten else 'no'} whitening)", "",
-                "scale multiplies the random initial codebook (SimVQ: the frozen C; VQ: the codes). With data init "
-                "the model rescales the codes to the encoder output's spread on the first batch, relative to that "
-                "scale; without it, codes start with std scale x D^-1/2 per dimension."]
-        out += table(init, ["quantizer", "scale", "data init"],
-                     lambda r: [r["quantizer"], f"{r['init_scale']:g}", "yes" if r["init_from_data"] else "no"])
+        init = sorted(
+            (r for r in rows if r["codebook_size"] == init_k and r["whiten"] == init_whiten),
+            key=lambda r: (r["quantizer"], not r["init_from_data"], r["init_scale"]),
+        )
+        out += [
+            "",
+            f"## Initial codebook scale (K = {init_k}, {'with' if init_whiten else 'no'} whitening)",
+            "",
+            "scale multiplies the random initial codebook (SimVQ: the frozen C; VQ: the codes). With data init "
+            "the model rescales the codes to the encoder output's spread on the first batch, relative to that "
+            "scale; without it, codes start with std scale x D^-1/2 per dimension.",
+        ]
+        out += table(
+            init,
+            ["quantizer", "scale", "data init"],
+            lambda r: [r["quantizer"], f"{r['init_scale']:g}", "yes" if r["init_from_data"] else "no"],
+        )
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
@@ -135,8 +197,13 @@ def plot_curves(summaries: list[dict], path: Path) -> None:
     for col, k in enumerate(ks):
         for s in (s for s in main if s["codebook_size"] == k):
             steps = [r["step"] for r in s["curve"]]
-            style = dict(marker="o", markersize=3, color=colors.get(s["quantizer"]), label=_label(s),
-                         linestyle="--" if s.get("whiten") else "-")
+            style = dict(
+                marker="o",
+                markersize=3,
+                color=colors.get(s["quantizer"]),
+                label=_label(s),
+                linestyle="--" if s.get("whiten") else "-",
+            )
             axes[0, col].plot(steps, [100 * r["utilisation"] for r in s["curve"]], **style)
             axes[1, col].plot(steps, [r["perplexity"] / k for r in s["curve"]], **style)
             axes[2, col].plot(steps, [r["latent_rank"] for r in s["curve"]], **style)
@@ -170,12 +237,22 @@ def plot_init(rows: list[dict], k: int, whiten: bool, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for q, color in (("vq", "tab:red"), ("simvq", "tab:blue")):
         for data_init, style in ((True, "-"), (False, "--")):
-            pts = sorted((r["init_scale"], 100 * r["utilisation"]) for r in rows
-                         if r["codebook_size"] == k and r["whiten"] == whiten and r["quantizer"] == q
-                         and r["init_from_data"] == data_init)
+            pts = sorted(
+                (r["init_scale"], 100 * r["utilisation"])
+                for r in rows
+                if r["codebook_size"] == k
+                and r["whiten"] == whiten
+                and r["quantizer"] == q
+                and r["init_from_data"] == data_init
+            )
             if pts:
-                ax.plot(*zip(*pts), style, marker="o", color=color,
-                        label=f"{q}, {'data init' if data_init else 'no data init'}")
+                ax.plot(
+                    *zip(*pts),
+                    style,
+                    marker="o",
+                    color=color,
+                    label=f"{q}, {'data init' if data_init else 'no data init'}",
+                )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_ylim(50 / k, 150)

@@ -95,25 +95,43 @@ def compare(baseline: dict, candidate: dict, metrics: list[str]) -> list[Compari
             n = len(pairs)
             diffs = [c - b for b, c in pairs]
             stderr = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
-            out.append(Comparison(*key, metric, n, statistics.fmean(b for b, _ in pairs),
-                                  statistics.fmean(c for _, c in pairs), statistics.fmean(diffs), stderr))
+            out.append(
+                Comparison(
+                    *key,
+                    metric,
+                    n,
+                    statistics.fmean(b for b, _ in pairs),
+                    statistics.fmean(c for _, c in pairs),
+                    statistics.fmean(diffs),
+                    stderr,
+                )
+            )
     return out
 
 
 def markdown(comparisons: list[Comparison]) -> str:
-    lines = ["| codec | setting | metric | files | baseline | candidate | difference | std. error | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| codec | setting | metric | files | baseline | candidate | difference | std. error | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for c in comparisons:
-        lines.append(f"| {c.codec} | {c.setting} | {c.metric} | {c.files} | {c.baseline:.3f} | {c.candidate:.3f} "
-                     f"| {c.diff:+.3f} | {c.stderr:.3f} | {c.verdict} |")
+        lines.append(
+            f"| {c.codec} | {c.setting} | {c.metric} | {c.files} | {c.baseline:.3f} | {c.candidate:.3f} "
+            f"| {c.diff:+.3f} | {c.stderr:.3f} | {c.verdict} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("baseline", type=Path, help="eval --out folder (or its results.csv) of the model to beat")
     p.add_argument("candidate", type=Path, help="eval --out folder (or results.csv) of the candidate, same files")
-    p.add_argument("--metrics", type=comma_list(str), default=["pesq_wb", "stoi"], metavar="LIST",
-                   help=f"metrics to compare (default pesq_wb,stoi; any of {','.join(METRICS)})")
+    p.add_argument(
+        "--metrics",
+        type=comma_list(str),
+        default=["pesq_wb", "stoi"],
+        metavar="LIST",
+        help=f"metrics to compare (default pesq_wb,stoi; any of {','.join(METRICS)})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
         baseline, candidate = read_results(args.baseline), read_results(args.candidate)
         comparisons = compare(baseline, candidate, args.metrics)
         if not comparisons:
-            raise CodecError(f"no codec setting scored on the same files in both: {sorted(baseline)} and "
-                             f"{sorted(candidate)}")
+            raise CodecError(
+                f"no codec setting scored on the same files in both: {sorted(baseline)} and {sorted(candidate)}"
+            )
     except CodecError as exc:
         print(f"simvq-codec eval-compare: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -135,7 +154,12 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the `eval-compare` subcommand (entry point `simvq_codec.commands`)."""
-    p = subparsers.add_parser("eval-compare", help="paired per-file comparison of two evaluations of one file set",
-                              description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "eval-compare",
+        help="paired per-file comparison of two evaluations of one file set",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)

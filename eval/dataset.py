@@ -14,6 +14,7 @@ from codec.errors import AudioError
 from eval import SAMPLE_RATE
 from training.manifest import AUDIO_EXTENSIONS, AudioItem, read_manifest, scan_folder
 
+
 def manifest_items(csv_path: Path, split: str | None = None) -> list[AudioItem]:
     """The rows of a corpus manifest (`training.manifest.read_manifest`); ``split`` keeps only rows of that
     split. AudioError when a listed file does not exist."""
@@ -43,8 +44,9 @@ def spread_per_speaker(items: list[AudioItem], n: int) -> list[AudioItem]:
     return [it for i, it in enumerate(items) if i in keep]
 
 
-def list_inputs(sources: list[str | Path], split: str | None = None, limit: int | None = None,
-                per_speaker: int | None = None) -> list[AudioItem]:
+def list_inputs(
+    sources: list[str | Path], split: str | None = None, limit: int | None = None, per_speaker: int | None = None
+) -> list[AudioItem]:
     """Resolve folders and manifest CSVs into a list of files (``per_speaker`` files of each voice, then the
     first ``limit``, if given).
 

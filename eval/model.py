@@ -68,8 +68,9 @@ class ModelSetting:
         rate = model.model.sample_rate
         if rate != SAMPLE_RATE:
             decoded = soxr.resample(decoded, rate, SAMPLE_RATE)
-        return CodecRun(decoded, len(data), float(header.payload_bytes), encode_seconds, decode_seconds,
-                        codes=np.asarray(codes))
+        return CodecRun(
+            decoded, len(data), float(header.payload_bytes), encode_seconds, decode_seconds, codes=np.asarray(codes)
+        )
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ class UnquantizedSetting:
         return CodecRun(decoded, math.nan, None, encode_seconds, time.perf_counter() - start)
 
 
-def model_settings(ref: str | None, stages: list[int] | None = None, bitrates: list[float] | None = None
-                   ) -> list[ModelSetting]:
+def model_settings(
+    ref: str | None, stages: list[int] | None = None, bitrates: list[float] | None = None
+) -> list[ModelSetting]:
     """Settings for a list of stage counts or of bitrates in kbit/s (default: :data:`DEFAULT_STAGES` that fit).
 
     Loads the model in this process (with the untrained-model warning) and checks every value.

@@ -55,9 +55,23 @@ from eval.phase import f0_track, harmonic_phase, pghi_phase, sent_f0_track
 from training.losses import LinearSTFTLoss, MultiScaleMelLoss
 from training.pitch import yin_f0
 
-MIXES = ("model/model", "model/own", "model/input", "input/model", "input/random", "input/advance", "model/pghi",
-         "input/pghi", "model/harmonic", "input/harmonic", "model/prior", "input/prior",
-         "model/harm-head", "model/harm-yin", "model/harm-sent")
+MIXES = (
+    "model/model",
+    "model/own",
+    "model/input",
+    "input/model",
+    "input/random",
+    "input/advance",
+    "model/pghi",
+    "input/pghi",
+    "model/harmonic",
+    "input/harmonic",
+    "model/prior",
+    "input/prior",
+    "model/harm-head",
+    "model/harm-yin",
+    "model/harm-sent",
+)
 
 
 @torch.no_grad()
@@ -85,19 +99,25 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))
     harmonic = torch.from_numpy(harmonic_phase(f0, bins, syn.n_fft, syn.hop, model.sample_rate, rng))
     chosen = {
-        "model/model": (model_mag, phase), "model/input": (model_mag, input_phase),
-        "input/model": (input_mag, phase), "input/random": (input_mag, random_phase),
+        "model/model": (model_mag, phase),
+        "model/input": (model_mag, input_phase),
+        "input/model": (input_mag, phase),
+        "input/random": (input_mag, random_phase),
         "input/advance": (input_mag, advance_phase),
-        "model/pghi": (model_mag, _pghi(model_mag, syn)), "input/pghi": (input_mag, _pghi(input_mag, syn)),
-        "model/harmonic": (model_mag, harmonic[None]), "input/harmonic": (input_mag, harmonic[None]),
+        "model/pghi": (model_mag, _pghi(model_mag, syn)),
+        "input/pghi": (input_mag, _pghi(input_mag, syn)),
+        "model/harmonic": (model_mag, harmonic[None]),
+        "input/harmonic": (input_mag, harmonic[None]),
     }
     if own_phase is not None:
         chosen["model/own"] = (model_mag, own_phase)
     if prior is not None:
         chosen.update({"model/prior": (model_mag, prior), "input/prior": (input_mag, prior)})
         sent, _ = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop, causal=True)
-        tracks = {"model/harm-yin": yin[0].numpy(),
-                  "model/harm-sent": sent_f0_track(sent[0].numpy(), syn.frames_per_step)}
+        tracks = {
+            "model/harm-yin": yin[0].numpy(),
+            "model/harm-sent": sent_f0_track(sent[0].numpy(), syn.frames_per_step),
+        }
         if pitch is not None:
             _, log_f0, voicing_logit = pitch
             tracks["model/harm-head"] = torch.where(voicing_logit > 0, log_f0.exp(), 0.0)[0].numpy()
@@ -144,19 +164,24 @@ def main(argv: list[str] | None = None) -> int:
                 target = torch.from_numpy(ref[: len(audio)])
                 s = score(target.numpy(), audio.numpy())
                 pair = audio.float()[None, None], target.float()[None, None]
-                scores[name].append((s.pesq_wb, s.stoi, s.mel_distance, float(mel_loss(*pair)),
-                                     float(linear_loss(*pair))))
+                scores[name].append(
+                    (s.pesq_wb, s.stoi, s.mel_distance, float(mel_loss(*pair)), float(linear_loss(*pair)))
+                )
     except CodecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{len(items)} files, {n_stages} stages (magnitude/phase: mean PESQ-WB, STOI, mel distance; "
-          "the training distances: mel loss, spectral convergence)")
+    print(
+        f"{len(items)} files, {n_stages} stages (magnitude/phase: mean PESQ-WB, STOI, mel distance; "
+        "the training distances: mel loss, spectral convergence)"
+    )
     for name, rows in scores.items():
         if not rows:  # the prior mixes of an "absolute" phase model
             continue
         pesq, stoi, mel, mel_loss_value, convergence = np.nanmean(np.array(rows, dtype=float), axis=0)
-        print(f"{name:14s} PESQ {pesq:.2f}  STOI {stoi:.3f}  mel {mel:.3f}  "
-              f"mel loss {mel_loss_value:.3f}  convergence {convergence:.3f}")
+        print(
+            f"{name:14s} PESQ {pesq:.2f}  STOI {stoi:.3f}  mel {mel:.3f}  "
+            f"mel loss {mel_loss_value:.3f}  convergence {convergence:.3f}"
+        )
     return 0
 
 

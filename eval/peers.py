@@ -77,8 +77,19 @@ class Opus:
         with tempfile.TemporaryDirectory(prefix="eval-opus-") as tmp:
             src, enc, dec = Path(tmp, "in.wav"), Path(tmp, "out.opus"), Path(tmp, "out.wav")
             sf.write(src, np.clip(wav, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
-            t_enc = _run(["opusenc", "--quiet", "--bitrate", f"{self.kbps:g}", "--speech",
-                          "--framesize", "20", str(src), str(enc)])
+            t_enc = _run(
+                [
+                    "opusenc",
+                    "--quiet",
+                    "--bitrate",
+                    f"{self.kbps:g}",
+                    "--speech",
+                    "--framesize",
+                    "20",
+                    str(src),
+                    str(enc),
+                ]
+            )
             # opusdec removes the encoder's pre-skip; --float avoids its dithered 16-bit output.
             t_dec = _run(["opusdec", "--quiet", "--float", "--rate", str(SAMPLE_RATE), str(enc), str(dec)])
             data = enc.read_bytes()

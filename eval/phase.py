@@ -80,15 +80,29 @@ def pghi_phase(log_mag: np.ndarray, n_fft: int, hop: int, floor_db: float = 100.
 
 def f0_track(audio: np.ndarray, frames: int, n_fft: int, hop: int, sample_rate: int) -> np.ndarray:
     """pYIN's f0 (Hz, 0 where unvoiced) at the centre of each of `frames` causal STFT frames."""
-    f0, voiced, _ = librosa.pyin(audio.astype(np.float64), fmin=F0_MIN, fmax=F0_MAX, sr=sample_rate,
-                                 frame_length=1024, hop_length=hop, center=True)
+    f0, voiced, _ = librosa.pyin(
+        audio.astype(np.float64),
+        fmin=F0_MIN,
+        fmax=F0_MAX,
+        sr=sample_rate,
+        frame_length=1024,
+        hop_length=hop,
+        center=True,
+    )
     # causal frame n covers [(n+1)*hop - n_fft, (n+1)*hop); pYIN's frame i is centred on sample i*hop
     index = np.clip(np.arange(frames) + 1 - n_fft // (2 * hop), 0, len(f0) - 1)
     return np.where(voiced[index], np.nan_to_num(f0[index]), 0.0)
 
 
-def harmonic_phase(f0: np.ndarray, bins: int, n_fft: int, hop: int, sample_rate: int,
-                   rng: np.random.Generator, unvoiced: np.ndarray | None = None) -> np.ndarray:
+def harmonic_phase(
+    f0: np.ndarray,
+    bins: int,
+    n_fft: int,
+    hop: int,
+    sample_rate: int,
+    rng: np.random.Generator,
+    unvoiced: np.ndarray | None = None,
+) -> np.ndarray:
     """An f0 track `[frames]` (0 = unvoiced) -> phases `[frames, bins]`.
 
     Voiced frames: harmonic h turns by 2 pi h f0 per second (f0 averaged over the hop) from a random start at

@@ -45,8 +45,12 @@ def write_csv(result: EvalResult, path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
         for row in [*result.rows, *result.averages]:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
-                                 round(v, 4) if isinstance(v, float) else v) for k, v in asdict(row).items()})
+            writer.writerow(
+                {
+                    k: ("" if isinstance(v, float) and math.isnan(v) else round(v, 4) if isinstance(v, float) else v)
+                    for k, v in asdict(row).items()
+                }
+            )
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -57,22 +61,51 @@ def markdown(result: EvalResult, plots: list[str] = ()) -> str:
     """The report: one line per codec setting (MEAN over the files), skipped codecs, notes, codebook use."""
     cfg = result.config
     seconds = cfg.get("seconds", 0.0)
-    out = ["# Evaluation report", "",
-           f"{cfg.get('files', 0)} files ({seconds:.1f} s of audio), scored at 16 kHz after delay alignment "
-           f"(search +-{cfg.get('max_delay_ms', 100):g} ms). kbps is from the actual compressed bytes "
-           "(payload: without container/header bytes); x RT is audio seconds per wall second "
-           f"({cfg.get('jobs', 1)} job(s))."]
+    out = [
+        "# Evaluation report",
+        "",
+        f"{cfg.get('files', 0)} files ({seconds:.1f} s of audio), scored at 16 kHz after delay alignment "
+        f"(search +-{cfg.get('max_delay_ms', 100):g} ms). kbps is from the actual compressed bytes "
+        "(payload: without container/header bytes); x RT is audio seconds per wall second "
+        f"({cfg.get('jobs', 1)} job(s)).",
+    ]
     if cfg.get("sources"):
         out += ["", "Inputs: " + ", ".join(f"`{s}`" for s in cfg["sources"])]
     nb = cfg.get("pesq_nb")
-    head = ["codec", "setting", "kbps", "payload kbps", "PESQ-WB", *(["PESQ-NB"] if nb else []), "STOI", "ESTOI",
-            "SI-SDR dB", "mel dist", "delay ms", "enc x RT", "dec x RT", "files"]
+    head = [
+        "codec",
+        "setting",
+        "kbps",
+        "payload kbps",
+        "PESQ-WB",
+        *(["PESQ-NB"] if nb else []),
+        "STOI",
+        "ESTOI",
+        "SI-SDR dB",
+        "mel dist",
+        "delay ms",
+        "enc x RT",
+        "dec x RT",
+        "files",
+    ]
     out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(result.averages, key=lambda r: (_codec_order(result, r.codec), r.kbps)):
-        cells = [r.codec, r.setting, _fmt(r.kbps), _fmt(r.payload_kbps), _fmt(r.pesq_wb),
-                 *([_fmt(r.pesq_nb)] if nb else []), _fmt(r.stoi, 3), _fmt(r.estoi, 3), _fmt(r.si_sdr, 1),
-                 _fmt(r.mel_distance, 3), _fmt(r.delay_ms, 1), _fmt(r.encode_x_realtime, 0),
-                 _fmt(r.decode_x_realtime, 0), str(r.files)]
+        cells = [
+            r.codec,
+            r.setting,
+            _fmt(r.kbps),
+            _fmt(r.payload_kbps),
+            _fmt(r.pesq_wb),
+            *([_fmt(r.pesq_nb)] if nb else []),
+            _fmt(r.stoi, 3),
+            _fmt(r.estoi, 3),
+            _fmt(r.si_sdr, 1),
+            _fmt(r.mel_distance, 3),
+            _fmt(r.delay_ms, 1),
+            _fmt(r.encode_x_realtime, 0),
+            _fmt(r.decode_x_realtime, 0),
+            str(r.files),
+        ]
         out.append("| " + " | ".join(cells) + " |")
     if result.skipped:
         out += ["", "## Skipped codecs", ""] + [f"- {c}: {why}" for c, why in result.skipped.items()]
@@ -85,10 +118,17 @@ def markdown(result: EvalResult, plots: list[str] = ()) -> str:
     if result.usage:
         # Stage i's codes do not depend on later stages, so the setting with the most stages shows them all.
         label, usage = _widest_usage(result)
-        out += ["", f"## Codebook use over the set: {label}", "",
-                "| stage | used / K | utilisation | perplexity |", "|---|---|---|---|"]
-        out += [f"| {u.stage} | {u.used} / {u.codebook_size} | {100 * u.utilisation:.1f}% | {_fmt(u.perplexity, 1)} |"
-                for u in usage]
+        out += [
+            "",
+            f"## Codebook use over the set: {label}",
+            "",
+            "| stage | used / K | utilisation | perplexity |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| {u.stage} | {u.used} / {u.codebook_size} | {100 * u.utilisation:.1f}% | {_fmt(u.perplexity, 1)} |"
+            for u in usage
+        ]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
@@ -112,8 +152,11 @@ def _plot_rate_quality(result: EvalResult, metric: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     codecs = sorted({r.codec for r in result.averages}, key=lambda c: _codec_order(result, c))
     for codec in codecs:
-        pts = sorted((r.kbps, getattr(r, metric), r.setting) for r in result.averages
-                     if r.codec == codec and not math.isnan(r.kbps) and not math.isnan(getattr(r, metric)))
+        pts = sorted(
+            (r.kbps, getattr(r, metric), r.setting)
+            for r in result.averages
+            if r.codec == codec and not math.isnan(r.kbps) and not math.isnan(getattr(r, metric))
+        )
         if not pts:
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=codec)

@@ -87,27 +87,37 @@ def _evaluate_file(item: AudioItem, codecs: list, max_delay_ms: float, pesq_nb: 
     seconds = wav.size / SAMPLE_RATE
     rows, counts = [], {}
     for codec in codecs:
-        base = dict(file=item.key, codec=codec.codec, setting=codec.setting, seconds=seconds,
-                    nominal_kbps=codec.nominal_kbps)
+        base = dict(
+            file=item.key, codec=codec.codec, setting=codec.setting, seconds=seconds, nominal_kbps=codec.nominal_kbps
+        )
         try:
             run = codec.run(wav)
         except (PeerError, CodecError) as exc:
-            nan = {k: math.nan for k in ("kbps", "payload_kbps", "delay_ms", "encode_x_realtime",
-                                         "decode_x_realtime", *METRICS)}
+            nan = {
+                k: math.nan
+                for k in ("kbps", "payload_kbps", "delay_ms", "encode_x_realtime", "decode_x_realtime", *METRICS)
+            }
             rows.append(Row(**base, **nan, notes=f"failed: {exc}"))
             continue
         s = score(wav, run.decoded, max_delay_ms=max_delay_ms, pesq_nb=pesq_nb)
         notes = "; ".join(f"{k}: {v}" for k, v in s.notes.items() if v != "not requested")
-        rows.append(Row(
-            **base,
-            kbps=run.num_bytes * 8 / seconds / 1000,
-            payload_kbps=math.nan if run.payload_bytes is None else run.payload_bytes * 8 / seconds / 1000,
-            pesq_wb=s.pesq_wb, pesq_nb=s.pesq_nb, stoi=s.stoi, estoi=s.estoi, si_sdr=s.si_sdr,
-            mel_distance=s.mel_distance, delay_ms=s.delay_ms,
-            encode_x_realtime=seconds / max(run.encode_seconds, 1e-9),
-            decode_x_realtime=seconds / max(run.decode_seconds, 1e-9),
-            notes=notes,
-        ))
+        rows.append(
+            Row(
+                **base,
+                kbps=run.num_bytes * 8 / seconds / 1000,
+                payload_kbps=math.nan if run.payload_bytes is None else run.payload_bytes * 8 / seconds / 1000,
+                pesq_wb=s.pesq_wb,
+                pesq_nb=s.pesq_nb,
+                stoi=s.stoi,
+                estoi=s.estoi,
+                si_sdr=s.si_sdr,
+                mel_distance=s.mel_distance,
+                delay_ms=s.delay_ms,
+                encode_x_realtime=seconds / max(run.encode_seconds, 1e-9),
+                decode_x_realtime=seconds / max(run.decode_seconds, 1e-9),
+                notes=notes,
+            )
+        )
         if run.codes is not None and isinstance(codec, ModelSetting):
             counts[_label(codec)] = count_codes(run.codes, codec.codebook_sizes)
     return _FileResult(rows, counts, seconds)
@@ -143,10 +153,20 @@ def _mean_row(rows: list[Row]) -> Row:
         if n < len(rows) and not (name == "pesq_nb" and n == 0):
             missing.append(f"{name} undefined for {len(rows) - n}/{len(rows)} files")
     first = rows[0]
-    return Row(file=MEAN, codec=first.codec, setting=first.setting, seconds=total, nominal_kbps=first.nominal_kbps,
-               kbps=rate("kbps"), payload_kbps=rate("payload_kbps"), **metrics,
-               encode_x_realtime=speed("encode_x_realtime"), decode_x_realtime=speed("decode_x_realtime"),
-               files=len(rows), notes="; ".join(missing))
+    return Row(
+        file=MEAN,
+        codec=first.codec,
+        setting=first.setting,
+        seconds=total,
+        nominal_kbps=first.nominal_kbps,
+        kbps=rate("kbps"),
+        payload_kbps=rate("payload_kbps"),
+        **metrics,
+        encode_x_realtime=speed("encode_x_realtime"),
+        decode_x_realtime=speed("decode_x_realtime"),
+        files=len(rows),
+        notes="; ".join(missing),
+    )
 
 
 def evaluate(
@@ -198,8 +218,9 @@ def evaluate(
     else:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
-            futures = {pool.submit(_evaluate_file, item, runnable, max_delay_ms, pesq_nb): i
-                       for i, item in enumerate(items)}
+            futures = {
+                pool.submit(_evaluate_file, item, runnable, max_delay_ms, pesq_nb): i for i, item in enumerate(items)
+            }
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 bar.update()

@@ -54,8 +54,9 @@ class _Graph:
     def reset(self) -> None:
         """The initial state (a new stream): each tensor filled with its `initial` value."""
         self.state = {
-            s["name"]: np.full([self.batch if d == "batch" else d for d in s["shape"]], s["initial"],
-                               dtype=DTYPES[s["dtype"]])
+            s["name"]: np.full(
+                [self.batch if d == "batch" else d for d in s["shape"]], s["initial"], dtype=DTYPES[s["dtype"]]
+            )
             for s in self.spec["state"]
         }
 
@@ -169,8 +170,10 @@ def read_wav(path: str | Path, sample_rate: int) -> np.ndarray:
         raise RunnerError(f"cannot read {path} as audio (WAV, FLAC or OGG expected): {detail}") from None
     declared = _declared_frames(path)
     if declared is not None and declared > len(audio):
-        raise RunnerError(f"{path} is truncated: its header declares {declared} frames ({declared / rate:.2f} s) "
-                          f"but it holds {len(audio)} ({len(audio) / rate:.2f} s)")
+        raise RunnerError(
+            f"{path} is truncated: its header declares {declared} frames ({declared / rate:.2f} s) "
+            f"but it holds {len(audio)} ({len(audio) / rate:.2f} s)"
+        )
     if len(audio) == 0:
         raise RunnerError(f"{path} contains no audio samples")
     if not np.isfinite(audio).all():
@@ -197,8 +200,10 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, int, str]:
         raise RunnerError(f"no such file: {path}")
     with open(path, "rb") as f:
         if f.read(4) == b"SVQT":
-            raise RunnerError(f"{path} is a .tok file: decode it with `simvq-codec decompress`; this runner "
-                              "reads the .npz files its compress writes")
+            raise RunnerError(
+                f"{path} is a .tok file: decode it with `simvq-codec decompress`; this runner "
+                "reads the .npz files its compress writes"
+            )
     try:
         with np.load(path) as data:
             return data["codes"].astype(np.int64), int(data["num_samples"]), str(data["sha256"])
@@ -264,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, src, dst in (("compress", "input.wav", "output.npz"), ("decompress", "input.npz", "output.wav"),
-                           ("roundtrip", "input.wav", "output.wav")):
+    for name, src, dst in (
+        ("compress", "input.wav", "output.npz"),
+        ("decompress", "input.npz", "output.wav"),
+        ("roundtrip", "input.wav", "output.wav"),
+    ):
         p = sub.add_parser(name)
         p.add_argument("onnx_dir", help="folder written by `simvq-codec export-onnx`")
         p.add_argument("input", metavar=src)

@@ -30,8 +30,9 @@ Every error is `application/problem+json` (RFC 9457).
 """
 
 
-def create_app(settings: Settings | None = None, models: dict[str, Any] | None = None,
-               batcher: ClipBatcher | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, models: dict[str, Any] | None = None, batcher: ClipBatcher | None = None
+) -> FastAPI:
     """Build the app.
 
     settings: limits and knobs (default: from `SIMVQ_*` environment variables).
@@ -56,8 +57,9 @@ def create_app(settings: Settings | None = None, models: dict[str, Any] | None =
         finally:
             drained = await runtime.drain(settings.drain_timeout_s)
             if not drained:
-                log.warning("shutdown: %d requests still in flight after %.0f s", runtime.active,
-                            settings.drain_timeout_s)
+                log.warning(
+                    "shutdown: %d requests still in flight after %.0f s", runtime.active, settings.drain_timeout_s
+                )
             if not loading.done():
                 await asyncio.shield(loading)
             runtime.close()
@@ -81,8 +83,7 @@ def create_app(settings: Settings | None = None, models: dict[str, Any] | None =
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
             components["TokenJSON"] = TokenJSON.model_json_schema(ref_template="#/components/schemas/{model}")

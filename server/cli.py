@@ -22,17 +22,23 @@ every setting is an environment variable SIMVQ_<NAME> (docs/service.md); Ray Ser
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `serve` subcommand (entry point of group `simvq_codec.commands`)."""
     p = subparsers.add_parser(
-        "serve", help="run the HTTP and WebSocket service", epilog=EPILOG,
+        "serve",
+        help="run the HTTP and WebSocket service",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", help="address to bind (default: SIMVQ_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to bind (default: SIMVQ_PORT or 8000)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="uvicorn worker processes, each loading the model (default: 1)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes, each loading the model (default: 1)"
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     ray = p.add_argument_group("Ray Serve (pip install 'simvq-codec[ray]')")
-    ray.add_argument("--ray", action="store_true",
-                     help="serve through Ray Serve: local Ray, or the cluster of --ray-address / RAY_ADDRESS")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: local Ray, or the cluster of --ray-address / RAY_ADDRESS",
+    )
     ray.add_argument("--ray-address", help="Ray cluster to join (e.g. auto or ray://head:10001)")
     ray.add_argument("--replicas", type=int, help="replicas; 0 autoscales (default: SIMVQ_RAY_REPLICAS or 1)")
     ray.add_argument("--no-batching", action="store_true", help="send each clip to the model alone")
@@ -47,8 +53,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from server.protocol import uvicorn_options
         from server.settings import Settings
     except ImportError as exc:
-        print(f"simvq-codec: error: the service needs its extras ({exc.name} is missing): "
-              "pip install 'simvq-codec[server]'", file=sys.stderr)
+        print(
+            f"simvq-codec: error: the service needs its extras ({exc.name} is missing): "
+            "pip install 'simvq-codec[server]'",
+            file=sys.stderr,
+        )
         return 2
 
     flags = {"host": ("--host", args.host), "port": ("--port", args.port)}
@@ -75,8 +84,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("simvq-codec: error: --workers must be at least 1", file=sys.stderr)
         return 2
     common = dict(
-        host=settings.host, port=settings.port, **uvicorn_options(settings),
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, log_level=args.log_level,
+        host=settings.host,
+        port=settings.port,
+        **uvicorn_options(settings),
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        log_level=args.log_level,
         proxy_headers=True,
     )
     if args.workers == 1:
@@ -84,8 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(settings), **common)
     else:
         # each worker imports torch before answering the supervisor's health check: allow for a slow start
-        uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers, timeout_worker_healthcheck=60,
-                    **common)
+        uvicorn.run(
+            "server.app:app_from_env", factory=True, workers=args.workers, timeout_worker_healthcheck=60, **common
+        )
     return 0
 
 
@@ -93,8 +106,10 @@ def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
     try:
         from server import ray_serve
     except ImportError as exc:
-        print(f"simvq-codec: error: --ray needs Ray Serve ({exc.name} is missing): pip install 'simvq-codec[ray]'",
-              file=sys.stderr)
+        print(
+            f"simvq-codec: error: --ray needs Ray Serve ({exc.name} is missing): pip install 'simvq-codec[ray]'",
+            file=sys.stderr,
+        )
         return 2
     try:
         options = ray_serve.options_from_env(replicas=args.replicas, batching=False if args.no_batching else None)

@@ -75,6 +75,8 @@ async def within_deadline(seconds: float, work: Awaitable[T]) -> T:
         return await asyncio.wait_for(work, seconds)
     except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11
         raise ProblemError(
-            504, "deadline-exceeded", "Deadline exceeded",
+            504,
+            "deadline-exceeded",
+            "Deadline exceeded",
             f"the request took longer than {seconds:g} s; send shorter audio or retry later",
         ) from None

@@ -59,8 +59,9 @@ class ProblemError(Exception):
         self.extra = extra
 
 
-def problem_body(conn: HTTPConnection | None, status: int, reason: str, title: str, detail: str,
-                 **extra: Any) -> dict[str, Any]:
+def problem_body(
+    conn: HTTPConnection | None, status: int, reason: str, title: str, detail: str, **extra: Any
+) -> dict[str, Any]:
     """The problem+json body (for an HTTP request or a WebSocket handshake), counted as a rejection."""
     body: dict[str, Any] = {"type": _TYPE_PREFIX + reason, "title": title, "status": status, "detail": detail}
     if conn is not None:
@@ -181,7 +182,10 @@ class InternalErrors:
             request = Request(scope)
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             response = problem_response(
-                request, 500, "internal-error", "Internal server error",
+                request,
+                500,
+                "internal-error",
+                "Internal server error",
                 "the server failed to process this request; it has been logged. Retry, and report it if it persists.",
             )
             await response(scope, receive, send)
@@ -192,29 +196,55 @@ def _example(status: int, reason: str, title: str, detail: str, **extra: Any) ->
 
 
 _PROBLEM_EXAMPLES: dict[int, dict[str, Any]] = {
-    400: _example(400, "invalid-multipart", "Malformed multipart body",
-                  "the multipart body has no file part named 'file'; send the audio as 'file'"),
+    400: _example(
+        400,
+        "invalid-multipart",
+        "Malformed multipart body",
+        "the multipart body has no file part named 'file'; send the audio as 'file'",
+    ),
     404: _example(404, "not-found", "Not found", "no route /v1/nope; see /docs for the endpoints"),
     405: _example(405, "method-not-allowed", "Method not allowed", "GET is not allowed on /encode; allowed: POST"),
-    408: _example(408, "upload-too-slow", "Upload too slow",
-                  "1200 bytes of the body arrived in 5.0 s; after the first 5 s a body must arrive at 16384 "
-                  "bytes/s or more: send it over a faster link or in a smaller file", min_bytes_per_s=16384),
-    413: _example(413, "body-too-large", "Request body too large",
-                  "the body exceeds 26214400 bytes; send a shorter clip or split it", limit=26214400),
-    415: _example(415, "unsupported-media-type", "Unsupported media type",
-                  "Content-Type text/plain is not accepted; "
-                  "send audio/wav, audio/flac, audio/ogg or multipart/form-data"),
-    422: _example(422, "invalid-parameter", "Invalid parameter",
-                  "query parameter 'stages': Input should be less than or equal to 12",
-                  errors=[{"location": "query parameter 'stages'",
-                           "message": "Input should be less than or equal to 12"}]),
-    500: _example(500, "internal-error", "Internal server error",
-                  "the server failed to process this request; it has been logged. "
-                  "Retry, and report it if it persists."),
-    503: _example(503, "overloaded", "Server busy",
-                  "all 4 work slots are busy; retry after the Retry-After delay"),
-    504: _example(504, "deadline-exceeded", "Deadline exceeded",
-                  "the request took longer than 30 s; send shorter audio or retry later"),
+    408: _example(
+        408,
+        "upload-too-slow",
+        "Upload too slow",
+        "1200 bytes of the body arrived in 5.0 s; after the first 5 s a body must arrive at 16384 "
+        "bytes/s or more: send it over a faster link or in a smaller file",
+        min_bytes_per_s=16384,
+    ),
+    413: _example(
+        413,
+        "body-too-large",
+        "Request body too large",
+        "the body exceeds 26214400 bytes; send a shorter clip or split it",
+        limit=26214400,
+    ),
+    415: _example(
+        415,
+        "unsupported-media-type",
+        "Unsupported media type",
+        "Content-Type text/plain is not accepted; send audio/wav, audio/flac, audio/ogg or multipart/form-data",
+    ),
+    422: _example(
+        422,
+        "invalid-parameter",
+        "Invalid parameter",
+        "query parameter 'stages': Input should be less than or equal to 12",
+        errors=[{"location": "query parameter 'stages'", "message": "Input should be less than or equal to 12"}],
+    ),
+    500: _example(
+        500,
+        "internal-error",
+        "Internal server error",
+        "the server failed to process this request; it has been logged. Retry, and report it if it persists.",
+    ),
+    503: _example(503, "overloaded", "Server busy", "all 4 work slots are busy; retry after the Retry-After delay"),
+    504: _example(
+        504,
+        "deadline-exceeded",
+        "Deadline exceeded",
+        "the request took longer than 30 s; send shorter audio or retry later",
+    ),
 }
 
 _DESCRIPTIONS = {

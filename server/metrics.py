@@ -20,19 +20,29 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.requests = Counter(
-            "simvq_http_requests", "HTTP requests by route template, method and status.",
-            ["route", "method", "status"], registry=r,
+            "simvq_http_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "simvq_http_request_duration_seconds", "HTTP request latency by route template.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+            "simvq_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge("simvq_http_requests_in_flight", "HTTP requests being served.", registry=r)
         self.audio_seconds = Counter(
-            "simvq_audio_seconds", "Seconds of audio encoded or decoded, by operation.", ["operation"], registry=r,
+            "simvq_audio_seconds",
+            "Seconds of audio encoded or decoded, by operation.",
+            ["operation"],
+            registry=r,
         )
         self.rejections = Counter(
-            "simvq_rejections", "Requests refused or failed, by reason (the problem type slug).", ["reason"],
+            "simvq_rejections",
+            "Requests refused or failed, by reason (the problem type slug).",
+            ["reason"],
             registry=r,
         )
         self.streams = Gauge("simvq_streams_open", "WebSocket streams open.", ["direction"], registry=r)

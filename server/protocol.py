@@ -29,12 +29,18 @@ reaches the app, which refuses it with an error message and close 1009; uvicorn 
 
 
 def _timeout_response() -> bytes:
-    body = json.dumps({
-        "type": "urn:simvq-codec:problem:header-timeout", "title": "Request timeout", "status": 408,
-        "detail": "the request line and headers did not arrive in time; send them at once",
-    }).encode()
-    head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/problem+json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    body = json.dumps(
+        {
+            "type": "urn:simvq-codec:problem:header-timeout",
+            "title": "Request timeout",
+            "status": 408,
+            "detail": "the request line and headers did not arrive in time; send them at once",
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/problem+json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -78,5 +84,9 @@ class HeaderDeadlineProtocol(_HttpProtocol):
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """The uvicorn options of the service (`simvq-codec serve` and the tests' loopback server)."""
-    return dict(http=HeaderDeadlineProtocol, ws=UVICORN_WS, timeout_keep_alive=settings.keep_alive_timeout_s,
-                ws_max_size=WS_TRANSPORT_FACTOR * settings.ws_max_message_bytes)
+    return dict(
+        http=HeaderDeadlineProtocol,
+        ws=UVICORN_WS,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        ws_max_size=WS_TRANSPORT_FACTOR * settings.ws_max_message_bytes,
+    )

@@ -74,7 +74,9 @@ class RayOptions(BaseSettings):
     )
     batch_wait_s: float = Field(0.01, ge=0, le=10, description="How long a batch waits to fill after its first clip.")
     model_workers: int | None = Field(
-        None, ge=1, le=64,
+        None,
+        ge=1,
+        le=64,
         description="Batches run at once per replica; default: 1 on a GPU, num_cpus / SIMVQ_TORCH_THREADS on a CPU.",
     )
 
@@ -216,8 +218,9 @@ class CodecService:
         self.batcher: Batcher | None = None
         models: dict[str, Pretrained] = {}
         for ref in self.settings.models:
-            release = await loop.run_in_executor(self.executor,
-                                                 lambda r=ref: load_model(r, self.settings.device, False))
+            release = await loop.run_in_executor(
+                self.executor, lambda r=ref: load_model(r, self.settings.device, False)
+            )
             models[served_id(ref, release)] = release
         if self.options.batching:
             budget_ms = int(self.options.batch_seconds * 1000)
@@ -225,8 +228,9 @@ class CodecService:
                 method.set_max_batch_size(budget_ms)
                 method.set_batch_wait_timeout_s(self.options.batch_wait_s)
             logging.getLogger("ray.serve").addFilter(_DropBatchSizeWarning())
-            self.batcher = Batcher(loop, {"encode": self.encode_batch, "decode": self.decode_batch},
-                                   self._run_batch, budget_ms)
+            self.batcher = Batcher(
+                loop, {"encode": self.encode_batch, "decode": self.decode_batch}, self._run_batch, budget_ms
+            )
         self.models = models
         self._metrics: dict[str, Histogram] = {}
         self._pending: list[tuple[Job, asyncio.Future]] = []  # the model queue, oldest first
@@ -236,11 +240,20 @@ class CodecService:
         app = create_app(self.settings, models=self.models, batcher=self.batcher)
         registry = app.state.metrics.registry
         self._metrics = {
-            "clips": Histogram("simvq_batch_clips", "Clips per model call of the Ray Serve batcher.", ["op"],
-                               buckets=_CLIP_BUCKETS, registry=registry),
-            "seconds": Histogram("simvq_batch_padded_seconds", "Padded audio seconds per batched model call.",
-                                 ["op"], buckets=sorted({*_SECONDS_BUCKETS, self.options.batch_seconds}),
-                                 registry=registry),
+            "clips": Histogram(
+                "simvq_batch_clips",
+                "Clips per model call of the Ray Serve batcher.",
+                ["op"],
+                buckets=_CLIP_BUCKETS,
+                registry=registry,
+            ),
+            "seconds": Histogram(
+                "simvq_batch_padded_seconds",
+                "Padded audio seconds per batched model call.",
+                ["op"],
+                buckets=sorted({*_SECONDS_BUCKETS, self.options.batch_seconds}),
+                registry=registry,
+            ),
         }
         return app
 
@@ -280,13 +293,11 @@ class CodecService:
 
     # `serve.batch` measures batches in padded milliseconds (set from the options in __init__); its own
     # concurrency limit is left high because the model queue above bounds the model calls (model_workers).
-    @serve.batch(max_batch_size=60_000, batch_wait_timeout_s=0.01, max_concurrent_batches=1000,
-                 batch_size_fn=padded_ms)
+    @serve.batch(max_batch_size=60_000, batch_wait_timeout_s=0.01, max_concurrent_batches=1000, batch_size_fn=padded_ms)
     async def encode_batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run_batch(jobs)
 
-    @serve.batch(max_batch_size=60_000, batch_wait_timeout_s=0.01, max_concurrent_batches=1000,
-                 batch_size_fn=padded_ms)
+    @serve.batch(max_batch_size=60_000, batch_wait_timeout_s=0.01, max_concurrent_batches=1000, batch_size_fn=padded_ms)
     async def decode_batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run_batch(jobs)
 
@@ -324,7 +335,8 @@ def build(settings: Settings | None = None, options: RayOptions | None = None) -
     if options.replicas == 0:
         deployment_options["num_replicas"] = "auto"
         deployment_options["autoscaling_config"] = {
-            "min_replicas": options.min_replicas, "max_replicas": max(options.max_replicas, options.min_replicas),
+            "min_replicas": options.min_replicas,
+            "max_replicas": max(options.max_replicas, options.min_replicas),
             "target_ongoing_requests": options.target_ongoing_requests,
         }
     else:
@@ -362,8 +374,11 @@ def run(settings: Settings, options: RayOptions, address: str | None = None) -> 
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"simvq-codec: error: Ray Serve could not deploy the app: {reason}", file=sys.stderr)
             return 2
-        print(f"simvq-codec: serving on http://{settings.host}:{settings.port}{options.route_prefix} through Ray Serve "
-              "(Ctrl-C stops)", flush=True)
+        print(
+            f"simvq-codec: serving on http://{settings.host}:{settings.port}{options.route_prefix} through Ray Serve "
+            "(Ctrl-C stops)",
+            flush=True,
+        )
         stop.wait()
     finally:
         for sig, handler in previous.items():

@@ -71,8 +71,13 @@ class ServedModel:
         return self.pretrained.model
 
     def _batchable(self, x: torch.Tensor) -> bool:
-        return (self.batcher is not None and not self.model.is_streaming and x.dim() == 3 and x.shape[0] == 1
-                and x.shape[-1] > 0)
+        return (
+            self.batcher is not None
+            and not self.model.is_streaming
+            and x.dim() == 3
+            and x.shape[0] == 1
+            and x.shape[-1] > 0
+        )
 
     def encode(self, wav: torch.Tensor, n_stages: int | None = None) -> torch.Tensor:
         """Offline encode, `model.encode`'s contract: a clip `[1, 1, T]` -> `[1, S, F]` goes through the
@@ -144,8 +149,9 @@ class Slot:
 class Runtime:
     """Everything model-related the routers need, built once per app and loaded in the lifespan."""
 
-    def __init__(self, settings: Settings, models: dict[str, Pretrained] | None = None,
-                 batcher: ClipBatcher | None = None) -> None:
+    def __init__(
+        self, settings: Settings, models: dict[str, Pretrained] | None = None, batcher: ClipBatcher | None = None
+    ) -> None:
         self.settings = settings
         self.batcher = batcher
         self.phase = Phase.LOADING
@@ -153,9 +159,7 @@ class Runtime:
         self.models: dict[str, ServedModel] = {}
         self.default_model_id: str | None = None
         self._preloaded = models
-        self.pool = ThreadPoolExecutor(
-            max_workers=settings.resolved_pool_size(), thread_name_prefix="simvq-work"
-        )
+        self.pool = ThreadPoolExecutor(max_workers=settings.resolved_pool_size(), thread_name_prefix="simvq-work")
         self.slots = Slots(settings.max_concurrency)
         self.stream_slots = Slots(settings.max_streams or UNMEASURED_STREAMS)  # measured in `load` when not set
         self.scheduler = Scheduler(asyncio.get_running_loop(), settings.stream_max_lag_s)
@@ -200,8 +204,14 @@ class Runtime:
 
     def _stream_capacity(self, model: SimVQCodec) -> int:
         streams, step_ms = measure_capacity(model)
-        log.info("stream capacity of %s: %d streams (a batched step of %d encode and %d decode frames: %.1f ms)",
-                 type(model).__name__, streams, streams // 2, streams // 2, step_ms)
+        log.info(
+            "stream capacity of %s: %d streams (a batched step of %d encode and %d decode frames: %.1f ms)",
+            type(model).__name__,
+            streams,
+            streams // 2,
+            streams // 2,
+            step_ms,
+        )
         return streams
 
     async def drain(self, timeout: float) -> bool:
@@ -233,12 +243,21 @@ class Runtime:
             return
         retry = str(max(1, self.settings.retry_after_s))
         if self.phase is Phase.LOADING:
-            raise ProblemError(503, "loading", "Model loading", "the model is still loading; retry shortly",
-                               headers={"Retry-After": retry})
+            raise ProblemError(
+                503,
+                "loading",
+                "Model loading",
+                "the model is still loading; retry shortly",
+                headers={"Retry-After": retry},
+            )
         if self.phase is Phase.DRAINING:
-            raise ProblemError(503, "draining", "Shutting down",
-                               "this server is shutting down; retry on another instance",
-                               headers={"Retry-After": retry})
+            raise ProblemError(
+                503,
+                "draining",
+                "Shutting down",
+                "this server is shutting down; retry on another instance",
+                headers={"Retry-After": retry},
+            )
         raise ProblemError(503, "model-failed", "Model unavailable", "the model failed to load on this server")
 
     def get(self, model_id: str | None) -> ServedModel:
@@ -247,15 +266,21 @@ class Runtime:
         key = model_id or self.default_model_id
         if key not in self.models:
             served = ", ".join(self.models)
-            raise ProblemError(422, "unknown-model", "Unknown model",
-                               f"model '{model_id}' is not served here; use one of: {served} (GET /v1/models)")
+            raise ProblemError(
+                422,
+                "unknown-model",
+                "Unknown model",
+                f"model '{model_id}' is not served here; use one of: {served} (GET /v1/models)",
+            )
         return self.models[key]
 
     def admit(self, on_release: Callable[[], None] | None = None) -> Slot:
         """Take a work slot or raise 503 with Retry-After at once."""
         if not self.slots.try_acquire():
             raise ProblemError(
-                503, "overloaded", "Server busy",
+                503,
+                "overloaded",
+                "Server busy",
                 f"all {self.slots.capacity} work slots are busy; retry after the Retry-After delay",
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
@@ -275,8 +300,13 @@ class Runtime:
         except RuntimeError:  # pool shut down
             if slot is not None:
                 slot.drop()
-            raise ProblemError(503, "draining", "Shutting down", "this server is shutting down; retry elsewhere",
-                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+            raise ProblemError(
+                503,
+                "draining",
+                "Shutting down",
+                "this server is shutting down; retry elsewhere",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
         if slot is not None:
             future.add_done_callback(lambda _f: slot.drop())
         return await asyncio.wrap_future(future)

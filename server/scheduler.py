@@ -117,8 +117,7 @@ class Scheduler:
             batch = self._batches.get(id(model))
             if batch is None:
                 batch = self._batches[id(model)] = StreamBatch(model)
-            stream = Stream(direction, batch, stages, model.hop_length / model.sample_rate,
-                            task=asyncio.current_task())
+            stream = Stream(direction, batch, stages, model.hop_length / model.sample_rate, task=asyncio.current_task())
             key = (id(model), direction)
             self._groups[key] = self._groups.get(key, ()) + (stream,)
         return stream
@@ -174,8 +173,9 @@ class Scheduler:
                 done = self._step(direction, heads)
             except Exception:
                 log.exception("a batched %s step failed", direction)
-                error = StreamFailed(CLOSE_INTERNAL, "internal-error",
-                                     "the server failed on this stream; it has been logged")
+                error = StreamFailed(
+                    CLOSE_INTERNAL, "internal-error", "the server failed on this stream; it has been logged"
+                )
                 self.loop.call_soon_threadsafe(_fail_all, [s for s, _ in heads], error)
                 continue
             self.loop.call_soon_threadsafe(self._deliver, done)
@@ -203,8 +203,10 @@ class Scheduler:
                 audio = [a.cpu() for a in batch.decode(slots, torch.from_numpy(codes), [s.stages for s in streams])]
                 hop = streams[0].batch.model.hop_length
                 pcm = to_pcm16(torch.stack([a if a.shape[0] == hop else a.new_zeros(hop) for a in audio]).numpy())[0]
-                payloads = [row.tobytes() if a.shape[0] == hop else to_pcm16(a.numpy())[0].tobytes()
-                            for row, a in zip(pcm, audio)]  # a stream's first frame is short
+                payloads = [
+                    row.tobytes() if a.shape[0] == hop else to_pcm16(a.numpy())[0].tobytes()
+                    for row, a in zip(pcm, audio)
+                ]  # a stream's first frame is short
             out = {id(s): (p, due) for (s, (_, due)), p in zip(rows, payloads)}
         done = []
         for s, item in heads:
@@ -227,11 +229,15 @@ class Scheduler:
             lag = 0.0 if due is None else now - due
             if lag > self.max_lag_s or len(stream.outbox) * stream.frame_s > self.max_lag_s:
                 late = max(lag, len(stream.outbox) * stream.frame_s)
-                stream.fail(StreamFailed(
-                    CLOSE_TRY_LATER, "behind-real-time",
-                    f"this stream's output fell {late * 1000:.0f} ms behind real time (the limit is "
-                    f"{self.max_lag_s * 1000:.0f} ms): the server is overloaded or the client reads too slowly; "
-                    "reconnect, later or to another instance"))
+                stream.fail(
+                    StreamFailed(
+                        CLOSE_TRY_LATER,
+                        "behind-real-time",
+                        f"this stream's output fell {late * 1000:.0f} ms behind real time (the limit is "
+                        f"{self.max_lag_s * 1000:.0f} ms): the server is overloaded or the client reads too slowly; "
+                        "reconnect, later or to another instance",
+                    )
+                )
                 continue
             stream.outbox.append(payload)
             stream.ready.set()
@@ -257,8 +263,9 @@ async def pump(stream: Stream, send: Callable[[bytes], Any]) -> int:
             return sent
 
 
-def measure_capacity(model: torch.nn.Module, budget: float = STEP_BUDGET, probe: tuple[int, int] = (8, 48),
-                     repeats: int = 5) -> tuple[int, float]:
+def measure_capacity(
+    model: torch.nn.Module, budget: float = STEP_BUDGET, probe: tuple[int, int] = (8, 48), repeats: int = 5
+) -> tuple[int, float]:
     """The WebSocket streams one worker carries in real time with `model`: the largest even N such that a
     batched encode step of N/2 frames and a decode step of N/2 frames take at most `budget` of a frame.
 

@@ -39,10 +39,14 @@ class TokenJSON(BaseModel):
     frame_rate: float = Field(gt=0, description="Frames per second (sample_rate / hop_length), informative.")
     n_stages: int = Field(ge=1, le=MAX_STAGES, description="Residual stages per frame (rows of `codes`).")
     bits_per_code: int | None = Field(
-        None, ge=1, le=16, description="Bits of every code when all stages share one width (null otherwise).")
+        None, ge=1, le=16, description="Bits of every code when all stages share one width (null otherwise)."
+    )
     stage_bits: list[Annotated[int, Field(ge=1, le=16)]] | None = Field(
-        None, max_length=MAX_STAGES, description="Bits per code of each stage; codes[s] are in [0, 2**stage_bits[s]). "
-        "A request gives this, bits_per_code, or both (consistent).")
+        None,
+        max_length=MAX_STAGES,
+        description="Bits per code of each stage; codes[s] are in [0, 2**stage_bits[s]). "
+        "A request gives this, bits_per_code, or both (consistent).",
+    )
     num_samples: int = Field(ge=0, description="Samples of the original audio; decode returns exactly this many.")
     num_frames: int = Field(ge=0, description="Frames (columns of `codes`).")
     codes: list[list[Annotated[int, Field(ge=0, lt=1 << 16)]]] = Field(
@@ -53,8 +57,11 @@ class TokenJSON(BaseModel):
     def _one_width_rule(self) -> "TokenJSON":
         if self.stage_bits is None and self.bits_per_code is None:
             raise ValueError("give stage_bits (one width per stage) or bits_per_code")
-        if self.stage_bits is not None and self.bits_per_code is not None and set(self.stage_bits) != {
-                self.bits_per_code}:
+        if (
+            self.stage_bits is not None
+            and self.bits_per_code is not None
+            and set(self.stage_bits) != {self.bits_per_code}
+        ):
             raise ValueError(f"bits_per_code {self.bits_per_code} contradicts stage_bits {self.stage_bits}")
         return self
 
@@ -74,12 +81,15 @@ class ModelInfo(BaseModel):
     frame_rate: float = Field(examples=[50.0])
     n_stages: int = Field(description="Residual stages (the maximum `stages`).", examples=[12])
     codebook_sizes: list[int] = Field(description="Codes per stage.", examples=[[1024, 1024]])
-    stage_bits: list[int] = Field(description="Bits per code of each stage, as packed in .tok files.",
-                                  examples=[[10, 10]])
-    codebook_size: int | None = Field(description="Codes per stage when every stage has the same size, else null.",
-                                      examples=[1024])
-    bits_per_code: int | None = Field(description="Bits per code when every stage has the same width, else null.",
-                                      examples=[10])
+    stage_bits: list[int] = Field(
+        description="Bits per code of each stage, as packed in .tok files.", examples=[[10, 10]]
+    )
+    codebook_size: int | None = Field(
+        description="Codes per stage when every stage has the same size, else null.", examples=[1024]
+    )
+    bits_per_code: int | None = Field(
+        description="Bits per code when every stage has the same width, else null.", examples=[10]
+    )
     bitrates_kbps: list[float] = Field(description="Bitrate for 1..n_stages stages, kbit/s.", examples=[[0.5, 1.0]])
     weights_hash: str = Field(description="First 8 bytes of the weights' sha256 (hex), as in .tok headers.")
 

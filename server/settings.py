@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="Torch device for every model, e.g. 'cpu' or 'cuda:0'.")
     torch_threads: int = Field(1, ge=1, le=256, description="Intra-op torch threads (torch.set_num_threads).")
     pool_size: int | None = Field(
-        None, ge=1, le=256,
+        None,
+        ge=1,
+        le=256,
         description="Threads running model work; default: CPU count // torch_threads on CPU, 1 on a GPU.",
     )
     warmup: bool = Field(True, description="Encode and decode a short clip before readiness turns green.")
@@ -52,20 +54,26 @@ class Settings(BaseSettings):
         4, ge=1, le=10_000, description="Encode/decode requests admitted at once; beyond it an immediate 503."
     )
     max_streams: int | None = Field(
-        None, ge=1, le=10_000,
+        None,
+        ge=1,
+        le=10_000,
         description="Concurrent WebSocket streams per worker; beyond it 503/1013. Default: what the worker "
-                    "carries in real time, measured during the warm-up (server.scheduler.measure_capacity); "
-                    "16 without a warm-up.",
+        "carries in real time, measured during the warm-up (server.scheduler.measure_capacity); "
+        "16 without a warm-up.",
     )
     retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After seconds sent with 503.")
     request_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline of one request's work once its body has arrived (504); the upload "
-                                "has its own limit, upload_min_bytes_per_s.",
+        30.0,
+        gt=0,
+        description="Deadline of one request's work once its body has arrived (504); the upload "
+        "has its own limit, upload_min_bytes_per_s.",
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="How long shutdown waits for requests in flight.")
     keep_alive_timeout_s: float = Field(
-        5.0, gt=0, description="Close a keep-alive connection idle this long; also how long a request's line and "
-                               "headers may take from the connection's start or their first byte (408).",
+        5.0,
+        gt=0,
+        description="Close a keep-alive connection idle this long; also how long a request's line and "
+        "headers may take from the connection's start or their first byte (408).",
     )
 
     # --- input limits -------------------------------------------------------------------------------------
@@ -73,17 +81,19 @@ class Settings(BaseSettings):
         25 * 1024 * 1024, ge=1024, description="Largest request body, checked as it streams (413)."
     )
     upload_min_bytes_per_s: int = Field(
-        16 * 1024, ge=1,
+        16 * 1024,
+        ge=1,
         description="Slowest average rate a request body may arrive at once upload_grace_s have passed (408). "
-                    "Bodies are read before a work slot is taken, so a slow sender costs a connection only.",
+        "Bodies are read before a work slot is taken, so a slow sender costs a connection only.",
     )
     upload_grace_s: float = Field(
         5.0, gt=0, description="Seconds an upload may take before upload_min_bytes_per_s applies (408)."
     )
     max_upload_bytes: int = Field(
-        128 * 1024 * 1024, ge=1024,
+        128 * 1024 * 1024,
+        ge=1024,
         description="Bytes of request bodies being received at once, over all requests (503 beyond it): "
-                    "with max_concurrency x max_body_bytes for admitted work, the bound on body memory.",
+        "with max_concurrency x max_body_bytes for admitted work, the bound on body memory.",
     )
     max_duration_s: float = Field(300.0, gt=0, description="Longest audio accepted or produced, from headers (413).")
     max_input_samples: int = Field(
@@ -100,7 +110,9 @@ class Settings(BaseSettings):
     ws_idle_timeout_s: float = Field(60.0, gt=0, description="Close a stream silent for this long (close 1008).")
     max_stream_duration_s: float = Field(3600.0, gt=0, description="Most audio one stream may carry (close 1008).")
     stream_max_lag_s: float = Field(
-        1.0, gt=0, description="Close a stream whose output falls this far behind real time (close 1013).",
+        1.0,
+        gt=0,
+        description="Close a stream whose output falls this far behind real time (close 1013).",
     )
 
     # --- network ------------------------------------------------------------------------------------------

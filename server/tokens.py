@@ -18,9 +18,12 @@ from server.settings import Settings
 
 def too_long(seconds: float, settings: Settings) -> ProblemError:
     return ProblemError(
-        413, "audio-too-long", "Audio too long",
+        413,
+        "audio-too-long",
+        "Audio too long",
         f"the tokens describe {seconds:.1f} s of audio; at most {settings.max_duration_s:g} s per request: "
-        "split the file or use the streaming endpoint", limit_seconds=settings.max_duration_s,
+        "split the file or use the streaming endpoint",
+        limit_seconds=settings.max_duration_s,
     )
 
 
@@ -29,8 +32,9 @@ def max_frames(header: TokHeader, settings: Settings) -> int:
     return math.ceil(settings.max_duration_s * header.sample_rate / header.hop_length)
 
 
-def parse_tok(data: bytes, settings: Settings, runtime: Runtime, requested: str | None
-              ) -> tuple[ServedModel, TokHeader, np.ndarray]:
+def parse_tok(
+    data: bytes, settings: Settings, runtime: Runtime, requested: str | None
+) -> tuple[ServedModel, TokHeader, np.ndarray]:
     """Read .tok bytes for the model that made them (`model_for_header`); the duration limit is checked from
     the header before any code is unpacked.
 
@@ -53,19 +57,30 @@ def parse_tok(data: bytes, settings: Settings, runtime: Runtime, requested: str 
     return served, header, codes
 
 
-def parse_token_json(data: bytes, settings: Settings, runtime: Runtime, requested: str | None
-                     ) -> tuple[ServedModel, TokHeader, np.ndarray]:
+def parse_token_json(
+    data: bytes, settings: Settings, runtime: Runtime, requested: str | None
+) -> tuple[ServedModel, TokHeader, np.ndarray]:
     """Validate token JSON (422 naming the field), check the duration (413), build the codes array, then find
     the model that made them (`model_for_header`)."""
     try:
         doc = TokenJSON.model_validate_json(data)
     except ValidationError as exc:
-        errors = [{"location": "body field '" + ".".join(str(x) for x in e["loc"]) + "'", "message": e["msg"]}
-                  for e in exc.errors(include_url=False)[:20]]
+        errors = [
+            {"location": "body field '" + ".".join(str(x) for x in e["loc"]) + "'", "message": e["msg"]}
+            for e in exc.errors(include_url=False)[:20]
+        ]
         detail = "; ".join(f"{e['location']}: {e['message']}" for e in errors) or "invalid token JSON"
         raise ProblemError(422, "invalid-token-json", "Invalid token JSON", detail, errors=errors) from None
-    header = TokHeader(doc.model_id, bytes.fromhex(doc.weights_hash), doc.sample_rate, doc.hop_length,
-                       doc.n_stages, doc.widths(), doc.num_samples, doc.num_frames)
+    header = TokHeader(
+        doc.model_id,
+        bytes.fromhex(doc.weights_hash),
+        doc.sample_rate,
+        doc.hop_length,
+        doc.n_stages,
+        doc.widths(),
+        doc.num_samples,
+        doc.num_frames,
+    )
     if doc.num_samples / doc.sample_rate > settings.max_duration_s:
         raise too_long(doc.num_samples / doc.sample_rate, settings)
     if len(doc.codes) != doc.n_stages:
@@ -87,10 +102,17 @@ def tok_bytes(header: TokHeader, codes: np.ndarray) -> bytes:
 
 def token_json(header: TokHeader, codes: np.ndarray) -> dict:
     return TokenJSON(
-        model_id=header.model_id, weights_hash=header.weights_hash.hex(), sample_rate=header.sample_rate,
-        hop_length=header.hop_length, frame_rate=header.frame_rate, n_stages=header.n_stages,
-        bits_per_code=header.bits_per_code, stage_bits=list(header.stage_bits), num_samples=header.num_samples,
-        num_frames=header.num_frames, codes=np.asarray(codes).tolist(),
+        model_id=header.model_id,
+        weights_hash=header.weights_hash.hex(),
+        sample_rate=header.sample_rate,
+        hop_length=header.hop_length,
+        frame_rate=header.frame_rate,
+        n_stages=header.n_stages,
+        bits_per_code=header.bits_per_code,
+        stage_bits=list(header.stage_bits),
+        num_samples=header.num_samples,
+        num_frames=header.num_frames,
+        codes=np.asarray(codes).tolist(),
     ).model_dump()
 
 
@@ -109,9 +131,13 @@ def model_for_header(header: TokHeader, runtime: Runtime, requested: str | None)
         if not matches:
             named = "" if header.model_id is None else f" (model '{header.model_id}' in the tokens)"
             served_ids = ", ".join(f"{m.model_id} (weights {m.pretrained.sha256[:8]})" for m in runtime.models.values())
-            raise ProblemError(422, "unknown-model", "Unknown model",
-                               f"the tokens were made with weights {header.weights_hash.hex()}{named}, which this "
-                               f"server does not serve (it serves: {served_ids})")
+            raise ProblemError(
+                422,
+                "unknown-model",
+                "Unknown model",
+                f"the tokens were made with weights {header.weights_hash.hex()}{named}, which this "
+                f"server does not serve (it serves: {served_ids})",
+            )
         served = next((m for m in matches if m.model_id == header.model_id), matches[0])
     try:
         return served, served.pretrained.check(header)

@@ -21,9 +21,14 @@ from server.settings import Settings
 
 # Content-Type -> the libsndfile container it must hold.
 AUDIO_MEDIA_TYPES: dict[str, str] = {
-    "audio/wav": "WAV", "audio/x-wav": "WAV", "audio/wave": "WAV", "audio/vnd.wave": "WAV",
-    "audio/flac": "FLAC", "audio/x-flac": "FLAC",
-    "audio/ogg": "OGG", "application/ogg": "OGG",
+    "audio/wav": "WAV",
+    "audio/x-wav": "WAV",
+    "audio/wave": "WAV",
+    "audio/vnd.wave": "WAV",
+    "audio/flac": "FLAC",
+    "audio/x-flac": "FLAC",
+    "audio/ogg": "OGG",
+    "application/ogg": "OGG",
 }
 MULTIPART = "multipart/form-data"
 
@@ -46,25 +51,35 @@ def media_type(request: Request) -> str:
 
 def too_large(limit: int) -> ProblemError:
     return ProblemError(
-        413, "body-too-large", "Request body too large",
-        f"the body exceeds {limit} bytes; send a shorter or more compressed clip (e.g. FLAC or Ogg)", limit=limit,
+        413,
+        "body-too-large",
+        "Request body too large",
+        f"the body exceeds {limit} bytes; send a shorter or more compressed clip (e.g. FLAC or Ogg)",
+        limit=limit,
     )
 
 
 def too_slow(settings: Settings, received: int, seconds: float) -> ProblemError:
     return ProblemError(
-        408, "upload-too-slow", "Upload too slow",
+        408,
+        "upload-too-slow",
+        "Upload too slow",
         f"{received} bytes of the body arrived in {seconds:.1f} s; after the first {settings.upload_grace_s:g} s "
         f"a body must arrive at {settings.upload_min_bytes_per_s} bytes/s or more: send it over a faster link "
-        "or in a smaller file", headers={"Connection": "close"}, min_bytes_per_s=settings.upload_min_bytes_per_s,
+        "or in a smaller file",
+        headers={"Connection": "close"},
+        min_bytes_per_s=settings.upload_min_bytes_per_s,
     )
 
 
 def uploads_busy(settings: Settings) -> ProblemError:
     return ProblemError(
-        503, "uploads-busy", "Server busy",
+        503,
+        "uploads-busy",
+        "Server busy",
         f"the server is already receiving {settings.max_upload_bytes} bytes of uploads; retry after the "
-        "Retry-After delay", headers={"Retry-After": str(settings.retry_after_s)},
+        "Retry-After delay",
+        headers={"Retry-After": str(settings.retry_after_s)},
     )
 
 
@@ -107,9 +122,12 @@ async def limited_stream(request: Request, settings: Settings) -> AsyncIterator[
             except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11
                 raise too_slow(settings, received, loop.time() - start) from None
             except ClientDisconnect:
-                raise ProblemError(400, "upload-incomplete", "Upload incomplete",
-                                   f"the connection closed after {received} bytes of the body; send the whole "
-                                   "body") from None
+                raise ProblemError(
+                    400,
+                    "upload-incomplete",
+                    "Upload incomplete",
+                    f"the connection closed after {received} bytes of the body; send the whole body",
+                ) from None
             received += len(chunk)
             if received > limit:
                 raise too_large(limit)
@@ -142,23 +160,35 @@ async def read_audio_upload(request: Request, settings: Settings) -> tuple[bytes
         return data, AUDIO_MEDIA_TYPES[kind]
     if kind != MULTIPART:
         shown = kind or "(none)"
-        raise ProblemError(415, "unsupported-media-type", "Unsupported media type",
-                           f"Content-Type {shown} is not accepted; send {ACCEPTED_TEXT}")
+        raise ProblemError(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            f"Content-Type {shown} is not accepted; send {ACCEPTED_TEXT}",
+        )
     stream = limited_stream(request, settings)
     parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=16, max_part_size=64 * 1024)
     try:
         form = await parser.parse()
     except MultiPartException as exc:  # starlette's messages are sentences ("Invalid multipart data.")
         said = exc.message.strip().rstrip(".")
-        raise ProblemError(400, "invalid-multipart", "Malformed multipart body",
-                           f"{said[:1].lower()}{said[1:]}; send one file part named 'file'") from None
+        raise ProblemError(
+            400,
+            "invalid-multipart",
+            "Malformed multipart body",
+            f"{said[:1].lower()}{said[1:]}; send one file part named 'file'",
+        ) from None
     finally:
         await stream.aclose()  # ends its hold on max_upload_bytes even when the parser stopped early
     try:
         part = form.get("file")
         if not isinstance(part, UploadFile):
-            raise ProblemError(400, "invalid-multipart", "Malformed multipart body",
-                               "the multipart body has no file part named 'file'; send the audio as 'file'")
+            raise ProblemError(
+                400,
+                "invalid-multipart",
+                "Malformed multipart body",
+                "the multipart body has no file part named 'file'; send the audio as 'file'",
+            )
         return await part.read(), None
     finally:
         await form.close()
@@ -194,43 +224,79 @@ def probe_audio(data: bytes, expected: str | None, settings: Settings) -> AudioP
             container, subtype = f.format, f.subtype
             rate, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
     except sf.LibsndfileError as exc:
-        raise ProblemError(422, "invalid-audio", "Invalid audio",
-                           f"the body is not a readable WAV, FLAC or Ogg file ({exc.error_string})") from None
+        raise ProblemError(
+            422,
+            "invalid-audio",
+            "Invalid audio",
+            f"the body is not a readable WAV, FLAC or Ogg file ({exc.error_string})",
+        ) from None
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ProblemError(422, "invalid-audio", "Invalid audio",
-                           f"the body is not a readable WAV, FLAC or Ogg file ({type(exc).__name__})") from None
+        raise ProblemError(
+            422,
+            "invalid-audio",
+            "Invalid audio",
+            f"the body is not a readable WAV, FLAC or Ogg file ({type(exc).__name__})",
+        ) from None
     if container not in ALLOWED_SUBTYPES:
-        raise ProblemError(415, "unsupported-container", "Unsupported audio container",
-                           f"{container} audio is not accepted; convert it to WAV, FLAC or Ogg (Vorbis/Opus)")
+        raise ProblemError(
+            415,
+            "unsupported-container",
+            "Unsupported audio container",
+            f"{container} audio is not accepted; convert it to WAV, FLAC or Ogg (Vorbis/Opus)",
+        )
     if expected is not None and _CONTAINER_FAMILY[container] != expected:
-        raise ProblemError(415, "content-type-mismatch", "Content-Type does not match the body",
-                           f"the Content-Type names {expected} but the body is {_CONTAINER_FAMILY[container]}; "
-                           f"send Content-Type audio/{_CONTAINER_FAMILY[container].lower()}")
+        raise ProblemError(
+            415,
+            "content-type-mismatch",
+            "Content-Type does not match the body",
+            f"the Content-Type names {expected} but the body is {_CONTAINER_FAMILY[container]}; "
+            f"send Content-Type audio/{_CONTAINER_FAMILY[container].lower()}",
+        )
     if subtype not in ALLOWED_SUBTYPES[container]:
         allowed = ", ".join(sorted(ALLOWED_SUBTYPES[container]))
-        raise ProblemError(415, "unsupported-sample-format", "Unsupported sample format",
-                           f"{container} with {subtype} samples is not accepted; use one of {allowed}")
+        raise ProblemError(
+            415,
+            "unsupported-sample-format",
+            "Unsupported sample format",
+            f"{container} with {subtype} samples is not accepted; use one of {allowed}",
+        )
     if not settings.min_sample_rate <= rate <= settings.max_sample_rate:
-        raise ProblemError(422, "invalid-sample-rate", "Sample rate out of range",
-                           f"sample rate {rate} Hz is outside "
-                           f"{settings.min_sample_rate}..{settings.max_sample_rate} Hz; resample the audio",
-                           sample_rate=rate)
+        raise ProblemError(
+            422,
+            "invalid-sample-rate",
+            "Sample rate out of range",
+            f"sample rate {rate} Hz is outside "
+            f"{settings.min_sample_rate}..{settings.max_sample_rate} Hz; resample the audio",
+            sample_rate=rate,
+        )
     if not 1 <= channels <= settings.max_channels:
-        raise ProblemError(422, "invalid-channels", "Too many channels",
-                           f"{channels} channels; at most {settings.max_channels} are accepted: mix down first",
-                           channels=channels)
+        raise ProblemError(
+            422,
+            "invalid-channels",
+            "Too many channels",
+            f"{channels} channels; at most {settings.max_channels} are accepted: mix down first",
+            channels=channels,
+        )
     if frames <= 0:
         raise ProblemError(422, "invalid-audio", "Invalid audio", "the audio holds no samples")
     probe = AudioProbe(container, subtype, rate, channels, frames)
     if probe.duration_s > settings.max_duration_s:
-        raise ProblemError(413, "audio-too-long", "Audio too long",
-                           f"the header declares {probe.duration_s:.1f} s; at most {settings.max_duration_s:g} s "
-                           "per request: split the audio or use the streaming endpoint",
-                           limit_seconds=settings.max_duration_s)
+        raise ProblemError(
+            413,
+            "audio-too-long",
+            "Audio too long",
+            f"the header declares {probe.duration_s:.1f} s; at most {settings.max_duration_s:g} s "
+            "per request: split the audio or use the streaming endpoint",
+            limit_seconds=settings.max_duration_s,
+        )
     if frames * channels > settings.max_input_samples:
-        raise ProblemError(413, "audio-too-large", "Audio too large once decoded",
-                           f"{frames} frames x {channels} channels exceed {settings.max_input_samples} samples; "
-                           "send fewer channels or a lower sample rate")
+        raise ProblemError(
+            413,
+            "audio-too-large",
+            "Audio too large once decoded",
+            f"{frames} frames x {channels} channels exceed {settings.max_input_samples} samples; "
+            "send fewer channels or a lower sample rate",
+        )
     if _CONTAINER_FAMILY[container] == "WAV":
         check_wav_complete(io.BytesIO(data), UNNAMED_INPUT, frames, rate)  # AudioError: 422
     return probe

@@ -13,9 +13,21 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # The shipped model's phase features (pitch head, re-phasing, phase advances) are off: the tests that need them
 # ask for them, the rest stay fast.
-TINY = dict(encoder_dim=32, encoder_layers=2, decoder_dim=32, decoder_layers=2, latent_dim=16, n_stages=4,
-            codebook_size=64, phase="absolute", straight_through="stage", quantize_fraction=1.0, pitch_prior=False,
-            rephase_iters=0, advance_features=False)
+TINY = dict(
+    encoder_dim=32,
+    encoder_layers=2,
+    decoder_dim=32,
+    decoder_layers=2,
+    latent_dim=16,
+    n_stages=4,
+    codebook_size=64,
+    phase="absolute",
+    straight_through="stage",
+    quantize_fraction=1.0,
+    pitch_prior=False,
+    rephase_iters=0,
+    advance_features=False,
+)
 
 
 @pytest.fixture(autouse=True)

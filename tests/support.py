@@ -12,7 +12,14 @@ import numpy as np
 import torch
 
 from bench.support import (  # noqa: F401 (the tests' names for the kit the bench scripts use)
-    CHROMIUM_FLAGS, REPO, LoopbackServer, audio_bytes, chromium_missing, free_port, headless_chromium, real_recording,
+    CHROMIUM_FLAGS,
+    REPO,
+    LoopbackServer,
+    audio_bytes,
+    chromium_missing,
+    free_port,
+    headless_chromium,
+    real_recording,
     speech_like,
 )
 from codec.checkpoint import load_pretrained, save_model
@@ -20,9 +27,22 @@ from codec.model import SimVQCodec
 from codec.pretrained import Pretrained
 
 TINY_CONFIG: dict[str, Any] = dict(
-    encoder_dim=32, encoder_layers=1, decoder_dim=32, decoder_layers=1, kernel_size=3, expansion=2,
-    latent_dim=8, n_stages=4, codebook_size=64, init_from_data=False, phase="absolute", straight_through="stage",
-    quantize_fraction=1.0, pitch_prior=False, rephase_iters=0, advance_features=False,
+    encoder_dim=32,
+    encoder_layers=1,
+    decoder_dim=32,
+    decoder_layers=1,
+    kernel_size=3,
+    expansion=2,
+    latent_dim=8,
+    n_stages=4,
+    codebook_size=64,
+    init_from_data=False,
+    phase="absolute",
+    straight_through="stage",
+    quantize_fraction=1.0,
+    pitch_prior=False,
+    rephase_iters=0,
+    advance_features=False,
 )
 
 

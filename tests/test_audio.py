@@ -40,19 +40,26 @@ def huge_header_wav() -> bytes:
     """A PCM16 mono WAV whose data chunk claims 2**31 frames and holds 10 bytes."""
     fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
     data_size = 2**32 - 2  # 2**31 frames of 2 bytes
-    return (b"RIFF" + struct.pack("<I", 36 + 10) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
-            + b"data" + struct.pack("<I", data_size) + bytes(10))
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + 10)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", data_size)
+        + bytes(10)
+    )
 
 
 def every_path(data: bytes, tmp_path: Path) -> dict:
     path = tmp_path / "in.wav"
     path.write_bytes(data)
-    return {"file": path, "memory": io.BytesIO(data), "pipe": io.BufferedReader(Pipe(data)),
-            "raw pipe": Pipe(data)}
+    return {"file": path, "memory": io.BytesIO(data), "pipe": io.BufferedReader(Pipe(data)), "raw pipe": Pipe(data)}
 
 
-@pytest.mark.parametrize("make, declared", [(lambda: head_of_example(150_000), FRAMES),
-                                            (huge_header_wav, 2**31 - 1)])
+@pytest.mark.parametrize("make, declared", [(lambda: head_of_example(150_000), FRAMES), (huge_header_wav, 2**31 - 1)])
 def test_truncated_wav_is_refused_on_every_path_with_one_message(tmp_path, make, declared):
     messages = set()
     for kind, src in every_path(make(), tmp_path).items():
@@ -69,8 +76,11 @@ def test_truncated_wav_is_refused_on_every_path_with_one_message(tmp_path, make,
 def test_truncation_is_found_before_any_sample_is_read_from_a_file(tmp_path):
     path = tmp_path / "half.wav"
     path.write_bytes(head_of_example(150_000))
-    with pytest.raises(AudioError, match=r"half.wav is truncated: its header declares 165842 frames \(10.37 s\) "
-                                         r"but it holds 74978 \(4.69 s\)"):
+    with pytest.raises(
+        AudioError,
+        match=r"half.wav is truncated: its header declares 165842 frames \(10.37 s\) "
+        r"but it holds 74978 \(4.69 s\)",
+    ):
         AudioReader(path, 16000)
 
 

@@ -138,8 +138,9 @@ def test_both_data_paths_limit_the_band_over_the_same_range_and_repeat_their_cro
     dataset = AudioDataset(items, RATE, 3200, seed=7, augment=band)
     crops = [dataset.crop((0, 0, slot % 2, slot))[0] for slot in range(24)]
     assert torch.equal(crops[5][None], AudioDataset(items, RATE, 3200, seed=7, augment=band).crop((0, 0, 1, 5)))
-    corpus = DeviceCorpus(items, np.array([12, 12]), RATE, 3200, (0.0, 0.0), 7, 8, torch.device("cpu"),
-                          workers=1, augment=band)
+    corpus = DeviceCorpus(
+        items, np.array([12, 12]), RATE, 3200, (0.0, 0.0), 7, 8, torch.device("cpu"), workers=1, augment=band
+    )
     batches = torch.cat([corpus.batch(0, i).audio[:, 0] for i in range(3)])
     assert torch.equal(batches[:8], corpus.batch(0, 0).audio[:, 0])
     for path in (crops, batches):
@@ -159,10 +160,22 @@ def test_off_draws_nothing_and_keeps_the_crops_read_before_augmentation_existed(
     crops = []
     for augment in (None, off):
         dataset = AudioDataset(items, RATE, 3200, gain_db=(-6.0, 0.0), seed=7, augment=augment)
-        corpus = DeviceCorpus(items, np.array([3, 1]), RATE, 3200, (-6.0, 0.0), 7, 2, torch.device("cpu"),
-                              workers=1, speed=(0.9, 1.1), augment=augment)
-        crops.append([dataset.crop(key) for key in [(0, 0, 0, 5), (1, 0, 0, 5), (0, 0, 1, 3)]]
-                     + [corpus.batch(0, 1).audio])
+        corpus = DeviceCorpus(
+            items,
+            np.array([3, 1]),
+            RATE,
+            3200,
+            (-6.0, 0.0),
+            7,
+            2,
+            torch.device("cpu"),
+            workers=1,
+            speed=(0.9, 1.1),
+            augment=augment,
+        )
+        crops.append(
+            [dataset.crop(key) for key in [(0, 0, 0, 5), (1, 0, 0, 5), (0, 0, 1, 3)]] + [corpus.batch(0, 1).audio]
+        )
     digests = [hashlib.sha1(b"".join(c.numpy().tobytes() for c in run)).hexdigest() for run in crops]
     assert digests == ["ada7cf0ee5b05c904a59d79efbe6d10400242077"] * 2  # as the code before this module read them
 
@@ -178,8 +191,7 @@ def test_rate_dependent_settings_are_checked_against_the_model_rate():
 def test_the_trainer_reads_band_limited_batches_when_the_config_asks(tmp_path):
     (tmp_path / "corpus").mkdir()
     corpus = write_speaker_corpus(tmp_path / "corpus")
-    common = [f"data.train={corpus}", "data.dev=null", "data.dev_fraction=0.34", "eval_every=0",
-              "data.batch_size=4"]
+    common = [f"data.train={corpus}", "data.dev=null", "data.dev_fraction=0.34", "eval_every=0", "data.batch_size=4"]
     band = ["data.augment.band_prob=1", "data.augment.band_hz=[3000, 3000]", "data.augment.highpass_prob=0"]
     tops = []
     for overrides in (common, common + band):

@@ -18,8 +18,7 @@ FRAMES = 9
 def model():
     # Every stateful path of the shipped model: propagated phase, pitch prior, re-phasing that hears what
     # was played, advance features.
-    return tiny_codec(seed=3, phase="propagated", pitch_prior=True, rephase_iters=1,
-                      advance_features=True)
+    return tiny_codec(seed=3, phase="propagated", pitch_prior=True, rephase_iters=1, advance_features=True)
 
 
 @pytest.fixture(scope="module")

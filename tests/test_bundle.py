@@ -45,8 +45,21 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    code = cli_main(["bundle", str(corpus), str(out), "--config", str(TINY), "--min-hours", "0", "--jobs", "1",
-                     "data.dev=null", "data.dev_fraction=0.34"])
+    code = cli_main(
+        [
+            "bundle",
+            str(corpus),
+            str(out),
+            "--config",
+            str(TINY),
+            "--min-hours",
+            "0",
+            "--jobs",
+            "1",
+            "data.dev=null",
+            "data.dev_fraction=0.34",
+        ]
+    )
     assert code == 0
     return out
 
@@ -106,8 +119,12 @@ def test_device_corpus_draws_crops_of_the_files_and_a_batch_depends_only_on_its_
         nonzero = np.flatnonzero(crop)
         values = crop[nonzero[0] : nonzero[-1] + 1]
         assert np.all(values != 0) and (len(values) == 3200 or len(values) == 1000)
-        matches = [(k, start) for k, audio in enumerate(files) for start in np.flatnonzero(audio == values[0])
-                   if np.array_equal(audio[start : start + len(values)], values)]
+        matches = [
+            (k, start)
+            for k, audio in enumerate(files)
+            for start in np.flatnonzero(audio == values[0])
+            if np.array_equal(audio[start : start + len(values)], values)
+        ]
         assert len(matches) == 1
         seen.append(matches[0][0])
     assert sorted(seen) == [0, 0, 1, 2, 2, 3]  # each file as often as `repeats` says in an epoch
@@ -115,8 +132,9 @@ def test_device_corpus_draws_crops_of_the_files_and_a_batch_depends_only_on_its_
     ratio = gained.sum(1) / crops.sum(1)  # the same crops (the same draws), each scaled by its gain
     assert np.allclose(gained, crops * ratio[:, None], atol=1e-6) and np.all((ratio > 0.25) & (ratio <= 1))
     assert len(set(np.round(ratio, 4))) == 6 and np.abs(gained).max() <= 0.99
-    faster = DeviceCorpus(items, repeats, 16000, 3200, (0.0, 0.0), 7, 2, torch.device("cpu"), workers=2,
-                          speed=(1.25, 1.25))
+    faster = DeviceCorpus(
+        items, repeats, 16000, 3200, (0.0, 0.0), 7, 2, torch.device("cpu"), workers=2, speed=(1.25, 1.25)
+    )
     sped = torch.cat([faster.batch(0, i).audio for i in range(3)])[:, 0].numpy() * 32768
     for crop in sped:  # a ramp read 1.25 times as fast rises 1.25 per sample, within each file
         steps = np.diff(crop[np.flatnonzero(crop)])
@@ -154,8 +172,10 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
     for k, v in state["ema"]["model"].items():
         torch.testing.assert_close(back["ema"]["model"][k], v, rtol=2**-10, atol=1e-4)
 
-    resumed = Trainer(load_config(TINY, [f"data.train={corpus}", "data.dev=null", "data.dev_fraction=0.34",
-                                         f"init_from={out}"]), tmp_path / "next")
+    resumed = Trainer(
+        load_config(TINY, [f"data.train={corpus}", "data.dev=null", "data.dev_fraction=0.34", f"init_from={out}"]),
+        tmp_path / "next",
+    )
     assert resumed.resumed_from == path and resumed.step == 2
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in trainer.model.state_dict().items())
 
@@ -170,8 +190,9 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
     assert read_bundle(packed.path)["init_from"] == "init/checkpoint.json" and packed.init_bytes > 0
     parser = argparse.ArgumentParser()
     add_bundle_run_arguments(parser)
-    args = parser.parse_args([str(packed.path), "--minutes", "1", "--out", str(tmp_path / "o"), "--work",
-                              str(tmp_path / "w")])
+    args = parser.parse_args(
+        [str(packed.path), "--minutes", "1", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]
+    )
     started, _ = prepare(args)
     assert started.resumed_from == packed.path / "init" / "checkpoint.json" and started.step == 2
 
@@ -185,8 +206,19 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
 
 def test_bundle_run_trains_on_the_cpu_and_its_model_round_trips_a_file(bundle, tmp_path, capsys):
     out = tmp_path / "out"
-    code = bundle_run([str(bundle), "--minutes", "0.08", "--out", str(out), "--work", str(tmp_path / "work"),
-                       "steps=100000", "log_every=1000"])
+    code = bundle_run(
+        [
+            str(bundle),
+            "--minutes",
+            "0.08",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "steps=100000",
+            "log_every=1000",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     steps = int(re.search(r"trained steps 0-(\d+) in", err).group(1))
@@ -208,8 +240,9 @@ def test_bundle_run_trains_on_the_cpu_and_its_model_round_trips_a_file(bundle, t
 def test_bundle_run_trains_the_phases_of_its_config(bundle, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     phases = "phases=[{name: plain, steps: 2, adv: false}, {name: gan, steps: 2, data: {gain_db: [0, 0]}}]"
-    assert bundle_run([str(bundle), "--minutes", "1", "--out", str(out), "--work", str(work), phases,
-                       "log_every=1"]) == 0
+    assert (
+        bundle_run([str(bundle), "--minutes", "1", "--out", str(out), "--work", str(work), phases, "log_every=1"]) == 0
+    )
     assert "trained steps 0-4 in" in capsys.readouterr().err
     logged = read_jsonl(work / TRAIN_LOG)
     assert [(r["step"], r["phase"]) for r in logged] == [(1, "plain"), (2, "plain"), (3, "gan"), (4, "gan")]
@@ -259,10 +292,30 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_a_fresh_machine(bundle, tmp
     # The first run sees only what a bare GPU machine has (torch, numpy, scipy, the bundle's wheels).
     site = _bare_site(tmp_path / "site")
     proc = subprocess.Popen(
-        [sys.executable, "-S", "-c", BARE_MACHINE, str(ROOT), str(site), str(bundle), "--minutes", "2",
-         "--out", str(out), "--work",
-         str(tmp_path / "work1"), "--checkpoint-minutes", "0.01", "steps=100000", "log_every=1000"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            BARE_MACHINE,
+            str(ROOT),
+            str(site),
+            str(bundle),
+            "--minutes",
+            "2",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work1"),
+            "--checkpoint-minutes",
+            "0.01",
+            "steps=100000",
+            "log_every=1000",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     index = out / "checkpoint.json"
     deadline = time.monotonic() + 120
@@ -275,8 +328,19 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_a_fresh_machine(bundle, tmp
     assert saved > 0 and proc.returncode == -signal.SIGKILL
 
     # A fresh machine: OUT copied back in, an empty work folder.
-    code = bundle_run([str(bundle), "--minutes", "0.08", "--out", str(out), "--work", str(tmp_path / "work2"),
-                       "steps=100000", "log_every=1000"])
+    code = bundle_run(
+        [
+            str(bundle),
+            "--minutes",
+            "0.08",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work2"),
+            "steps=100000",
+            "log_every=1000",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0 and f"resuming from {index} at step {saved}" in err
     assert json.loads(index.read_text())["step"] > saved

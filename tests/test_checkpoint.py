@@ -86,8 +86,10 @@ def test_a_config_saved_with_retired_options_loads_where_their_behaviour_remains
     path.write_text(json.dumps(config))
     codes = torch.randint(0, 64, (1, 4, 5))
     assert torch.equal(load_model_dir(tmp_path).decode(codes), model.decode(codes))
-    for retired, message in ((dict(rephase_hears="own"), "rephase_hears='own' is gone"),
-                             (dict(normalize_codes=True), "normalize_codes=true")):
+    for retired, message in (
+        (dict(rephase_hears="own"), "rephase_hears='own' is gone"),
+        (dict(normalize_codes=True), "normalize_codes=true"),
+    ):
         path.write_text(json.dumps({**config, "model": {**config["model"], **retired}}))
         with pytest.raises(CheckpointError, match=message):
             load_model_dir(tmp_path)
@@ -103,11 +105,15 @@ def test_a_config_that_does_not_fit_its_weights_says_what_does_not_fit(tmp_path)
     assert str(err.value) == (
         f"{tmp_path / 'model.safetensors'} does not fit the model that {tmp_path / 'config.json'} describes (size "
         "mismatch for encoder_out.1.weight: copying a param with shape torch.Size([16, 32]) from checkpoint, the "
-        "shape in current model is torch.Size([24, 32]); and 14 more): the config or the weights were changed")
+        "shape in current model is torch.Size([24, 32]); and 14 more): the config or the weights were changed"
+    )
     config["model"]["latent_dim"], config["model"]["n_stages"] = 16, 2
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r'\(Unexpected key\(s\) in state_dict: "quantizer.stages.2.frozen_codebo'
-                                              r'.{100,200}\.\.\.\): the config'):
+    with pytest.raises(
+        CheckpointError,
+        match=r'\(Unexpected key\(s\) in state_dict: "quantizer.stages.2.frozen_codebo'
+        r".{100,200}\.\.\.\): the config",
+    ):
         load_model_dir(tmp_path)
 
 

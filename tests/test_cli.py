@@ -17,8 +17,9 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "speech.wav"
 
 
 def run(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "codec.cli", "--threads", "1", *args], input=stdin,
-                          capture_output=True)
+    return subprocess.run(
+        [sys.executable, "-m", "codec.cli", "--threads", "1", *args], input=stdin, capture_output=True
+    )
 
 
 @pytest.fixture
@@ -64,10 +65,13 @@ def test_pipes_stream_through(tmp_path):
     assert sf.info(tmp_path / "out.wav").frames == len(audio)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"this is not audio", b"cannot read"),
-    (None, b"no such file"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"this is not audio", b"cannot read"),
+        (None, b"no such file"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, content, message):
     src, dst = tmp_path / "bad.wav", tmp_path / "out.tok"
     if content is not None:
@@ -121,8 +125,10 @@ def test_truncated_wav_exits_2_with_the_same_line_from_a_file_and_a_pipe(tmp_pat
     half.write_bytes(EXAMPLE.read_bytes()[:150_000])  # `head -c 150000`: the header says 165,842 frames
     r = run("compress", str(half), str(tmp_path / "a.tok"))
     line = r.stderr.decode().strip()
-    assert r.returncode == 2 and line == (f"simvq-codec: error: {half} is truncated: its header declares 165842 "
-                                          "frames (10.37 s) but it holds 74978 (4.69 s)")
+    assert r.returncode == 2 and line == (
+        f"simvq-codec: error: {half} is truncated: its header declares 165842 "
+        "frames (10.37 s) but it holds 74978 (4.69 s)"
+    )
     assert not (tmp_path / "a.tok").exists()
     piped = run("compress", "-", "-", stdin=half.read_bytes())
     assert piped.returncode == 2 and piped.stderr.decode().strip() == line.replace(str(half), "stdin")
@@ -166,8 +172,13 @@ def test_a_token_file_finds_its_model_by_weights_never_by_a_name_or_folder(tmp_p
     header, codes = read_tok(tok)
     assert header.version == 2 and header.model_id is None and tok.read_bytes()[4:8] == header.weights_hash
     old = tmp_path / "old.tok"  # a version-1 file carries the id, which decoding does not use
-    write_tok(old, dataclasses.replace(header, model_id=model_id, sample_rate=16000, version=1,
-                                       weights_hash=bytes.fromhex(sha[:16])), codes)
+    write_tok(
+        old,
+        dataclasses.replace(
+            header, model_id=model_id, sample_rate=16000, version=1, weights_hash=bytes.fromhex(sha[:16])
+        ),
+        codes,
+    )
     for path in (tok, old):
         out = path.with_suffix(".wav")
         r = run("decompress", str(path), str(out))
@@ -186,15 +197,22 @@ def test_a_token_file_finds_its_model_by_weights_never_by_a_name_or_folder(tmp_p
 def test_bitrate_nan_is_refused_as_not_a_rate(tmp_path, wav_44k_stereo):
     r = run("compress", str(wav_44k_stereo), str(tmp_path / "a.tok"), "--bitrate", "nan")
     assert r.returncode == 2 and r.stderr.decode().strip() == (
-        "simvq-codec: error: the bitrate must be a number of kbit/s above 0, got nan")
-    assert "inf included) means all stages" in " ".join(cli.build_parser(plugins=False)._subparsers._group_actions[0]
-                                                        .choices["compress"].format_help().split())
+        "simvq-codec: error: the bitrate must be a number of kbit/s above 0, got nan"
+    )
+    assert "inf included) means all stages" in " ".join(
+        cli.build_parser(plugins=False)._subparsers._group_actions[0].choices["compress"].format_help().split()
+    )
 
 
 def _run_to(stdout, *args, stdin=None, **kwargs):
     """`run`, with standard output going to the open file `stdout` (a redirect such as `> out.wav`)."""
-    return subprocess.run([sys.executable, "-m", "codec.cli", "--threads", "1", *args], input=stdin,
-                          stdout=stdout, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "codec.cli", "--threads", "1", *args],
+        input=stdin,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def _one_error_line(r) -> str:
@@ -243,8 +261,12 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
     line = _one_error_line(run("decompress", str(tok), "/proc/x.wav"))
     assert line == "simvq-codec: error: cannot write /proc/x.wav: no such file or directory"
     with open("/dev/full", "wb") as full:
-        for args in (("compress", str(src), "-"), ("decompress", str(tok), "-"),
-                     ("decompress", str(tok), "-", "--format", "flac"), ("info", str(tok))):
+        for args in (
+            ("compress", str(src), "-"),
+            ("decompress", str(tok), "-"),
+            ("decompress", str(tok), "-", "--format", "flac"),
+            ("info", str(tok)),
+        ):
             line = _one_error_line(_run_to(full, *args))
             assert line == "simvq-codec: error: cannot write stdout: no space left on device", args
     import resource
@@ -253,11 +275,16 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
 
     sf.write(tmp_path / "long.wav", speechlike(12.0), 16000)
-    for args, out in ((("compress", str(tmp_path / "long.wav")), tmp_path / "long.tok"),
-                      (("decompress", str(tok)), tmp_path / "out.wav"),
-                      (("decompress", str(tok)), tmp_path / "out.flac")):
-        r = subprocess.run([sys.executable, "-m", "codec.cli", "--threads", "1", *args, str(out)],
-                           capture_output=True, preexec_fn=small_files)
+    for args, out in (
+        (("compress", str(tmp_path / "long.wav")), tmp_path / "long.tok"),
+        (("decompress", str(tok)), tmp_path / "out.wav"),
+        (("decompress", str(tok)), tmp_path / "out.flac"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "codec.cli", "--threads", "1", *args, str(out)],
+            capture_output=True,
+            preexec_fn=small_files,
+        )
         assert _one_error_line(r) == f"simvq-codec: error: cannot write {out}: file too large"
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.tok", "in.wav", "long.wav"]
@@ -282,8 +309,11 @@ def test_sigterm_removes_the_temporary_file_as_ctrl_c_does(tmp_path):
     import time
 
     out = tmp_path / "a.tok"
-    p = subprocess.Popen([sys.executable, "-m", "codec.cli", "--threads", "1", "compress", "-", str(out)],
-                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "codec.cli", "--threads", "1", "compress", "-", str(out)],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     sf.write(tmp_path / "in.wav", speechlike(30.0), 16000, subtype="PCM_16")
     p.stdin.write((tmp_path / "in.wav").read_bytes()[:100_000])  # then wait, the pipe open
     p.stdin.flush()
@@ -315,8 +345,10 @@ def test_binary_files_where_text_is_expected_and_nan_sizes_are_one_line(tmp_path
     for argv, message in (
         (["bundle", str(wav), str(tmp_path / "b")], manifest),
         (["tokenize", str(wav), "--out", str(tmp_path / "t")], manifest),
-        (["bundle", str(folder), str(tmp_path / "b"), "--config", str(wav)],
-         f"config {wav} is not a YAML file (it is not UTF-8 text)"),
+        (
+            ["bundle", str(folder), str(tmp_path / "b"), "--config", str(wav)],
+            f"config {wav} is not a YAML file (it is not UTF-8 text)",
+        ),
     ):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -339,8 +371,14 @@ def test_an_empty_token_file_decodes_to_an_empty_wav_and_flac_refuses_it(tmp_pat
     assert sf.info(tmp_path / "e.wav").frames == 0
     for out in (str(tmp_path / "e.flac"), "-"):
         r = run("decompress", str(tok), out, "--format", "flac")
-        assert _one_error_line(r) == ("simvq-codec: error: the audio is empty (0 samples) and FLAC cannot hold an "
-                                      "empty stream: write WAV instead") and r.stdout == b""
+        assert (
+            _one_error_line(r)
+            == (
+                "simvq-codec: error: the audio is empty (0 samples) and FLAC cannot hold an "
+                "empty stream: write WAV instead"
+            )
+            and r.stdout == b""
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.wav", "empty.tok"]
 
 
@@ -354,11 +392,15 @@ def test_a_token_file_of_other_weights_names_the_installed_model_and_a_tiny_file
     foreign = dataclasses.replace(release.header(1, 1), weights_hash=bytes(8))
     write_tok(tmp_path / "foreign.tok", foreign, np.zeros((1, 1), np.int64))
     line = _one_error_line(run("decompress", str(tmp_path / "foreign.tok"), str(tmp_path / "out.wav")))
-    assert line == ("simvq-codec: error: the file was made with weights 00000000, which this installation does not "
-                    f"have (installed: simvq-16k (weights {release.sha256[:8]})); pass --model ID|DIR to decode it "
-                    "with a model you choose")
+    assert line == (
+        "simvq-codec: error: the file was made with weights 00000000, which this installation does not "
+        f"have (installed: simvq-16k (weights {release.sha256[:8]})); pass --model ID|DIR to decode it "
+        "with a model you choose"
+    )
     write_tok(tmp_path / "one.tok", release.header(1, 1), np.zeros((1, 1), np.int64))  # a 1-sample file
     info = run("info", str(tmp_path / "one.tok")).stdout.decode()
     rows = {line[:16].strip(): line[17:] for line in info.splitlines()}
-    assert rows["file bitrate"] == f"{(tmp_path / 'one.tok').stat().st_size} bytes (no rate for under 1 s of audio: " \
-                                   "the header is most of the file)"
+    assert (
+        rows["file bitrate"] == f"{(tmp_path / 'one.tok').stat().st_size} bytes (no rate for under 1 s of audio: "
+        "the header is most of the file)"
+    )

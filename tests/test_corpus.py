@@ -81,22 +81,30 @@ def test_dev_never_takes_every_voice_of_a_source():
 
 
 def test_speakers_of_one_person_share_a_split():
-    speakers = {"asterisk-en-allison": "asterisk-allison", "asterisk-es-allison": "asterisk-allison",
-                "asterisk-fr-june": "asterisk-june"}
+    speakers = {
+        "asterisk-en-allison": "asterisk-allison",
+        "asterisk-es-allison": "asterisk-allison",
+        "asterisk-fr-june": "asterisk-june",
+    }
     assert assign_splits(speakers, {"asterisk-allison"}) == {
-        "asterisk-en-allison": "dev", "asterisk-es-allison": "dev", "asterisk-fr-june": "train"}
+        "asterisk-en-allison": "dev",
+        "asterisk-es-allison": "dev",
+        "asterisk-fr-june": "train",
+    }
 
 
 def test_plan_split_holds_out_preferred_voices_and_never_synthetic_ones():
     def item(speaker, group, source):
         return Item(("x",), speaker, group, source, "xx", "n")
 
-    items = [item("asterisk-en-allison", "asterisk-allison", "asterisk"),
-             item("asterisk-es-allison", "asterisk-allison", "asterisk"),
-             item("asterisk-fr-june", "asterisk-june", "asterisk"),
-             item("asterisk-it-carlo", "asterisk-carlo", "asterisk"),
-             item("espeak-en-m1", "espeak-en-m1", "espeak"),
-             item("espeak-fr-f2", "espeak-fr-f2", "espeak")]
+    items = [
+        item("asterisk-en-allison", "asterisk-allison", "asterisk"),
+        item("asterisk-es-allison", "asterisk-allison", "asterisk"),
+        item("asterisk-fr-june", "asterisk-june", "asterisk"),
+        item("asterisk-it-carlo", "asterisk-carlo", "asterisk"),
+        item("espeak-en-m1", "espeak-en-m1", "espeak"),
+        item("espeak-fr-f2", "espeak-fr-f2", "espeak"),
+    ]
     splits = plan_split(items)
     assert splits["asterisk-fr-june"] == splits["asterisk-it-carlo"] == "dev"
     assert splits["asterisk-en-allison"] == splits["asterisk-es-allison"] == "train"
@@ -106,8 +114,10 @@ def test_plan_split_holds_out_preferred_voices_and_never_synthetic_ones():
 
 # --- manifest ---------------------------------------------------------------------------------------
 def test_manifest_round_trip(tmp_path):
-    rows = [ManifestRow("wav/b/2.wav", "b", 2.5, "dev-ood", "telephone", "fr-FR", "telephone"),
-            ManifestRow("wav/a/1.wav", "a", 1.25, "train", "asterisk", "en-US", "read")]
+    rows = [
+        ManifestRow("wav/b/2.wav", "b", 2.5, "dev-ood", "telephone", "fr-FR", "telephone"),
+        ManifestRow("wav/a/1.wav", "a", 1.25, "train", "asterisk", "en-US", "read"),
+    ]
     assert write_manifest(tmp_path / "m.csv", rows) == 2
     text = (tmp_path / "m.csv").read_text().splitlines()
     assert text[0] == "path,speaker,duration,split,source,language,kind"
@@ -120,14 +130,17 @@ def test_manifest_without_kind_still_reads(tmp_path):
     assert read_manifest(tmp_path / "m.csv") == [ManifestRow("wav/a/1.wav", "a", 1.5, "dev", "s", "en", "")]
 
 
-@pytest.mark.parametrize("body, message", [
-    ("path,speaker\nx.wav,a\n", "header"),
-    ("path,speaker,duration,split,source,language\nx.wav,a,abc,train,s,en\n", "not a number"),
-    ("path,speaker,duration,split,source,language\nx.wav,a,-1,train,s,en\n", "positive"),
-    ("path,speaker,duration,split,source,language\nx.wav,a,1.0,test,s,en\n", "split"),
-    ("path,speaker,duration,split,source,language\nx.wav,a,1.0,train\n", "columns"),
-    ("path,speaker,duration,split,source,language\n/abs.wav,a,1.0,train,s,en\n", "relative"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("path,speaker\nx.wav,a\n", "header"),
+        ("path,speaker,duration,split,source,language\nx.wav,a,abc,train,s,en\n", "not a number"),
+        ("path,speaker,duration,split,source,language\nx.wav,a,-1,train,s,en\n", "positive"),
+        ("path,speaker,duration,split,source,language\nx.wav,a,1.0,test,s,en\n", "split"),
+        ("path,speaker,duration,split,source,language\nx.wav,a,1.0,train\n", "columns"),
+        ("path,speaker,duration,split,source,language\n/abs.wav,a,1.0,train,s,en\n", "relative"),
+    ],
+)
 def test_malformed_manifest_names_the_problem(tmp_path, body, message):
     (tmp_path / "m.csv").write_text(body)
     with pytest.raises(AudioError, match=message):
@@ -214,7 +227,8 @@ def test_find_asterisk_names_voices_and_skips_non_speech(tmp_path):
     assert {(i.speaker, i.group, i.language) for i in items} == {
         ("asterisk-en-allison", "asterisk-allison", "en-US"),
         ("asterisk-es-allison", "asterisk-allison", "es-MX"),
-        ("asterisk-fr-june", "asterisk-june", "fr-CA")}
+        ("asterisk-fr-june", "asterisk-june", "fr-CA"),
+    }
     assert sorted({i.name for i in items}) == ["digits_1", "vm_intro"]
     assert all(i.decoder == "g722" for i in items)
 
@@ -225,8 +239,11 @@ def test_find_tuxpaint_reads_the_language_from_the_name(tmp_path):
     for name in ("cat_desc.ogg", "cat_desc_fr.ogg", "cat_desc_pt_BR.wav", "cat.ogg", "cat.txt"):
         (folder / name).write_bytes(b"")
     items = {(i.speaker, i.language, i.name) for i in find_tuxpaint(tmp_path)}
-    assert items == {("tuxpaint-en", "en", "animals_cats_cat"), ("tuxpaint-fr", "fr", "animals_cats_cat"),
-                     ("tuxpaint-pt_br", "pt-BR", "animals_cats_cat")}
+    assert items == {
+        ("tuxpaint-en", "en", "animals_cats_cat"),
+        ("tuxpaint-fr", "fr", "animals_cats_cat"),
+        ("tuxpaint-pt_br", "pt-BR", "animals_cats_cat"),
+    }
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
@@ -234,8 +251,10 @@ def test_g722_batch_decoding_isolates_a_bad_file(tmp_path):
     src = tmp_path / "tone.wav"
     sf.write(src, tone(1.0, 500.0), SR, subtype="PCM_16")
     good = tmp_path / "good.g722"
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(src), "-c:a", "g722", "-f", "g722",
-                    str(good)], check=True)
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(src), "-c:a", "g722", "-f", "g722", str(good)],
+        check=True,
+    )
     empty = tmp_path / "empty.g722"
     empty.write_bytes(b"")
     missing = tmp_path / "missing.g722"
@@ -251,8 +270,9 @@ def make_klettres_tree(root: Path) -> None:
         folder = root / lang / "alpha"
         folder.mkdir(parents=True)
         for i in range(3):
-            wav = np.concatenate([silence(0.6, 44100), tone(0.8, 200.0 + 50 * i + rng.uniform(0, 20), 44100),
-                                  silence(0.6, 44100)])
+            wav = np.concatenate(
+                [silence(0.6, 44100), tone(0.8, 200.0 + 50 * i + rng.uniform(0, 20), 44100), silence(0.6, 44100)]
+            )
             sf.write(folder / f"{i}.ogg", np.stack([wav, wav], axis=1), 44100, format="OGG", subtype="VORBIS")
     shutil.copy(root / "fr" / "alpha" / "0.ogg", root / "fr" / "alpha" / "copy.ogg")  # a duplicate
     sf.write(root / "en" / "alpha" / "short.ogg", tone(0.1, 300.0, 44100), 44100, format="OGG", subtype="VORBIS")
@@ -290,28 +310,34 @@ def test_cli_refuses_to_overwrite_and_rejects_unknown_sources(tmp_path, capsys):
 # --- the out-of-domain dev set and the sources beside the corpus ------------------------------------
 def write_tone(path: Path, seconds: float, rate: int, freq: float = 300.0, **kwargs) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, np.concatenate([silence(0.2, rate), tone(seconds, freq, rate), silence(0.2, rate)]), rate,
-             **kwargs)
+    sf.write(path, np.concatenate([silence(0.2, rate), tone(seconds, freq, rate), silence(0.2, rate)]), rate, **kwargs)
 
 
 def test_plan_split_puts_ood_voices_in_dev_ood_only():
     def item(speaker, group, source):
         return Item(("x",), speaker, group, source, "en", "n")
 
-    items = [item("megaglest-en-commondata-archer", "megaglest-glest", "megaglest"),
-             item("megaglest-en-magic-initiate", "megaglest-glest", "megaglest"),
-             item("megaglest-en-egypt-mummy", "megaglest-egypt", "megaglest"),
-             item("megaglest-en-norsemen-valkyrie", "megaglest-norsemen", "megaglest"),
-             item("telephone-es-july", "telephone-es-july", "telephone"),
-             item("fotaq-en-joe", "fotaq-en-joe", "fotaq"),
-             item("asterisk-fr-june", "asterisk-june", "asterisk"),
-             item("asterisk-en-allison", "asterisk-allison", "asterisk")]
+    items = [
+        item("megaglest-en-commondata-archer", "megaglest-glest", "megaglest"),
+        item("megaglest-en-magic-initiate", "megaglest-glest", "megaglest"),
+        item("megaglest-en-egypt-mummy", "megaglest-egypt", "megaglest"),
+        item("megaglest-en-norsemen-valkyrie", "megaglest-norsemen", "megaglest"),
+        item("telephone-es-july", "telephone-es-july", "telephone"),
+        item("fotaq-en-joe", "fotaq-en-joe", "fotaq"),
+        item("asterisk-fr-june", "asterisk-june", "asterisk"),
+        item("asterisk-en-allison", "asterisk-allison", "asterisk"),
+    ]
     splits = plan_split(items)
     assert splits == {
-        "megaglest-en-commondata-archer": "dev-ood", "megaglest-en-magic-initiate": "dev-ood",
-        "megaglest-en-egypt-mummy": "train", "megaglest-en-norsemen-valkyrie": "train",
-        "telephone-es-july": "dev-ood", "fotaq-en-joe": "train",
-        "asterisk-fr-june": "dev", "asterisk-en-allison": "train"}
+        "megaglest-en-commondata-archer": "dev-ood",
+        "megaglest-en-magic-initiate": "dev-ood",
+        "megaglest-en-egypt-mummy": "train",
+        "megaglest-en-norsemen-valkyrie": "train",
+        "telephone-es-july": "dev-ood",
+        "fotaq-en-joe": "train",
+        "asterisk-fr-june": "dev",
+        "asterisk-en-allison": "train",
+    }
     assert plan_split(list(reversed(items))) == splits
 
 
@@ -319,25 +345,35 @@ def test_ood_pieces_are_cut_to_15_s_and_short_ones_dropped(tmp_path):
     long_file, short_file = tmp_path / "long.wav", tmp_path / "short.wav"
     write_tone(long_file, 40.0, 8000)
     write_tone(short_file, 0.6, 8000)
-    result = process_item(Item((str(long_file),), "codec2-en-x", "g", "codec2", "en", "long", min_rate=8000),
-                          tmp_path / "out", seconds=(1.0, 15.0))
+    result = process_item(
+        Item((str(long_file),), "codec2-en-x", "g", "codec2", "en", "long", min_rate=8000),
+        tmp_path / "out",
+        seconds=(1.0, 15.0),
+    )
     assert result.dropped is None and len(result.pieces) == 4  # a steady tone is cut 5 s before each limit
     assert all(1.0 <= seconds <= 15.0 for _, seconds in result.pieces)
     assert sum(seconds for _, seconds in result.pieces) == pytest.approx(40.2, abs=0.05)  # tone + 0.1 s margins
     assert sf.info(tmp_path / "out" / result.pieces[0][0]).samplerate == SR  # 8 kHz upsampled, kept narrowband
-    short = process_item(Item((str(short_file),), "codec2-en-y", "g", "codec2", "en", "short", min_rate=8000),
-                         tmp_path / "out", seconds=(1.0, 15.0))
+    short = process_item(
+        Item((str(short_file),), "codec2-en-y", "g", "codec2", "en", "short", min_rate=8000),
+        tmp_path / "out",
+        seconds=(1.0, 15.0),
+    )
     assert short.dropped == "shorter than 1.0 s" and not short.pieces
 
 
 def test_find_megaglest_keeps_speech_and_groups_factions(tmp_path):
-    files = ["factions/magic/units/initiate/sounds/initiate_ack1.wav",
-             "factions/magic/units/initiate/sounds/initiate_select2.wav",
-             "factions/egypt/units/mummy/sounds/mummy_ack1.wav",
-             "factions/egypt/units/mummy/sounds/mummy_die1.wav",  # a death cry: not speech
-             "factions/egypt/units/chicken/sounds/chicken_ack1.wav",  # an animal
-             "commondata/sounds/technician_ack1.wav", "commondata/sounds/technician_ack2.wav",
-             "commondata/sounds/pig_select1.wav", "commondata/sounds/arrow_hit1.wav"]
+    files = [
+        "factions/magic/units/initiate/sounds/initiate_ack1.wav",
+        "factions/magic/units/initiate/sounds/initiate_select2.wav",
+        "factions/egypt/units/mummy/sounds/mummy_ack1.wav",
+        "factions/egypt/units/mummy/sounds/mummy_die1.wav",  # a death cry: not speech
+        "factions/egypt/units/chicken/sounds/chicken_ack1.wav",  # an animal
+        "commondata/sounds/technician_ack1.wav",
+        "commondata/sounds/technician_ack2.wav",
+        "commondata/sounds/pig_select1.wav",
+        "commondata/sounds/arrow_hit1.wav",
+    ]
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
@@ -345,10 +381,12 @@ def test_find_megaglest_keeps_speech_and_groups_factions(tmp_path):
         (tmp_path / f"commondata/sounds/technician_select{i}.wav").write_bytes(b"")
     items = find_megaglest(tmp_path)
     summary = sorted((i.speaker, i.group, len(i.src)) for i in items)
-    assert summary == [("megaglest-en-commondata-technician", "megaglest-glest", 2),
-                       ("megaglest-en-commondata-technician", "megaglest-glest", 4),
-                       ("megaglest-en-egypt-mummy", "megaglest-egypt", 1),
-                       ("megaglest-en-magic-initiate", "megaglest-glest", 2)]
+    assert summary == [
+        ("megaglest-en-commondata-technician", "megaglest-glest", 2),
+        ("megaglest-en-commondata-technician", "megaglest-glest", 4),
+        ("megaglest-en-egypt-mummy", "megaglest-egypt", 1),
+        ("megaglest-en-magic-initiate", "megaglest-glest", 2),
+    ]
     assert plan_split(items)["megaglest-en-commondata-technician"] == "dev-ood"
 
 
@@ -380,13 +418,20 @@ def test_warzone_voices_are_read_inside_the_archive(tmp_path):
     buffer = io.BytesIO()
     sf.write(buffer, tone(1.5, 400.0, 11025), 11025, format="OGG", subtype="VORBIS")
     with zipfile.ZipFile(tmp_path / "base.wz", "w") as zf:
-        for name in ("audio/tutorial/tut1.ogg", "audio/tutorial/tut2.ogg", "audio/taunts/taunt1/a.ogg",
-                     "audio/taunts/taunt1/b.ogg", "audio/sfx/weapons/gun.ogg"):
+        for name in (
+            "audio/tutorial/tut1.ogg",
+            "audio/tutorial/tut2.ogg",
+            "audio/taunts/taunt1/a.ogg",
+            "audio/taunts/taunt1/b.ogg",
+            "audio/sfx/weapons/gun.ogg",
+        ):
             zf.writestr(name, buffer.getvalue())
     items = find_warzone2100(tmp_path)
     assert [(i.speaker, i.name, len(i.src)) for i in items] == [
-        ("warzone2100-en-tutorial", "tut1", 1), ("warzone2100-en-tutorial", "tut2", 1),
-        ("warzone2100-en-taunt1", "a_b", 2)]
+        ("warzone2100-en-tutorial", "tut1", 1),
+        ("warzone2100-en-tutorial", "tut2", 1),
+        ("warzone2100-en-taunt1", "a_b", 2),
+    ]
     wav, reason = load_item(items[2])
     assert reason is None and abs(len(wav) / SR - (1.5 + 0.15 + 1.5)) < 0.05  # two clips and a pause
     assert corpus.deduplicate(items)[1] == 1  # tut2 repeats tut1's bytes
@@ -399,8 +444,18 @@ def test_queen_table_and_drascula_speech_decode(tmp_path):
     name = b"020006J1.SB".ljust(12, b"\0")
     table_start = 15 + 21
     archive = tmp_path / "queen.1c"
-    archive.write_bytes(b"QTBL" + b"CEM10\0" + b"\0\0" + b"\1" + (1).to_bytes(2, "big") + name + b"\1"
-                        + table_start.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data)
+    archive.write_bytes(
+        b"QTBL"
+        + b"CEM10\0"
+        + b"\0\0"
+        + b"\1"
+        + (1).to_bytes(2, "big")
+        + name
+        + b"\1"
+        + table_start.to_bytes(4, "big")
+        + len(data).to_bytes(4, "big")
+        + data
+    )
     items = corpus.find_fotaq(tmp_path)
     assert [(i.speaker, i.decoder) for i in items] == [("fotaq-en-joe", "queen")]
     wav, reason = load_item(items[0])
@@ -419,11 +474,18 @@ def test_build_writes_a_dev_ood_manifest_the_readers_accept(tmp_path):
     for name, seconds in (("forig", 3.0), ("hts1a", 20.0), ("big_dog", 0.5)):
         write_tone(tmp_path / "codec2" / f"{name}.wav", seconds, 8000)
     out = tmp_path / "corpus"
-    report = build_corpus(out, [SOURCES["klettres"], SOURCES["codec2"]], roots={
-        "klettres": tmp_path / "klettres", "codec2": tmp_path / "codec2"}, progress=False)
+    report = build_corpus(
+        out,
+        [SOURCES["klettres"], SOURCES["codec2"]],
+        roots={"klettres": tmp_path / "klettres", "codec2": tmp_path / "codec2"},
+        progress=False,
+    )
     ood = read_manifest(out / "dev-ood.csv")
     assert sorted((r.speaker, round(r.duration)) for r in ood) == [
-        ("codec2-en-forig", 3), ("codec2-en-hts1a", 10), ("codec2-en-hts1a", 10)]  # 20 s cut below 15 s
+        ("codec2-en-forig", 3),
+        ("codec2-en-hts1a", 10),
+        ("codec2-en-hts1a", 10),
+    ]  # 20 s cut below 15 s
     assert {(r.split, r.kind, r.source) for r in ood} == {("dev-ood", "telephone", "codec2")}
     assert {r.kind for r in report.rows if r.source == "klettres"} == {"read"}
     assert not {r.speaker for r in ood} & {r.speaker for r in read_manifest(out / "train.csv")}
@@ -445,13 +507,14 @@ def test_select_sources_expands_default_in_a_list():
 
 
 def test_find_redeclipse_joins_taunts_per_voice(tmp_path):
-    for folder, names in (("voice", ["haha", "haha2", "no", "sorry"]), ("announcer", ["fight"]),
-                          ("player", ["pain"])):
+    for folder, names in (("voice", ["haha", "haha2", "no", "sorry"]), ("announcer", ["fight"]), ("player", ["pain"])):
         (tmp_path / folder).mkdir()
         for name in names:
             (tmp_path / folder / f"{name}.ogg").write_bytes(b"")
     items = corpus.find_redeclipse(tmp_path)
     assert [(i.speaker, i.name, len(i.src)) for i in items] == [
-        ("redeclipse-en-player", "haha_haha2_no", 3), ("redeclipse-en-player", "sorry", 1),
-        ("redeclipse-en-announcer", "fight", 1)]
+        ("redeclipse-en-player", "haha_haha2_no", 3),
+        ("redeclipse-en-player", "sorry", 1),
+        ("redeclipse-en-announcer", "fight", 1),
+    ]
     assert {plan_split(items)[i.speaker] for i in items} == {"dev-ood"}

@@ -26,8 +26,26 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = [REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.cuda"]
-INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
-                "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL", "MAINTAINER"}
+INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+    "MAINTAINER",
+}
 ENTRYPOINT = ["simvq-codec", "serve", "--host", "0.0.0.0"]
 
 
@@ -97,7 +115,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
     out, i = "", 0
     while i < len(pattern):
         if pattern.startswith("**", i):
-            if pattern[i + 2: i + 3] == "/":
+            if pattern[i + 2 : i + 3] == "/":
                 out, i = out + "(?:.*/)?", i + 3
             else:
                 out, i = out + ".*", i + 2
@@ -107,7 +125,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
             out, i = out + "[^/]", i + 1
         elif pattern[i] == "[":
             end = pattern.index("]", i)
-            out, i = out + pattern[i: end + 1].replace("[!", "[^"), end + 1
+            out, i = out + pattern[i : end + 1].replace("[!", "[^"), end + 1
         else:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out + r"\Z")
@@ -311,7 +329,7 @@ def replay_build(dockerfile: Path, root: Path, work: Path) -> tuple[Path, dict[s
             for source in words[:-1]:
                 rel = source.rstrip("/")
                 for f in sorted(f for f in context if f == rel or f.startswith(rel + "/")):
-                    target = dest / (f[len(rel) + 1:] if f != rel else Path(f).name)
+                    target = dest / (f[len(rel) + 1 :] if f != rel else Path(f).name)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(root / f, target)
         elif ins.keyword == "ENV":
@@ -328,8 +346,15 @@ def replay_build(dockerfile: Path, root: Path, work: Path) -> tuple[Path, dict[s
                 continue
             if command.startswith("python -m venv"):
                 command = command.replace("python", shlex.quote(sys.executable), 1)
-            done = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=cwd, env=env, timeout=900,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", command],
+                cwd=cwd,
+                env=env,
+                timeout=900,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             tail = "\n".join(done.stdout.splitlines()[-15:])
             assert done.returncode == 0, f"{dockerfile.name}:{ins.line}: RUN {command!r} failed:\n{tail}"
     runtime_env = {}
@@ -373,8 +398,12 @@ def check_entry_point(venv: Path, runtime_env: dict[str, str], cwd: Path) -> Non
             assert time.monotonic() < deadline, "the entry point never became ready"
             time.sleep(0.5)
         assert httpx.get(url + "/healthz", timeout=5).json() == {"status": "alive"}
-        answer = httpx.post(url + "/encode?format=json", content=audio_bytes(speech_like(0.5), 16000),
-                            headers={"content-type": "audio/wav"}, timeout=60)
+        answer = httpx.post(
+            url + "/encode?format=json",
+            content=audio_bytes(speech_like(0.5), 16000),
+            headers={"content-type": "audio/wav"},
+            timeout=60,
+        )
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["model_id"] == "simvq-16k" and body["num_samples"] == 8000 and len(body["codes"]) == 12

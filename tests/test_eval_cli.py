@@ -42,8 +42,10 @@ def test_folder_and_manifest_inputs(folder, tmp_path):
     two = load_audio(folder / "sub" / "two.wav")
     assert two.dtype == np.float32 and two.shape == (16000,)  # mixed down and resampled to 16 kHz
     manifest = folder / "manifest.csv"
-    manifest.write_text("path,speaker,duration,split,source,language\n"
-                        "one.wav,s1,2.0,test,asterisk,en\nsub/two.wav,s2,1.0,train,asterisk,en\n")
+    manifest.write_text(
+        "path,speaker,duration,split,source,language\n"
+        "one.wav,s1,2.0,test,asterisk,en\nsub/two.wav,s2,1.0,train,asterisk,en\n"
+    )
     items = list_inputs([manifest], split="test")
     assert [(it.key, it.speaker, it.path) for it in items] == [("one.wav", "s1", (folder / "one.wav").resolve())]
     assert len(list_inputs([manifest])) == 2 and len(list_inputs([folder], limit=1)) == 1
@@ -58,8 +60,11 @@ def test_folder_and_manifest_inputs(folder, tmp_path):
 
 
 def test_per_speaker_keeps_every_voice_evenly_spread():
-    items = [AudioItem(Path(f"{spk}/{i}.wav"), spk, key=f"{spk}/{i}.wav") for spk, n in (("a", 10), ("b", 2))
-             for i in range(n)]
+    items = [
+        AudioItem(Path(f"{spk}/{i}.wav"), spk, key=f"{spk}/{i}.wav")
+        for spk, n in (("a", 10), ("b", 2))
+        for i in range(n)
+    ]
     picked = spread_per_speaker(items, 4)
     assert [it.key for it in picked] == ["a/0.wav", "a/2.wav", "a/5.wav", "a/7.wav", "b/0.wav", "b/1.wav"]
     # no speaker column: the folder
@@ -69,8 +74,22 @@ def test_per_speaker_keeps_every_voice_evenly_spread():
 
 def test_subcommand_runs_and_refuses_to_overwrite(folder, tmp_path, capsys):
     out = tmp_path / "out"
-    args = _parser().parse_args(["eval", str(folder), "--out", str(out), "--no-model", "--peers", "codec2",
-                                 "--codec2-modes", "3200", "--jobs", "1", "--no-plots"])
+    args = _parser().parse_args(
+        [
+            "eval",
+            str(folder),
+            "--out",
+            str(out),
+            "--no-model",
+            "--peers",
+            "codec2",
+            "--codec2-modes",
+            "3200",
+            "--jobs",
+            "1",
+            "--no-plots",
+        ]
+    )
     if os.system("which c2enc > /dev/null") != 0:
         pytest.skip("codec2 not installed")
     assert args.func(args) == 0
@@ -101,8 +120,14 @@ def test_bad_arguments(tmp_path, capsys):
 def test_python_m_eval_with_bad_path_skips_peers(folder, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PATH="/nonexistent")
-    proc = subprocess.run([sys.executable, "-m", "eval", str(folder), "--out", str(out), "--no-model",
-                           "--jobs", "2", "-q"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval", str(folder), "--out", str(out), "--no-model", "--jobs", "2", "-q"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "skipped opus: opusenc, opusdec not found on PATH" in proc.stderr
     report = (out / "report.md").read_text()
@@ -112,8 +137,22 @@ def test_python_m_eval_with_bad_path_skips_peers(folder, tmp_path):
 
 def test_unquantized_row_scores_the_latent_without_tokens(folder, tmp_path, capsys):
     out = tmp_path / "out"
-    args = _parser().parse_args(["eval", str(folder), "--out", str(out), "--no-peers", "--stages", "1",
-                                 "--unquantized", "--jobs", "1", "--no-plots", "--quiet"])
+    args = _parser().parse_args(
+        [
+            "eval",
+            str(folder),
+            "--out",
+            str(out),
+            "--no-peers",
+            "--stages",
+            "1",
+            "--unquantized",
+            "--jobs",
+            "1",
+            "--no-plots",
+            "--quiet",
+        ]
+    )
     assert args.func(args) == 0
     rows = {r["setting"]: r for r in json.loads((out / "results.json").read_text())["averages"]}
     assert set(rows) == {"1st", "unquantized"}

@@ -53,8 +53,10 @@ def test_measure_matches_the_models_own_codes_clip_by_clip(monkeypatch):
     monkeypatch.setattr(collapse_metrics, "SEARCH_ELEMENTS", 64 * 7)  # 7 frames per search chunk
     model = tiny_codec(n_stages=1, codebook_size=64, quantizer="vq")
     hop = model.hop_length
-    clips = [torch.from_numpy(speechlike(s, seed=i))[None, : int(s * 16000) // hop * hop]
-             for i, s in enumerate((0.5, 1.3, 0.2, 0.9))]
+    clips = [
+        torch.from_numpy(speechlike(s, seed=i))[None, : int(s * 16000) // hop * hop]
+        for i, s in enumerate((0.5, 1.3, 0.2, 0.9))
+    ]
     result = measure(model.train(), DevSet(clips, mel_clips=0), batch_size=3)  # padded batches of 3 and 1
     assert model.training  # the caller's mode is restored
     counts = torch.zeros(64, dtype=torch.long)
@@ -89,8 +91,14 @@ def test_plan_and_schedule():
     assert specs[:2] == [RunSpec("vq", 64), RunSpec("simvq", 64)]
     assert RunSpec("vq", 64, 0.1, False).name == "vq-K64-x0.1-noinit"
     both = plan([64], ["vq", "simvq"], [10.0], 64, (False,), (False, True))
-    assert [s.name for s in both] == ["vq-K64-x1-datainit", "simvq-K64-x1-datainit", "vq-K64-x1-datainit-whiten",
-                                      "simvq-K64-x1-datainit-whiten", "vq-K64-x10-noinit", "simvq-K64-x10-noinit"]
+    assert [s.name for s in both] == [
+        "vq-K64-x1-datainit",
+        "simvq-K64-x1-datainit",
+        "vq-K64-x1-datainit-whiten",
+        "simvq-K64-x1-datainit-whiten",
+        "vq-K64-x10-noinit",
+        "simvq-K64-x10-noinit",
+    ]
     assert "model.whiten_codes=true" in both[2].overrides() and "model.whiten_codes=false" in both[0].overrides()
     assert eval_schedule(10, 4) == [0, 2, 5, 8, 10]
     assert eval_schedule(3, 3) == [0, 1, 2, 3]
@@ -110,17 +118,52 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def study_args(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return ["--out", str(out), "--size", "tiny", "--ks", "64,128", "--init-k", "64", "--init-scales", "10",
-            "--steps", "2", "--evals", "2", "--batch-size", "2", "--segment-seconds", "0.2",
-            "--train", str(corpus / "train"), "--dev", str(corpus / "dev"), "--dev-minutes", "0",
-            "--mel-clips", "1", "--whitening", "off", *extra]
+    return [
+        "--out",
+        str(out),
+        "--size",
+        "tiny",
+        "--ks",
+        "64,128",
+        "--init-k",
+        "64",
+        "--init-scales",
+        "10",
+        "--steps",
+        "2",
+        "--evals",
+        "2",
+        "--batch-size",
+        "2",
+        "--segment-seconds",
+        "0.2",
+        "--train",
+        str(corpus / "train"),
+        "--dev",
+        str(corpus / "dev"),
+        "--dev-minutes",
+        "0",
+        "--mel-clips",
+        "1",
+        "--whitening",
+        "off",
+        *extra,
+    ]
 
 
 def test_a_tiny_study_writes_the_table_json_and_plots_and_resumes(corpus, tmp_path, capsys):
     out = tmp_path / "study"
     assert main(study_args(corpus, out, "--keep-checkpoints")) == 0
-    names = ["vq-K64-x1-datainit", "simvq-K64-x1-datainit", "vq-K128-x1-datainit", "simvq-K128-x1-datainit",
-             "vq-K64-x10-datainit", "vq-K64-x10-noinit", "simvq-K64-x10-datainit", "simvq-K64-x10-noinit"]
+    names = [
+        "vq-K64-x1-datainit",
+        "simvq-K64-x1-datainit",
+        "vq-K128-x1-datainit",
+        "simvq-K128-x1-datainit",
+        "vq-K64-x10-datainit",
+        "vq-K64-x10-noinit",
+        "simvq-K64-x10-datainit",
+        "simvq-K64-x10-noinit",
+    ]
     data = json.loads((out / "collapse.json").read_text())
     runs = {r["name"]: r for r in data["runs"]}
     assert sorted(runs) == sorted(names)
@@ -160,7 +203,8 @@ def test_a_tiny_study_writes_the_table_json_and_plots_and_resumes(corpus, tmp_pa
     again = {r["name"]: r for r in json.loads((out / "collapse.json").read_text())["runs"]}
     before, after = runs["simvq-K64-x1-datainit"]["curve"][-1], again["simvq-K64-x1-datainit"]["curve"][-1]
     assert {k: v for k, v in after.items() if not k.endswith("seconds")} == pytest.approx(
-        {k: v for k, v in before.items() if not k.endswith("seconds")})
+        {k: v for k, v in before.items() if not k.endswith("seconds")}
+    )
     assert not (run_dir / "checkpoints").exists()  # removed once the run is finished (no --keep-checkpoints)
 
     assert main(study_args(corpus, out, "--lr", "0.01")) == 2
@@ -180,13 +224,20 @@ def test_bad_options_are_one_line_errors(corpus, tmp_path, capsys):
 
 def test_a_whitened_run_is_trained_whitened_and_reported_beside_the_plain_one(corpus, tmp_path):
     out = tmp_path / "study"
-    assert main(study_args(corpus, out, "--ks", "64", "--whitening", "off,on", "--no-init-study",
-                           "--keep-checkpoints")) == 0
-    ckpt = torch.load(next((out / RUNS / "simvq-K64-x1-datainit-whiten" / "checkpoints").glob("step_*.pt")),
-                      weights_only=False)
+    assert (
+        main(study_args(corpus, out, "--ks", "64", "--whitening", "off,on", "--no-init-study", "--keep-checkpoints"))
+        == 0
+    )
+    ckpt = torch.load(
+        next((out / RUNS / "simvq-K64-x1-datainit-whiten" / "checkpoints").glob("step_*.pt")), weights_only=False
+    )
     whitened = [k for k in ckpt["model"] if "whitener" in k]
-    assert whitened and not [k for k in torch.load(next((out / RUNS / "simvq-K64-x1-datainit" / "checkpoints")
-                                                        .glob("step_*.pt")), weights_only=False)["model"]
-                             if "whitener" in k]
+    assert whitened and not [
+        k
+        for k in torch.load(
+            next((out / RUNS / "simvq-K64-x1-datainit" / "checkpoints").glob("step_*.pt")), weights_only=False
+        )["model"]
+        if "whitener" in k
+    ]
     md = (out / "collapse.md").read_text()
     assert md.count("| simvq + whitening | 64 |") == 1 and md.count("| simvq | 64 |") == 1

@@ -11,9 +11,24 @@ from eval.run import EvalResult, Row, _mean_row
 
 
 def _row(file, setting, pesq, stoi, mel=0.3):
-    return Row(file=file, codec="simvq-16k", setting=setting, seconds=1.0, nominal_kbps=6.0, kbps=6.1,
-               payload_kbps=6.0, pesq_wb=pesq, pesq_nb=math.nan, stoi=stoi, estoi=0.5, si_sdr=1.0,
-               mel_distance=mel, delay_ms=0.0, encode_x_realtime=100.0, decode_x_realtime=80.0)
+    return Row(
+        file=file,
+        codec="simvq-16k",
+        setting=setting,
+        seconds=1.0,
+        nominal_kbps=6.0,
+        kbps=6.1,
+        payload_kbps=6.0,
+        pesq_wb=pesq,
+        pesq_nb=math.nan,
+        stoi=stoi,
+        estoi=0.5,
+        si_sdr=1.0,
+        mel_distance=mel,
+        delay_ms=0.0,
+        encode_x_realtime=100.0,
+        decode_x_realtime=80.0,
+    )
 
 
 def _write(path, rows):
@@ -25,8 +40,9 @@ def _write(path, rows):
 def pair(tmp_path):
     # The candidate gains 0.1 PESQ-WB on every file but one (a clear gain), and STOI moves by noise.
     base = [_row(f"f{i}", "12st", 1.5 + 0.1 * i, 0.80 + 0.01 * (i % 3)) for i in range(8)]
-    cand = [_row(f"f{i}", "12st", 1.6 + 0.1 * i - (0.05 if i == 3 else 0), 0.80 + 0.01 * ((i + 1) % 3))
-            for i in range(8)]
+    cand = [
+        _row(f"f{i}", "12st", 1.6 + 0.1 * i - (0.05 if i == 3 else 0), 0.80 + 0.01 * ((i + 1) % 3)) for i in range(8)
+    ]
     cand.append(_row("only-in-candidate", "12st", 4.0, 1.0))
     (tmp_path / "base").mkdir()
     return _write(tmp_path / "base" / "results.csv", base), _write(tmp_path / "cand.csv", cand)
@@ -50,9 +66,14 @@ def test_paired_difference_and_verdicts(pair):
 def test_lower_is_better_and_worse(tmp_path):
     base = [_row(f"f{i}", "2st", 1.5, 0.8, mel=0.30 + 0.01 * i) for i in range(5)]
     cand = [_row(f"f{i}", "2st", 1.4 + 0.001 * i, 0.8, mel=0.35 + 0.01 * i) for i in range(5)]
-    got = {c.metric: c.verdict for c in compare(read_results(_write(tmp_path / "b.csv", base)),
-                                                read_results(_write(tmp_path / "c.csv", cand)),
-                                                ["pesq_wb", "mel_distance", "pesq_nb"])}
+    got = {
+        c.metric: c.verdict
+        for c in compare(
+            read_results(_write(tmp_path / "b.csv", base)),
+            read_results(_write(tmp_path / "c.csv", cand)),
+            ["pesq_wb", "mel_distance", "pesq_nb"],
+        )
+    }
     assert got == {"pesq_wb": "worse", "mel_distance": "worse"}  # pesq_nb undefined everywhere: no line
 
 

@@ -9,8 +9,19 @@ from codec.modules import causal_stft, hann_window
 from eval import oracle
 from tests.conftest import speechlike
 
-TINY = dict(encoder_dim=32, encoder_layers=1, decoder_dim=32, decoder_layers=1, latent_dim=16, n_stages=2,
-            codebook_size=64, phase="absolute", pitch_prior=False, rephase_iters=0, advance_features=False)
+TINY = dict(
+    encoder_dim=32,
+    encoder_layers=1,
+    decoder_dim=32,
+    decoder_layers=1,
+    latent_dim=16,
+    n_stages=2,
+    codebook_size=64,
+    phase="absolute",
+    pitch_prior=False,
+    rephase_iters=0,
+    advance_features=False,
+)
 
 
 def tiny(**options) -> SimVQCodec:

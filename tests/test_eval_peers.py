@@ -12,10 +12,12 @@ from eval.run import evaluate
 from tests.conftest import example_speech
 from training.manifest import AudioItem
 
-needs_opus = pytest.mark.skipif(shutil.which("opusenc") is None or shutil.which("opusdec") is None,
-                                reason="opus-tools not installed")
-needs_codec2 = pytest.mark.skipif(shutil.which("c2enc") is None or shutil.which("c2dec") is None,
-                                  reason="codec2 not installed")
+needs_opus = pytest.mark.skipif(
+    shutil.which("opusenc") is None or shutil.which("opusdec") is None, reason="opus-tools not installed"
+)
+needs_codec2 = pytest.mark.skipif(
+    shutil.which("c2enc") is None or shutil.which("c2dec") is None, reason="codec2 not installed"
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +52,9 @@ def test_ogg_parser_accounts_for_every_byte(tmp_path, clip):
     import subprocess
 
     sf.write(tmp_path / "a.wav", clip, 16000, subtype="PCM_16")
-    subprocess.run(["opusenc", "--quiet", "--bitrate", "8", str(tmp_path / "a.wav"), str(tmp_path / "a.opus")],
-                   check=True)
+    subprocess.run(
+        ["opusenc", "--quiet", "--bitrate", "8", str(tmp_path / "a.wav"), str(tmp_path / "a.opus")], check=True
+    )
     info = read_opus_stream((tmp_path / "a.opus").read_bytes())
     assert info.duration_seconds == pytest.approx(clip.size / 16000, abs=1e-3)
     assert info.final_granule == 48000 * 3 + info.pre_skip

@@ -26,8 +26,17 @@ def tiny_model_dir(tmp_path_factory):
     from codec.model import SimVQCodec
 
     torch.manual_seed(0)
-    model = SimVQCodec(encoder_dim=16, encoder_layers=1, decoder_dim=16, decoder_layers=1, latent_dim=8,
-                       n_stages=3, codebook_size=16, pitch_prior=False, rephase_iters=0)  # fast: no phase extras
+    model = SimVQCodec(
+        encoder_dim=16,
+        encoder_layers=1,
+        decoder_dim=16,
+        decoder_layers=1,
+        latent_dim=8,
+        n_stages=3,
+        codebook_size=16,
+        pitch_prior=False,
+        rephase_iters=0,
+    )  # fast: no phase extras
     return str(save_model(model, tmp_path_factory.mktemp("tiny"), model_id="tiny-test", trained=False))
 
 
@@ -97,8 +106,14 @@ def test_report_files(tiny_model_dir, folder, tmp_path):
     result = evaluate(list_inputs([folder]), codecs, jobs=1, progress=False)
     paths = write_report(result, tmp_path)
     names = {p.name for p in paths}
-    assert {"results.json", "results.csv", "report.md", "pesq_wb_vs_kbps.png", "stoi_vs_kbps.png",
-            "stage_utilisation.png"} <= names
+    assert {
+        "results.json",
+        "results.csv",
+        "report.md",
+        "pesq_wb_vs_kbps.png",
+        "stoi_vs_kbps.png",
+        "stage_utilisation.png",
+    } <= names
     for p in paths:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "examples" / "reference.wav"
 GOLDEN = ROOT / "tests" / "golden" / f"{DEFAULT_MODEL_ID}.tok"
 GOLDEN_INFO = GOLDEN.with_suffix(".json")
+
+
 def encode_reference(model) -> bytes:
     out = io.BytesIO()
     compress(REFERENCE, out, model)
@@ -35,7 +37,8 @@ def test_the_shipped_weights_are_the_pinned_ones():
     config = json.loads((weights.parent / "config.json").read_text())
     assert sha256_file(weights) == config["sha256"], "model.safetensors does not match its config.json"
     assert config["sha256"] == info["model_sha256"], (
-        "the default model changed since the golden tokens were made: if that was meant, run `make golden`")
+        "the default model changed since the golden tokens were made: if that was meant, run `make golden`"
+    )
 
 
 def test_the_reference_recording_gives_the_golden_tokens():
@@ -56,10 +59,20 @@ def update() -> None:
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_bytes(data)
     header, codes = read_tok(io.BytesIO(data))
-    GOLDEN_INFO.write_text(json.dumps({
-        "model_id": DEFAULT_MODEL_ID, "model_sha256": model.sha256, "reference": "examples/reference.wav",
-        "stages": int(codes.shape[0]), "frames": int(codes.shape[1]), "tok_bytes": len(data),
-    }, indent=1) + "\n")
+    GOLDEN_INFO.write_text(
+        json.dumps(
+            {
+                "model_id": DEFAULT_MODEL_ID,
+                "model_sha256": model.sha256,
+                "reference": "examples/reference.wav",
+                "stages": int(codes.shape[0]),
+                "frames": int(codes.shape[1]),
+                "tok_bytes": len(data),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {GOLDEN} ({len(data)} bytes, {codes.shape[1]} frames x {codes.shape[0]} stages)")
 
 

@@ -26,7 +26,7 @@ def test_training_has_no_import_loops():
     def visit(name: str, trail: list[str]) -> None:
         for nxt in graph[name]:
             if nxt in trail:
-                loops.append(trail[trail.index(nxt):] + [nxt])
+                loops.append(trail[trail.index(nxt) :] + [nxt])
             elif len(trail) < len(graph):
                 visit(nxt, trail + [nxt])
 
@@ -36,6 +36,7 @@ def test_training_has_no_import_loops():
 
 
 def test_bench_stands_on_its_own():
-    offenders = {p.name: sorted(m for m in imports(p) if m.split(".")[0] == "tests")
-                 for p in (REPO / "bench").glob("*.py")}
+    offenders = {
+        p.name: sorted(m for m in imports(p) if m.split(".")[0] == "tests") for p in (REPO / "bench").glob("*.py")
+    }
     assert not {k: v for k, v in offenders.items() if v}, offenders

@@ -80,8 +80,9 @@ def test_advance_features_give_a_steady_tones_offset_from_its_bin_centre():
     expected = 2 * math.pi * features.hop * offset / rate
     assert torch.allclose(angle, torch.full_like(angle, expected), atol=1e-3)
     plain = SimVQCodec(advance_features=False).features
-    assert torch.equal(plain(torch.sin(2 * math.pi * freq * t)[None, None].float()),
-                       feats[..., : n * 3 * bins])  # the other features are the same as without advances
+    assert torch.equal(
+        plain(torch.sin(2 * math.pi * freq * t)[None, None].float()), feats[..., : n * 3 * bins]
+    )  # the other features are the same as without advances
 
 
 def test_streaming_encode_single_samples(tiny_model):
@@ -112,8 +113,9 @@ def test_causality_appending_audio_keeps_earlier_codes_and_samples(tiny_model):
     assert torch.equal(tiny_model.encode(longer)[..., :10], tiny_model.encode(wav))
     codes = tiny_model.encode(longer)
     complete = 10 * HOP - tiny_model.decoder_delay  # the rest needs frames 10 and later
-    torch.testing.assert_close(tiny_model.decode(codes[..., :10])[..., :complete],
-                               tiny_model.decode(codes)[..., :complete])
+    torch.testing.assert_close(
+        tiny_model.decode(codes[..., :10])[..., :complete], tiny_model.decode(codes)[..., :complete]
+    )
 
 
 def test_streamed_decoder_output_lags_by_the_delay_and_the_flush_returns_the_rest(tiny_model):
@@ -142,10 +144,13 @@ def test_rephased_synthesis_streams_like_offline(chunks):
     torch.testing.assert_close(_stream_decode(model, codes, chunks), model.decode(codes), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(phase="absolute", pitch_prior=False), "rephase_iters needs phase='propagated'"),
-    (dict(carry_share=1.5), r"carry_share must lie in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(phase="absolute", pitch_prior=False), "rephase_iters needs phase='propagated'"),
+        (dict(carry_share=1.5), r"carry_share must lie in \[0, 1\]"),
+    ],
+)
 def test_rephasing_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         SimVQCodec(**options)
@@ -250,8 +255,8 @@ def test_propagated_phase_with_zero_deviation_is_a_steady_tone():
     n = torch.arange(out.shape[-1], dtype=torch.float64)
     w = 2 * math.pi * k / synth.n_fft
     basis = torch.stack([torch.cos(w * n), torch.sin(w * n)], dim=1)
-    fit = basis @ torch.linalg.lstsq(basis[synth.n_fft:], out[synth.n_fft:, None]).solution
-    residual = (out[synth.n_fft:] - fit[synth.n_fft:, 0]).norm() / out[synth.n_fft:].norm()
+    fit = basis @ torch.linalg.lstsq(basis[synth.n_fft :], out[synth.n_fft :, None]).solution
+    residual = (out[synth.n_fft :] - fit[synth.n_fft :, 0]).norm() / out[synth.n_fft :].norm()
     assert residual < 1e-3  # after the first window, where the sum builds up
 
 
@@ -430,16 +435,15 @@ def test_codebook_parameters_get_their_own_learning_rate():
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
 
 
-
-
 def _train_behind_a_decoder(residual_weight: float, straight_through: str = "stage", steps: int = 300) -> list[float]:
     """Train a 4-stage quantizer with projections, as the codec does, behind a learned linear "decoder" whose
     target is not the latent itself; return the mean squared residual after 0, 1, ... 4 stages."""
     torch.manual_seed(0)
     z = torch.randn(1024, 16) @ torch.randn(16, 16)
     target = z @ torch.randn(16, 16)
-    rq = ResidualQuantizer(16, 4, 64, code_dim=4, whiten=True, quantizer_dropout=0.0,
-                           straight_through=straight_through).train()
+    rq = ResidualQuantizer(
+        16, 4, 64, code_dim=4, whiten=True, quantizer_dropout=0.0, straight_through=straight_through
+    ).train()
     decoder = torch.nn.Linear(16, 16)
     optimizer = torch.optim.Adam([*rq.parameters(), *decoder.parameters()], lr=1e-2)
     for _ in range(steps):
@@ -539,11 +543,13 @@ def test_codes_drawn_from_the_stage_inputs_fit_them_better_than_gaussian_codes()
     # Inputs that fill their space unevenly: a few tight clusters, as a stage's whitened input does.
     centres = torch.randn(12, 16) * 3.0
     z = (centres[torch.randint(12, (4000,))] + 0.3 * torch.randn(4000, 16))[None]
-    gaussian = ResidualQuantizer(dim=16, n_stages=2, codebook_size=[256, 64], code_dim=4, whiten=True,
-                                 quantizer_dropout=0.0)
+    gaussian = ResidualQuantizer(
+        dim=16, n_stages=2, codebook_size=[256, 64], code_dim=4, whiten=True, quantizer_dropout=0.0
+    )
     gaussian.train()(z)  # whitening statistics and the usual rescaled Gaussian codes
-    drawn = ResidualQuantizer(dim=16, n_stages=2, codebook_size=[256, 64], code_dim=4, whiten=True,
-                              quantizer_dropout=0.0)
+    drawn = ResidualQuantizer(
+        dim=16, n_stages=2, codebook_size=[256, 64], code_dim=4, whiten=True, quantizer_dropout=0.0
+    )
     drawn.load_state_dict(gaussian.state_dict())  # the same maps into and out of the lookup space
     drawn.draw_codebooks(z, generator=torch.Generator().manual_seed(0))
     first = drawn.stages[0]
@@ -551,8 +557,10 @@ def test_codes_drawn_from_the_stage_inputs_fit_them_better_than_gaussian_codes()
     inputs = first.lookup_input(z[0]).detach()
     assert (torch.cdist(first.frozen_codebook, inputs).min(1).values < 1e-2).all()  # every code is an input
     with torch.no_grad():  # the first stage's squared error where it searches, and the codes it uses
-        error = {name: torch.cdist(q.stages[0].lookup_input(z[0]), q.stages[0].codebook()).min(1).values.pow(2).mean()
-                 for name, q in (("gaussian", gaussian.eval()), ("drawn", drawn.eval()))}
+        error = {
+            name: torch.cdist(q.stages[0].lookup_input(z[0]), q.stages[0].codebook()).min(1).values.pow(2).mean()
+            for name, q in (("gaussian", gaussian.eval()), ("drawn", drawn.eval()))
+        }
         used = drawn.encode(z, 1).unique().numel()
     assert error["drawn"] < 0.7 * error["gaussian"] and used > 0.8 * 256
     with pytest.raises(ValueError, match="needs at least as many frames"):

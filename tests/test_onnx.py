@@ -136,9 +136,15 @@ def test_a_batch_of_streams_is_each_stream_alone(codec, torch_codes):
         _assert_close(item, np.concatenate([alone.decode(codes[None]), alone.flush()], axis=1)[0])
 
 
-@pytest.mark.parametrize("variant", [dict(phase="absolute"), dict(phase="propagated"),
-                                     dict(phase="propagated", rephase_iters=2),
-                                     dict(advance_features=True)])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(phase="absolute"),
+        dict(phase="propagated"),
+        dict(phase="propagated", rephase_iters=2),
+        dict(advance_features=True),
+    ],
+)
 def test_the_other_models_export_too(tmp_path, variant):
     """Absolute phases, propagated phases without a pitch head (the bundled model has one), re-phasing from
     what was played (one frame per decoder call), and an encoder that sees phase advances."""
@@ -159,8 +165,13 @@ def test_the_contract_describes_the_graphs(exported, pretrained):
     info = json.loads((exported / "codec.json").read_text())
     model = pretrained.model
     assert (info["model_id"], info["sha256"]) == (pretrained.model_id, pretrained.sha256)
-    assert (info["sample_rate"], info["hop_length"], info["n_stages"], info["codebook_size"],
-            info["decoder_delay"]) == (16000, 320, 12, 1024, model.decoder_delay)
+    assert (
+        info["sample_rate"],
+        info["hop_length"],
+        info["n_stages"],
+        info["codebook_size"],
+        info["decoder_delay"],
+    ) == (16000, 320, 12, 1024, model.decoder_delay)
     initial = model.init_streaming_state(1).tensors()
     graph_state = []
     for part, main_in, main_out in (("encoder", "audio", "codes"), ("decoder", "codes", "audio")):
@@ -188,10 +199,14 @@ def test_cli_writes_the_graphs_and_refuses_to_overwrite(tmp_path, capsys):
 def test_runner_command_line_round_trip_without_torch(exported, tmp_path):
     npz, out = tmp_path / "ref.npz", tmp_path / "ref.wav"
     # the runner's main() in a fresh interpreter, which must not have imported torch by the end
-    script = (f"import runpy, sys; rc = runpy.run_path({str(RUNNER)!r})['main'](sys.argv[1:]); "
-              "assert 'torch' not in sys.modules; sys.exit(rc)")
-    for args in (["compress", str(exported), str(EXAMPLES / "reference.wav"), str(npz)],
-                 ["decompress", str(exported), str(npz), str(out), "--stages", "2"]):
+    script = (
+        f"import runpy, sys; rc = runpy.run_path({str(RUNNER)!r})['main'](sys.argv[1:]); "
+        "assert 'torch' not in sys.modules; sys.exit(rc)"
+    )
+    for args in (
+        ["compress", str(exported), str(EXAMPLES / "reference.wav"), str(npz)],
+        ["decompress", str(exported), str(npz), str(out), "--stages", "2"],
+    ):
         r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     data = np.load(npz)
@@ -207,8 +222,17 @@ def test_cli_export_on_a_full_disk_leaves_nothing_and_a_rerun_needs_no_force(tmp
 
     save_model(tiny_codec(), tmp_path / "tiny", model_id="tiny", trained=False)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "codec.cli", "--threads", "1", "export-onnx", str(out), "--model",
-               str(tmp_path / "tiny")]
+    command = [
+        sys.executable,
+        "-m",
+        "codec.cli",
+        "--threads",
+        "1",
+        "export-onnx",
+        str(out),
+        "--model",
+        str(tmp_path / "tiny"),
+    ]
 
     def small_files():  # files past 4 KB cannot be written (EFBIG), as on a full disk (ENOSPC)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
@@ -259,9 +283,12 @@ def test_the_runner_refuses_what_the_cli_refuses_with_the_same_message(tmp_path,
     assert runner.main(["compress", str(onnx_dir), str(tmp_path / "ok.wav"), npz]) == 0
     capsys.readouterr()
     assert last_line(runner.main(["decompress", str(onnx_dir), npz, out, "--stages", "13"])) == (
-        "stages must be between 1 and 4, got 13")
+        "stages must be between 1 and 4, got 13"
+    )
     tok = str(EXAMPLES.parent / "tests" / "golden" / "simvq-16k.tok")
     assert last_line(runner.main(["decompress", str(onnx_dir), tok, out])).startswith(
-        f"{tok} is a .tok file: decode it with `simvq-codec decompress`")
+        f"{tok} is a .tok file: decode it with `simvq-codec decompress`"
+    )
     assert last_line(runner.main(["decompress", str(onnx_dir), str(tmp_path / "ok.wav"), out])) == (
-        f"{tmp_path / 'ok.wav'} is not a .npz file written by this runner's compress")
+        f"{tmp_path / 'ok.wav'} is not a .npz file written by this runner's compress"
+    )

@@ -53,7 +53,7 @@ def test_yin_calls_noise_and_silence_unvoiced():
     silence_then_tone = torch.cat([torch.zeros(SR // 2), torch.from_numpy(harmonic_glide(120, 120, 0.5)[0])])
     f0, voiced = yin_f0(torch.stack([noise, silence_then_tone]), SR, N_FFT, HOP)
     assert voiced[0].float().mean() < 0.1
-    assert not voiced[1, : 90].any() and voiced[1, 110:-4].all()
+    assert not voiced[1, :90].any() and voiced[1, 110:-4].all()
     assert (f0[~voiced] == 0).all()
 
 
@@ -66,8 +66,9 @@ def test_the_pitch_head_reads_f0_between_its_bins_and_its_loss_counts_only_voice
     peaked = -0.5 * ((target.clamp_min(1.0).log()[..., None] - bins) / (bins[1] - bins[0])) ** 2
     assert head.log_f0(peaked[:, :1]).exp().item() == pytest.approx(150.0, rel=0.005)
     anywhere = torch.randn(1, 2, head.bins)  # the unvoiced frame's f0 logits do not count
-    right = pitch_loss(torch.cat([peaked[:, :1], anywhere[:, 1:]], 1), torch.tensor([[20.0, -20.0]]), bins,
-                       target, voiced)
+    right = pitch_loss(
+        torch.cat([peaked[:, :1], anywhere[:, 1:]], 1), torch.tensor([[20.0, -20.0]]), bins, target, voiced
+    )
     wrong = pitch_loss(peaked.roll(20, dims=-1), torch.tensor([[-20.0, 20.0]]), bins, target, voiced)
     assert wrong["pitch/f0"] > right["pitch/f0"] + 5 and wrong["pitch/voicing"] > 10 > 1e-6 > right["pitch/voicing"]
 

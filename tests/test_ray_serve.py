@@ -44,11 +44,13 @@ def cluster(model_dir):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = Settings(models=[str(model_dir)], torch_threads=1)
-    serve.run(build(settings, RayOptions(name="batched", num_cpus=0.5, batch_seconds=BUDGET_S, batch_wait_s=0.25)),
-              name="batched", route_prefix="/b")
+    serve.run(
+        build(settings, RayOptions(name="batched", num_cpus=0.5, batch_seconds=BUDGET_S, batch_wait_s=0.25)),
+        name="batched",
+        route_prefix="/b",
+    )
     tight = RayOptions(name="tight", num_cpus=0.5, max_ongoing_requests=1, max_queued_requests=1, batch_wait_s=1.0)
-    serve.run(build(settings.model_copy(update={"retry_after_s": 2}), tight),
-              name="tight", route_prefix="/t")
+    serve.run(build(settings.model_copy(update={"retry_after_s": 2}), tight), name="tight", route_prefix="/t")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -93,8 +95,9 @@ def test_round_trip_through_ray_equals_plain_app(cluster, plain):
 
     def encode(clip: tuple[bytes, str]) -> httpx.Response:
         body, query = clip
-        return httpx.post(f"{base}/encode?format=json&{query}", content=body,
-                          headers={"content-type": "audio/wav"}, timeout=120)
+        return httpx.post(
+            f"{base}/encode?format=json&{query}", content=body, headers={"content-type": "audio/wav"}, timeout=120
+        )
 
     with cf.ThreadPoolExecutor(len(clips)) as pool:  # concurrent: the batcher sees several clips at once
         answers = list(pool.map(encode, clips))
@@ -110,8 +113,9 @@ def test_round_trip_through_ray_equals_plain_app(cluster, plain):
     toks = [plain.post("/encode", content=body, headers={"content-type": "audio/wav"}).content for body, _ in clips]
 
     def decode(tok: bytes) -> httpx.Response:
-        return httpx.post(base + "/decode", content=tok, headers={"content-type": "application/octet-stream"},
-                          timeout=120)
+        return httpx.post(
+            base + "/decode", content=tok, headers={"content-type": "application/octet-stream"}, timeout=120
+        )
 
     with cf.ThreadPoolExecutor(len(toks)) as pool:
         decoded = list(pool.map(decode, toks))
@@ -122,8 +126,9 @@ def test_round_trip_through_ray_equals_plain_app(cluster, plain):
 
     metrics = httpx.get(base + "/metrics", timeout=30).text
     batches = _metric(metrics, "simvq_batch_clips_count", op="encode") - batches_before
-    clips_done = _metric(metrics, "simvq_batch_clips_sum", op="encode") - _metric(before, "simvq_batch_clips_sum",
-                                                                                   op="encode")
+    clips_done = _metric(metrics, "simvq_batch_clips_sum", op="encode") - _metric(
+        before, "simvq_batch_clips_sum", op="encode"
+    )
     assert clips_done == len(clips)
     assert batches < len(clips), "concurrent requests were never batched together"
     # every batch stays within the padded-seconds budget, except the 4.2 s clip that runs alone
@@ -143,15 +148,16 @@ def test_streaming_is_not_batched_and_matches(cluster, plain):
         ready = ws.recv()
         assert '"ready"' in ready
         for i in range(0, len(pcm), 512):
-            ws.send(pcm[i: i + 512].tobytes())
+            ws.send(pcm[i : i + 512].tobytes())
         ws.send('{"type": "end"}')
         for message in ws:
             if isinstance(message, str):
                 break
             frames.append(np.frombuffer(message, "<u2").reshape(-1, 4))
     streamed = np.concatenate(frames).T
-    offline = plain.post("/encode?format=json", content=audio_bytes(pcm, 16000, subtype="PCM_16"),
-                         headers={"content-type": "audio/wav"}).json()["codes"]
+    offline = plain.post(
+        "/encode?format=json", content=audio_bytes(pcm, 16000, subtype="PCM_16"), headers={"content-type": "audio/wav"}
+    ).json()["codes"]
     assert streamed.tolist() == offline
 
 
@@ -174,12 +180,33 @@ def test_queue_limit_answers_503(cluster):
 
 def test_serve_cli_deploys_on_the_cluster_and_stops(cluster, model_dir):
     """`simvq-codec serve --ray` joins the running cluster, serves the app, removes it on SIGINT."""
-    env = {**os.environ, "SIMVQ_MODELS": str(model_dir), "SIMVQ_RAY_NAME": "cli", "SIMVQ_RAY_ROUTE_PREFIX": "/cli",
-           "SIMVQ_RAY_NUM_CPUS": "0.25", "SIMVQ_TORCH_THREADS": "1"}
+    env = {
+        **os.environ,
+        "SIMVQ_MODELS": str(model_dir),
+        "SIMVQ_RAY_NAME": "cli",
+        "SIMVQ_RAY_ROUTE_PREFIX": "/cli",
+        "SIMVQ_RAY_NUM_CPUS": "0.25",
+        "SIMVQ_TORCH_THREADS": "1",
+    }
     address = ray.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-m", "codec.cli", "serve", "--ray", "--ray-address", address,
-                             "--port", cluster.rsplit(":", 1)[1]],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "codec.cli",
+            "serve",
+            "--ray",
+            "--ray-address",
+            address,
+            "--port",
+            cluster.rsplit(":", 1)[1],
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -207,8 +234,14 @@ def test_serve_build_reads_the_import_path_and_options(tmp_path):
     """`serve build server.ray_serve:app` (what `serve run` / `serve deploy` import) with autoscaling options."""
     env = {**os.environ, "SIMVQ_RAY_REPLICAS": "0", "SIMVQ_RAY_MAX_REPLICAS": "6", "SIMVQ_RAY_MAX_QUEUED_REQUESTS": "5"}
     out = tmp_path / "serve.yaml"
-    subprocess.run([str(Path(sys.executable).with_name("serve")), "build", "server.ray_serve:app", "-o", str(out)],
-                   env=env, cwd=REPO, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [str(Path(sys.executable).with_name("serve")), "build", "server.ray_serve:app", "-o", str(out)],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     import yaml
 
     config = yaml.safe_load(out.read_text())
@@ -264,8 +297,14 @@ def test_take_batch_fills_the_budget_in_arrival_order_one_operation_at_a_time():
     def job(op: str, ms: int) -> Job:
         return Job(op, None, None, None, ms)
 
-    pending = [job("encode", 5000), job("decode", 1000), job("encode", 4000), job("encode", 6000),
-               job("encode", 9000), job("encode", 1000)]
+    pending = [
+        job("encode", 5000),
+        job("decode", 1000),
+        job("encode", 4000),
+        job("encode", 6000),
+        job("encode", 9000),
+        job("encode", 1000),
+    ]
     assert take_batch(pending, 20_000) == [0, 2, 3]  # 3 x 6 s = 18 s; a fourth clip would make 4 x 9 s
     assert take_batch(pending, 10_000) == [0, 2]  # 2 x 5 s fits exactly
     assert take_batch(pending, 9_999) == [0]

@@ -19,10 +19,12 @@ PATTERN_FILES = {".gitignore", ".dockerignore"}  # their leading `/` anchors a p
 
 def findings(text: str) -> list[tuple[int, str]]:
     """(line number, the text matched) for every machine path or development-period reference in `text`."""
-    return [(number, match.group(0))
-            for number, line in enumerate(text.splitlines(), 1)
-            for pattern in (MACHINE_PATH, DEV_PERIOD)
-            for match in pattern.finditer(line)]
+    return [
+        (number, match.group(0))
+        for number, line in enumerate(text.splitlines(), 1)
+        for pattern in (MACHINE_PATH, DEV_PERIOD)
+        for match in pattern.finditer(line)
+    ]
 
 
 def tracked_text_files() -> list[Path]:
@@ -53,35 +55,43 @@ def test_no_machine_paths_or_development_periods_in_tracked_files():
     found = []
     for path in files:
         lines = path.read_text(encoding="utf-8").splitlines()
-        found += [f"{path.relative_to(ROOT)}:{number}: {text!r} in {lines[number - 1].strip()[:100]!r}"
-                  for number, text in findings("\n".join(lines))]
+        found += [
+            f"{path.relative_to(ROOT)}:{number}: {text!r} in {lines[number - 1].strip()[:100]!r}"
+            for number, text in findings("\n".join(lines))
+        ]
     assert not found, "machine paths or development-period references:\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize("line", [
-    "--out " + "/wo" + "rk/runs/eval",
-    "python " + "/tm" + "p/scratch.py",
-    "cd " + "/ro" + "ot/corpus",
-    "data.train=" + "/da" + "ta/corpus/train.csv",
-    "`" + "/ho" + "me/alice/x`",
-    "as measured in " + "Sess" + "ion 15",
-    "sess" + "ions 17 to 19",
-    "the " + "sess" + "ion-5 lineage",
-    "`" + "s1" + "4-gan` 3600",
-    "`" + "s1" + "2-par2` 6000",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "--out " + "/wo" + "rk/runs/eval",
+        "python " + "/tm" + "p/scratch.py",
+        "cd " + "/ro" + "ot/corpus",
+        "data.train=" + "/da" + "ta/corpus/train.csv",
+        "`" + "/ho" + "me/alice/x`",
+        "as measured in " + "Sess" + "ion 15",
+        "sess" + "ions 17 to 19",
+        "the " + "sess" + "ion-5 lineage",
+        "`" + "s1" + "4-gan` 3600",
+        "`" + "s1" + "2-par2` 6000",
+    ],
+)
 def test_patterns_catch_a_planted_reference(line):
     assert findings(line), line
 
 
-@pytest.mark.parametrize("line", [
-    "simvq-codec bundle data/corpus bundle/ --wheels",
-    "../data/corpus/dev.csv and runs/eval",
-    "http://127.0.0.1:8000/data/x and $OUT/tmp/x and ${HOME}/data/",
-    "WORKDIR /home/simvq",
-    "compose: a tmpfs on `/tmp`",
-    "aiohttp.ClientSession, an onnxruntime InferenceSession, one WebSocket session per stream",
-    "format s16le, 16-bit PCM",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "simvq-codec bundle data/corpus bundle/ --wheels",
+        "../data/corpus/dev.csv and runs/eval",
+        "http://127.0.0.1:8000/data/x and $OUT/tmp/x and ${HOME}/data/",
+        "WORKDIR /home/simvq",
+        "compose: a tmpfs on `/tmp`",
+        "aiohttp.ClientSession, an onnxruntime InferenceSession, one WebSocket session per stream",
+        "format s16le, 16-bit PCM",
+    ],
+)
 def test_patterns_leave_the_product_alone(line):
     assert not findings(line), findings(line)

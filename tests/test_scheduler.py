@@ -18,8 +18,7 @@ HOP = 320
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_codec(seed=5, phase="propagated", pitch_prior=True, rephase_iters=1,
-                      advance_features=True)
+    return tiny_codec(seed=5, phase="propagated", pitch_prior=True, rephase_iters=1, advance_features=True)
 
 
 def _frames(seconds: float, seed: int) -> np.ndarray:

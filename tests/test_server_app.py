@@ -170,40 +170,77 @@ def test_version_1_token_files_still_decode(client, tiny):
 
 
 def test_ogg_vorbis_is_accepted(client):
-    r = client.post("/encode?format=json", content=wav(0.5, 22050, fmt="OGG", subtype="VORBIS"),
-                    headers={"content-type": "audio/ogg"})
+    r = client.post(
+        "/encode?format=json",
+        content=wav(0.5, 22050, fmt="OGG", subtype="VORBIS"),
+        headers={"content-type": "audio/ogg"},
+    )
     assert r.status_code == 200 and r.json()["num_samples"] == 8000
 
 
 # --- input limits and errors ---------------------------------------------------------------------------
 def test_content_type_and_container_allowlists(client):
-    assert_problem(client.post("/encode", content=b"abc", headers={"content-type": "text/plain"}),
-                   415, "unsupported-media-type", "audio/wav")
+    assert_problem(
+        client.post("/encode", content=b"abc", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported-media-type",
+        "audio/wav",
+    )
     aiff = wav(0.2, fmt="AIFF")
-    assert_problem(client.post("/encode", content=aiff, headers={"content-type": "audio/wav"}),
-                   415, "unsupported-container", "AIFF")
-    assert_problem(client.post("/encode", content=wav(0.2, fmt="FLAC"), headers={"content-type": "audio/wav"}),
-                   415, "content-type-mismatch", "audio/flac")
-    assert_problem(client.post("/encode", content=wav(0.2, subtype="ULAW"), headers={"content-type": "audio/wav"}),
-                   415, "unsupported-sample-format", "ULAW")
-    assert_problem(client.post("/encode", content=b"RIFF0000WAVEjunk", headers={"content-type": "audio/wav"}),
-                   422, "invalid-audio", "not a readable")
-    assert_problem(client.post("/encode", content=b"", headers={"content-type": "audio/wav"}),
-                   422, "invalid-audio", "empty")
-    assert_problem(client.post("/decode", content=b"abc", headers={"content-type": "audio/wav"}),
-                   415, "unsupported-media-type", "application/octet-stream")
+    assert_problem(
+        client.post("/encode", content=aiff, headers={"content-type": "audio/wav"}),
+        415,
+        "unsupported-container",
+        "AIFF",
+    )
+    assert_problem(
+        client.post("/encode", content=wav(0.2, fmt="FLAC"), headers={"content-type": "audio/wav"}),
+        415,
+        "content-type-mismatch",
+        "audio/flac",
+    )
+    assert_problem(
+        client.post("/encode", content=wav(0.2, subtype="ULAW"), headers={"content-type": "audio/wav"}),
+        415,
+        "unsupported-sample-format",
+        "ULAW",
+    )
+    assert_problem(
+        client.post("/encode", content=b"RIFF0000WAVEjunk", headers={"content-type": "audio/wav"}),
+        422,
+        "invalid-audio",
+        "not a readable",
+    )
+    assert_problem(
+        client.post("/encode", content=b"", headers={"content-type": "audio/wav"}), 422, "invalid-audio", "empty"
+    )
+    assert_problem(
+        client.post("/decode", content=b"abc", headers={"content-type": "audio/wav"}),
+        415,
+        "unsupported-media-type",
+        "application/octet-stream",
+    )
 
 
 def test_rate_channels_and_duration_bounds(client):
-    assert_problem(client.post("/encode", content=wav(0.2, rate=2000), headers={"content-type": "audio/wav"}),
-                   422, "invalid-sample-rate", "2000 Hz")
+    assert_problem(
+        client.post("/encode", content=wav(0.2, rate=2000), headers={"content-type": "audio/wav"}),
+        422,
+        "invalid-sample-rate",
+        "2000 Hz",
+    )
     nine = audio_bytes(np.zeros((1600, 9), np.float32), 16000, "WAV", "PCM_16")
-    assert_problem(client.post("/encode", content=nine, headers={"content-type": "audio/wav"}),
-                   422, "invalid-channels", "9 channels")
+    assert_problem(
+        client.post("/encode", content=nine, headers={"content-type": "audio/wav"}),
+        422,
+        "invalid-channels",
+        "9 channels",
+    )
     # 21 s of 8 kHz 8-bit is small (168 kB) but longer than max_duration_s=20: refused from the header
     long = audio_bytes(np.zeros(21 * 8000, np.float32), 8000, "WAV", "PCM_U8")
-    body = assert_problem(client.post("/encode", content=long, headers={"content-type": "audio/wav"}),
-                          413, "audio-too-long", "21.0 s")
+    body = assert_problem(
+        client.post("/encode", content=long, headers={"content-type": "audio/wav"}), 413, "audio-too-long", "21.0 s"
+    )
     assert body["limit_seconds"] == 20
 
 
@@ -219,13 +256,21 @@ def test_truncated_wav_is_refused_as_the_cli_refuses_it(client):
     whole = wav(2.0)
     half = whole[: len(whole) // 2]  # the header still declares 32000 frames
     r = client.post("/encode", content=half, headers={"content-type": "audio/wav"})
-    assert_problem(r, 422, "invalid-audio", "the input is truncated: its header declares 32000 frames (2.00 s) "
-                                            "but it holds 15989 (1.00 s)")
+    assert_problem(
+        r,
+        422,
+        "invalid-audio",
+        "the input is truncated: its header declares 32000 frames (2.00 s) but it holds 15989 (1.00 s)",
+    )
     r = client.post("/encode", files={"file": ("half.wav", half, "audio/wav")})
     assert_problem(r, 422, "invalid-audio", "truncated")
     huge = whole[:40] + (2**32 - 2).to_bytes(4, "little") + whole[44:54]  # 2**31 frames declared, 10 bytes
-    assert_problem(client.post("/encode", content=huge, headers={"content-type": "audio/wav"}),
-                   422, "invalid-audio", "declares 2147483647 frames")
+    assert_problem(
+        client.post("/encode", content=huge, headers={"content-type": "audio/wav"}),
+        422,
+        "invalid-audio",
+        "declares 2147483647 frames",
+    )
 
 
 def test_parameter_errors_name_the_parameter(client):
@@ -233,14 +278,17 @@ def test_parameter_errors_name_the_parameter(client):
     h = {"content-type": "audio/wav"}
     p = assert_problem(client.post("/encode?stages=0", content=body, headers=h), 422, "invalid-parameter", "stages")
     assert p["errors"][0]["location"] == "query parameter 'stages'"
-    assert_problem(client.post("/encode?stages=9", content=body, headers=h), 422, "invalid-parameter",
-                   "between 1 and 4")
-    assert_problem(client.post("/encode?stages=2&bitrate=1", content=body, headers=h), 422, "invalid-parameter",
-                   "not both")
+    assert_problem(
+        client.post("/encode?stages=9", content=body, headers=h), 422, "invalid-parameter", "between 1 and 4"
+    )
+    assert_problem(
+        client.post("/encode?stages=2&bitrate=1", content=body, headers=h), 422, "invalid-parameter", "not both"
+    )
     assert_problem(client.post("/encode?bitrate=0.1", content=body, headers=h), 422, "invalid-parameter", "0.3")
     assert_problem(client.post("/encode?format=mp3", content=body, headers=h), 422, "invalid-parameter", "format")
-    assert_problem(client.post("/encode?model=nope", content=body, headers=h), 422, "unknown-model",
-                   "tiny-test, tiny-other")
+    assert_problem(
+        client.post("/encode?model=nope", content=body, headers=h), 422, "unknown-model", "tiny-test, tiny-other"
+    )
 
 
 def test_bitrate_follows_the_cli_rule_with_the_same_message(client, tiny):
@@ -253,8 +301,12 @@ def test_bitrate_follows_the_cli_rule_with_the_same_message(client, tiny):
         with pytest.raises(CodecError) as err:
             resolve_stages(tiny.model, bitrate=float(value))
         messages[value] = str(err.value)
-        assert_problem(client.post(f"/encode?bitrate={value}", content=wav(0.2), headers=h),
-                       422, "invalid-parameter", messages[value])
+        assert_problem(
+            client.post(f"/encode?bitrate={value}", content=wav(0.2), headers=h),
+            422,
+            "invalid-parameter",
+            messages[value],
+        )
     assert messages["nan"] == "the bitrate must be a number of kbit/s above 0, got nan"
     assert messages["0.1"].startswith("0.1 kbit/s is below this model's lowest bitrate, 0.3 kbit/s")
     for value in ("1e9", "inf"):  # at or above the top rate: every stage, as on the command line
@@ -263,8 +315,9 @@ def test_bitrate_follows_the_cli_rule_with_the_same_message(client, tiny):
 
 
 def test_malformed_multipart_detail_reads_as_one_sentence(client):
-    r = client.post("/encode", content=b"--x\r\nnot a part",
-                    headers={"content-type": "multipart/form-data; boundary=x"})
+    r = client.post(
+        "/encode", content=b"--x\r\nnot a part", headers={"content-type": "multipart/form-data; boundary=x"}
+    )
     body = assert_problem(r, 400, "invalid-multipart", "send one file part named 'file'")
     assert ".;" not in body["detail"] and body["detail"][0].islower(), body["detail"]
 
@@ -279,24 +332,42 @@ def test_token_errors(client, tiny, other, tmp_path):
     assert_problem(client.post("/decode", json=bad), 422, "invalid-token-file", "rows")
     bad = {**js, "codes": [[99] + row[1:] for row in js["codes"]]}
     assert_problem(client.post("/decode", json=bad), 422, "invalid-token-file", "[0, 64)")
-    p = assert_problem(client.post("/decode", json={**js, "sample_rate": "x"}), 422, "invalid-token-json",
-                       "sample_rate")
+    p = assert_problem(
+        client.post("/decode", json={**js, "sample_rate": "x"}), 422, "invalid-token-json", "sample_rate"
+    )
     assert p["errors"]
     # 25 s of tokens is over max_duration_s=20: refused from the header, before unpacking
     long = {**js, "num_samples": 25 * 16000, "num_frames": 25 * 50}
     assert_problem(client.post("/decode", json=long), 413, "audio-too-long", "25.0 s")
     foreign = {**js, "weights_hash": "00" * 8}
-    assert_problem(client.post("/decode", json=foreign), 422, "unknown-model", "weights 0000000000000000 (model "
-                   "'tiny-test' in the tokens)", f"tiny-test (weights {tiny.sha256[:8]}), tiny-other")
+    assert_problem(
+        client.post("/decode", json=foreign),
+        422,
+        "unknown-model",
+        "weights 0000000000000000 (model 'tiny-test' in the tokens)",
+        f"tiny-test (weights {tiny.sha256[:8]}), tiny-other",
+    )
     # one message for every way a model does not fit the tokens (codec.Pretrained.check)
-    assert_problem(client.post("/decode?model=tiny-other", json=js), 422, "model-mismatch",
-                   f"do not fit model 'tiny-other': weights {tiny.sha256[:16]} (model: {other.sha256[:16]})")
-    assert_problem(client.post("/decode?model=tiny-other", content=tok, headers=h), 422, "model-mismatch",
-                   f"weights {tiny.sha256[:8]} (model: {other.sha256[:8]})")
+    assert_problem(
+        client.post("/decode?model=tiny-other", json=js),
+        422,
+        "model-mismatch",
+        f"do not fit model 'tiny-other': weights {tiny.sha256[:16]} (model: {other.sha256[:16]})",
+    )
+    assert_problem(
+        client.post("/decode?model=tiny-other", content=tok, headers=h),
+        422,
+        "model-mismatch",
+        f"weights {tiny.sha256[:8]} (model: {other.sha256[:8]})",
+    )
     wider = {**js, "bits_per_code": None, "stage_bits": [7, 6, 6, 6]}
     assert_problem(client.post("/decode", json=wider), 422, "model-mismatch", "stage bits 7+6+6+6 (model: 6+6+6+6)")
-    assert_problem(client.post("/decode", json={**js, "sample_rate": 8000}), 422, "model-mismatch",
-                   "sample_rate 8000 (model: 16000)")
+    assert_problem(
+        client.post("/decode", json={**js, "sample_rate": 8000}),
+        422,
+        "model-mismatch",
+        "sample_rate 8000 (model: 16000)",
+    )
     unknown = {**js, "model_id": "elsewhere", "weights_hash": "11" * 8}
     assert_problem(client.post("/decode", json=unknown), 422, "unknown-model", "elsewhere")
     contradiction = {**js, "stage_bits": [6, 6, 6, 5]}
@@ -307,13 +378,17 @@ def test_token_errors(client, tiny, other, tmp_path):
 
 def test_token_json_codes_must_be_json_integers_in_range(client):
     js = client.post("/encode?format=json", content=wav(0.3), headers={"content-type": "audio/wav"}).json()
-    for code, message in ((2**70, "less than 65536"), (-1, "greater than or equal to 0"), ("7", "valid integer"),
-                          (True, "valid integer"), (7.0, "valid integer")):
+    for code, message in (
+        (2**70, "less than 65536"),
+        (-1, "greater than or equal to 0"),
+        ("7", "valid integer"),
+        (True, "valid integer"),
+        (7.0, "valid integer"),
+    ):
         bad = {**js, "codes": [[code] + row[1:] for row in js["codes"]]}
         body = assert_problem(client.post("/decode", json=bad), 422, "invalid-token-json", "codes.0.0", message)
         assert body["errors"][0]["location"] == "body field 'codes.0.0'", code
-    assert_problem(client.post("/decode", json={**js, "num_samples": "4800"}), 422, "invalid-token-json",
-                   "num_samples")
+    assert_problem(client.post("/decode", json={**js, "num_samples": "4800"}), 422, "invalid-token-json", "num_samples")
     assert client.post("/decode", json=js).status_code == 200
 
 
@@ -322,8 +397,9 @@ def test_an_empty_stream_decodes_to_an_empty_wav_and_flac_refuses_it(client, tin
     empty = {**js, "num_samples": 0, "num_frames": 0, "codes": [[] for _ in js["codes"]]}
     r = client.post("/decode", json=empty)
     assert r.status_code == 200 and sf.info(io.BytesIO(r.content)).frames == 0
-    assert_problem(client.post("/decode?format=flac", json=empty), 422, "invalid-audio",
-                   "FLAC cannot hold an empty stream")
+    assert_problem(
+        client.post("/decode?format=flac", json=empty), 422, "invalid-audio", "FLAC cannot hold an empty stream"
+    )
 
 
 def test_body_limit_with_and_without_content_length(tiny):
@@ -462,11 +538,14 @@ def test_offline_calls_go_through_the_batcher_and_streams_do_not(client, tiny):
         served = app.state.runtime.models["tiny-test"]
         assert served.batcher is batcher and served.model is tiny.model  # the plain SimVQCodec, no proxy
         tok = batched.post("/encode?stages=3", content=body, headers={"content-type": "audio/wav"})
-        assert tok.content == client.post("/encode?stages=3", content=body,
-                                          headers={"content-type": "audio/wav"}).content
+        assert (
+            tok.content == client.post("/encode?stages=3", content=body, headers={"content-type": "audio/wav"}).content
+        )
         audio = batched.post("/decode", content=tok.content, headers={"content-type": "application/octet-stream"})
-        assert audio.content == client.post("/decode", content=tok.content,
-                                            headers={"content-type": "application/octet-stream"}).content
+        assert (
+            audio.content
+            == client.post("/decode", content=tok.content, headers={"content-type": "application/octet-stream"}).content
+        )
         assert [(op, m) for op, m, _ in batcher.calls] == [("encode", tiny.model), ("decode", tiny.model)]
         assert batcher.calls[0][2] == (7200,) and batcher.calls[1][2] == (3, 23)
         with batched.websocket_connect("/v1/stream/encode") as ws:
@@ -512,9 +591,12 @@ def test_metrics_count_routes_statuses_audio_and_rejections(client):
 def test_openapi_declares_every_error_as_problem_json_with_examples(client):
     spec = client.get("/openapi.json").json()
     assert "Problem" in spec["components"]["schemas"] and "TokenJSON" in spec["components"]["schemas"]
-    expected = {("/encode", "post"): {"400", "413", "415", "422", "503", "504", "500"},
-                ("/decode", "post"): {"413", "415", "422", "503", "504", "500"},
-                ("/readyz", "get"): {"503"}, ("/v1/models", "get"): {"503"}}
+    expected = {
+        ("/encode", "post"): {"400", "413", "415", "422", "503", "504", "500"},
+        ("/decode", "post"): {"413", "415", "422", "503", "504", "500"},
+        ("/readyz", "get"): {"503"},
+        ("/v1/models", "get"): {"503"},
+    }
     for (path, method), statuses in expected.items():
         responses = spec["paths"][path][method]["responses"]
         assert statuses <= set(responses), (path, set(responses))

@@ -165,8 +165,10 @@ def test_a_refused_websocket_logs_no_error(tmp_path):
 
     from websockets.exceptions import InvalidStatus
 
-    app = create_app(Settings(models=["tiny-test"], pool_size=1, max_streams=1, warmup=False),
-                     models={"tiny-test": make_tiny_model(tmp_path)})
+    app = create_app(
+        Settings(models=["tiny-test"], pool_size=1, max_streams=1, warmup=False),
+        models={"tiny-test": make_tiny_model(tmp_path)},
+    )
     srv = LoopbackServer(app)  # configures uvicorn's loggers: listen after that
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
@@ -194,8 +196,10 @@ def test_a_500_is_logged_once_and_keeps_the_connection_for_the_next_request(tmp_
     import http.client
     import logging
 
-    app = create_app(Settings(models=["tiny-test"], pool_size=1, warmup=False, load_in_background=False),
-                     models={"tiny-test": make_tiny_model(tmp_path)})
+    app = create_app(
+        Settings(models=["tiny-test"], pool_size=1, warmup=False, load_in_background=False),
+        models={"tiny-test": make_tiny_model(tmp_path)},
+    )
 
     async def boom() -> None:
         raise OverflowError("Python int too large to convert to C long")
@@ -252,23 +256,28 @@ def test_every_input_limit_answers_with_its_status(server):
     assert_problem(encode(client, long, "audio/wav"), 413, "audio-too-long")
     assert_problem(encode(client, b"ID3junk", "audio/mpeg"), 415, "unsupported-media-type")
     assert_problem(encode(client, audio_bytes(np.zeros(800), 8000, "AIFF"), "audio/wav"), 415, "unsupported-container")
-    assert_problem(encode(client, audio_bytes(np.zeros(800), 8000, "WAV", "ALAW"), "audio/wav"), 415,
-                   "unsupported-sample-format")
+    assert_problem(
+        encode(client, audio_bytes(np.zeros(800), 8000, "WAV", "ALAW"), "audio/wav"), 415, "unsupported-sample-format"
+    )
     assert_problem(encode(client, audio_bytes(np.zeros(800), 1000, "WAV"), "audio/wav"), 422, "invalid-sample-rate")
-    assert_problem(encode(client, audio_bytes(np.zeros((800, 12)), 8000, "WAV"), "audio/wav"), 422,
-                   "invalid-channels")
+    assert_problem(encode(client, audio_bytes(np.zeros((800, 12)), 8000, "WAV"), "audio/wav"), 422, "invalid-channels")
     nan = speech_like(0.2)
     nan[5] = np.inf
     assert_problem(encode(client, audio_bytes(nan, 16000, "WAV", "FLOAT"), "audio/wav"), 422, "invalid-audio")
     assert_problem(encode(client, b"RIFF\x00\x00\x00\x00WAVE", "audio/wav"), 422, "invalid-audio")
-    assert_problem(encode(client, audio_bytes(np.zeros(800), 8000), "audio/wav", "?stages=13"), 422,
-                   "invalid-parameter")
+    assert_problem(
+        encode(client, audio_bytes(np.zeros(800), 8000), "audio/wav", "?stages=13"), 422, "invalid-parameter"
+    )
     tok = encode(client, audio_bytes(speech_like(0.5), 16000), "audio/wav").content
-    assert_problem(client.post("/decode", content=tok[:-1], headers={"content-type": "application/octet-stream"}),
-                   422, "invalid-token-file")
+    assert_problem(
+        client.post("/decode", content=tok[:-1], headers={"content-type": "application/octet-stream"}),
+        422,
+        "invalid-token-file",
+    )
     js = encode(client, audio_bytes(speech_like(0.5), 16000), "audio/wav", "?format=json").json()
-    assert_problem(client.post("/decode", json={**js, "num_samples": 16000 * 40, "num_frames": 2000}), 413,
-                   "audio-too-long")
+    assert_problem(
+        client.post("/decode", json={**js, "num_samples": 16000 * 40, "num_frames": 2000}), 413, "audio-too-long"
+    )
     # none of these affected the next request
     assert encode(client, audio_bytes(speech_like(0.5), 16000), "audio/wav").status_code == 200
 
@@ -276,8 +285,9 @@ def test_every_input_limit_answers_with_its_status(server):
 @pytest.fixture()
 def busy_server(tmp_path):
     model = gated(make_tiny_model(tmp_path))
-    settings = Settings(models=["tiny-test"], pool_size=2, max_concurrency=2, request_timeout_s=1.5,
-                        retry_after_s=2, warmup=False)
+    settings = Settings(
+        models=["tiny-test"], pool_size=2, max_concurrency=2, request_timeout_s=1.5, retry_after_s=2, warmup=False
+    )
     app = create_app(settings, models={"tiny-test": model})
     with LoopbackServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         wait_ready(client)
@@ -289,8 +299,9 @@ def test_overload_503_and_deadline_504_while_health_stays_answered(busy_server):
     srv, client, model, app = busy_server
     body = audio_bytes(speech_like(0.2), 16000)
     with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=srv.url, timeout=30) as other:
-        stuck = [pool.submit(other.post, "/encode", content=body, headers={"content-type": "audio/wav"})
-                 for _ in range(2)]
+        stuck = [
+            pool.submit(other.post, "/encode", content=body, headers={"content-type": "audio/wav"}) for _ in range(2)
+        ]
         while app.state.runtime.slots.busy < 2:
             time.sleep(0.01)
         t0 = time.perf_counter()
@@ -322,8 +333,9 @@ def slow_upload(port: int, body: bytes, stop, byte_every_s: float = 0.1) -> byte
     import select
     import socket
 
-    head = (f"POST /encode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /encode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     answer = b""
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(head + body[:10])
@@ -346,13 +358,22 @@ def slow_upload(port: int, body: bytes, stop, byte_every_s: float = 0.1) -> byte
 def test_slow_uploads_take_no_work_slot_and_are_cut_at_the_minimum_rate(tmp_path):
     import threading
 
-    settings = Settings(models=["tiny-test"], pool_size=1, max_concurrency=1, warmup=False,
-                        upload_min_bytes_per_s=4000, upload_grace_s=2.0)
+    settings = Settings(
+        models=["tiny-test"],
+        pool_size=1,
+        max_concurrency=1,
+        warmup=False,
+        upload_min_bytes_per_s=4000,
+        upload_grace_s=2.0,
+    )
     app = create_app(settings, models={"tiny-test": make_tiny_model(tmp_path)})
     body = audio_bytes(speech_like(0.5), 16000)
     stop = threading.Event()
-    with LoopbackServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client, \
-            ThreadPoolExecutor(2) as pool:
+    with (
+        LoopbackServer(app) as srv,
+        httpx.Client(base_url=srv.url, timeout=30) as client,
+        ThreadPoolExecutor(2) as pool,
+    ):
         wait_ready(client)
         slow = [pool.submit(slow_upload, srv.port, body, stop) for _ in range(2)]
         time.sleep(0.5)  # both are connected and trickling
@@ -372,12 +393,22 @@ def test_bodies_being_received_are_bounded_in_bytes(tmp_path):
     import threading
 
     body = audio_bytes(speech_like(0.5), 16000)  # 16,044 bytes
-    settings = Settings(models=["tiny-test"], pool_size=1, warmup=False, max_body_bytes=20_000,
-                        max_upload_bytes=20_000, upload_min_bytes_per_s=4000, upload_grace_s=1.0)
+    settings = Settings(
+        models=["tiny-test"],
+        pool_size=1,
+        warmup=False,
+        max_body_bytes=20_000,
+        max_upload_bytes=20_000,
+        upload_min_bytes_per_s=4000,
+        upload_grace_s=1.0,
+    )
     app = create_app(settings, models={"tiny-test": make_tiny_model(tmp_path)})
     stop = threading.Event()
-    with LoopbackServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client, \
-            ThreadPoolExecutor(1) as pool:
+    with (
+        LoopbackServer(app) as srv,
+        httpx.Client(base_url=srv.url, timeout=30) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
         wait_ready(client)
         slow = pool.submit(slow_upload, srv.port, body, stop)
         while app.state.runtime.upload_bytes.busy == 0:
@@ -392,8 +423,9 @@ def test_bodies_being_received_are_bounded_in_bytes(tmp_path):
 
 def test_graceful_shutdown_drains_requests_in_flight(tmp_path):
     model = gated(make_tiny_model(tmp_path))
-    app = create_app(Settings(models=["tiny-test"], pool_size=1, warmup=False, request_timeout_s=30),
-                     models={"tiny-test": model})
+    app = create_app(
+        Settings(models=["tiny-test"], pool_size=1, warmup=False, request_timeout_s=30), models={"tiny-test": model}
+    )
     srv = LoopbackServer(app).__enter__()
     with httpx.Client(base_url=srv.url, timeout=30) as client:
         wait_ready(client)
@@ -414,10 +446,20 @@ def test_graceful_shutdown_drains_requests_in_flight(tmp_path):
 def cli_server(tmp_path, **settings: str) -> Iterator[tuple[subprocess.Popen, httpx.Client, int]]:
     """`python -m server serve` on a free port with these SIMVQ_* settings, once ready: (process, client, port)."""
     port = free_port()
-    env = {**os.environ, "SIMVQ_POOL_SIZE": "1", "PYTHONPATH": str(REPO),
-           **{f"SIMVQ_{key.upper()}": value for key, value in settings.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "SIMVQ_POOL_SIZE": "1",
+        "PYTHONPATH": str(REPO),
+        **{f"SIMVQ_{key.upper()}": value for key, value in settings.items()},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             deadline = time.monotonic() + 90
@@ -440,8 +482,7 @@ def test_cli_serve_starts_uvicorn_and_stops_on_sigterm(tmp_path, recording):
     with cli_server(tmp_path) as (proc, client, _):
         r = encode(client, recording.read_bytes(), MEDIA[recording.suffix], "?bitrate=1.5")
         assert r.status_code == 200 and read_tok(io.BytesIO(r.content))[0].n_stages == 3
-        d = client.post("/decode?format=flac", content=r.content,
-                        headers={"content-type": "application/octet-stream"})
+        d = client.post("/decode?format=flac", content=r.content, headers={"content-type": "application/octet-stream"})
         assert d.status_code == 200 and d.content[:4] == b"fLaC"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
@@ -479,6 +520,11 @@ def test_cli_serve_explains_an_oversized_message_and_times_out_slow_headers(tmp_
 
 
 def test_cli_serve_names_the_option_that_is_out_of_range(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "server", "serve", "--port", "99999"], cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--port", "99999"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr == "simvq-codec: error: --port: Input should be less than or equal to 65535\n"

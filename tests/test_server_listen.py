@@ -43,6 +43,7 @@ def test_page_is_served_self_contained(tmp_path):
 
 # --- in a real browser -----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """The default model on uvicorn (loopback) and a headless Chromium with a fresh profile."""
@@ -96,11 +97,12 @@ def spectrogram_pixels(driver, png: bytes) -> list[np.ndarray]:
     shot = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
     rects = driver.execute_script(
         "const k = window.devicePixelRatio; return [...document.querySelectorAll('section.row canvas')].map((c) => {"
-        " const r = c.getBoundingClientRect(); return [r.left * k, r.top * k, r.right * k, r.bottom * k]; });")
+        " const r = c.getBoundingClientRect(); return [r.left * k, r.top * k, r.right * k, r.bottom * k]; });"
+    )
     crops = []
     for left, top, right, bottom in rects:
         assert bottom <= shot.shape[0] and right <= shot.shape[1], "a spectrogram is outside the screenshot"
-        crops.append(shot[int(top) + 1: int(bottom) - 1, int(left) + 1: int(right) - 1])
+        crops.append(shot[int(top) + 1 : int(bottom) - 1, int(left) + 1 : int(right) - 1])
     return crops
 
 
@@ -114,7 +116,8 @@ def test_upload_gives_a_player_per_bitrate(browser, tmp_path):
 
     open_page(driver, srv.url)
     checked = driver.execute_script(
-        "return [...document.querySelectorAll('#bitrates input:checked')].map(x => +x.value)")
+        "return [...document.querySelectorAll('#bitrates input:checked')].map(x => +x.value)"
+    )
     nearest = [1 + int(np.argmin(np.abs(np.array(info["bitrates_kbps"]) - k))) for k in (1.5, 3, 6)]
     assert checked == nearest  # default: about 1.5, 3 and 6 kbit/s
     assert driver.execute_script("return document.getElementById('record').textContent") == "Record"
@@ -126,8 +129,10 @@ def test_upload_gives_a_player_per_bitrate(browser, tmp_path):
     rows = driver.execute_script(ROWS)
     page_s = float(driver.execute_script("return document.body.dataset.seconds"))
     players_s = max(float(r["playableS"]) for r in rows[1:])
-    print(f"\n{seconds:.2f} s upload: {len(checked)} players {players_s:.2f} s, all drawn {page_s:.2f} s "
-          f"(page clock), {wall:.2f} s (test clock)")
+    print(
+        f"\n{seconds:.2f} s upload: {len(checked)} players {players_s:.2f} s, all drawn {page_s:.2f} s "
+        f"(page clock), {wall:.2f} s (test clock)"
+    )
 
     assert rows[0]["title"] == "original: speech.wav" and len(rows) == 1 + len(checked)
     for row in rows:  # every player has a playable WAV source of the upload's duration

@@ -70,4 +70,3 @@ def test_stage_limits_come_from_one_constant():
     for model, field in ((TokenJSON, "n_stages"), (DecodeStart, "stages")):
         limits = {type(m).__name__: getattr(m, "le", None) for m in model.model_fields[field].metadata}
         assert limits.get("Le") == MAX_STAGES, (model, limits)
-

@@ -102,8 +102,14 @@ def test_the_state_as_named_tensors_round_trips(model):
     stream.encode(wav[..., : 2 * HOP + 50])
     stream.decode(torch.randint(0, 64, (2, 4, 3)))
     tensors = stream.state.tensors()
-    assert {"samples", "features.history", "encoder.0.dwconv.history", "synthesis.tail", "synthesis.skip",
-            "synthesis.phase"} <= set(tensors)
+    assert {
+        "samples",
+        "features.history",
+        "encoder.0.dwconv.history",
+        "synthesis.tail",
+        "synthesis.skip",
+        "synthesis.phase",
+    } <= set(tensors)
     assert all(isinstance(t, torch.Tensor) for t in tensors.values())
     assert tensors["samples"].shape == (2, 1, 50) and tensors["synthesis.skip"].item() == 0
     assert model.stream(2).state.tensors()["synthesis.skip"].item() == model.decoder_delay

@@ -136,8 +136,10 @@ def test_two_local_workers_write_the_same_shards(corpus, tmp_path):
 def test_manifests_csv_and_plain_list(corpus, tmp_path):
     audio = corpus["audio"]
     csv_path = audio / "list.csv"
-    csv_path.write_text("path,speaker,duration\n19/198/19_198_000002.wav,alice,1.3\n"
-                        f"{audio / 'p225/p225_001.wav'},bob,0.7\nmissing.wav,carol,1\n")
+    csv_path.write_text(
+        "path,speaker,duration\n19/198/19_198_000002.wav,alice,1.3\n"
+        f"{audio / 'p225/p225_001.wav'},bob,0.7\nmissing.wav,carol,1\n"
+    )
     result = tk.tokenize(csv_path, tmp_path / "csv", model=corpus["model"])
     assert (result.encoded, result.failed) == (2, 1)
     rows = _rows(tmp_path / "csv")
@@ -149,8 +151,10 @@ def test_manifests_csv_and_plain_list(corpus, tmp_path):
     listing.write_text("# one path per line\np225/p225_003.wav\n19/201/19_201_000003.flac\n")
     assert tk.tokenize(listing, tmp_path / "txt", model=corpus["model"]).encoded == 2
     rows = pq.read_table(tmp_path / "txt" / "shard-00000.parquet").to_pylist()
-    assert [(r["path"], r["speaker"]) for r in rows] == [("p225/p225_003.wav", "p225"),
-                                                         ("19/201/19_201_000003.flac", "19")]
+    assert [(r["path"], r["speaker"]) for r in rows] == [
+        ("p225/p225_003.wav", "p225"),
+        ("19/201/19_201_000003.flac", "19"),
+    ]
     csv_path.unlink()
     listing.unlink()
 
@@ -189,8 +193,20 @@ def test_cli_summary_and_errors(corpus, tmp_path, capsys):
     from codec.cli import main
 
     out = tmp_path / "cli"
-    code = main(["tokenize", str(corpus["audio"]), "--out", str(out), "--model", corpus["model"], "--bitrate", "0.6",
-                 "--shard-size", "100"])
+    code = main(
+        [
+            "tokenize",
+            str(corpus["audio"]),
+            "--out",
+            str(out),
+            "--model",
+            corpus["model"],
+            "--bitrate",
+            "0.6",
+            "--shard-size",
+            "100",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert f"{len(CLIPS)} files encoded, 1 failed" in err and "audio hours per hour" in err
@@ -214,8 +230,9 @@ def local_ray():
 def test_ray_data_writes_the_same_shards(corpus, tmp_path, local_ray):
     local, remote = tmp_path / "local", tmp_path / "ray"
     tk.tokenize(corpus["audio"], local, model=corpus["model"], shard_size=3)
-    result = tk.tokenize(corpus["audio"], remote, model=corpus["model"], shard_size=3, use_ray=True, workers=2,
-                         device="auto")
+    result = tk.tokenize(
+        corpus["audio"], remote, model=corpus["model"], shard_size=3, use_ray=True, workers=2, device="auto"
+    )
     assert (result.encoded, result.failed, result.shards_written) == (len(CLIPS), 1, 3)
     assert local_ray.is_initialized()  # a Ray it did not start is left running
     for shard in sorted(local.glob("shard-*.parquet")):

@@ -22,8 +22,7 @@ def header(stages=3, bits=10, frames=7, hop=320, samples=None, model_id="simvq-1
     if not known:
         return TokHeader(model_id, HASH, 16000, hop, stages, bits, version=version)
     samples = frames * hop - (hop // 3 if frames else 0) if samples is None else samples
-    return TokHeader(model_id, HASH, 16000, hop, stages, bits, num_samples=samples, num_frames=frames,
-                     version=version)
+    return TokHeader(model_id, HASH, 16000, hop, stages, bits, num_samples=samples, num_frames=frames, version=version)
 
 
 def random_codes(rng, stages, bits, frames):
@@ -42,8 +41,21 @@ def read_bytes(data, **kw):
     return read_tok(io.BytesIO(data), **kw)
 
 
-def raw_file(sr=16000, hop=320, stages=2, bits=4, samples=640, frames=2, model_id=b"m", flags=0,
-             version=1, magic=b"SVQT", payload=None, trailer_counts=None, header_len=None):
+def raw_file(
+    sr=16000,
+    hop=320,
+    stages=2,
+    bits=4,
+    samples=640,
+    frames=2,
+    model_id=b"m",
+    flags=0,
+    version=1,
+    magic=b"SVQT",
+    payload=None,
+    trailer_counts=None,
+    header_len=None,
+):
     """Builds a version-1 file straight from the documented byte layout, bypassing TokHeader's checks."""
     fixed = struct.pack("<8sIIBBQQB", HASH, sr, hop, stages, bits, samples, frames, len(model_id)) + model_id
     length = len(fixed) if header_len is None else header_len
@@ -54,8 +66,17 @@ def raw_file(sr=16000, hop=320, stages=2, bits=4, samples=640, frames=2, model_i
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def raw_v2(hop=320, layout=1, widths=0x33, samples=640, version=2, magic=b"SV", payload=None, trailer_samples=None,
-           frame_bits=8):
+def raw_v2(
+    hop=320,
+    layout=1,
+    widths=0x33,
+    samples=640,
+    version=2,
+    magic=b"SV",
+    payload=None,
+    trailer_samples=None,
+    frame_bits=8,
+):
     """Builds a version-2 file straight from the documented byte layout (default: 2 stages x 4 bits, 2 frames)."""
     head = struct.pack("<2sBB4sHHI", magic, version, layout, HASH[:4], hop, widths, samples)
     if payload is None:
@@ -76,7 +97,7 @@ class NoSeek(io.RawIOBase):
 
     def read(self, n=-1):
         n = int(self._rng.integers(1, 14)) if n < 0 else min(n, int(self._rng.integers(1, 14)))
-        out = self._data[self._pos:self._pos + n]
+        out = self._data[self._pos : self._pos + n]
         self._pos += len(out)
         return out
 
@@ -214,11 +235,12 @@ def test_pack_unpack_split_anywhere():
         data, carry = pack_codes(values, bits)
         assert carry.size == 203 * bits % 8 and len(data) == 203 * bits // 8
         assert int.from_bytes(data + np.packbits(carry, bitorder="little").tobytes(), "little") == sum(
-            int(v) << (k * bits) for k, v in enumerate(values))
+            int(v) << (k * bits) for k, v in enumerate(values)
+        )
         data += np.packbits(carry, bitorder="little").tobytes()
         for cut in rng.integers(0, 203, size=10):  # decode in two calls, carrying the leftover bits
             first, left = unpack_codes(data[: cut * bits // 8 + 1], bits, int(cut))
-            second, rest = unpack_codes(data[cut * bits // 8 + 1:], bits, 203 - int(cut), left)
+            second, rest = unpack_codes(data[cut * bits // 8 + 1 :], bits, 203 - int(cut), left)
             np.testing.assert_array_equal(np.concatenate([first, second]), values)
             assert rest.size < 8 and not rest.any()
 
@@ -240,7 +262,7 @@ def test_blocked_writes_equal_one_shot(known):
         assert buf.getvalue() == h.encode()  # the header goes out immediately
         while start < frames:
             n = int(rng.integers(0, 9))
-            writer.write(codes[:, start:start + n])
+            writer.write(codes[:, start : start + n])
             start += n
         size = writer.close(None if known else samples)
         assert buf.getvalue() == one_shot and size == len(one_shot)
@@ -271,7 +293,8 @@ def test_reader_blocks_are_bounded_and_complete(known):
         assert all(b.shape[0] == 5 and 1 <= b.shape[1] <= block for b in blocks)
         np.testing.assert_array_equal(np.concatenate(blocks, axis=1), codes)
         assert reader.header.num_frames == 101 and reader.header.num_samples == (
-            101 * 320 if not known else header(5, 7, 101).num_samples)
+            101 * 320 if not known else header(5, 7, 101).num_samples
+        )
 
 
 @pytest.mark.parametrize("known", [True, False])
@@ -294,7 +317,7 @@ def test_pipe_write_and_read_unknown_length():
         with os.fdopen(w_fd, "wb", buffering=0) as w:  # raw: writes may be partial
             writer = TokWriter(w, header(12, 10, known=False))
             for start in range(0, 500, 17):
-                writer.write(codes[:, start:start + 17])
+                writer.write(codes[:, start : start + 17])
             writer.close(500 * 320 - 100)
 
     thread = threading.Thread(target=produce)
@@ -350,15 +373,18 @@ def test_truncated_unknown_length():
     for cut in range(h.header_bytes, len(data)):
         with pytest.raises(TokFormatError):
             read_bytes(data[:cut])
-    expect_error(data[:h.header_bytes + 10], r"truncated token file: expected at least \d+ bytes")
+    expect_error(data[: h.header_bytes + 10], r"truncated token file: expected at least \d+ bytes")
 
 
 @pytest.mark.parametrize("v2", [True, False])
 def test_trailing_bytes_and_crc(v2):
     data = raw_v2() if v2 else raw_file()
     expect_error(data + b"\x00", "trailing bytes")
-    streamed = (raw_v2(layout=0x41, samples=0, trailer_samples=640) if v2
-                else raw_file(flags=1, samples=0, frames=0, trailer_counts=(640, 2)))
+    streamed = (
+        raw_v2(layout=0x41, samples=0, trailer_samples=640)
+        if v2
+        else raw_file(flags=1, samples=0, frames=0, trailer_counts=(640, 2))
+    )
     assert read_bytes(streamed)[0].num_frames == 2
     tail = 12 if v2 else 20
     expect_error(streamed + b"\x00", "bytes after the end of the file")
@@ -371,23 +397,26 @@ def test_trailing_bytes_and_crc(v2):
     expect_error(bytes(bad), "CRC32 mismatch")
 
 
-@pytest.mark.parametrize("fields, match", [
-    (dict(sr=0), "sample_rate 0 out of range"),
-    (dict(sr=384001), "sample_rate 384001 out of range"),
-    (dict(hop=0), "hop_length 0 out of range"),
-    (dict(stages=0, frames=0, samples=0), "n_stages 0 out of range"),
-    (dict(stages=65), "n_stages 65 out of range"),
-    (dict(bits=0), "bits per code 0 out of range"),
-    (dict(bits=17), "bits per code 17 out of range"),
-    (dict(frames=10**10 + 1, samples=(10**10 + 1) * 320, payload=b""), "num_frames 10000000001 out of range"),
-    (dict(frames=3, samples=640), "inconsistent with num_samples 640"),
-    (dict(frames=1, samples=0), "inconsistent"),
-    (dict(model_id=b""), r"header length 35 out of range \[36, 290\]"),
-    (dict(model_id=b"\xff\xfe"), "not valid UTF-8"),
-    (dict(header_len=40), "header length 40 does not match"),
-    (dict(header_len=300), "header length 300 out of range"),
-    (dict(flags=1), "header counts must be 0"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(sr=0), "sample_rate 0 out of range"),
+        (dict(sr=384001), "sample_rate 384001 out of range"),
+        (dict(hop=0), "hop_length 0 out of range"),
+        (dict(stages=0, frames=0, samples=0), "n_stages 0 out of range"),
+        (dict(stages=65), "n_stages 65 out of range"),
+        (dict(bits=0), "bits per code 0 out of range"),
+        (dict(bits=17), "bits per code 17 out of range"),
+        (dict(frames=10**10 + 1, samples=(10**10 + 1) * 320, payload=b""), "num_frames 10000000001 out of range"),
+        (dict(frames=3, samples=640), "inconsistent with num_samples 640"),
+        (dict(frames=1, samples=0), "inconsistent"),
+        (dict(model_id=b""), r"header length 35 out of range \[36, 290\]"),
+        (dict(model_id=b"\xff\xfe"), "not valid UTF-8"),
+        (dict(header_len=40), "header length 40 does not match"),
+        (dict(header_len=300), "header length 300 out of range"),
+        (dict(flags=1), "header counts must be 0"),
+    ],
+)
 def test_rejects_header_values_out_of_range(fields, match):
     expect_error(raw_file(**fields), match)
 
@@ -395,19 +424,28 @@ def test_rejects_header_values_out_of_range(fields, match):
 def test_rejects_empty_model_id_and_inconsistent_trailer():
     expect_error(raw_file(model_id=b"", header_len=36), "header length 36 does not match the model id length 0")
     expect_error(raw_file(flags=1, samples=0, frames=0, trailer_counts=(641, 2)), "inconsistent")
-    expect_error(raw_file(flags=1, samples=0, frames=0, trailer_counts=(640, 2), payload=b"\x00" * 5),
-                 "unexpected bytes")
-    expect_error(raw_file(flags=1, stages=1, bits=8, samples=0, frames=0, trailer_counts=(640, 2),
-                          payload=b"\x01\x02\x00"), "1 unexpected bytes")  # one zero byte too many
+    expect_error(
+        raw_file(flags=1, samples=0, frames=0, trailer_counts=(640, 2), payload=b"\x00" * 5), "unexpected bytes"
+    )
+    expect_error(
+        raw_file(flags=1, stages=1, bits=8, samples=0, frames=0, trailer_counts=(640, 2), payload=b"\x01\x02\x00"),
+        "1 unexpected bytes",
+    )  # one zero byte too many
     expect_error(raw_v2(layout=0x41, samples=0, trailer_samples=2**64 - 1, payload=b""), "bad trailer.*num_frames")
     expect_error(raw_v2(layout=0x41, samples=0, trailer_samples=640, payload=b"\x00" * 3), "1 unexpected bytes")
 
 
 def test_huge_claims_fail_fast_without_allocating():
-    cases = [(raw_file(frames=f, samples=f * 320, stages=64, bits=16, payload=b"\x00" * 100), "out of range|truncated")
-             for f in (10**12, 10**10)]  # out of range, then in range but the file is tiny
-    cases.append((raw_v2(hop=1, layout=63, widths=0xFFFF, samples=2**32 - 1, payload=b"\x00" * 100),  # 64 x 16 bits
-                  "truncated token file: expected 549755813780 bytes, got 120"))
+    cases = [
+        (raw_file(frames=f, samples=f * 320, stages=64, bits=16, payload=b"\x00" * 100), "out of range|truncated")
+        for f in (10**12, 10**10)
+    ]  # out of range, then in range but the file is tiny
+    cases.append(
+        (
+            raw_v2(hop=1, layout=63, widths=0xFFFF, samples=2**32 - 1, payload=b"\x00" * 100),  # 64 x 16 bits
+            "truncated token file: expected 549755813780 bytes, got 120",
+        )
+    )
     for data, match in cases:
         tracemalloc.start()
         with pytest.raises(TokFormatError, match=match):
@@ -484,8 +522,7 @@ def test_header_constructor_checks():
         (dict(num_samples=5), "both"),
         (dict(version=3), "unsupported token file version 3"),
     ]:
-        args = dict(model_id="m", weights_hash=HASH, sample_rate=16000, hop_length=320, n_stages=2,
-                    stage_bits=1)
+        args = dict(model_id="m", weights_hash=HASH, sample_rate=16000, hop_length=320, n_stages=2, stage_bits=1)
         args.update(kwargs)
         with pytest.raises(TokFormatError, match=match):
             TokHeader(**args)
@@ -500,13 +537,23 @@ def _valid_files():
     rng = np.random.default_rng(11)
     files = []
     for stages, bits, frames, known, version in [
-        (1, 1, 13, True, 2), (3, 10, 9, False, 2), (2, 16, 4, True, 2), (5, 3, 0, False, 2),
-        (12, (14, 10, 12) + (10,) * 9, 6, True, 2), (4, (16, 2, 9, 5), 5, False, 2), (1, 7, 1, False, 2),
-        (3, 10, 9, True, 1), (2, 5, 7, False, 1), (1, 16, 0, True, 1),
+        (1, 1, 13, True, 2),
+        (3, 10, 9, False, 2),
+        (2, 16, 4, True, 2),
+        (5, 3, 0, False, 2),
+        (12, (14, 10, 12) + (10,) * 9, 6, True, 2),
+        (4, (16, 2, 9, 5), 5, False, 2),
+        (1, 7, 1, False, 2),
+        (3, 10, 9, True, 1),
+        (2, 5, 7, False, 1),
+        (1, 16, 0, True, 1),
     ]:
         codes = random_codes(rng, stages, bits, frames)
-        data = tok_bytes(header(stages, bits, frames, known=known, version=version), codes,
-                         num_samples=None if known else frames * 320)
+        data = tok_bytes(
+            header(stages, bits, frames, known=known, version=version),
+            codes,
+            num_samples=None if known else frames * 320,
+        )
         files.append((data, codes))
     return files
 
@@ -531,15 +578,18 @@ def mutate(original: bytes, mutations, within: int | None = None) -> bytes:
         elif kind == "insert":
             data[pos:pos] = arg
         elif kind == "delete":
-            del data[pos:pos + arg]
+            del data[pos : pos + arg]
         elif kind == "truncate":
             del data[pos:]
     return bytes(data)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(index=st.integers(0, len(VALID) - 1), mutations=st.lists(mutation, min_size=1, max_size=3),
-       non_seekable=st.booleans())
+@given(
+    index=st.integers(0, len(VALID) - 1),
+    mutations=st.lists(mutation, min_size=1, max_size=3),
+    non_seekable=st.booleans(),
+)
 def test_mutated_files_read_identically_or_raise_tokformaterror(index, mutations, non_seekable):
     original, codes = VALID[index]
     data = mutate(original, mutations)
@@ -553,8 +603,11 @@ def test_mutated_files_read_identically_or_raise_tokformaterror(index, mutations
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(index=st.integers(0, len(VALID) - 1), mutations=st.lists(mutation, min_size=1, max_size=3),
-       header_only=st.booleans())
+@given(
+    index=st.integers(0, len(VALID) - 1),
+    mutations=st.lists(mutation, min_size=1, max_size=3),
+    header_only=st.booleans(),
+)
 def test_mutated_files_with_a_valid_crc_give_codes_or_tokformaterror(index, mutations, header_only):
     """With the CRC recomputed, a mutation reaches every range check: the reader yields codes that fit the header
     it read, or raises TokFormatError, never another exception."""

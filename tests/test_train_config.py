@@ -11,8 +11,18 @@ CONFIGS = Path(__file__).parent.parent / "training" / "configs"
 
 
 def test_overrides_convert_types_and_reach_every_section():
-    cfg = load_config(None, ["optim.lr=3e-4", "model.n_stages=8", "loss.weights.adv/feat=4", "data.dev=null",
-                             "disc.resolutions=[[512, 128]]", "data.gain_db=[-3, 0]", "steps=1000"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=3e-4",
+            "model.n_stages=8",
+            "loss.weights.adv/feat=4",
+            "data.dev=null",
+            "disc.resolutions=[[512, 128]]",
+            "data.gain_db=[-3, 0]",
+            "steps=1000",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.model == {"n_stages": 8}
     assert cfg.loss.weights["adv/feat"] == 4.0 and cfg.loss.weights["mel"] == 15.0

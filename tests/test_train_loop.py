@@ -83,16 +83,31 @@ def test_nonfinite_loss_or_gradients_skip_the_update_and_are_counted(corpus, tmp
     assert not torch.equal(gen_before["decoder_in.weight"], trainer.model.state_dict()["decoder_in.weight"])
 
     scalars = trainer.train_step(next(batches).audio)
-    assert scalars["skipped/gen"] == 1 and scalars["skipped/disc"] == 1 and all(
-        v == v for v in scalars.values()
-    )
+    assert scalars["skipped/gen"] == 1 and scalars["skipped/disc"] == 1 and all(v == v for v in scalars.values())
     assert trainer.state_dict()["skipped"] == {"gen": 1, "disc": 1}
 
 
 def test_checkpoints_keep_last_k_and_export_loads(corpus, tmp_path):
     run = tmp_path / "run"
-    assert cli_main(["train", "--config", str(TINY), "--run-dir", str(run), f"data.train={corpus}", "data.dev=null",
-                     "data.dev_fraction=0.34", "steps=6", "ckpt_every=2", "keep_last=2", "eval_every=3"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--config",
+                str(TINY),
+                "--run-dir",
+                str(run),
+                f"data.train={corpus}",
+                "data.dev=null",
+                "data.dev_fraction=0.34",
+                "steps=6",
+                "ckpt_every=2",
+                "keep_last=2",
+                "eval_every=3",
+            ]
+        )
+        == 0
+    )
     names = [p.name for p in checkpoints.list_checkpoints(run / "checkpoints")]
     assert names == ["step_00000004.pt", "step_00000006.pt"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006.pt"
@@ -203,8 +218,9 @@ def _tiny_release(corpus, tmp_path, *overrides: str) -> Path:
 def test_a_released_model_grows_a_deeper_decoder_that_starts_as_the_released_one(corpus, tmp_path):
     released = _tiny_release(corpus, tmp_path)
     with pytest.warns(UserWarning, match=r"new modules start fresh: decoder\.2, decoder\.3"):
-        deeper = Trainer(tiny_config(corpus, "eval_every=0", "model.decoder_layers=4", f"init_from={released}"),
-                         tmp_path / "deeper")
+        deeper = Trainer(
+            tiny_config(corpus, "eval_every=0", "model.decoder_layers=4", f"init_from={released}"), tmp_path / "deeper"
+        )
     audio = torch.from_numpy(speechlike(0.2))[None, None]
     old, new = load_model_dir(released).eval(), deeper.model.eval()
     with torch.no_grad():
@@ -213,8 +229,10 @@ def test_a_released_model_grows_a_deeper_decoder_that_starts_as_the_released_one
     deeper.fit(until=1)
     assert all(deeper.model.decoder[i].scale.abs().sum() > 0 for i in (2, 3))  # and then they train
     with pytest.raises(CheckpointError, match="does not fit"):  # fewer blocks than the release: refused
-        Trainer(tiny_config(corpus, "eval_every=0", "model.decoder_layers=1", f"init_from={released}"),
-                tmp_path / "shallower")
+        Trainer(
+            tiny_config(corpus, "eval_every=0", "model.decoder_layers=1", f"init_from={released}"),
+            tmp_path / "shallower",
+        )
 
 
 def test_a_released_model_grows_advance_features_that_start_unheard(corpus, tmp_path):
@@ -222,8 +240,10 @@ def test_a_released_model_grows_advance_features_that_start_unheard(corpus, tmp_
     first encodes exactly as the release did, then learns to listen to them."""
     released = _tiny_release(corpus, tmp_path, "model.advance_features=false")
     with pytest.warns(UserWarning, match=r"encoder_in\.0\.weight grows from"):
-        grown = Trainer(tiny_config(corpus, "eval_every=0", "model.advance_features=true", f"init_from={released}"),
-                        tmp_path / "grown")
+        grown = Trainer(
+            tiny_config(corpus, "eval_every=0", "model.advance_features=true", f"init_from={released}"),
+            tmp_path / "grown",
+        )
     audio = torch.from_numpy(speechlike(0.2))[None, None]
     old, new = load_model_dir(released).eval(), grown.model.eval()
     with torch.no_grad():
@@ -305,8 +325,10 @@ def test_a_released_model_takes_a_larger_first_codebook_with_the_rest_kept(corpu
     assert bool(warm.model.quantizer.stages[0].initialized)  # searched as from scratch: data-dependent init
 
 
-PHASES = ("phases=[{name: twin, steps: 2, adv: false, model: {quantize_fraction: 0}, optim: {lr: 1.0e-3}},"
-          " {name: gan, steps: 2, data: {gain_db: [-3, 0]}, optim: {warmup_steps: 2}}]")
+PHASES = (
+    "phases=[{name: twin, steps: 2, adv: false, model: {quantize_fraction: 0}, optim: {lr: 1.0e-3}},"
+    " {name: gan, steps: 2, data: {gain_db: [-3, 0]}, optim: {warmup_steps: 2}}]"
+)
 
 
 def test_phases_train_in_order_each_with_its_settings_schedule_and_name_in_the_logs(corpus, tmp_path):
@@ -324,7 +346,9 @@ def test_phases_train_in_order_each_with_its_settings_schedule_and_name_in_the_l
     # each phase ends with a dev pass and a checkpoint
     assert [(r["step"], r["phase"]) for r in read_jsonl(tmp_path / "straight" / DEV_LOG)] == [(2, "twin"), (4, "gan")]
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "straight" / "checkpoints")] == [
-        "step_00000002.pt", "step_00000004.pt"]
+        "step_00000002.pt",
+        "step_00000004.pt",
+    ]
 
     Trainer(cfg, tmp_path / "resumed").fit(until=3)  # stopped in the middle of the second phase
     resumed = Trainer(cfg, tmp_path / "resumed")
@@ -343,9 +367,19 @@ def test_the_recipe_warm_starts_from_a_release_and_trains_its_phases(corpus, tmp
     tiny = yaml.safe_load(TINY.read_text())
     sections = [f"{key}={json.dumps(tiny[key])}" for key in ("model", "data", "disc", "loss")]
     recipe = Path(__file__).parent.parent / "training" / "configs" / "simvq-16k.yaml"
-    cfg = load_config(recipe, [*sections, f"data.train={corpus}", "data.dev=null", "data.dev_fraction=0.34",
-                               f"init_from={released}", "phases.quantizer.steps=1", "phases.adversary.steps=1",
-                               "log_every=1"])
+    cfg = load_config(
+        recipe,
+        [
+            *sections,
+            f"data.train={corpus}",
+            "data.dev=null",
+            "data.dev_fraction=0.34",
+            f"init_from={released}",
+            "phases.quantizer.steps=1",
+            "phases.adversary.steps=1",
+            "log_every=1",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "recipe")
     expected = load_model_dir(released).state_dict()
     assert trainer.step == 0 and all(torch.equal(trainer.model.state_dict()[k], v) for k, v in expected.items())

@@ -9,8 +9,15 @@ from tests.conftest import speechlike
 from training.discriminators import Discriminators
 from codec.modules import ISTFTSynthesis, causal_stft, hann_window
 from training.losses import (
-    ComplexSTFTLoss, LinearSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss,
-    slaney_mel_filters, wrapped_distance,
+    ComplexSTFTLoss,
+    LinearSTFTLoss,
+    MultiScaleMelLoss,
+    SpectrumLoss,
+    discriminator_loss,
+    feature_loss,
+    generator_loss,
+    slaney_mel_filters,
+    wrapped_distance,
 )
 from training.schedule import lr_factor
 
@@ -19,8 +26,9 @@ def _speech(seconds=0.5, seed=0):
     return torch.from_numpy(speechlike(seconds, seed=seed))[None, None]
 
 
-@pytest.mark.parametrize("rate, n_fft, n_mels",
-                         [(16000, 256, 32), (16000, 2048, 128), (22050, 1024, 80), (8000, 512, 40)])
+@pytest.mark.parametrize(
+    "rate, n_fft, n_mels", [(16000, 256, 32), (16000, 2048, 128), (22050, 1024, 80), (8000, 512, 40)]
+)
 def test_mel_filters_are_librosas_to_the_bit(rate, n_fft, n_mels):
     # Training computes them itself so that a bare GPU machine needs no librosa (training.bundle_run).
     librosa = pytest.importorskip("librosa")

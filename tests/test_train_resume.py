@@ -20,8 +20,20 @@ corpus = test_train_loop.corpus  # the fixture, shared with test_train_loop
 
 
 def _train_command(corpus: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "training", "train", "--config", str(TINY), "--run-dir", str(run_dir),
-            f"data.train={corpus}", "data.dev=null", "data.dev_fraction=0.34", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "training",
+        "train",
+        "--config",
+        str(TINY),
+        "--run-dir",
+        str(run_dir),
+        f"data.train={corpus}",
+        "data.dev=null",
+        "data.dev_fraction=0.34",
+        *overrides,
+    ]
 
 
 def _env() -> dict:
@@ -31,8 +43,13 @@ def _env() -> dict:
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(corpus, tmp_path):
     overrides = ("steps=8", "ckpt_every=2", "eval_every=0")
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_train_command(corpus, run, *overrides), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_command(corpus, run, *overrides),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
@@ -45,8 +62,9 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(corpus, tmp_pat
     at_kill = checkpoints.latest_checkpoint(run / "checkpoints")
     assert at_kill is not None and at_kill.name != "step_00000008.pt"
 
-    done = subprocess.run(_train_command(corpus, run, *overrides), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        _train_command(corpus, run, *overrides), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
     reference = tmp_path / "reference"
@@ -60,8 +78,15 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(corpus, tmp_pat
 
 def test_torchrun_two_gloo_processes_write_a_checkpoint(corpus, tmp_path):
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               *_train_command(corpus, run, "steps=3", "ckpt_every=3", "eval_every=3")[1:]]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *_train_command(corpus, run, "steps=3", "ckpt_every=3", "eval_every=3")[1:],
+    ]
     done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     state = checkpoints.load_checkpoint(run / "checkpoints" / "step_00000003.pt")

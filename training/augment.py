@@ -28,8 +28,22 @@ NOISE_FLOOR_HZ = 50.0  # pink and brown noise stay at this frequency's level bel
 ZERO_CROSSINGS = 16  # of the round trip's windowed-sinc filter on each side (65 taps at 16 kHz)
 KAISER_BETA = 8.0  # the filter's window: about 80 dB of stop band
 
-_COLUMNS = ("band", "cutoff", "highpass", "resample", "eq", "tilt", "shelf", "shelf_hz", "noise", "snr",
-            "colour", "reverb", "rt60", "drr")
+_COLUMNS = (
+    "band",
+    "cutoff",
+    "highpass",
+    "resample",
+    "eq",
+    "tilt",
+    "shelf",
+    "shelf_hz",
+    "noise",
+    "snr",
+    "colour",
+    "reverb",
+    "rt60",
+    "drr",
+)
 
 
 @dataclass(frozen=True)
@@ -77,15 +91,23 @@ class Augmenter:
         self.cfg, self.sample_rate = cfg, sample_rate
         nyquist = sample_rate / 2
         if cfg.band_prob > 0 and cfg.band_hz[1] > nyquist:
-            raise ConfigError(f"data.augment.band_hz={list(cfg.band_hz)}: a cutoff above {nyquist:g} Hz, the "
-                              f"Nyquist frequency at {sample_rate} Hz, removes nothing")
-        if cfg.band_prob * cfg.highpass_prob > 0 and \
-                cfg.highpass_hz + HIGH_PASS_WIDTH_HZ > cfg.band_hz[0] - LOW_PASS_WIDTH_HZ:
-            raise ConfigError(f"data.augment.highpass_hz={cfg.highpass_hz:g} leaves no pass band below the "
-                              f"lowest cutoff in band_hz ({cfg.band_hz[0]:g} Hz)")
+            raise ConfigError(
+                f"data.augment.band_hz={list(cfg.band_hz)}: a cutoff above {nyquist:g} Hz, the "
+                f"Nyquist frequency at {sample_rate} Hz, removes nothing"
+            )
+        if (
+            cfg.band_prob * cfg.highpass_prob > 0
+            and cfg.highpass_hz + HIGH_PASS_WIDTH_HZ > cfg.band_hz[0] - LOW_PASS_WIDTH_HZ
+        ):
+            raise ConfigError(
+                f"data.augment.highpass_hz={cfg.highpass_hz:g} leaves no pass band below the "
+                f"lowest cutoff in band_hz ({cfg.band_hz[0]:g} Hz)"
+            )
         if cfg.band_prob * cfg.resample_prob > 0 and sample_rate % PHONE_RATE:
-            raise ConfigError(f"data.augment.resample_prob: a round trip through {PHONE_RATE} Hz needs a model "
-                              f"rate that is a multiple of it, not {sample_rate} Hz")
+            raise ConfigError(
+                f"data.augment.resample_prob: a round trip through {PHONE_RATE} Hz needs a model "
+                f"rate that is a multiple of it, not {sample_rate} Hz"
+            )
         self.room_samples = math.ceil(cfg.reverb_rt60[1] * sample_rate)  # the longest tail, 60 dB down at its end
 
     @property
@@ -181,8 +203,9 @@ class Augmenter:
             spectrum = spectrum + noise * scale[:, None]
         if bool(draws.band.any()):
             lowpass = _rise((draws.cutoff_hz[:, None] - freq) / LOW_PASS_WIDTH_HZ)
-            highpass = torch.where(draws.highpass[:, None], _rise((freq - self.cfg.highpass_hz) / HIGH_PASS_WIDTH_HZ),
-                                   1.0)
+            highpass = torch.where(
+                draws.highpass[:, None], _rise((freq - self.cfg.highpass_hz) / HIGH_PASS_WIDTH_HZ), 1.0
+            )
             spectrum = spectrum * torch.where(draws.band[:, None], lowpass * highpass, 1.0)
         return torch.fft.irfft(spectrum, n)
 

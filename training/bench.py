@@ -69,13 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     disc_params = sum(p.numel() for p in trainer.disc.parameters()) / 1e6
     seconds = cfg.data.segment_samples / trainer.model.sample_rate
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"device {trainer.device}, {torch.get_num_threads()} threads (load average {load}); "
-          f"batch {cfg.data.batch_size} x {seconds:g} s")
+    print(
+        f"device {trainer.device}, {torch.get_num_threads()} threads (load average {load}); "
+        f"batch {cfg.data.batch_size} x {seconds:g} s"
+    )
     print(f"generator {params:.2f} M parameters, discriminators {disc_params:.2f} M")
     print(f"step without adversary: {1000 * g:.0f} ms wall, {1000 * g_cpu:.0f} ms CPU (median of {args.steps})")
     print(f"adversarial step:       {1000 * a:.0f} ms wall, {1000 * a_cpu:.0f} ms CPU ({1 / a:.2f} steps/s)")
-    print(f"discriminators' share of an adversarial step: {100 * (a - g) / a:.0f} % wall, "
-          f"{100 * (a_cpu - g_cpu) / a_cpu:.0f} % CPU")
+    print(
+        f"discriminators' share of an adversarial step: {100 * (a - g) / a:.0f} % wall, "
+        f"{100 * (a_cpu - g_cpu) / a_cpu:.0f} % CPU"
+    )
     return 0
 
 

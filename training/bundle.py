@@ -87,8 +87,14 @@ def opus_level(kbps: float) -> float:
 
 def write_opus(path: Path, audio: np.ndarray, sample_rate: int, kbps: float) -> None:
     """Write int16 [T] audio as mono Ogg Opus (VBR) at about `kbps`; libsndfile reads back exactly T samples."""
-    sf.write(path, audio.astype(np.float32) / 32768.0, sample_rate, format="OGG", subtype="OPUS",
-             compression_level=opus_level(kbps))
+    sf.write(
+        path,
+        audio.astype(np.float32) / 32768.0,
+        sample_rate,
+        format="OGG",
+        subtype="OPUS",
+        compression_level=opus_level(kbps),
+    )
 
 
 def read_bundle(folder: Path) -> dict:
@@ -131,8 +137,23 @@ def download_wheels(folder: Path) -> None:
     except importlib.metadata.PackageNotFoundError as e:
         raise BundleError(f"--wheels: {e.name} is not installed here") from None
     platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--python-version", WHEEL_PYTHON, "--implementation", "cp", *platforms, "-d", str(folder), *wanted]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        WHEEL_PYTHON,
+        "--implementation",
+        "cp",
+        *platforms,
+        "-d",
+        str(folder),
+        *wanted,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         lines = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or proc.stderr.splitlines()
@@ -235,8 +256,10 @@ def pack(
         train_rows, used = _pack_train(speaker_order(train), tmp / "train", rate, kbps, room, jobs or os.cpu_count())
         hours = sum(row[2] for row in train_rows) / 3600
         if hours < min_hours:
-            raise BundleError(f"only {hours:.2f} h of speech fit under --max-mb {max_bytes / 2**20:g} (--min-hours "
-                              f"{min_hours:g}): raise --max-mb or lower --kbps")
+            raise BundleError(
+                f"only {hours:.2f} h of speech fit under --max-mb {max_bytes / 2**20:g} (--min-hours "
+                f"{min_hours:g}): raise --max-mb or lower --kbps"
+            )
 
         _write_rows(tmp / "train.csv", train_rows)
         _write_rows(tmp / "dev.csv", dev_rows)
@@ -251,9 +274,13 @@ def pack(
             "sample_rate": rate,
             "opus_kbps": kbps,
             "measured_kbps": round(audio_bytes * 8 / seconds / 1000, 2),
-            "train": {"files": len(train_rows), "hours": round(hours, 3),
-                      "speakers": sorted({row[1] for row in train_rows}),
-                      "corpus_files": len(train), "corpus_hours": round(corpus_hours, 3)},
+            "train": {
+                "files": len(train_rows),
+                "hours": round(hours, 3),
+                "speakers": sorted({row[1] for row in train_rows}),
+                "corpus_files": len(train),
+                "corpus_hours": round(corpus_hours, 3),
+            },
             "dev": {"clips": len(dev_rows), "speakers": sorted({row[1] for row in dev_rows})},
             "init_from": init_from,
             "wheels": sorted(p.name for p in (tmp / "wheels").glob("*.whl")),
@@ -268,8 +295,19 @@ def pack(
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return BundleSummary(out, size, len(train_rows), hours, len(summary["train"]["speakers"]), len(train),
-                         corpus_hours, len(dev_rows), summary["measured_kbps"], wheel_bytes, init_bytes)
+    return BundleSummary(
+        out,
+        size,
+        len(train_rows),
+        hours,
+        len(summary["train"]["speakers"]),
+        len(train),
+        corpus_hours,
+        len(dev_rows),
+        summary["measured_kbps"],
+        wheel_bytes,
+        init_bytes,
+    )
 
 
 def _pack_train(

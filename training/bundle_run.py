@@ -104,8 +104,10 @@ class DeviceCorpus:
         self.augment = Augmenter(augment or AugmentConfig(), sample_rate)
         self.batches_per_epoch = len(self.slot_item) // batch_size
         if self.batches_per_epoch == 0:
-            raise ConfigError(f"the corpus gives {len(self.slot_item)} crops per epoch, fewer than one batch "
-                              f"of {batch_size}: lower --batch-size")
+            raise ConfigError(
+                f"the corpus gives {len(self.slot_item)} crops per epoch, fewer than one batch "
+                f"of {batch_size}: lower --batch-size"
+            )
         self.seconds = float(lengths.sum()) / sample_rate
         self._order: tuple[int, torch.Tensor] | None = None
 
@@ -127,8 +129,9 @@ class DeviceCorpus:
         factor = None
         if self.speed != (1.0, 1.0):  # drawn after the others, so runs without it keep their crops
             slow, fast = np.log(self.speed)
-            factor = torch.exp(slow + (fast - slow) * torch.rand(len(item), generator=generator, device=device,
-                                                                 dtype=torch.float64))
+            factor = torch.exp(
+                slow + (fast - slow) * torch.rand(len(item), generator=generator, device=device, dtype=torch.float64)
+            )
         span = n if factor is None else (n * factor).ceil().long()  # samples read, before the change of speed
         # A file at least that long starts at one of its L - span + 1 samples; a shorter one at one of
         # span - L + 1 offsets in the zeros (a negative start). Either way there are |L - span| + 1 choices.
@@ -194,8 +197,12 @@ class Progress:
             previous = now
             if now - last_time >= self.every:
                 rate = (count - last_steps) / (now - last_time)
-                print(f"step {self.trainer.step}: {rate:.2f} steps/s, {rate * self.seconds_per_batch:.0f} s of "
-                      f"audio/s, {memory(self.corpus.device)}", file=sys.stderr, flush=True)
+                print(
+                    f"step {self.trainer.step}: {rate:.2f} steps/s, {rate * self.seconds_per_batch:.0f} s of "
+                    f"audio/s, {memory(self.corpus.device)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 last_time, last_steps = now, count
             yield item
 
@@ -209,8 +216,10 @@ class Progress:
 def memory(device: torch.device) -> str:
     """Peak device memory (CUDA) or peak resident memory of this process (CPU), as text."""
     if device.type == "cuda":
-        return (f"GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB peak allocated, "
-                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
+        return (
+            f"GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB peak allocated, "
+            f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved"
+        )
     return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
@@ -281,12 +290,26 @@ def run(args: argparse.Namespace, started: float | None = None) -> int:
     if trainer.resumed_from:
         print(f"resuming from {trainer.resumed_from} at step {trainer.step}", file=sys.stderr)
     began = time.monotonic()
-    corpus = DeviceCorpus(trainer.dataset.items, trainer.repeats, trainer.model.sample_rate,
-                          cfg.data.segment_samples, cfg.data.gain_db, cfg.seed, cfg.data.batch_size, device,
-                          args.workers, cfg.data.speed, cfg.data.augment)
-    print(f"decoded {corpus.seconds / 3600:.2f} h of audio ({corpus.audio.numel() * 2 / 2**20:.0f} MiB of int16) "
-          f"onto {device} in {time.monotonic() - began:.1f} s; batch {cfg.data.batch_size} x "
-          f"{cfg.data.segment_samples / trainer.model.sample_rate:g} s", file=sys.stderr, flush=True)
+    corpus = DeviceCorpus(
+        trainer.dataset.items,
+        trainer.repeats,
+        trainer.model.sample_rate,
+        cfg.data.segment_samples,
+        cfg.data.gain_db,
+        cfg.seed,
+        cfg.data.batch_size,
+        device,
+        args.workers,
+        cfg.data.speed,
+        cfg.data.augment,
+    )
+    print(
+        f"decoded {corpus.seconds / 3600:.2f} h of audio ({corpus.audio.numel() * 2 / 2**20:.0f} MiB of int16) "
+        f"onto {device} in {time.monotonic() - began:.1f} s; batch {cfg.data.batch_size} x "
+        f"{cfg.data.segment_samples / trainer.model.sample_rate:g} s",
+        file=sys.stderr,
+        flush=True,
+    )
     progress = Progress(corpus, trainer)
     trainer.batches = progress
 
@@ -320,18 +343,27 @@ def run(args: argparse.Namespace, started: float | None = None) -> int:
     if not published:
         last = checkpoints.latest_checkpoint(trainer.ckpt_dir)
         if last is None:
-            raise CodecError(f"--minutes {args.minutes:g} left no time to train after {time.monotonic() - started:.0f} "
-                             "s of start-up: give more minutes")
+            raise CodecError(
+                f"--minutes {args.minutes:g} left no time to train after {time.monotonic() - started:.0f} "
+                "s of start-up: give more minutes"
+            )
         publish(last, out, args.model_id)
     rate = progress.steps / progress.busy if progress.busy else 0.0
-    print(f"trained steps {start_step}-{trainer.step} in {time.monotonic() - started:.0f} s: {rate:.2f} steps/s, "
-          f"{rate * progress.seconds_per_batch:.0f} s of audio/s, {memory(device)}", file=sys.stderr)
-    sizes = ", ".join(f"{p.relative_to(out)} {p.stat().st_size / 2**20:.1f} MiB"
-                      for p in sorted(out.rglob("*")) if p.is_file())
+    print(
+        f"trained steps {start_step}-{trainer.step} in {time.monotonic() - started:.0f} s: {rate:.2f} steps/s, "
+        f"{rate * progress.seconds_per_batch:.0f} s of audio/s, {memory(device)}",
+        file=sys.stderr,
+    )
+    sizes = ", ".join(
+        f"{p.relative_to(out)} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(out.rglob("*")) if p.is_file()
+    )
     print(f"{out}: {sizes}", file=sys.stderr)
     for problem in out_problems(out):
-        print(f"warning: {problem}: more than a machine returning {OUT_FILES} files of "
-              f"{MAX_FILE_BYTES // 2**20} MiB ({OUT_BYTES // 2**20} MiB in all) gives back", file=sys.stderr)
+        print(
+            f"warning: {problem}: more than a machine returning {OUT_FILES} files of "
+            f"{MAX_FILE_BYTES // 2**20} MiB ({OUT_BYTES // 2**20} MiB in all) gives back",
+            file=sys.stderr,
+        )
     print(f"model: --model {out / 'model'}; continue on a CPU: simvq-codec train ... init_from={out}", file=sys.stderr)
     return 0
 

@@ -87,8 +87,10 @@ def resolve_init(ref: str | Path) -> Path:
     if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         return path
     if not path.exists():
-        raise CheckpointError(f"init_from {str(ref)!r} is neither an installed model id ({', '.join(sorted(MODELS))}) "
-                              "nor a checkpoint, run directory or model directory")
+        raise CheckpointError(
+            f"init_from {str(ref)!r} is neither an installed model id ({', '.join(sorted(MODELS))}) "
+            "nor a checkpoint, run directory or model directory"
+        )
     return resolve_checkpoint(path)
 
 

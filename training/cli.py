@@ -35,8 +35,11 @@ def register(subparsers) -> None:
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", metavar="FILE", help="YAML config (default: RUN_DIR/config.yaml if it exists, "
-                   "else the built-in defaults)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config (default: RUN_DIR/config.yaml if it exists, else the built-in defaults)",
+    )
     p.add_argument("--run-dir", metavar="DIR", help="checkpoints and logs (default: runs/<config name>)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=cmd_train)
@@ -50,11 +53,19 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("out_dir", help="output model directory")
     p.add_argument("--model-id", default="simvq-16k", help="model id written into token files (default: simvq-16k)")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                   help="storage precision of the weights; float16 halves the size (default: float32)")
-    p.add_argument("--weights", choices=["ema", "live"], default="ema",
-                   help="the EMA of the weights (default), or the optimiser's current weights: better for a "
-                   "checkpoint taken soon after a run changed course, when the EMA still mixes before and after")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="storage precision of the weights; float16 halves the size (default: float32)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["ema", "live"],
+        default="ema",
+        help="the EMA of the weights (default), or the optimiser's current weights: better for a "
+        "checkpoint taken soon after a run changed course, when the EMA still mixes before and after",
+    )
     p.add_argument("-f", "--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=cmd_export)
 
@@ -70,15 +81,27 @@ def register(subparsers) -> None:
     )
     p.add_argument("corpus", help="corpus folder (train.csv, dev.csv), manifest, or folder of audio")
     p.add_argument("out_dir", help="the bundle folder to write")
-    p.add_argument("--config", metavar="FILE", default=str(Path(__file__).parent / "configs" / "simvq-16k.yaml"),
-                   help="training config (default: training/configs/simvq-16k.yaml)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=str(Path(__file__).parent / "configs" / "simvq-16k.yaml"),
+        help="training config (default: training/configs/simvq-16k.yaml)",
+    )
     p.add_argument("--max-mb", type=amount, default=40.0, help="cap on the whole bundle in MiB (default 40)")
     p.add_argument("--kbps", type=amount, default=24.0, help="Opus bitrate of the audio (default 24)")
-    p.add_argument("--init", metavar="REF", help="start from: an installed model id or model directory "
-                   "(weights), or a run directory, checkpoint or bundle_run output (all training state); "
-                   "default: the config's init_from")
-    p.add_argument("--wheels", action="store_true", help="add the wheels of every package beyond torch, numpy "
-                   "and scipy that the run needs, for CPython 3.12 on manylinux x86_64 (pip download)")
+    p.add_argument(
+        "--init",
+        metavar="REF",
+        help="start from: an installed model id or model directory "
+        "(weights), or a run directory, checkpoint or bundle_run output (all training state); "
+        "default: the config's init_from",
+    )
+    p.add_argument(
+        "--wheels",
+        action="store_true",
+        help="add the wheels of every package beyond torch, numpy "
+        "and scipy that the run needs, for CPython 3.12 on manylinux x86_64 (pip download)",
+    )
     p.add_argument("--min-hours", type=float, default=0.25, help="refuse when less speech fits (default 0.25)")
     p.add_argument("--jobs", type=count, help="encoding threads (default: all cores)")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing bundle")
@@ -130,12 +153,28 @@ def cmd_bundle(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    s = pack(Path(args.corpus), Path(args.out_dir), cfg, args.kbps, int(args.max_mb * 2**20), args.init,
-             args.wheels, args.min_hours, args.jobs, args.force, log)
-    share = f"all {s.corpus_files} files" if s.train_files == s.corpus_files else (
-        f"{s.train_files} of {s.corpus_files} files, {s.corpus_hours:.2f} h in the corpus")
-    log(f"{s.path}: {s.bytes / 2**20:.1f} MiB; {s.train_hours:.2f} h of training speech fit ({share}, "
-        f"{s.train_speakers} speakers), {s.dev_clips} dev clips, Opus {s.kbps:.1f} kbit/s as packed")
+    s = pack(
+        Path(args.corpus),
+        Path(args.out_dir),
+        cfg,
+        args.kbps,
+        int(args.max_mb * 2**20),
+        args.init,
+        args.wheels,
+        args.min_hours,
+        args.jobs,
+        args.force,
+        log,
+    )
+    share = (
+        f"all {s.corpus_files} files"
+        if s.train_files == s.corpus_files
+        else (f"{s.train_files} of {s.corpus_files} files, {s.corpus_hours:.2f} h in the corpus")
+    )
+    log(
+        f"{s.path}: {s.bytes / 2**20:.1f} MiB; {s.train_hours:.2f} h of training speech fit ({share}, "
+        f"{s.train_speakers} speakers), {s.dev_clips} dev clips, Opus {s.kbps:.1f} kbit/s as packed"
+    )
     return 0
 
 

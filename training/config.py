@@ -18,8 +18,18 @@ import yaml
 from codec.errors import CodecError
 
 LOSS_KEYS = (
-    "mel", "stft/complex", "stft/linear", "spec/mag", "spec/phase", "adv/gen", "adv/feat",
-    "vq/commit", "vq/codebook", "vq/residual", "pitch/f0", "pitch/voicing",
+    "mel",
+    "stft/complex",
+    "stft/linear",
+    "spec/mag",
+    "spec/phase",
+    "adv/gen",
+    "adv/feat",
+    "vq/commit",
+    "vq/codebook",
+    "vq/residual",
+    "pitch/f0",
+    "pitch/voicing",
 )
 
 
@@ -315,8 +325,15 @@ CHOICES = {
 
 
 FIXED_DATA_KEYS = (
-    "data.train", "data.dev", "data.dev_fraction", "data.segment_samples", "data.batch_size", "data.num_workers",
-    "data.cache", "data.dev_clips", "data.dev_clip_samples",
+    "data.train",
+    "data.dev",
+    "data.dev_fraction",
+    "data.segment_samples",
+    "data.batch_size",
+    "data.num_workers",
+    "data.cache",
+    "data.dev_clips",
+    "data.dev_clip_samples",
 )
 """Data keys that hold for the whole run (the files, the batches and the dev set are laid out once); the
 other data keys shape each crop and may change between phases."""
@@ -383,14 +400,19 @@ def phase_key_error(key: str) -> str | None:
 
     options = [f"model.{name}" for name in SimVQCodec.TRAINING_OPTIONS]
     crop = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f"data.{f.name}" not in FIXED_DATA_KEYS]
-    if key in ("adv", "draw_codebooks") or key.startswith(("optim.", "loss.weights.", "data.augment.")) or key in (
-        "loss.pitch_teacher_forcing", "loss.adv_loss", *options, *crop
+    if (
+        key in ("adv", "draw_codebooks")
+        or key.startswith(("optim.", "loss.weights.", "data.augment."))
+        or key in ("loss.pitch_teacher_forcing", "loss.adv_loss", *options, *crop)
     ):
         return None
     if key.startswith("model."):
         return f"is part of the model that the whole run trains; a phase may set only {', '.join(options)}"
-    return (f"holds for the whole run; a phase may set adv, draw_codebooks, optim.*, loss.weights.*, "
-            f"loss.pitch_teacher_forcing, loss.adv_loss, {', '.join(options)}, {', '.join(crop)}")
+    return (
+        f"holds for the whole run; a phase may set adv, draw_codebooks, optim.*, loss.weights.*, "
+        f"loss.pitch_teacher_forcing, loss.adv_loss, {', '.join(options)}, {', '.join(crop)}"
+    )
+
 
 def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
     """Set one dotted key (`optim.lr`, `loss.weights.mel`, `model.n_stages`), converting the value's type.
@@ -401,8 +423,10 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
         _set_phases(cfg, parts[1:], value, key)
         return
     if key == "adv_start_step":
-        raise ConfigError("adv_start_step is gone: set adv=false for a run without the adversary, or give the run "
-                          "phases, the first with adv: false (docs/training.md, \"Phases\")")
+        raise ConfigError(
+            "adv_start_step is gone: set adv=false for a run without the adversary, or give the run "
+            'phases, the first with adv: false (docs/training.md, "Phases")'
+        )
     obj: Any = cfg
     for i, name in enumerate(parts[:-1]):
         if not dataclasses.is_dataclass(obj):
@@ -544,8 +568,10 @@ def _sum_phases(cfg: TrainConfig, steps_given: bool) -> None:
         return
     total = sum(phase.steps for phase in cfg.phases)
     if steps_given and cfg.steps != total:
-        raise ConfigError(f"steps={cfg.steps}, but the phases add up to {total}: a run with phases is as long as "
-                          "they are together; set phases.NAME.steps and leave steps out")
+        raise ConfigError(
+            f"steps={cfg.steps}, but the phases add up to {total}: a run with phases is as long as "
+            "they are together; set phases.NAME.steps and leave steps out"
+        )
     cfg.steps = total
 
 
@@ -558,8 +584,10 @@ def _before_phases(data: dict[str, Any]) -> dict[str, Any]:
     start, steps = int(data.pop("adv_start_step")), int(data.get("steps", TrainConfig.steps))
     if 0 < start < steps:
         del data["steps"]
-        data["phases"] = [{"name": "reconstruction", "steps": start, "adv": False},
-                          {"name": "adversary", "steps": steps - start, "restart_schedule": False, "adv": True}]
+        data["phases"] = [
+            {"name": "reconstruction", "steps": start, "adv": False},
+            {"name": "adversary", "steps": steps - start, "restart_schedule": False, "adv": True},
+        ]
     else:
         data["adv"] = start <= 0
     return data

@@ -368,8 +368,19 @@ def find_telephone(root: Path) -> list[Item]:
 
 # codec2-examples' 8 kHz speech: one recording per name (f2400/m2400 are Codec 2 output of forig/morig, all.wav
 # joins the others, wia_16kHz is 1 s at 16 kHz). Several are amateur-radio recordings named by call sign.
-CODEC2_RECORDINGS = ("big_dog", "cross", "david4", "forig", "hts1a", "hts2a", "mmt1", "morig", "ve9qrp",
-                     "vk2tpm_004", "vk5qi")
+CODEC2_RECORDINGS = (
+    "big_dog",
+    "cross",
+    "david4",
+    "forig",
+    "hts1a",
+    "hts2a",
+    "mmt1",
+    "morig",
+    "ve9qrp",
+    "vk2tpm_004",
+    "vk5qi",
+)
 
 
 def find_codec2(root: Path) -> list[Item]:
@@ -409,7 +420,7 @@ def find_warzone2100(root: Path) -> list[Item]:
     items = []
     for prefix, (voice, per_item) in WARZONE_VOICES.items():
         speaker = f"warzone2100-en-{voice}"
-        members = [_member(archive, n) for n in names if n.startswith(prefix) and "/" not in n[len(prefix):]]
+        members = [_member(archive, n) for n in names if n.startswith(prefix) and "/" not in n[len(prefix) :]]
         for chunk in chunks(members, per_item):
             name = "_".join(_slug(Path(m.split("::")[1]).stem) for m in chunk)
             items.append(Item(chunk, speaker, speaker, "warzone2100", "en", name, "zip", min_rate=8000))
@@ -420,8 +431,20 @@ MEGAGLEST_SPEECH = re.compile(r"^(?P<unit>[a-z_]+?)_(?:ack|select)\d*\.(?:wav|og
 MEGAGLEST_GLEST = {"commondata", "magic", "tech"}  # the original Glest team's voices; the rest are MegaGlest's
 MEGAGLEST_PER_ITEM = 4  # acknowledgements of ~0.9 s: four make one utterance
 # units that answer with animal or monster sounds, not speech
-MEGAGLEST_NOT_SPEECH = {"behemoth", "bull", "chicken", "cow", "daemon", "dragon", "evil_dragon", "golem", "pig",
-                        "sheep", "thunderbird", "wild_sow"}
+MEGAGLEST_NOT_SPEECH = {
+    "behemoth",
+    "bull",
+    "chicken",
+    "cow",
+    "daemon",
+    "dragon",
+    "evil_dragon",
+    "golem",
+    "pig",
+    "sheep",
+    "thunderbird",
+    "wild_sow",
+}
 
 
 def find_megaglest(root: Path) -> list[Item]:
@@ -482,8 +505,18 @@ def find_fotaq(root: Path) -> list[Item]:
     items = []
     for name in sorted(n for n in _queen_table(str(archive)) if n.endswith(".SB")):
         speaker = "fotaq-en-joe" if name[6:7] == "J" else "fotaq-en-cast"
-        items.append(Item((_member(archive, name),), speaker, speaker, "fotaq", "en", _slug(Path(name).stem),
-                          "queen", min_rate=8000))
+        items.append(
+            Item(
+                (_member(archive, name),),
+                speaker,
+                speaker,
+                "fotaq",
+                "en",
+                _slug(Path(name).stem),
+                "queen",
+                min_rate=8000,
+            )
+        )
     return items
 
 
@@ -503,17 +536,36 @@ def find_drascula(root: Path) -> list[Item]:
 
 
 ESPEAK_TEXT = {
-    "en": ["The quick brown fox jumps over the lazy dog.", "Please leave your message after the tone.",
-           "It is seven thirty in the morning and the train is late again.", "Would you like a cup of tea?"],
-    "fr": ["Le petit chat dort sur le canapé du salon.", "Veuillez laisser votre message après le signal.",
-           "Il fait beau aujourd'hui, allons marcher au bord de la rivière.",
-           "Combien coûte ce livre, s'il vous plaît ?"],
-    "es": ["El perro corre por el parque todas las mañanas.", "Por favor, deje su mensaje después de la señal.",
-           "Mañana vamos a visitar a mis abuelos en el campo.", "¿Dónde está la estación de tren?"],
-    "de": ["Der Hund schläft vor dem warmen Ofen.", "Bitte hinterlassen Sie eine Nachricht nach dem Signalton.",
-           "Morgen fahren wir mit dem Fahrrad an den See.", "Wie viel kostet diese Zeitung?"],
-    "it": ["Il gatto dorme sulla sedia della cucina.", "Per favore, lasci un messaggio dopo il segnale acustico.",
-           "Domani andiamo al mare con tutta la famiglia.", "Quanto costa questo biglietto?"],
+    "en": [
+        "The quick brown fox jumps over the lazy dog.",
+        "Please leave your message after the tone.",
+        "It is seven thirty in the morning and the train is late again.",
+        "Would you like a cup of tea?",
+    ],
+    "fr": [
+        "Le petit chat dort sur le canapé du salon.",
+        "Veuillez laisser votre message après le signal.",
+        "Il fait beau aujourd'hui, allons marcher au bord de la rivière.",
+        "Combien coûte ce livre, s'il vous plaît ?",
+    ],
+    "es": [
+        "El perro corre por el parque todas las mañanas.",
+        "Por favor, deje su mensaje después de la señal.",
+        "Mañana vamos a visitar a mis abuelos en el campo.",
+        "¿Dónde está la estación de tren?",
+    ],
+    "de": [
+        "Der Hund schläft vor dem warmen Ofen.",
+        "Bitte hinterlassen Sie eine Nachricht nach dem Signalton.",
+        "Morgen fahren wir mit dem Fahrrad an den See.",
+        "Wie viel kostet diese Zeitung?",
+    ],
+    "it": [
+        "Il gatto dorme sulla sedia della cucina.",
+        "Per favore, lasci un messaggio dopo il segnale acustico.",
+        "Domani andiamo al mare con tutta la famiglia.",
+        "Quanto costa questo biglietto?",
+    ],
 }
 ESPEAK_VARIANTS = ("m1", "m3", "f2", "f4")
 
@@ -534,47 +586,132 @@ def find_espeak(root: Path) -> list[Item]:
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
-        Source("asterisk",
-               (*(f"asterisk-core-sounds-{lang}-g722" for lang in ("en", "es", "fr", "it", "ru")), "ffmpeg"),
-               "/usr/share/asterisk/sounds", find_asterisk,
-               "telephone prompts, whole sentences; 4 voices, 5 languages; G.722 16 kHz",
-               dev=("asterisk-june", "asterisk-carlo"), min_dev=1),
-        Source("klettres", ("klettres-data",), "/usr/share/klettres", find_klettres,
-               "letters and syllables; ~20 voices/languages; Ogg Vorbis 44.1 kHz",
-               dev=("klettres-he", "klettres-hu", "klettres-cs"), min_dev=2),
-        Source("ktuberling", ("ktuberling-data",), "/usr/share/ktuberling/sounds", find_ktuberling,
-               "spoken object names; 17 voices/languages; Ogg/WAV 22-44 kHz (8 kHz files dropped)",
-               dev=("ktuberling-gl", "ktuberling-sl"), min_dev=1),
-        Source("tuxpaint", ("tuxpaint-stamps-default",), "/usr/share/tuxpaint/stamps", find_tuxpaint,
-               "spoken stamp descriptions (words, short phrases); 14 languages; Ogg Vorbis 44.1 kHz",
-               dev=("tuxpaint-bg",), min_dev=1),
-        Source("gcin", ("gcin-voice",), "/usr/share/gcin-voice/ogg", find_gcin,
-               "Mandarin syllables with tones; 2 voices; Ogg Vorbis 44.1 kHz"),
-        Source("megaglest", ("megaglest-data",), "/usr/share/games/megaglest/techs/megapack", find_megaglest,
-               "acted unit voices (acknowledgements); 6 factions; WAV/Ogg 22-48 kHz; Glest's own voices: dev-ood",
-               kind="acted", ood=("megaglest-glest",)),
-        Source("telephone", ("asterisk-prompt-es-co", "asterisk-prompt-fr-armelle"), "/usr/share/asterisk/sounds",
-               find_telephone, "telephone prompts at 8 kHz (GSM); 2 voices, es-CO and fr-FR; dev-ood",
-               kind="telephone", ood_only=True),
-        Source("codec2", ("codec2-examples",), "/usr/share/codec2/wav", find_codec2,
-               "Codec 2's 8 kHz test speech, 11 recordings (some over amateur radio); dev-ood",
-               kind="telephone", ood_only=True),
-        Source("warzone2100", ("warzone2100-data",), "/usr/share/games/warzone2100", find_warzone2100,
-               "acted game voices: tutorial, briefings, taunts; Ogg 11-22 kHz inside base.wz; dev-ood",
-               kind="acted-nb", ood_only=True),
-        Source("redeclipse", ("redeclipse-data",), "/usr/share/games/redeclipse/data/sounds", find_redeclipse,
-               "acted, emotional player taunts and announcer calls; Ogg 44.1 kHz; dev-ood", kind="acted",
-               ood_only=True),
-        Source("horizons", ("unknown-horizons",), "/usr/share/unknown-horizons/content/audio/voice", find_horizons,
-               "acted narrator messages in de, en, fr; Ogg 44.1 kHz; dev-ood", kind="acted", ood_only=True),
-        Source("fotaq", ("flight-of-the-amazon-queen",), "/usr/share/scummvm/flight-of-the-amazon-queen",
-               find_fotaq, "adventure game dialogue, acted; MP3 11 kHz inside queen.1c (opt-in, train only)",
-               default=False, train_only=True, kind="acted-nb"),
-        Source("drascula", ("drascula",), "/usr/share/scummvm/drascula/en", find_drascula,
-               "adventure game dialogue, acted; raw 8-bit 11 kHz (opt-in, train only)",
-               default=False, train_only=True, kind="acted-nb"),
-        Source("espeak", ("espeak-ng",), "/usr/bin", find_espeak,
-               "synthetic speech, 5 languages x 4 variants (opt-in, train only)", default=False, train_only=True),
+        Source(
+            "asterisk",
+            (*(f"asterisk-core-sounds-{lang}-g722" for lang in ("en", "es", "fr", "it", "ru")), "ffmpeg"),
+            "/usr/share/asterisk/sounds",
+            find_asterisk,
+            "telephone prompts, whole sentences; 4 voices, 5 languages; G.722 16 kHz",
+            dev=("asterisk-june", "asterisk-carlo"),
+            min_dev=1,
+        ),
+        Source(
+            "klettres",
+            ("klettres-data",),
+            "/usr/share/klettres",
+            find_klettres,
+            "letters and syllables; ~20 voices/languages; Ogg Vorbis 44.1 kHz",
+            dev=("klettres-he", "klettres-hu", "klettres-cs"),
+            min_dev=2,
+        ),
+        Source(
+            "ktuberling",
+            ("ktuberling-data",),
+            "/usr/share/ktuberling/sounds",
+            find_ktuberling,
+            "spoken object names; 17 voices/languages; Ogg/WAV 22-44 kHz (8 kHz files dropped)",
+            dev=("ktuberling-gl", "ktuberling-sl"),
+            min_dev=1,
+        ),
+        Source(
+            "tuxpaint",
+            ("tuxpaint-stamps-default",),
+            "/usr/share/tuxpaint/stamps",
+            find_tuxpaint,
+            "spoken stamp descriptions (words, short phrases); 14 languages; Ogg Vorbis 44.1 kHz",
+            dev=("tuxpaint-bg",),
+            min_dev=1,
+        ),
+        Source(
+            "gcin",
+            ("gcin-voice",),
+            "/usr/share/gcin-voice/ogg",
+            find_gcin,
+            "Mandarin syllables with tones; 2 voices; Ogg Vorbis 44.1 kHz",
+        ),
+        Source(
+            "megaglest",
+            ("megaglest-data",),
+            "/usr/share/games/megaglest/techs/megapack",
+            find_megaglest,
+            "acted unit voices (acknowledgements); 6 factions; WAV/Ogg 22-48 kHz; Glest's own voices: dev-ood",
+            kind="acted",
+            ood=("megaglest-glest",),
+        ),
+        Source(
+            "telephone",
+            ("asterisk-prompt-es-co", "asterisk-prompt-fr-armelle"),
+            "/usr/share/asterisk/sounds",
+            find_telephone,
+            "telephone prompts at 8 kHz (GSM); 2 voices, es-CO and fr-FR; dev-ood",
+            kind="telephone",
+            ood_only=True,
+        ),
+        Source(
+            "codec2",
+            ("codec2-examples",),
+            "/usr/share/codec2/wav",
+            find_codec2,
+            "Codec 2's 8 kHz test speech, 11 recordings (some over amateur radio); dev-ood",
+            kind="telephone",
+            ood_only=True,
+        ),
+        Source(
+            "warzone2100",
+            ("warzone2100-data",),
+            "/usr/share/games/warzone2100",
+            find_warzone2100,
+            "acted game voices: tutorial, briefings, taunts; Ogg 11-22 kHz inside base.wz; dev-ood",
+            kind="acted-nb",
+            ood_only=True,
+        ),
+        Source(
+            "redeclipse",
+            ("redeclipse-data",),
+            "/usr/share/games/redeclipse/data/sounds",
+            find_redeclipse,
+            "acted, emotional player taunts and announcer calls; Ogg 44.1 kHz; dev-ood",
+            kind="acted",
+            ood_only=True,
+        ),
+        Source(
+            "horizons",
+            ("unknown-horizons",),
+            "/usr/share/unknown-horizons/content/audio/voice",
+            find_horizons,
+            "acted narrator messages in de, en, fr; Ogg 44.1 kHz; dev-ood",
+            kind="acted",
+            ood_only=True,
+        ),
+        Source(
+            "fotaq",
+            ("flight-of-the-amazon-queen",),
+            "/usr/share/scummvm/flight-of-the-amazon-queen",
+            find_fotaq,
+            "adventure game dialogue, acted; MP3 11 kHz inside queen.1c (opt-in, train only)",
+            default=False,
+            train_only=True,
+            kind="acted-nb",
+        ),
+        Source(
+            "drascula",
+            ("drascula",),
+            "/usr/share/scummvm/drascula/en",
+            find_drascula,
+            "adventure game dialogue, acted; raw 8-bit 11 kHz (opt-in, train only)",
+            default=False,
+            train_only=True,
+            kind="acted-nb",
+        ),
+        Source(
+            "espeak",
+            ("espeak-ng",),
+            "/usr/bin",
+            find_espeak,
+            "synthetic speech, 5 languages x 4 variants (opt-in, train only)",
+            default=False,
+            train_only=True,
+        ),
     ]
 }
 
@@ -606,6 +743,7 @@ def assign_splits(
     speaker_groups: Mapping[str, str], dev_groups: Collection[str], ood_groups: Collection[str] = ()
 ) -> dict[str, str]:
     """speaker -> "dev-ood" when its group is out-of-domain, "dev" when it is held out, else "train"."""
+
     def split(group: str) -> str:
         return "dev-ood" if group in ood_groups else "dev" if group in dev_groups else "train"
 
@@ -749,8 +887,14 @@ def load_item(item: Item, g722: Mapping[str, np.ndarray] | None = None) -> tuple
     for path in paths:
         try:
             wav, rate = decode(item, path, g722)
-        except (subprocess.CalledProcessError, sf.LibsndfileError, RuntimeError, OSError, KeyError,
-                zipfile.BadZipFile) as exc:
+        except (
+            subprocess.CalledProcessError,
+            sf.LibsndfileError,
+            RuntimeError,
+            OSError,
+            KeyError,
+            zipfile.BadZipFile,
+        ) as exc:
             return np.zeros(0, np.float32), f"unreadable: {type(exc).__name__}"
         if rate < item.min_rate:
             return np.zeros(0, np.float32), f"below {item.min_rate} Hz"
@@ -897,8 +1041,17 @@ def build_corpus(
             dropped[r.dropped.split(":")[0]] += 1
         for path, seconds in r.pieces:
             item = r.item
-            rows.append(ManifestRow(path, item.speaker, seconds, splits[item.speaker], item.source, item.language,
-                                    source_map[item.source].kind))
+            rows.append(
+                ManifestRow(
+                    path,
+                    item.speaker,
+                    seconds,
+                    splits[item.speaker],
+                    item.source,
+                    item.language,
+                    source_map[item.source].kind,
+                )
+            )
     write_manifest(out_dir / "manifest.csv", rows)
     for split in SPLITS:
         write_manifest(out_dir / f"{split}.csv", [r for r in rows if r.split == split])
@@ -926,11 +1079,14 @@ def _progress(total: int, enabled: bool):
 
 def summary_table(rows: Sequence[ManifestRow]) -> str:
     """Minutes and files per split/source/speaker, then per split/source and per split."""
+
     def line(a, b, c, files, seconds):
         return f"| {a:<7} | {b:<11} | {c:<36} | {files:>6} | {seconds / 60:>8.1f} |"
 
-    out = [f"| {'split':<7} | {'source':<11} | {'speaker':<36} | {'files':>6} | {'minutes':>8} |",
-           "|---------|-------------|--------------------------------------|--------|----------|"]
+    out = [
+        f"| {'split':<7} | {'source':<11} | {'speaker':<36} | {'files':>6} | {'minutes':>8} |",
+        "|---------|-------------|--------------------------------------|--------|----------|",
+    ]
     by_key: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for r in rows:
         by_key[(r.split, r.source, r.speaker)].append(r.duration)
@@ -950,13 +1106,17 @@ def kind_table(rows: Sequence[ManifestRow], split: str = "dev-ood") -> str:
     for r in rows:
         if r.split == split:
             by_kind[r.kind].append(r)
-    out = [f"| {'kind':<10} | {'voices':>6} | {'languages':<24} | {'files':>6} | {'minutes':>8} |",
-           "|------------|--------|--------------------------|--------|----------|"]
+    out = [
+        f"| {'kind':<10} | {'voices':>6} | {'languages':<24} | {'files':>6} | {'minutes':>8} |",
+        "|------------|--------|--------------------------|--------|----------|",
+    ]
     for kind, kind_rows in [*sorted(by_kind.items()), ("(all)", [r for r in rows if r.split == split])]:
         languages = ", ".join(sorted({r.language for r in kind_rows}))
         minutes = sum(r.duration for r in kind_rows) / 60
-        out.append(f"| {kind:<10} | {len({r.speaker for r in kind_rows}):>6} | {languages:<24} | "
-                   f"{len(kind_rows):>6} | {minutes:>8.1f} |")
+        out.append(
+            f"| {kind:<10} | {len({r.speaker for r in kind_rows}):>6} | {languages:<24} | "
+            f"{len(kind_rows):>6} | {minutes:>8.1f} |"
+        )
     return "\n".join(out)
 
 
@@ -976,9 +1136,13 @@ def select_sources(names: Sequence[str] | None) -> list[Source]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="corpus folder to create (e.g. data/corpus)")
-    parser.add_argument("--sources", nargs="+", metavar="NAME",
-                        help=f"sources to build: {', '.join(SOURCES)}; 'default' (the default sources, also "
-                             "in a list: 'default fotaq') or 'all'")
+    parser.add_argument(
+        "--sources",
+        nargs="+",
+        metavar="NAME",
+        help=f"sources to build: {', '.join(SOURCES)}; 'default' (the default sources, also "
+        "in a list: 'default fotaq') or 'all'",
+    )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--install", action="store_true", help="apt-get install missing packages first")
     parser.add_argument("--force", action="store_true", help="replace an existing corpus in --out")
@@ -1011,8 +1175,11 @@ def run(args: argparse.Namespace) -> int:
                 print("error: apt-get install failed", file=sys.stderr)
                 return 2
         else:
-            print(f"warning: not installed: {' '.join(missing)}\n  install with: {' '.join(cmd)}"
-                  "\n  (or pass --install); building from what is there", file=sys.stderr)
+            print(
+                f"warning: not installed: {' '.join(missing)}\n  install with: {' '.join(cmd)}"
+                "\n  (or pass --install); building from what is there",
+                file=sys.stderr,
+            )
     out: Path = args.out
     if (out / "manifest.csv").exists() or (out / "wav").exists():
         if not args.force:
@@ -1030,8 +1197,10 @@ def run(args: argparse.Namespace) -> int:
     if any(r.split == "dev-ood" for r in report.rows):
         print("\nOut-of-domain dev set (dev-ood.csv):\n" + kind_table(report.rows))
     dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
-    print(f"\n{len(report.rows)} files in {out}; dropped: {dropped}; duplicates skipped: {report.duplicates}; "
-          f"built in {report.seconds:.0f} s")
+    print(
+        f"\n{len(report.rows)} files in {out}; dropped: {dropped}; duplicates skipped: {report.duplicates}; "
+        f"built in {report.seconds:.0f} s"
+    )
     return 0
 
 

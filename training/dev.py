@@ -49,8 +49,11 @@ class DevResult:
             "utilisation": self.utilisation,
             "perplexity": self.perplexity,
             "utilisation_mean": sum(self.utilisation) / len(self.utilisation),
-        } | ({} if self.voicing_accuracy is None else
-             {"voicing_accuracy": self.voicing_accuracy, "f0_error_cents": self.f0_error_cents})
+        } | (
+            {}
+            if self.voicing_accuracy is None
+            else {"voicing_accuracy": self.voicing_accuracy, "f0_error_cents": self.f0_error_cents}
+        )
 
 
 def code_usage(counts: Sequence[torch.Tensor]) -> tuple[list[float], list[float]]:

@@ -80,8 +80,7 @@ class ResolutionDiscriminator(nn.Module):
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         c, bins = channels, n_fft // 2 + 1
         self.layers = nn.ModuleList(
-            [_conv(norm, bins, c, 3, padding=1)]
-            + [_conv(norm, c, c, 3, padding=d, dilation=d) for d in (2, 4, 8)]
+            [_conv(norm, bins, c, 3, padding=1)] + [_conv(norm, c, c, 3, padding=d, dilation=d) for d in (2, 4, 8)]
         )
         self.post = _conv(norm, c, 1, 3, padding=1)
 

@@ -14,7 +14,10 @@ from training.checkpoints import load_checkpoint, resolve_checkpoint
 
 
 def export(
-    checkpoint: str | Path, out_dir: str | Path, model_id: str = "simvq-16k", dtype: torch.dtype = torch.float32,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    model_id: str = "simvq-16k",
+    dtype: torch.dtype = torch.float32,
     weights: str = "ema",
 ) -> Path:
     """Write `out_dir/model.safetensors` + `config.json` from the EMA (or, `weights="live"`, the optimiser's

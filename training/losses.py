@@ -101,9 +101,7 @@ class ComplexSTFTLoss(nn.Module):
         return parts * power.pow((self.power - 1.0) / 2.0)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        losses = [
-            F.mse_loss(self.compressed(output, n, h), self.compressed(target, n, h)) for n, h in self.resolutions
-        ]
+        losses = [F.mse_loss(self.compressed(output, n, h), self.compressed(target, n, h)) for n, h in self.resolutions]
         return torch.stack(losses).mean()
 
 
@@ -165,9 +163,7 @@ class SpectrumLoss(nn.Module):
         target = causal_stft(audio.float()[:, 0], self.window, syn.hop)
         log_mag, phase = syn.split(spectrum.float())
         target_mag = target.abs()
-        mag_loss = F.l1_loss(
-            torch.log(syn.magnitudes(log_mag) + self.floor), torch.log(target_mag + self.floor)
-        )
+        mag_loss = F.l1_loss(torch.log(syn.magnitudes(log_mag) + self.floor), torch.log(target_mag + self.floor))
         advance = syn.phase_advances(phase)
         target_advance = target.angle().diff(dim=1)
         advance = advance[:, advance.shape[1] - target_advance.shape[1] :]  # absolute phases lack frame 0's

@@ -55,8 +55,9 @@ def scan_folder(folder: str | os.PathLike) -> list[AudioItem]:
     """Every wav/flac/ogg file under `folder` (recursively), sorted by path; empty if there is none."""
     root = Path(folder).resolve()
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
-    return [AudioItem(p, speaker_from_path(p, root), key=p.relative_to(root).as_posix(), named_speaker=False)
-            for p in files]
+    return [
+        AudioItem(p, speaker_from_path(p, root), key=p.relative_to(root).as_posix(), named_speaker=False) for p in files
+    ]
 
 
 def read_manifest(path: str | os.PathLike) -> list[AudioItem]:
@@ -72,15 +73,18 @@ def read_manifest(path: str | os.PathLike) -> list[AudioItem]:
         text = None
     if text is None or "\0" in text or path.suffix.lower() in AUDIO_EXTENSIONS:
         what = "an audio file" if path.suffix.lower() in AUDIO_EXTENSIONS else "not a text file"
-        raise AudioError(f"{path} is {what}, not a manifest: pass a folder of audio files or a manifest "
-                         "(a CSV with a path column, or one path per line)")
+        raise AudioError(
+            f"{path} is {what}, not a manifest: pass a folder of audio files or a manifest "
+            "(a CSV with a path column, or one path per line)"
+        )
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise AudioError(f"manifest {path} lists no files")
     header = [h.strip() for h in next(csv.reader([lines[0]]))]
     if "path" in header:
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-                for row in csv.DictReader(lines)]
+        rows = [
+            {k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in csv.DictReader(lines)
+        ]
     else:
         rows = [{"path": line.strip()} for line in lines]
     items = []
@@ -90,9 +94,16 @@ def read_manifest(path: str | os.PathLike) -> list[AudioItem]:
         file = Path(row["path"])
         file = file if file.is_absolute() else (root / file).resolve()
         speaker = row.get("speaker") or ""
-        items.append(AudioItem(file, speaker or speaker_from_path(file, root),
-                               float(row["duration"]) if row.get("duration") else None, row.get("split") or None,
-                               row["path"], named_speaker=bool(speaker)))
+        items.append(
+            AudioItem(
+                file,
+                speaker or speaker_from_path(file, root),
+                float(row["duration"]) if row.get("duration") else None,
+                row.get("split") or None,
+                row["path"],
+                named_speaker=bool(speaker),
+            )
+        )
     return items
 
 

@@ -53,8 +53,10 @@ class Monitor:
 
     def phase(self, span: PhaseSpan, phases: int, step: int) -> None:
         """Say that the run trains phase `span` (of `phases`) from `step` on."""
-        line = (f"phase {span.name} ({span.index + 1} of {phases}): steps {step}-{span.end} of {self.bar.total}"
-                f"{', adversarial' if span.adversarial else ''}")
+        line = (
+            f"phase {span.name} ({span.index + 1} of {phases}): steps {step}-{span.end} of {self.bar.total}"
+            f"{', adversarial' if span.adversarial else ''}"
+        )
         (self.bar.write if self.tty else lambda s: print(s, file=sys.stderr))(line)
 
     def step(self, step: int, scalars: dict[str, float], phase: str) -> None:
@@ -74,8 +76,10 @@ class Monitor:
             self.bar.set_postfix({"phase": phase, **shown}, refresh=False)
         else:
             text = " ".join(f"{k}={v}" for k, v in shown.items())
-            print(f"step {step}/{self.bar.total} ({phase}) {scalars['perf/steps_per_s']:.2f} steps/s {text}",
-                  file=sys.stderr)
+            print(
+                f"step {step}/{self.bar.total} ({phase}) {scalars['perf/steps_per_s']:.2f} steps/s {text}",
+                file=sys.stderr,
+            )
 
     def dev(
         self,
@@ -104,9 +108,10 @@ class Monitor:
         self.references_logged = True
         w.flush()
         _append(self.run_dir / DEV_LOG, {**result.to_json(step), "phase": phase})
-        line = (f"dev step {step} ({phase}): mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f}), "
-                f"convergence {result.convergence:.3f}, utilisation "
-                + " ".join(f"{u:.2f}" for u in result.utilisation))
+        line = (
+            f"dev step {step} ({phase}): mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f}), "
+            f"convergence {result.convergence:.3f}, utilisation " + " ".join(f"{u:.2f}" for u in result.utilisation)
+        )
         if result.voicing_accuracy is not None:
             line += f", voicing {result.voicing_accuracy:.2f}, f0 error {result.f0_error_cents:.0f} cents"
         (self.bar.write if self.tty else lambda s: print(s, file=sys.stderr))(line)

@@ -64,8 +64,18 @@ def phase_spans(cfg: TrainConfig) -> list[PhaseSpan]:
             adversarial = is_adversarial(with_phase(cfg, phase))
             if adversarial and adv_start is None:
                 adv_start = starts[i]
-            spans.append(PhaseSpan(i, phase.name, starts[i], starts[i] + phase.steps, schedule_start, schedule_end,
-                                   starts[i] if adv_start is None else adv_start, adversarial))
+            spans.append(
+                PhaseSpan(
+                    i,
+                    phase.name,
+                    starts[i],
+                    starts[i] + phase.steps,
+                    schedule_start,
+                    schedule_end,
+                    starts[i] if adv_start is None else adv_start,
+                    adversarial,
+                )
+            )
     return spans
 
 

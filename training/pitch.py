@@ -21,8 +21,9 @@ SILENCE_DB = -45.0  # frames this far below the crop's loudest are unvoiced what
 
 
 @torch.no_grad()
-def yin_f0(audio: Tensor, sample_rate: int, n_fft: int, hop: int, window: int | None = None,
-           causal: bool = False) -> tuple[Tensor, Tensor]:
+def yin_f0(
+    audio: Tensor, sample_rate: int, n_fft: int, hop: int, window: int | None = None, causal: bool = False
+) -> tuple[Tensor, Tensor]:
     """`[B, T]` -> f0 in Hz `[B, N]` and voicing `[B, N]` (bool), N = T // hop sub-frames.
 
     Sub-frame n covers samples [(n+1)*hop - n_fft, (n+1)*hop); its estimate uses `window` samples
@@ -81,8 +82,9 @@ def yin_f0(audio: Tensor, sample_rate: int, n_fft: int, hop: int, window: int | 
     return f0, voiced
 
 
-def pitch_loss(f0_logits: Tensor, voicing_logit: Tensor, bin_log_f0: Tensor, f0: Tensor, voiced: Tensor,
-               blur_bins: float = 1.0) -> dict[str, Tensor]:
+def pitch_loss(
+    f0_logits: Tensor, voicing_logit: Tensor, bin_log_f0: Tensor, f0: Tensor, voiced: Tensor, blur_bins: float = 1.0
+) -> dict[str, Tensor]:
     """The pitch head against the track: cross-entropy of its f0 distribution against a Gaussian (`blur_bins`
     wide) around the track's f0, on voiced sub-frames only; binary cross-entropy of voicing."""
     spacing = bin_log_f0[1] - bin_log_f0[0]

@@ -104,7 +104,8 @@ def save_portable(
         "step": step,
         "files": files,
         "ema_weights": {"name": ema_file.relative_to(out_dir).as_posix(), "sha256": sha256_file(ema_file)}
-        if ema_file else None,
+        if ema_file
+        else None,
         "state": skeleton,
     }
     path = out_dir / PORTABLE

@@ -125,8 +125,14 @@ class Tokenizer:
         batch_seconds: padded audio seconds per forward pass.
     """
 
-    def __init__(self, model: str | None = None, device: str = "cpu", n_stages: int | None = None,
-                 threads: int = 1, batch_seconds: float = DEFAULT_BATCH_SECONDS) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        n_stages: int | None = None,
+        threads: int = 1,
+        batch_seconds: float = DEFAULT_BATCH_SECONDS,
+    ) -> None:
         import torch
 
         from codec.presets import load_model
@@ -219,21 +225,27 @@ def _codes_array(codes: Sequence[np.ndarray]) -> Any:
 def token_table(rows: Sequence[Encoded], metadata: dict[str, Any]) -> Any:
     import pyarrow as pa
 
-    table = pa.table({
-        "path": pa.array([r.item.key for r in rows], pa.string()),
-        "speaker": pa.array([r.item.speaker for r in rows], pa.string()),
-        "duration": pa.array([r.duration for r in rows], pa.float64()),
-        "num_frames": pa.array([r.codes.shape[1] for r in rows], pa.int32()),
-        "codes": _codes_array([r.codes for r in rows]),
-    })
+    table = pa.table(
+        {
+            "path": pa.array([r.item.key for r in rows], pa.string()),
+            "speaker": pa.array([r.item.speaker for r in rows], pa.string()),
+            "duration": pa.array([r.duration for r in rows], pa.float64()),
+            "num_frames": pa.array([r.codes.shape[1] for r in rows], pa.int32()),
+            "codes": _codes_array([r.codes for r in rows]),
+        }
+    )
     return table.replace_schema_metadata({"simvq": json.dumps(metadata)})
 
 
 def error_table(rows: Sequence[Failed]) -> Any:
     import pyarrow as pa
 
-    return pa.table({"path": pa.array([r.item.key for r in rows], pa.string()),
-                     "reason": pa.array([r.reason for r in rows], pa.string())})
+    return pa.table(
+        {
+            "path": pa.array([r.item.key for r in rows], pa.string()),
+            "reason": pa.array([r.reason for r in rows], pa.string()),
+        }
+    )
 
 
 def _write_atomic(table: Any, path: Path) -> None:
@@ -282,8 +294,10 @@ def _check_index(out: Path, index: dict[str, Any], force: bool) -> None:
         keys = ("format", "weights_sha256", "n_stages", "shard_size", "inputs_sha256")
         changed = [k for k in keys if old.get(k) != index.get(k)]
         if changed:
-            raise CodecError(f"{out} holds tokens made with a different {', '.join(changed)}: "
-                             "use another --out, or --force to delete them and start over")
+            raise CodecError(
+                f"{out} holds tokens made with a different {', '.join(changed)}: "
+                "use another --out, or --force to delete them and start over"
+            )
     if force:
         for p in list(out.glob("shard-*.parquet")) + [out / "errors", out / "errors.parquet"]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -299,20 +313,38 @@ def _index(model_ref: str | None, n_stages: int | None, shard_size: int, items: 
     sizes = config["codebook_size"]  # one size for every stage, or one per stage
     sizes = list(sizes) if isinstance(sizes, list) else [sizes] * config["n_stages"]
     return {
-        "format": TOKENS_FORMAT, "model_id": config.get("model_id") or str(model_ref),
+        "format": TOKENS_FORMAT,
+        "model_id": config.get("model_id") or str(model_ref),
         "weights_sha256": config["sha256"],
-        "sample_rate": config["sample_rate"], "hop_length": config["model"]["hop_length"],
-        "frame_rate": config["frame_rate"], "n_stages": stages, "codebook_size": config["codebook_size"],
+        "sample_rate": config["sample_rate"],
+        "hop_length": config["model"]["hop_length"],
+        "frame_rate": config["frame_rate"],
+        "n_stages": stages,
+        "codebook_size": config["codebook_size"],
         "codebook_sizes": sizes[:stages],
-        "shard_size": shard_size, "files": len(items), "shards": -(-len(items) // shard_size),
-        "inputs_sha256": fingerprint(items), "input": source,
+        "shard_size": shard_size,
+        "files": len(items),
+        "shards": -(-len(items) // shard_size),
+        "inputs_sha256": fingerprint(items),
+        "input": source,
     }
 
 
-def tokenize(source: str | os.PathLike, out: str | os.PathLike, model: str | None = None, n_stages: int | None = None,
-             workers: int = 1, use_ray: bool = False, ray_address: str | None = None, device: str = "auto",
-             shard_size: int = DEFAULT_SHARD_SIZE, batch_seconds: float = DEFAULT_BATCH_SECONDS,
-             threads: int = 1, force: bool = False, progress: bool = False) -> TokenizeResult:
+def tokenize(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str | None = None,
+    n_stages: int | None = None,
+    workers: int = 1,
+    use_ray: bool = False,
+    ray_address: str | None = None,
+    device: str = "auto",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    batch_seconds: float = DEFAULT_BATCH_SECONDS,
+    threads: int = 1,
+    force: bool = False,
+    progress: bool = False,
+) -> TokenizeResult:
     """Tokenise every file of `source` (folder or manifest) into Parquet shards under `out`.
 
     workers: local processes (1 runs in this process), or Ray Data actors with `use_ray`.
@@ -321,23 +353,37 @@ def tokenize(source: str | os.PathLike, out: str | os.PathLike, model: str | Non
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise CodecError("tokenize writes Parquet and needs pyarrow: pip install 'simvq-codec[ray]' "
-                         "(or just pyarrow)") from None
+        raise CodecError(
+            "tokenize writes Parquet and needs pyarrow: pip install 'simvq-codec[ray]' (or just pyarrow)"
+        ) from None
     if workers < 1 or shard_size < 1 or batch_seconds <= 0:
         raise CodecError("--workers and --shard-size must be at least 1 and --batch-seconds positive")
     items = load_inputs(source)
     out = Path(out)
     index = _index(model, n_stages, shard_size, items, str(source))
     _check_index(out, index, force)
-    metadata = {k: index[k] for k in ("format", "model_id", "weights_sha256", "sample_rate", "hop_length",
-                                      "frame_rate", "n_stages", "codebook_size", "codebook_sizes")}
-    shards = [list(items[i: i + shard_size]) for i in range(0, len(items), shard_size)]
+    metadata = {
+        k: index[k]
+        for k in (
+            "format",
+            "model_id",
+            "weights_sha256",
+            "sample_rate",
+            "hop_length",
+            "frame_rate",
+            "n_stages",
+            "codebook_size",
+            "codebook_sizes",
+        )
+    }
+    shards = [list(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
     pending = {s: members for s, members in enumerate(shards) if not shard_path(out, s).exists()}
     result = TokenizeResult(files=len(items), shards=len(shards), shards_skipped=len(shards) - len(pending))
     t0 = time.perf_counter()
     if pending:
-        options = dict(model=model, device=device, n_stages=index["n_stages"], threads=threads,
-                       batch_seconds=batch_seconds)
+        options = dict(
+            model=model, device=device, n_stages=index["n_stages"], threads=threads, batch_seconds=batch_seconds
+        )
         run = _run_ray if use_ray else _run_local
         with _Progress(sum(len(m) for m in pending.values()), progress) as bar:
             for shard, results in run(pending, options, workers, ray_address, progress):
@@ -371,8 +417,9 @@ class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="file", desc="tokenize", disable=not enabled, file=sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, unit="file", desc="tokenize", disable=not enabled, file=sys.stderr, dynamic_ncols=True
+        )
         self.hours = 0.0
 
     def update(self, results: Sequence[Encoded | Failed]) -> None:
@@ -420,11 +467,12 @@ def _work(chunk: list[Item]) -> list[Encoded | Failed]:
     return _WORKER(chunk)
 
 
-def _run_local(pending: dict[int, list[Item]], options: dict[str, Any], workers: int, _address: str | None,
-               _progress: bool) -> Iterator[tuple[int, list[Encoded | Failed]]]:
+def _run_local(
+    pending: dict[int, list[Item]], options: dict[str, Any], workers: int, _address: str | None, _progress: bool
+) -> Iterator[tuple[int, list[Encoded | Failed]]]:
     """Chunks of files through `workers` processes (spawned, each loading the model once), or in this process."""
     buckets = _Buckets(pending)
-    chunks = [members[i: i + CHUNK_FILES] for members in pending.values() for i in range(0, len(members), CHUNK_FILES)]
+    chunks = [members[i : i + CHUNK_FILES] for members in pending.values() for i in range(0, len(members), CHUNK_FILES)]
     if workers == 1:
         tokenizer = Tokenizer(**options)
         for chunk in chunks:
@@ -434,8 +482,9 @@ def _run_local(pending: dict[int, list[Item]], options: dict[str, Any], workers:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     window = 4 * workers  # chunks in flight: keeps workers busy without holding the whole corpus in memory
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(options,)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(options,)
+    ) as pool:
         todo = iter(chunks)
         running = set()
         while True:
@@ -463,16 +512,19 @@ class RayTokenizer:
         results = self.tokenizer(items)
         ok = [isinstance(r, Encoded) for r in results]
         empty = np.zeros((0, 0), np.uint16)
-        return pa.table({
-            "index": pa.array(cols["index"], pa.int64()),
-            "duration": pa.array([r.duration if o else 0.0 for r, o in zip(results, ok)], pa.float64()),
-            "codes": _codes_array([r.codes if o else empty for r, o in zip(results, ok)]),
-            "reason": pa.array([None if o else r.reason for r, o in zip(results, ok)], pa.string()),
-        })
+        return pa.table(
+            {
+                "index": pa.array(cols["index"], pa.int64()),
+                "duration": pa.array([r.duration if o else 0.0 for r, o in zip(results, ok)], pa.float64()),
+                "codes": _codes_array([r.codes if o else empty for r, o in zip(results, ok)]),
+                "reason": pa.array([None if o else r.reason for r, o in zip(results, ok)], pa.string()),
+            }
+        )
 
 
-def _run_ray(pending: dict[int, list[Item]], options: dict[str, Any], workers: int, address: str | None,
-             progress: bool) -> Iterator[tuple[int, list[Encoded | Failed]]]:
+def _run_ray(
+    pending: dict[int, list[Item]], options: dict[str, Any], workers: int, address: str | None, progress: bool
+) -> Iterator[tuple[int, list[Encoded | Failed]]]:
     """Ray Data: `map_batches` over an actor pool (GPU per actor when the cluster has GPUs)."""
     try:
         import ray
@@ -494,8 +546,12 @@ def _run_ray(pending: dict[int, list[Item]], options: dict[str, Any], workers: i
         blocks = min(len(rows), max(2 * workers, -(-len(rows) // CHUNK_FILES)))  # every actor gets work
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds = ds.map_batches(
-            RayTokenizer, fn_constructor_kwargs={"options": options}, batch_size=CHUNK_FILES, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=max(1, options["threads"]),
+            RayTokenizer,
+            fn_constructor_kwargs={"options": options},
+            batch_size=CHUNK_FILES,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=max(1, options["threads"]),
             num_gpus=1 if use_gpu else 0,
         )
         buckets = _Buckets(pending)
@@ -525,9 +581,11 @@ rerunning the same command skips the shards already written"""
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `tokenize` subcommand (entry point of group `simvq_codec.commands`)."""
     p = subparsers.add_parser(
-        "tokenize", help="audio folder or manifest -> sharded Parquet token tables (local pool or Ray Data)",
+        "tokenize",
+        help="audio folder or manifest -> sharded Parquet token tables (local pool or Ray Data)",
         description="Tokenise a corpus into Parquet shards (path, speaker, duration, codes) plus an error table.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="folder of wav/flac/ogg files, or a manifest (CSV with a path column, or a list)")
     p.add_argument("--out", required=True, help="output folder (created; a rerun resumes it)")
@@ -540,8 +598,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", help="Ray cluster to join, e.g. ray://head:10001 or auto")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: CUDA when present)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"files per shard ({DEFAULT_SHARD_SIZE})")
-    p.add_argument("--batch-seconds", type=float, default=DEFAULT_BATCH_SECONDS,
-                   help=f"padded audio seconds per forward pass ({DEFAULT_BATCH_SECONDS:g})")
+    p.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=DEFAULT_BATCH_SECONDS,
+        help=f"padded audio seconds per forward pass ({DEFAULT_BATCH_SECONDS:g})",
+    )
     p.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default: 1)")
     p.add_argument("--force", action="store_true", help="delete shards made with other inputs or model, start over")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -554,13 +616,27 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         from codec.presets import load_model
 
         n_stages = resolve_stages(load_model(args.model, warn=False).model, n_stages, args.bitrate)
-    result = tokenize(args.input, args.out, model=args.model, n_stages=n_stages, workers=args.workers,
-                      use_ray=args.ray, ray_address=args.ray_address, device=args.device, shard_size=args.shard_size,
-                      batch_seconds=args.batch_seconds, threads=args.worker_threads, force=args.force,
-                      progress=not args.quiet and sys.stderr.isatty())
+    result = tokenize(
+        args.input,
+        args.out,
+        model=args.model,
+        n_stages=n_stages,
+        workers=args.workers,
+        use_ray=args.ray,
+        ray_address=args.ray_address,
+        device=args.device,
+        shard_size=args.shard_size,
+        batch_seconds=args.batch_seconds,
+        threads=args.worker_threads,
+        force=args.force,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
     if not args.quiet:
-        print(f"{args.out}: {result.shards} shards ({result.shards_written} written, {result.shards_skipped} "
-              f"already there); {result.encoded} files encoded, {result.failed} failed "
-              f"({len(result.errors)} in errors.parquet); {result.audio_seconds / 3600:.3f} h audio in "
-              f"{result.wall_seconds:.1f} s = {result.speed:.0f} audio hours per hour", file=sys.stderr)
+        print(
+            f"{args.out}: {result.shards} shards ({result.shards_written} written, {result.shards_skipped} "
+            f"already there); {result.encoded} files encoded, {result.failed} failed "
+            f"({len(result.errors)} in errors.parquet); {result.audio_seconds / 3600:.3f} h audio in "
+            f"{result.wall_seconds:.1f} s = {result.speed:.0f} audio hours per hour",
+            file=sys.stderr,
+        )
     return 0

@@ -29,7 +29,13 @@ from training.dev import evaluate
 from training.discriminators import Discriminators
 from training.ema import EMA
 from training.losses import (
-    ComplexSTFTLoss, LinearSTFTLoss, MultiScaleMelLoss, SpectrumLoss, discriminator_loss, feature_loss, generator_loss,
+    ComplexSTFTLoss,
+    LinearSTFTLoss,
+    MultiScaleMelLoss,
+    SpectrumLoss,
+    discriminator_loss,
+    feature_loss,
+    generator_loss,
 )
 from training.monitor import Monitor
 from training.phases import PhaseSpan, adversarial_steps_before, is_adversarial, phase_spans, span_at
@@ -85,9 +91,7 @@ class Trainer:
             `training.bundle_run.DeviceCorpus` (crops drawn on the device). Settable later.
     """
 
-    def __init__(
-        self, cfg: TrainConfig, run_dir: str | Path, world: Distributed = Distributed(), batches: Any = None
-    ):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, world: Distributed = Distributed(), batches: Any = None):
         self.cfg, self.world, self.batches = cfg, world, batches
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -146,9 +150,7 @@ class Trainer:
     # --- data ----------------------------------------------------------------------------------------
     def _build_data(self) -> None:
         cfg, model = self.cfg.data, self.model
-        train, dev = split_items(
-            load_items(cfg.train), load_items(cfg.dev) if cfg.dev else None, cfg.dev_fraction
-        )
+        train, dev = split_items(load_items(cfg.train), load_items(cfg.dev) if cfg.dev else None, cfg.dev_fraction)
         self.dataset, self.dataset_data = self._dataset(train, cfg), cfg
         self.repeats = self.dataset.slots_per_item()
         self.corpus = {
@@ -168,7 +170,13 @@ class Trainer:
     def _dataset(self, items: list, data: DataConfig) -> AudioDataset:
         """The training examples of `items` as `data` crops them."""
         return AudioDataset(
-            items, self.model.sample_rate, data.segment_samples, data.gain_db, self.cfg.seed, data.cache, data.speed,
+            items,
+            self.model.sample_rate,
+            data.segment_samples,
+            data.gain_db,
+            self.cfg.seed,
+            data.cache,
+            data.speed,
             data.augment,
         )
 
@@ -219,8 +227,10 @@ class Trainer:
         quantizer.draw_codebooks(z, stages, torch.Generator(device=z.device).manual_seed(self.cfg.seed))
         self.ema.model.quantizer.load_state_dict(quantizer.state_dict())  # the average starts from the new codes
         if self.world.is_main:
-            print(f"drew the codes of stage(s) {', '.join(str(i + 1) for i in stages)} from {z.shape[0]} frames",
-                  file=sys.stderr)
+            print(
+                f"drew the codes of stage(s) {', '.join(str(i + 1) for i in stages)} from {z.shape[0]} frames",
+                file=sys.stderr,
+            )
 
     def _loader(self) -> tuple[Iterable[Batch], Any]:
         """Batches from the data position on, and the object whose `next_position` follows them."""
@@ -390,8 +400,9 @@ class Trainer:
                 monitor.close()
         return last_ckpt
 
-    def _fit_phase(self, end: int, monitor: Monitor | None, started: float, last_ckpt: Path | None
-                   ) -> tuple[bool, Path | None]:
+    def _fit_phase(
+        self, end: int, monitor: Monitor | None, started: float, last_ckpt: Path | None
+    ) -> tuple[bool, Path | None]:
         """Train the current phase until step `end` (or a stop); returns (stopped, the last checkpoint)."""
         cfg = self.cfg
         if self.batches is not None:
@@ -548,9 +559,13 @@ GROWABLE_INPUTS = ("encoder_in.0.weight",)
 def _resized_stages(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[str, ...]:
     """Key prefixes of the quantizer stages whose codebook has another size in `own` than in `state`."""
     return tuple(
-        key.removesuffix(name) for key in own for name in ("frozen_codebook", "codes")
-        if key.startswith("quantizer.stages.") and key.endswith("." + name)
-        and key in state and state[key].shape != own[key].shape
+        key.removesuffix(name)
+        for key in own
+        for name in ("frozen_codebook", "codes")
+        if key.startswith("quantizer.stages.")
+        and key.endswith("." + name)
+        and key in state
+        and state[key].shape != own[key].shape
     )
 
 
@@ -576,8 +591,10 @@ def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: P
             warnings.warn(f"init_from {source}: {key} grows from {old.shape[1]} to {new.shape[1]} inputs (zero)")
     new_modules = {k.split(".")[0] for k in own} - {k.split(".")[0] for k in state}
     new_blocks = [
-        name for name, module in model.named_modules()
-        if isinstance(module, ConvNeXtBlock) and name.split(".")[0] not in new_modules
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, ConvNeXtBlock)
+        and name.split(".")[0] not in new_modules
         and not any(k.startswith(name + ".") for k in state)
     ]
     grown = [*sorted(new_modules), *new_blocks]  # blocks in stack order

@@ -78,15 +78,20 @@ async def decode(
     kind = media_type(request)
     if kind not in ("application/octet-stream", "application/json"):
         shown = kind or "(none)"
-        raise ProblemError(415, "unsupported-media-type", "Unsupported media type",
-                           f"Content-Type {shown} is not accepted; send a .tok file as application/octet-stream "
-                           "or token JSON as application/json")
+        raise ProblemError(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            f"Content-Type {shown} is not accepted; send a .tok file as application/octet-stream "
+            "or token JSON as application/json",
+        )
     media, container = _MEDIA[format]
     runtime.require_ready()
     body = await read_body(request, settings)  # under the upload limits, before a slot
     parse = parse_tok if kind == "application/octet-stream" else parse_token_json
 
     async with work_slot(request, runtime) as slot:
+
         async def work() -> tuple[TokHeader, bytes, int]:
             served, header, codes = await runtime.run(slot, parse, body, settings, runtime, model)
             return header, *await runtime.run(slot, _decode_job, header, codes, served, container)

@@ -87,8 +87,10 @@ async def encode(
     ] = None,
     bitrate: Annotated[
         float | None,
-        Query(description="Target kbit/s: the most stages within it; at or above the top rate, every stage; "
-                          "above 0 (422 otherwise, as the CLI's --bitrate)."),
+        Query(
+            description="Target kbit/s: the most stages within it; at or above the top rate, every stage; "
+            "above 0 (422 otherwise, as the CLI's --bitrate)."
+        ),
     ] = None,
     format: Annotated[Literal["tok", "json"], Query(description="Response: .tok bytes or token JSON.")] = "tok",
 ) -> Response:
@@ -99,6 +101,7 @@ async def encode(
     probe_audio(data, expected, settings)  # the header only, on the event loop: limits before a work slot
 
     async with work_slot(request, runtime) as slot:
+
         async def work() -> tuple[Any, Any]:
             header, codes = await runtime.run(slot, _encode_job, data, served, n_stages)
             return header, await runtime.run(slot, tok_bytes if format == "tok" else token_json, header, codes)

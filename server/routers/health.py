@@ -17,8 +17,12 @@ router = APIRouter(tags=["operations"])
 async def healthz(runtime: RuntimeDep) -> Health:
     """200 while the process can serve (also while loading or draining); 503 if the model failed to load."""
     if runtime.phase is Phase.FAILED:
-        raise ProblemError(503, "model-failed", "Model unavailable",
-                           f"the model failed to load ({runtime.failure}); fix the model settings and restart")
+        raise ProblemError(
+            503,
+            "model-failed",
+            "Model unavailable",
+            f"the model failed to load ({runtime.failure}); fix the model settings and restart",
+        )
     return Health(status="alive")
 
 
@@ -36,8 +40,12 @@ async def readyz(runtime: RuntimeDep) -> Readiness:
     responses={
         200: {
             "description": "Prometheus text exposition format.",
-            "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"},
-                                                            "example": "simvq_http_requests_in_flight 1.0\n"}},
+            "content": {
+                CONTENT_TYPE_LATEST.split(";")[0]: {
+                    "schema": {"type": "string"},
+                    "example": "simvq_http_requests_in_flight 1.0\n",
+                }
+            },
         },
         **problem_responses(500),
     },

@@ -30,17 +30,19 @@ def page_and_policy() -> tuple[str, str]:
     script = re.search(r"<script>(.*?)</script>", html, re.S)
     style = re.search(r"<style>(.*?)</style>", html, re.S)
     assert script and style, f"{PAGE} must hold one inline <script> and one <style>"
-    policy = "; ".join([
-        "default-src 'none'",
-        f"script-src {_sha256(script.group(1))}",
-        f"style-src {_sha256(style.group(1))}",
-        "connect-src 'self' blob:",  # the API, and reading back its own downloads
-        "media-src 'self' blob:",
-        "img-src 'self' data:",
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-    ])
+    policy = "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {_sha256(script.group(1))}",
+            f"style-src {_sha256(style.group(1))}",
+            "connect-src 'self' blob:",  # the API, and reading back its own downloads
+            "media-src 'self' blob:",
+            "img-src 'self' data:",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
     return html, policy
 
 

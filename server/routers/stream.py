@@ -79,8 +79,9 @@ class _Session:
             else:
                 message = await asyncio.wait_for(self.websocket.receive(), self.idle_timeout)
         except asyncio.TimeoutError:
-            raise StreamError(CLOSE_POLICY, "idle-timeout",
-                              f"no message for {self.idle_timeout:g} s; send audio or {{\"type\": \"end\"}}") from None
+            raise StreamError(
+                CLOSE_POLICY, "idle-timeout", f'no message for {self.idle_timeout:g} s; send audio or {{"type": "end"}}'
+            ) from None
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         return message
@@ -88,8 +89,11 @@ class _Session:
     async def start(self, schema: type[BaseModel]) -> Any:
         message = await self.receive()
         if message.get("text") is None:
-            raise StreamError(CLOSE_UNSUPPORTED, "expected-start",
-                              "the first message must be a JSON text start message, e.g. {\"type\": \"start\"}")
+            raise StreamError(
+                CLOSE_UNSUPPORTED,
+                "expected-start",
+                'the first message must be a JSON text start message, e.g. {"type": "start"}',
+            )
         try:
             return schema.model_validate_json(message["text"])
         except ValidationError as exc:
@@ -104,9 +108,14 @@ class _Session:
 def _layout(served: ServedModel, stages: int) -> dict[str, Any]:
     m = served.model
     return {
-        "model_id": served.model_id, "weights_hash": served.pretrained.weights_hash.hex(), "sample_rate": m.sample_rate,
-        "hop_length": m.hop_length, "frame_rate": m.frame_rate, "n_stages": stages,
-        "stage_bits": list(m.stage_bits[:stages]), "frame_bytes": 2 * stages,
+        "model_id": served.model_id,
+        "weights_hash": served.pretrained.weights_hash.hex(),
+        "sample_rate": m.sample_rate,
+        "hop_length": m.hop_length,
+        "frame_rate": m.frame_rate,
+        "n_stages": stages,
+        "stage_bits": list(m.stage_bits[:stages]),
+        "frame_bytes": 2 * stages,
         "bits_per_code": m.stage_bits[0] if len(set(m.stage_bits[:stages])) == 1 else None,
     }
 
@@ -134,15 +143,18 @@ async def _admit(websocket: WebSocket, runtime: Runtime | None, direction: str) 
         phase = runtime.phase.value if runtime is not None else "starting"
         problem = ("not-ready", f"the server is {phase}; retry shortly")
     elif not runtime.stream_slots.try_acquire():
-        problem = ("streams-full",
-                   f"all {runtime.stream_slots.capacity} stream slots are busy; retry after the Retry-After delay")
+        problem = (
+            "streams-full",
+            f"all {runtime.stream_slots.capacity} stream slots are busy; retry after the Retry-After delay",
+        )
     if problem is None:
         return True
     reason, detail = problem
     headers = {"Retry-After": str(settings.retry_after_s)}
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(
-            problem_response(websocket, 503, reason, "Service unavailable", detail, headers=headers))
+            problem_response(websocket, 503, reason, "Service unavailable", detail, headers=headers)
+        )
     else:
         body = problem_body(websocket, 503, reason, "Service unavailable", detail)
         await websocket.accept()
@@ -173,8 +185,10 @@ async def _serve(websocket: WebSocket, direction: str, body) -> None:
     except Exception:
         log.exception("stream %s failed", direction)
         metrics.rejections.labels(reason="internal-error").inc()
-        await _close_with_error(websocket, StreamError(CLOSE_INTERNAL, "internal-error",
-                                                       "the server failed on this stream; it has been logged"))
+        await _close_with_error(
+            websocket,
+            StreamError(CLOSE_INTERNAL, "internal-error", "the server failed on this stream; it has been logged"),
+        )
     finally:
         runtime.stream_slots.release()
         runtime.leave()
@@ -185,8 +199,9 @@ async def _close_with_error(websocket: WebSocket, exc: StreamError) -> None:
     if websocket.application_state != WebSocketState.CONNECTED or websocket.client_state != WebSocketState.CONNECTED:
         return
     try:
-        await websocket.send_text(json.dumps({"type": "error", "reason": exc.reason, "detail": exc.detail,
-                                              "code": exc.code}))
+        await websocket.send_text(
+            json.dumps({"type": "error", "reason": exc.reason, "detail": exc.detail, "code": exc.code})
+        )
         await websocket.close(exc.code, exc.reason[:120])
     except Exception:  # the client went away meanwhile
         pass
@@ -202,15 +217,17 @@ def _check_message(message: dict[str, Any], limit: int) -> bytes | dict[str, Any
     try:
         control = json.loads(message.get("text") or "")
     except json.JSONDecodeError:
-        raise StreamError(CLOSE_UNSUPPORTED, "invalid-control",
-                          "text messages must be JSON, e.g. {\"type\": \"end\"}") from None
+        raise StreamError(
+            CLOSE_UNSUPPORTED, "invalid-control", 'text messages must be JSON, e.g. {"type": "end"}'
+        ) from None
     if not isinstance(control, dict) or control.get("type") != "end":
-        raise StreamError(CLOSE_UNSUPPORTED, "invalid-control", "the only control message is {\"type\": \"end\"}")
+        raise StreamError(CLOSE_UNSUPPORTED, "invalid-control", 'the only control message is {"type": "end"}')
     return control
 
 
-async def _relay(session: _Session, stream: Stream, parse: Callable[[bytes], np.ndarray],
-                 finish: Callable[[], np.ndarray]) -> int:
+async def _relay(
+    session: _Session, stream: Stream, parse: Callable[[bytes], np.ndarray], finish: Callable[[], np.ndarray]
+) -> int:
     """The message loop of both directions. Each binary message is checked and cut into whole frames by
     `parse` (which raises StreamError) and queued on the worker's scheduler while the outputs it delivers are
     sent; `{"type": "end"}` queues `finish()`'s last frames and the end. Returns the bytes sent once the last
@@ -260,19 +277,25 @@ async def stream_encode(websocket: WebSocket) -> None:
         stages = _stages(model, start.stages, start.bitrate)
         in_rate = start.sample_rate or model.sample_rate
         if not settings.min_sample_rate <= in_rate <= settings.max_sample_rate:
-            raise StreamError(CLOSE_POLICY, "invalid-sample-rate",
-                              f"sample_rate {in_rate} is outside "
-                              f"{settings.min_sample_rate}..{settings.max_sample_rate}")
+            raise StreamError(
+                CLOSE_POLICY,
+                "invalid-sample-rate",
+                f"sample_rate {in_rate} is outside {settings.min_sample_rate}..{settings.max_sample_rate}",
+            )
         if start.channels > settings.max_channels:
             raise StreamError(CLOSE_POLICY, "invalid-channels", f"at most {settings.max_channels} channels")
-        resampler = None if in_rate == model.sample_rate else soxr.ResampleStream(
-            in_rate, model.sample_rate, 1, dtype="float32")
+        resampler = (
+            None
+            if in_rate == model.sample_rate
+            else soxr.ResampleStream(in_rate, model.sample_rate, 1, dtype="float32")
+        )
         block, hop = 2 * start.channels, model.hop_length
         max_in = int(settings.max_stream_duration_s * in_rate)
         seen, frames, out_samples = 0, 0, 0
         pending = np.zeros(0, np.float32)  # the start of a frame not complete yet, at the model rate
-        await session.send_json({"type": "ready", **_layout(served, stages), "input_sample_rate": in_rate,
-                                 "channels": start.channels})
+        await session.send_json(
+            {"type": "ready", **_layout(served, stages), "input_sample_rate": in_rate, "channels": start.channels}
+        )
 
         def cut(mono: np.ndarray, last: bool = False) -> np.ndarray:
             """Audio at the input rate -> the whole frames it completes `[n, hop]` (at the end, the last
@@ -293,16 +316,23 @@ async def stream_encode(websocket: WebSocket) -> None:
             """A PCM message -> the whole frames it completes."""
             nonlocal seen
             if len(data) % block:
-                raise StreamError(CLOSE_INVALID, "invalid-pcm",
-                                  f"PCM messages must hold whole frames of {block} bytes "
-                                  f"({start.channels} channel(s) x 16 bits); got {len(data)} bytes")
+                raise StreamError(
+                    CLOSE_INVALID,
+                    "invalid-pcm",
+                    f"PCM messages must hold whole frames of {block} bytes "
+                    f"({start.channels} channel(s) x 16 bits); got {len(data)} bytes",
+                )
             pcm = np.frombuffer(data, "<i2").reshape(-1, start.channels)
             seen += pcm.shape[0]
             if seen > max_in:
-                raise StreamError(CLOSE_POLICY, "stream-too-long",
-                                  f"a stream may carry at most {settings.max_stream_duration_s:g} s")
-            return cut(pcm.astype(np.float32).mean(axis=1) / 32768.0 if start.channels > 1
-                       else pcm[:, 0].astype(np.float32) / 32768.0)
+                raise StreamError(
+                    CLOSE_POLICY, "stream-too-long", f"a stream may carry at most {settings.max_stream_duration_s:g} s"
+                )
+            return cut(
+                pcm.astype(np.float32).mean(axis=1) / 32768.0
+                if start.channels > 1
+                else pcm[:, 0].astype(np.float32) / 32768.0
+            )
 
         stream = runtime.scheduler.open(model, "encode", stages)
         await _relay(session, stream, parse, lambda: cut(np.zeros(0, np.float32), last=True))
@@ -330,20 +360,28 @@ async def stream_decode(websocket: WebSocket) -> None:
             """A token message -> its frames, codes `[n, stages]` int64."""
             nonlocal frames
             if len(data) % (2 * stages):
-                raise StreamError(CLOSE_INVALID, "invalid-tokens",
-                                  f"token messages must hold whole frames of {2 * stages} bytes "
-                                  f"({stages} uint16 codes); got {len(data)} bytes")
+                raise StreamError(
+                    CLOSE_INVALID,
+                    "invalid-tokens",
+                    f"token messages must hold whole frames of {2 * stages} bytes "
+                    f"({stages} uint16 codes); got {len(data)} bytes",
+                )
             codes = np.frombuffer(data, "<u2").astype(np.int64)
             sizes = np.asarray(model.codebook_sizes[:stages])
             beyond = (codes.reshape(-1, stages) >= sizes).any(0)
             if beyond.any():
                 s = int(beyond.argmax())
-                raise StreamError(CLOSE_INVALID, "invalid-tokens", f"stage {s + 1}'s codes must lie in "
-                                  f"[0, {sizes[s]}); got {int(codes.reshape(-1, stages)[:, s].max())}")
+                raise StreamError(
+                    CLOSE_INVALID,
+                    "invalid-tokens",
+                    f"stage {s + 1}'s codes must lie in "
+                    f"[0, {sizes[s]}); got {int(codes.reshape(-1, stages)[:, s].max())}",
+                )
             frames += codes.size // stages
             if frames > max_frames:
-                raise StreamError(CLOSE_POLICY, "stream-too-long",
-                                  f"a stream may carry at most {settings.max_stream_duration_s:g} s")
+                raise StreamError(
+                    CLOSE_POLICY, "stream-too-long", f"a stream may carry at most {settings.max_stream_duration_s:g} s"
+                )
             return codes.reshape(-1, stages)
 
         stream = runtime.scheduler.open(model, "decode", stages)
