@@ -31,6 +31,7 @@ demo: install
 
 test: install system-deps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 corpus: install system-deps
