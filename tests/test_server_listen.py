@@ -52,6 +52,10 @@ def browser(tmp_path_factory):
         pytest.skip(f"no browser test: {missing}")
     settings = Settings(pool_size=2, max_duration_s=MAX_DURATION_S, request_timeout_s=60)
     with LoopbackServer(create_app(settings)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        deadline = time.monotonic() + 180  # the model loads (and warms up) in the background
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the service did not become ready"
+            time.sleep(0.2)
         driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"))
         try:
             yield srv, client, driver
