@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import torch
 
@@ -91,3 +93,11 @@ def gated(release: Pretrained) -> Pretrained:
     clone = cls(**release.model.config).eval()
     clone.load_state_dict(release.model.state_dict())
     return dataclasses.replace(release, model=clone)
+
+
+def wait_ready(client: httpx.Client, timeout: float = 180) -> None:
+    """Until the service answers /readyz with 200 (the model loads and warms up in the background)."""
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.05)

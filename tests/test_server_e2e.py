@@ -33,18 +33,12 @@ from tests.support import (
     make_tiny_model,
     real_recording,
     speech_like,
+    wait_ready,
 )
 
 torch.set_num_threads(1)
 PROBLEM = "application/problem+json"
 MEDIA = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
-
-
-def wait_ready(client: httpx.Client, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "server never became ready"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,15 @@ from fastapi.testclient import TestClient
 
 from codec.tokfile import read_tok
 from server import Settings, create_app
-from tests.support import REPO, LoopbackServer, audio_bytes, chromium_missing, headless_chromium, make_tiny_model
+from tests.support import (
+    REPO,
+    LoopbackServer,
+    audio_bytes,
+    chromium_missing,
+    headless_chromium,
+    make_tiny_model,
+    wait_ready,
+)
 
 MAX_DURATION_S = 30
 DONE = ("done", "error")
@@ -52,10 +60,7 @@ def browser(tmp_path_factory):
         pytest.skip(f"no browser test: {missing}")
     settings = Settings(pool_size=2, max_duration_s=MAX_DURATION_S, request_timeout_s=60)
     with LoopbackServer(create_app(settings)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
-        deadline = time.monotonic() + 180  # the model loads (and warms up) in the background
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.2)
+        wait_ready(client)
         driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"))
         try:
             yield srv, client, driver
