@@ -95,3 +95,17 @@ def test_patterns_catch_a_planted_reference(line):
 )
 def test_patterns_leave_the_product_alone(line):
     assert not findings(line), findings(line)
+
+
+def test_no_tracked_symbolic_link_points_outside_the_checkout():
+    """A link committed from a development machine (`data -> /somewhere/data`) would send a fresh clone's
+    corpus build or runs to a folder of that machine."""
+    try:
+        listing = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    links = [
+        entry.split("\t", 1)[1] for entry in filter(None, listing.decode().split("\0")) if entry.startswith("120000")
+    ]
+    outside = [name for name in links if not (ROOT / name).resolve().is_relative_to(ROOT.resolve())]
+    assert not outside, f"tracked links that point outside the checkout: {outside}"
