@@ -215,6 +215,23 @@ def test_cli_summary_and_errors(corpus, tmp_path, capsys):
     assert "no folder or manifest" in capsys.readouterr().err
 
 
+def test_code_use_counts_every_frame_of_every_stage(corpus, tmp_path, capsys):
+    from codec.cli import main
+
+    out = tmp_path / "use"
+    assert main(["tokenize", str(corpus["audio"]), "--out", str(out), "--model", corpus["model"], "--stages", "3"]) == 0
+    codes = [np.asarray(r["codes"], dtype=np.int64) for r in _rows(out).values()]  # [3, F] each
+    frames, use = tk.code_use(out)
+    assert frames == sum(c.shape[1] for c in codes) and len(use) == 3
+    for s, u in enumerate(use):
+        counts = np.bincount(np.concatenate([c[s] for c in codes]), minlength=u.size)
+        p = counts[counts > 0] / frames
+        assert u.used == (counts > 0).sum() and u.entropy_bits == pytest.approx(-(p * np.log2(p)).sum())
+        assert 0 < u.entropy_bits <= np.log2(u.size)
+    err = capsys.readouterr().err
+    assert f"codebook use over {frames} frames" in err and f"stage  1: {use[0].used} / {use[0].size}" in err
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")

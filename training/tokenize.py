@@ -7,6 +7,9 @@ Output folder:
     errors/shard-00000.parquet   path, reason: the files of that shard that failed
     errors.parquet          every failure of every shard (rewritten at the end of each run)
 
+At the end the command prints each stage's codebook use over every shard in the folder (`code_use`): the
+share of codes used and the entropy in bits, the figures that say how well a token stream uses its bits.
+
 A shard holds `shard_size` consecutive inputs and is written atomically once all of them are done, so a
 rerun skips the shards already there. The Parquet schema metadata (`simvq`) repeats the model facts.
 Clips are encoded in padded batches budgeted by audio seconds; the model is causal, so right-padding
@@ -401,6 +404,45 @@ def tokenize(
     return result
 
 
+@dataclass(frozen=True)
+class StageUse:
+    """One stage's codebook use over a token folder: `used` of `size` codes picked at least once, and the
+    entropy of the code histogram in bits (at most log2 `size`; what an entropy coder would spend a code)."""
+
+    size: int
+    used: int
+    entropy_bits: float
+
+    @property
+    def share(self) -> float:
+        return self.used / self.size
+
+
+def code_use(out: str | os.PathLike) -> tuple[int, list[StageUse]]:
+    """(frames, per-stage use) over every shard of a token folder, from the codes and the shards' metadata."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    shards = sorted(Path(out).glob("shard-*.parquet"))
+    if not shards:
+        raise CodecError(f"{out}: no token shards")
+    sizes = json.loads(pq.read_schema(shards[0]).metadata[b"simvq"])["codebook_sizes"]
+    counts = [np.zeros(k, np.int64) for k in sizes]
+    for shard in shards:
+        stages = pc.list_flatten(pq.read_table(shard, columns=["codes"])["codes"])  # one row per (file, stage)
+        frames = pc.list_value_length(stages).to_numpy()
+        values = pc.list_flatten(stages).to_numpy().astype(np.int64)
+        stage_of = np.repeat(np.arange(len(frames)) % len(sizes), frames)
+        for s, k in enumerate(sizes):
+            counts[s] += np.bincount(values[stage_of == s], minlength=k)
+    frames = int(counts[0].sum())
+    use = []
+    for k, c in zip(sizes, counts):
+        p = c[c > 0] / max(frames, 1)
+        use.append(StageUse(size=k, used=int((c > 0).sum()), entropy_bits=float(-(p * np.log2(p)).sum())))
+    return frames, use
+
+
 def _collect_errors(out: Path, n_shards: int) -> list[tuple[str, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -639,4 +681,13 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
             f"{result.wall_seconds:.1f} s = {result.speed:.0f} audio hours per hour",
             file=sys.stderr,
         )
+        if result.encoded or result.shards_skipped:
+            frames, use = code_use(args.out)
+            print(f"codebook use over {frames} frames (used / codes, entropy):", file=sys.stderr)
+            for s, u in enumerate(use, start=1):
+                print(
+                    f"  stage {s:2d}: {u.used} / {u.size} ({100 * u.share:.1f}%), {u.entropy_bits:.2f} "
+                    f"of {np.log2(u.size):.0f} bits",
+                    file=sys.stderr,
+                )
     return 0
