@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from codec.modules import ConvNeXtBlock, ISTFTSynthesis, Linear, PitchHead, STFTFeatures, vectorised
 from codec.quantizer import ResidualQuantizer
+from codec.stages import shared_width
 from codec.streaming import StreamingModule, StreamingState
 
 
@@ -220,8 +221,9 @@ class SimVQCodec(StreamingModule):
         return self.codebook_sizes[0]
 
     @property
-    def bits_per_code(self) -> int:
-        return self.codebook_size.bit_length() - 1
+    def bits_per_code(self) -> int | None:
+        """log2(K) when every stage has K codes, else None (see `stage_bits`)."""
+        return shared_width(self.stage_bits)
 
     @property
     def decoder_delay(self) -> int:

@@ -20,6 +20,11 @@ class HasStages(Protocol):
     def bitrate(self, n_stages: int | None = None) -> float: ...
 
 
+def shared_width(stage_bits: Sequence[int]) -> int | None:
+    """The bits of every code when all the stages of `stage_bits` share one width, else None."""
+    return stage_bits[0] if len(set(stage_bits)) == 1 else None
+
+
 def check_stages(n_stages: int, total: int) -> int:
     """`n_stages` if it lies in 1..`total`, else StageError."""
     if not 1 <= n_stages <= total:

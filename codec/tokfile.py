@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 
 from codec.errors import TokFormatError
-from codec.stages import MAX_STAGES
+from codec.stages import MAX_STAGES, shared_width
 
 MAGIC = b"SV"  # every .tok file starts with these two bytes; the third is the version (2), or "Q" of version 1
 MAGIC_V1 = b"SVQT"  # version 1: these four bytes, then the version byte 1
@@ -211,7 +211,7 @@ class TokHeader:
     @property
     def bits_per_code(self) -> int | None:
         """The width of every code when all stages share one, else None (see `stage_bits`)."""
-        return self.stage_bits[0] if len(set(self.stage_bits)) == 1 else None
+        return shared_width(self.stage_bits)
 
     @property
     def codebook_sizes(self) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """Evaluation inputs: a folder scanned for audio or a corpus manifest CSV, loaded as 16 kHz mono float.
 
-The files are `training.manifest.AudioItem`s; `key` is a file's name in reports (relative to its folder or manifest)."""
+The files are `codec.manifest.AudioItem`s; `key` is a file's name in reports (relative to its folder or manifest)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 
 from codec.audio import read_audio
 from codec.errors import AudioError
+from codec.manifest import AUDIO_EXTENSIONS, AudioItem, read_manifest, scan_folder
 from eval import SAMPLE_RATE
-from training.manifest import AUDIO_EXTENSIONS, AudioItem, read_manifest, scan_folder
 
 
 def manifest_items(csv_path: Path, split: str | None = None) -> list[AudioItem]:
-    """The rows of a corpus manifest (`training.manifest.read_manifest`); ``split`` keeps only rows of that
+    """The rows of a corpus manifest (`codec.manifest.read_manifest`); ``split`` keeps only rows of that
     split. AudioError when a listed file does not exist."""
     items = read_manifest(csv_path)
     if split is not None:

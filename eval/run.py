@@ -13,12 +13,12 @@ import numpy as np
 from tqdm import tqdm
 
 from codec.errors import CodecError
+from codec.manifest import AudioItem
 from eval import SAMPLE_RATE
 from eval.dataset import load_audio
 from eval.metrics import METRICS, score
 from eval.model import ModelSetting, StageUsage, count_codes, stage_usage
 from eval.peers import PeerError, missing_tools
-from training.manifest import AudioItem
 
 MEAN = "MEAN"
 """The ``file`` of the average row of each codec setting."""

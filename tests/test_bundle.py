@@ -34,6 +34,12 @@ from training.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
+UNTIL_TIME_IS_UP = ("steps=100000", "log_every=1000")  # overrides: train until --minutes ends, log little
+
+
+def run_args(bundle: Path, minutes: float, out: Path, work: Path, *rest: str) -> list[str]:
+    """The command line of a bundle run: `BUNDLE --minutes M --out OUT --work WORK REST...`."""
+    return [str(bundle), "--minutes", str(minutes), "--out", str(out), "--work", str(work), *rest]
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +196,7 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
     assert read_bundle(packed.path)["init_from"] == "init/checkpoint.json" and packed.init_bytes > 0
     parser = argparse.ArgumentParser()
     add_bundle_run_arguments(parser)
-    args = parser.parse_args(
-        [str(packed.path), "--minutes", "1", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]
-    )
+    args = parser.parse_args(run_args(packed.path, 1, tmp_path / "o", tmp_path / "w"))
     started, _ = prepare(args)
     assert started.resumed_from == packed.path / "init" / "checkpoint.json" and started.step == 2
 
@@ -206,19 +210,7 @@ def test_portable_checkpoint_is_exact_but_for_bf16_moments_and_the_float16_ema(c
 
 def test_bundle_run_trains_on_the_cpu_and_its_model_round_trips_a_file(bundle, tmp_path, capsys):
     out = tmp_path / "out"
-    code = bundle_run(
-        [
-            str(bundle),
-            "--minutes",
-            "0.08",
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-            "steps=100000",
-            "log_every=1000",
-        ]
-    )
+    code = bundle_run(run_args(bundle, 0.08, out, tmp_path / "work", *UNTIL_TIME_IS_UP))
     assert code == 0
     err = capsys.readouterr().err
     steps = int(re.search(r"trained steps 0-(\d+) in", err).group(1))
@@ -240,9 +232,7 @@ def test_bundle_run_trains_on_the_cpu_and_its_model_round_trips_a_file(bundle, t
 def test_bundle_run_trains_the_phases_of_its_config(bundle, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     phases = "phases=[{name: plain, steps: 2, adv: false}, {name: gan, steps: 2, data: {gain_db: [0, 0]}}]"
-    assert (
-        bundle_run([str(bundle), "--minutes", "1", "--out", str(out), "--work", str(work), phases, "log_every=1"]) == 0
-    )
+    assert bundle_run(run_args(bundle, 1, out, work, phases, "log_every=1")) == 0
     assert "trained steps 0-4 in" in capsys.readouterr().err
     logged = read_jsonl(work / TRAIN_LOG)
     assert [(r["step"], r["phase"]) for r in logged] == [(1, "plain"), (2, "plain"), (3, "gan"), (4, "gan")]
@@ -299,17 +289,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_a_fresh_machine(bundle, tmp
             BARE_MACHINE,
             str(ROOT),
             str(site),
-            str(bundle),
-            "--minutes",
-            "2",
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work1"),
-            "--checkpoint-minutes",
-            "0.01",
-            "steps=100000",
-            "log_every=1000",
+            *run_args(bundle, 2, out, tmp_path / "work1", "--checkpoint-minutes", "0.01", *UNTIL_TIME_IS_UP),
         ],
         cwd=ROOT,
         env=env,
@@ -328,19 +308,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_a_fresh_machine(bundle, tmp
     assert saved > 0 and proc.returncode == -signal.SIGKILL
 
     # A fresh machine: OUT copied back in, an empty work folder.
-    code = bundle_run(
-        [
-            str(bundle),
-            "--minutes",
-            "0.08",
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work2"),
-            "steps=100000",
-            "log_every=1000",
-        ]
-    )
+    code = bundle_run(run_args(bundle, 0.08, out, tmp_path / "work2", *UNTIL_TIME_IS_UP))
     err = capsys.readouterr().err
     assert code == 0 and f"resuming from {index} at step {saved}" in err
     assert json.loads(index.read_text())["step"] > saved

@@ -12,11 +12,11 @@ import pytest
 import soundfile as sf
 
 from codec.errors import AudioError
+from codec.manifest import read_manifest, read_rows
 from training import corpus
 from training.corpus import (
     SOURCES,
     Item,
-    ManifestRow,
     assign_splits,
     build_corpus,
     choose_dev_groups,
@@ -30,15 +30,12 @@ from training.corpus import (
     load_item,
     plan_split,
     process_item,
-    read_manifest,
     resample,
     select_sources,
     split_long,
     to_mono,
     trim_silence,
-    write_manifest,
 )
-from training.manifest import read_manifest as read_listing_manifest
 
 SR = 16000
 
@@ -110,46 +107,6 @@ def test_plan_split_holds_out_preferred_voices_and_never_synthetic_ones():
     assert splits["asterisk-en-allison"] == splits["asterisk-es-allison"] == "train"
     assert splits["espeak-en-m1"] == splits["espeak-fr-f2"] == "train"
     assert plan_split(list(reversed(items))) == splits
-
-
-# --- manifest ---------------------------------------------------------------------------------------
-def test_manifest_round_trip(tmp_path):
-    rows = [
-        ManifestRow("wav/b/2.wav", "b", 2.5, "dev-ood", "telephone", "fr-FR", "telephone"),
-        ManifestRow("wav/a/1.wav", "a", 1.25, "train", "asterisk", "en-US", "read"),
-    ]
-    assert write_manifest(tmp_path / "m.csv", rows) == 2
-    text = (tmp_path / "m.csv").read_text().splitlines()
-    assert text[0] == "path,speaker,duration,split,source,language,kind"
-    assert text[1] == "wav/a/1.wav,a,1.250,train,asterisk,en-US,read"  # sorted by path
-    assert read_manifest(tmp_path / "m.csv") == sorted(rows, key=lambda r: r.path)
-
-
-def test_manifest_without_kind_still_reads(tmp_path):
-    (tmp_path / "m.csv").write_text("path,speaker,duration,split,source,language\nwav/a/1.wav,a,1.5,dev,s,en\n")
-    assert read_manifest(tmp_path / "m.csv") == [ManifestRow("wav/a/1.wav", "a", 1.5, "dev", "s", "en", "")]
-
-
-@pytest.mark.parametrize(
-    "body, message",
-    [
-        ("path,speaker\nx.wav,a\n", "header"),
-        ("path,speaker,duration,split,source,language\nx.wav,a,abc,train,s,en\n", "not a number"),
-        ("path,speaker,duration,split,source,language\nx.wav,a,-1,train,s,en\n", "positive"),
-        ("path,speaker,duration,split,source,language\nx.wav,a,1.0,test,s,en\n", "split"),
-        ("path,speaker,duration,split,source,language\nx.wav,a,1.0,train\n", "columns"),
-        ("path,speaker,duration,split,source,language\n/abs.wav,a,1.0,train,s,en\n", "relative"),
-    ],
-)
-def test_malformed_manifest_names_the_problem(tmp_path, body, message):
-    (tmp_path / "m.csv").write_text(body)
-    with pytest.raises(AudioError, match=message):
-        read_manifest(tmp_path / "m.csv")
-
-
-def test_missing_manifest(tmp_path):
-    with pytest.raises(AudioError, match="no manifest"):
-        read_manifest(tmp_path / "absent.csv")
 
 
 # --- signal processing ------------------------------------------------------------------------------
@@ -285,12 +242,12 @@ def test_build_corpus_end_to_end(tmp_path):
     report = build_corpus(out, [SOURCES["klettres"]], jobs=1, roots={"klettres": tmp_path / "src"}, progress=False)
     assert report.duplicates == 1
     assert report.dropped == {"shorter than 0.3 s": 1}
-    rows = read_manifest(out / "manifest.csv")
+    rows = read_rows(out / "manifest.csv")
     assert len(rows) == 12 and rows == report.rows
     splits = {r.speaker: r.split for r in rows}
     assert splits == {"klettres-en": "train", "klettres-fr": "train", "klettres-he": "dev", "klettres-hu": "dev"}
-    assert read_manifest(out / "train.csv") == [r for r in rows if r.split == "train"]
-    assert read_manifest(out / "dev.csv") == [r for r in rows if r.split == "dev"]
+    assert read_rows(out / "train.csv") == [r for r in rows if r.split == "train"]
+    assert read_rows(out / "dev.csv") == [r for r in rows if r.split == "dev"]
     for r in rows:
         info = sf.info(out / r.path)
         assert (info.samplerate, info.channels, info.subtype) == (SR, 1, "PCM_16")
@@ -480,7 +437,7 @@ def test_build_writes_a_dev_ood_manifest_the_readers_accept(tmp_path):
         roots={"klettres": tmp_path / "klettres", "codec2": tmp_path / "codec2"},
         progress=False,
     )
-    ood = read_manifest(out / "dev-ood.csv")
+    ood = read_rows(out / "dev-ood.csv")
     assert sorted((r.speaker, round(r.duration)) for r in ood) == [
         ("codec2-en-forig", 3),
         ("codec2-en-hts1a", 10),
@@ -488,9 +445,9 @@ def test_build_writes_a_dev_ood_manifest_the_readers_accept(tmp_path):
     ]  # 20 s cut below 15 s
     assert {(r.split, r.kind, r.source) for r in ood} == {("dev-ood", "telephone", "codec2")}
     assert {r.kind for r in report.rows if r.source == "klettres"} == {"read"}
-    assert not {r.speaker for r in ood} & {r.speaker for r in read_manifest(out / "train.csv")}
+    assert not {r.speaker for r in ood} & {r.speaker for r in read_rows(out / "train.csv")}
     assert report.dropped["shorter than 1.0 s"] == 1  # big_dog, too short for the out-of-domain set
-    listed = read_listing_manifest(out / "dev-ood.csv")  # the reader of training and evaluation
+    listed = read_manifest(out / "dev-ood.csv")  # the files training and evaluation take
     assert [(i.speaker, i.split) for i in listed] == [(r.speaker, "dev-ood") for r in ood]
     assert all(i.path.is_file() for i in listed)
     table = kind_table(report.rows)

@@ -12,10 +12,10 @@ import pytest
 import soundfile as sf
 
 from codec.errors import AudioError
+from codec.manifest import AudioItem
 from eval.cli import register
 from eval.dataset import list_inputs, load_audio, spread_per_speaker
 from tests.conftest import example_speech
-from training.manifest import AudioItem
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,12 @@ import shutil
 import numpy as np
 import pytest
 
+from codec.manifest import AudioItem
 from eval.metrics import score
 from eval.oggopus import read_opus_stream
 from eval.peers import Codec2, Opus, missing_tools, peer_codecs
 from eval.run import evaluate
 from tests.conftest import example_speech
-from training.manifest import AudioItem
 
 needs_opus = pytest.mark.skipif(
     shutil.which("opusenc") is None or shutil.which("opusdec") is None, reason="opus-tools not installed"

@@ -47,6 +47,8 @@ def test_shapes_and_properties(tiny_model):
     assert tiny_model.encode(wav, n_stages=2).shape == (2, 2, 6)
     assert tiny_model.frame_rate == 50 and tiny_model.bits_per_code == 6 and tiny_model.num_codebooks == 4
     assert tiny_model.bitrate(2) == 2 * 6 * 50
+    mixed = tiny_codec(codebook_size=[128, 64, 64, 64])
+    assert (mixed.stage_bits, mixed.bits_per_code, mixed.bitrate(2)) == ((7, 6, 6, 6), None, (7 + 6) * 50)
 
 
 def test_fewer_stages_are_a_prefix(tiny_model):

@@ -203,6 +203,20 @@ def test_protocol_errors_close_with_a_reason(client):
     assert code == 1007 and "[0, 64)" in err["detail"]
 
 
+def test_a_model_whose_stages_differ_in_width_has_a_code_width_only_where_its_stages_share_one(tmp_path):
+    wide = make_tiny_model(tmp_path, codebook_size=[128, 64, 64, 64])
+    with make_client(wide) as c:
+        (m,) = c.get("/v1/models").json()["models"]
+        assert (m["stage_bits"], m["bits_per_code"], m["codebook_size"]) == ([7, 6, 6, 6], None, None)
+        for stages, width in ((1, 7), (2, None)):
+            with c.websocket_connect("/v1/stream/encode") as ws:
+                ws.send_text(json.dumps({"type": "start", "stages": stages}))
+                ready = ws.receive_json()
+                ws.send_text('{"type": "end"}')
+                drain(ws)
+            assert (ready["stage_bits"], ready["bits_per_code"]) == ([7, 6][:stages], width)
+
+
 def test_stream_limits(tiny):
     with make_client(tiny, ws_max_message_bytes=1024, ws_idle_timeout_s=0.3, max_stream_duration_s=0.05) as c:
         err, code = _error(c, "/v1/stream/encode", {"type": "start"}, [b"\x00" * 2048])

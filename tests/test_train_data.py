@@ -6,6 +6,7 @@ import soundfile as sf
 import torch
 
 from codec.errors import AudioError
+from codec.manifest import speaker_from_path
 from tests.conftest import speechlike
 from training.data import (
     AudioDataset,
@@ -17,7 +18,6 @@ from training.data import (
     split_by_speaker,
     split_items,
 )
-from training.manifest import speaker_from_path
 
 
 def _write(path, seconds=1.0, rate=16000, seed=0, channels=1):

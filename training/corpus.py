@@ -19,7 +19,6 @@ The splits hold out whole voices: all speaker ids of one person (`Item.group`) s
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import os
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -43,74 +42,14 @@ import soxr
 
 from codec.audio import to_pcm16
 from codec.errors import AudioError
+from codec.manifest import ManifestRow, write_manifest
 
 SAMPLE_RATE = 16000
 MIN_SECONDS = 0.3
 MAX_SECONDS = 30.0
-MANIFEST_COLUMNS = ("path", "speaker", "duration", "split", "source", "language", "kind")
-LEGACY_COLUMNS = MANIFEST_COLUMNS[:-1]  # manifests written before the `kind` column
 SPLITS = ("train", "dev", "dev-ood")
 # (shortest, longest) piece in seconds per split: the out-of-domain set keeps utterances a listener can judge
 SPLIT_SECONDS = {"train": (MIN_SECONDS, MAX_SECONDS), "dev": (MIN_SECONDS, MAX_SECONDS), "dev-ood": (1.0, 15.0)}
-
-
-# --- manifest ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ManifestRow:
-    """One output file. `path` is relative to the corpus folder; `duration` in seconds; `kind` the kind of
-    speech (`Source.kind`), empty in manifests written before it existed."""
-
-    path: str
-    speaker: str
-    duration: float
-    split: str
-    source: str
-    language: str
-    kind: str = ""
-
-
-def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> int:
-    """Write rows (sorted by path) as CSV with the `MANIFEST_COLUMNS` header; returns the row count."""
-    rows = sorted(rows, key=lambda r: r.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
-        for r in rows:
-            writer.writerow([r.path, r.speaker, f"{r.duration:.3f}", r.split, r.source, r.language, r.kind])
-    tmp.replace(path)
-    return len(rows)
-
-
-def read_manifest(path: Path) -> list[ManifestRow]:
-    """Read a manifest written by `write_manifest`; AudioError naming the line on any malformed row."""
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"no manifest at {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = tuple(next(reader, ()))
-        if header not in (MANIFEST_COLUMNS, LEGACY_COLUMNS):
-            expected, got = ",".join(MANIFEST_COLUMNS), ",".join(header) or "nothing"
-            raise AudioError(f"{path}: header must be {expected} (or without kind), got {got}")
-        rows = []
-        for line_no, values in enumerate(reader, start=2):
-            if len(values) != len(header):
-                raise AudioError(f"{path}:{line_no}: expected {len(header)} columns, got {len(values)}")
-            p, speaker, duration, split, source, language, kind = (*values, "")[:7]
-            try:
-                seconds = float(duration)
-            except ValueError:
-                raise AudioError(f"{path}:{line_no}: duration {duration!r} is not a number") from None
-            if not (seconds > 0 and np.isfinite(seconds)):
-                raise AudioError(f"{path}:{line_no}: duration must be positive, got {duration}")
-            if split not in SPLITS:
-                raise AudioError(f"{path}:{line_no}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-            if not p or not speaker or Path(p).is_absolute():
-                raise AudioError(f"{path}:{line_no}: path must be relative and speaker non-empty")
-            rows.append(ManifestRow(p, speaker, seconds, split, source, language, kind))
-    return rows
 
 
 # --- signal processing ------------------------------------------------------------------------------

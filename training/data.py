@@ -14,9 +14,9 @@ import torch
 
 from codec.audio import read_audio, to_pcm16
 from codec.errors import AudioError
+from codec.manifest import AudioItem, read_listing  # AudioItem: the one corpus item type
 from training.augment import Augmenter
 from training.config import AugmentConfig
-from training.manifest import AudioItem, read_listing  # AudioItem: the one corpus item type
 
 TRAIN_SPLITS = ("train",)
 DEV_SPLITS = ("dev", "valid", "validation")
@@ -38,7 +38,7 @@ class Batch:
 
 
 def load_items(source: str | Path) -> list[AudioItem]:
-    """Items of a manifest or a folder tree (`training.manifest.read_listing`); a scanned file's duration is
+    """Items of a manifest or a folder tree (`codec.manifest.read_listing`); a scanned file's duration is
     read from its header."""
     items = read_listing(source)
     if Path(source).is_dir():

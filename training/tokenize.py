@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from codec.errors import CodecError
+from codec.manifest import read_listing
 from codec.stages import resolve_stages, stages_or_all
-from training.manifest import read_listing
 
 TOKENS_FORMAT = "simvq-tokens/1"
 DEFAULT_SHARD_SIZE = 1000
@@ -62,7 +62,7 @@ class Item:
 
 def load_inputs(source: str | os.PathLike) -> list[Item]:
     """The files of a folder tree (every wav/flac/ogg, sorted) or a manifest, read by
-    `training.manifest.read_listing`, numbered in order."""
+    `codec.manifest.read_listing`, numbered in order."""
     return [Item(i, str(it.path), it.key, it.speaker) for i, it in enumerate(read_listing(source))]
 
 

@@ -29,8 +29,8 @@ async def list_models(runtime: RuntimeDep) -> ModelsResponse:
                 n_stages=m.n_stages,
                 codebook_sizes=list(m.codebook_sizes),
                 stage_bits=list(m.stage_bits),
-                codebook_size=m.codebook_sizes[0] if len(set(m.codebook_sizes)) == 1 else None,
-                bits_per_code=m.stage_bits[0] if len(set(m.stage_bits)) == 1 else None,
+                codebook_size=None if m.bits_per_code is None else 1 << m.bits_per_code,
+                bits_per_code=m.bits_per_code,
                 bitrates_kbps=[m.bitrate(s) / 1000 for s in range(1, m.n_stages + 1)],
                 weights_hash=served.pretrained.weights_hash.hex(),
             )

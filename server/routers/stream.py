@@ -21,7 +21,7 @@ from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from codec.stages import MAX_STAGES, StageError, resolve_stages
+from codec.stages import MAX_STAGES, StageError, resolve_stages, shared_width
 from server.errors import ProblemError, codec_error_problem, problem_body, problem_response
 from server.runtime import Phase, Runtime, ServedModel
 from server.scheduler import CLOSE_INTERNAL, CLOSE_TRY_LATER, Stream, StreamFailed, pump
@@ -116,7 +116,7 @@ def _layout(served: ServedModel, stages: int) -> dict[str, Any]:
         "n_stages": stages,
         "stage_bits": list(m.stage_bits[:stages]),
         "frame_bytes": 2 * stages,
-        "bits_per_code": m.stage_bits[0] if len(set(m.stage_bits[:stages])) == 1 else None,
+        "bits_per_code": shared_width(m.stage_bits[:stages]),
     }
 
 
