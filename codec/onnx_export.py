@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from codec.errors import CodecError, OutputError
 from codec.model import CALLER_STATE, SimVQCodec
 from codec.output import output_error
-from codec.modules import carried_phase
+from codec.synthesis import carried_phase
 from codec.pretrained import Pretrained
 from codec.streaming import StreamingState
 

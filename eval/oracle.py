@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from codec.errors import CodecError
-from codec.modules import ISTFTSynthesis, causal_stft, hann_window
+from codec.features import causal_stft, hann_window
+from codec.synthesis import ISTFTSynthesis
 from eval.dataset import list_inputs, load_audio
 from eval.metrics import score
 from eval.model import get_model
