@@ -115,3 +115,30 @@ class STFTFeatures(StreamingModule):
         """`[B, N, width]` -> `[B, N / frames_per_step, frames_per_step * width]`."""
         batch, n_sub, width = per_sub_frame.shape
         return per_sub_frame.reshape(batch, n_sub // self.frames_per_step, self.frames_per_step * width)
+
+
+def hops_per_window(n_fft: int, hop: int) -> int:
+    """`n_fft / hop`: the matrix forms of the STFT and its inverse (ONNX export) cut signals into hop-long blocks."""
+    if n_fft % hop:
+        raise ValueError(f"ONNX export needs n_fft ({n_fft}) to be a multiple of sub_hop ({hop})")
+    return n_fft // hop
+
+
+def dft_matrix(window: Tensor) -> Tensor:
+    """The windowed real DFT of `causal_stft` as one float64 matrix `[n_fft, 2 * bins]` (cosines, then -sines)."""
+    n_fft = window.shape[-1]
+    n = torch.arange(n_fft, dtype=torch.float64)
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    angle = 2 * math.pi * torch.outer(n, k) / n_fft
+    return torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1) * window.double()[:, None]
+
+
+def matrix_stft(x: Tensor, basis: Tensor, hop: int) -> tuple[Tensor, Tensor]:
+    """`causal_stft(x, window, hop, padded=False)` as its real and imaginary parts `[B, N, bins]`, computed in
+    `basis`'s dtype as slices of `x` `[B, T]` (T a multiple of `hop`) times `basis = dft_matrix(window)`: the
+    form ONNX export traces, since it has neither complex tensors nor an FFT."""
+    blocks = x.to(basis.dtype).reshape(x.shape[0], -1, hop)  # [B, T / hop, hop]
+    count = hops_per_window(basis.shape[0], hop)
+    last = count - 1
+    frames = torch.cat([blocks[:, i : (i - last) or None] for i in range(count)], dim=-1)  # [B, N, n_fft]
+    return (frames @ basis).chunk(2, dim=-1)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from codec.features import centre_advance, hann_window
+from codec.features import centre_advance, dft_matrix, hann_window, hops_per_window, matrix_stft
 from codec.modules import VECTOR_BLOCK, constant, vectorised
 from codec.streaming import StreamingModule
 
@@ -187,12 +188,7 @@ class ISTFTSynthesis(StreamingModule):
             real = torch.arange(steps, device=x.device) < steps_present.to(x.device)[:, None]  # [B, steps]
             mag = mag * real.repeat_interleave(self.frames_per_step, dim=1)[..., None]
         state = self._streaming_state
-        tail = state.tail if state is not None else None
-        if self.rephase_iters:
-            out = self._played(mag, phase, tail)[1]
-        else:
-            played_phase = self._propagate(phase) if self.phase == "propagated" else phase
-            out = self._overlap_add(torch.polar(mag, played_phase), tail)
+        out = self.samples(mag, phase, state.tail if state is not None else None)
         if state is None:
             return out[:, None, self.delay :]  # its first `delay` samples lie before the signal's start
         ready = steps * self.frames_per_step * self.hop
@@ -201,32 +197,34 @@ class ISTFTSynthesis(StreamingModule):
         state.skip = state.skip - drop
         return out[:, None, drop:ready]
 
-    def _overlap_add(self, spec: Tensor, tail: Tensor | None = None) -> Tensor:
-        """Complex sub-frames `[B, N, bins]` and the pending sums `tail` -> `[B, N * hop + delay]` samples, the
-        first `delay` of them completing `tail`."""
-        frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self.window  # [B, N, n_fft]
-        batch, count = frames.shape[:2]
-        total = (count - 1) * self.hop + self.n_fft
-        if batch < 4 or count > 8:
-            out = F.fold(
-                frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, self.n_fft), stride=(1, self.hop)
-            ).reshape(batch, total)
-        else:  # fold's sums in fold's order (the last frame first), without its cost on many rows of a few frames
-            out = frames.new_zeros(batch, total)
-            for j in reversed(range(count)):
-                out[:, j * self.hop : j * self.hop + self.n_fft] += frames[:, j]
-        if tail is not None:
-            out[:, : self.delay] += tail
-        return out
+    def samples(self, mag: Tensor, phase: Tensor, tail: Tensor | None, spectra: Spectra | None = None) -> Tensor:
+        """Magnitudes and phase parameters `[B, N, bins]` and the pending sums `tail` `[B, delay]` (None: silence)
+        -> `[B, N * hop + delay]` samples, the first `delay` of them completing `tail`, the last `delay` the
+        next tail. Streaming, the running phase moves on. `spectra` computes with the sub-frames: `FFTSpectra`
+        unless given (ONNX export gives `TraceableSpectra`)."""
+        spectra = FFTSpectra(self) if spectra is None else spectra
+        if self.rephase_iters:
+            return self._played(spectra, mag, phase, tail)[1]
+        played_phase = self._propagate(phase) if self.phase == "propagated" else phase
+        return spectra.overlap_add(spectra.polar(mag, played_phase), tail)
 
-    def _played(self, mag: Tensor, deviation: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Magnitudes and advance deviations `[B, N, bins]` -> the sub-frames the re-phasing plays `[B, N, bins]`
-        and the samples `_overlap_add` would return for them, computed one step after another.
+    def played_spectra(self, mag: Tensor, deviation: Tensor) -> Tensor:
+        """Offline: magnitudes and advance deviations `[B, N, bins]` -> the complex sub-frames the re-phasing
+        plays (`rephase_iters`), `[B, N, bins]`; for analysis (`eval.oracle`)."""
+        if self._streaming_state is not None:
+            raise RuntimeError("played_spectra() is offline only: it would move the stream's running phase")
+        steps = self._played(FFTSpectra(self), mag, deviation, None)[0]
+        return torch.cat(steps, dim=1) if steps else mag.new_zeros(mag.shape, dtype=torch.complex64)
+
+    def _played(self, spectra: Spectra, mag: Tensor, deviation: Tensor, tail: Tensor | None) -> tuple[list, Tensor]:
+        """Magnitudes and advance deviations `[B, N, bins]` -> the sub-frames the re-phasing plays, one entry per
+        step in `spectra`'s form, and the samples `samples` returns, computed one step after another.
 
         Each step's sub-frames start from the running phase plus the decoder's advances and are re-phased
         from what they sound like over the samples already played; the running phase then moves part of the
         way to the phase of the last sub-frame played (`carry_share`). Offline and streaming run the same
-        steps in the same order, so from the same input they give the same samples, bit for bit."""
+        steps in the same order, so from the same input they give the same samples, bit for bit. Tracing
+        unrolls the loop over the steps: a traced graph takes the number of steps it was traced with."""
         batch, n, hop = mag.shape[0], self.frames_per_step, self.hop
         state = self._streaming_state
         phase = state.phase if state is not None else mag.new_zeros(batch, self.bins, dtype=torch.float64)
@@ -234,23 +232,20 @@ class ISTFTSynthesis(StreamingModule):
         played = tail if tail is not None else mag.new_zeros(batch, self.delay)
         advance = deviation.double() + self._centre_advance(deviation.device)
         advance = advance.reshape(batch, -1, n, self.bins).cumsum(2)  # each step's advances from its start
-        out, spectra = [], []
+        out, played_spectra = [], []
         for step_advance, step_mag in zip(advance.unbind(1), mag.reshape(batch, -1, n, self.bins).unbind(1)):
             own = torch.remainder(phase + step_advance, 2 * math.pi)
             pending = played  # the last `delay` samples played, still waiting for this step's sub-frames
-            played = self._overlap_add(torch.polar(step_mag, own.to(mag.dtype)), pending)
+            played = spectra.overlap_add(spectra.polar(step_mag, own.to(mag.dtype)), pending)
             for _ in range(self.rephase_iters):
-                heard = torch.fft.rfft(played.unfold(-1, self.n_fft, hop) * self.analysis_window, dim=-1)
-                unit, last_phase = _unit_and_last_phase(heard)
-                spectrum = unit * step_mag
-                played = self._overlap_add(spectrum, pending)
-            spectra.append(spectrum)
+                spectrum, last_phase = spectra.rephased(played, step_mag)
+                played = spectra.overlap_add(spectrum, pending)
+            played_spectra.append(spectrum)
             out.append(played[:, : n * hop])
             played = played[:, n * hop :]
             phase = carried_phase(own[:, -1:], last_phase, self.carry_share)
         if state is not None:
             state.phase = phase[:, 0].detach()
-        played_spectra = torch.cat(spectra, dim=1) if spectra else mag.new_zeros(mag.shape, dtype=torch.complex64)
         return played_spectra, torch.cat([*out, played], dim=-1)
 
     def flush(self) -> Tensor:
@@ -262,3 +257,102 @@ class ISTFTSynthesis(StreamingModule):
         state.tail, state.phase = torch.zeros_like(state.tail), torch.zeros_like(state.phase)
         state.skip = torch.full_like(state.skip, self.delay)
         return tail
+
+
+class Spectra(Protocol):
+    """How the synthesis computes with sub-frame spectra `[B, N, bins]`; the steps around it are
+    `ISTFTSynthesis`'s, shared by every form."""
+
+    def polar(self, mag: Tensor, phase: Tensor) -> Any:
+        """Magnitudes and phases -> sub-frames in this form."""
+
+    def overlap_add(self, spec: Any, tail: Tensor | None) -> Tensor:
+        """Sub-frames and the pending sums `tail` `[B, delay]` -> `[B, N * hop + delay]` samples, the first
+        `delay` of them completing `tail`."""
+
+    def rephased(self, played: Tensor, mag: Tensor) -> tuple[Any, Tensor]:
+        """Samples played `[B, N * hop + delay]` and magnitudes `[B, N, bins]` -> the sub-frames with the phases
+        the samples have there and the magnitudes `mag`, and the last sub-frame's phase `[B, 1, bins]` float64."""
+
+
+class FFTSpectra:
+    """Sub-frames as complex tensors through PyTorch's FFTs: what `ISTFTSynthesis` runs."""
+
+    def __init__(self, synthesis: ISTFTSynthesis):
+        self.synthesis = synthesis
+
+    polar = staticmethod(torch.polar)
+
+    def overlap_add(self, spec: Tensor, tail: Tensor | None) -> Tensor:
+        s = self.synthesis
+        frames = torch.fft.irfft(spec, n=s.n_fft, dim=-1) * s.window  # [B, N, n_fft]
+        batch, count = frames.shape[:2]
+        total = (count - 1) * s.hop + s.n_fft
+        if batch < 4 or count > 8:
+            out = F.fold(
+                frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, s.n_fft), stride=(1, s.hop)
+            ).reshape(batch, total)
+        else:  # fold's sums in fold's order (the last frame first), without its cost on many rows of a few frames
+            out = frames.new_zeros(batch, total)
+            for j in reversed(range(count)):
+                out[:, j * s.hop : j * s.hop + s.n_fft] += frames[:, j]
+        if tail is not None:
+            out[:, : s.delay] += tail
+        return out
+
+    def rephased(self, played: Tensor, mag: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.synthesis
+        heard = torch.fft.rfft(played.unfold(-1, s.n_fft, s.hop) * s.analysis_window, dim=-1)
+        unit, last_phase = _unit_and_last_phase(heard)
+        return unit * mag, last_phase
+
+
+class TraceableSpectra(nn.Module):
+    """`FFTSpectra` in real tensors, for ONNX export (`codec.onnx_export`), which has neither complex tensors
+    nor an FFT: sub-frames as (real, imaginary) pairs, the real DFT and its inverse as products with constant
+    matrices, the overlap-add as a sum of shifted frames. The same values to the last bits or so: other
+    kernels sum in another order. The pending sums `tail` are always given (graph state)."""
+
+    def __init__(self, synthesis: ISTFTSynthesis):
+        super().__init__()
+        self.hop, self.delay = synthesis.hop, synthesis.delay
+        self.blocks = hops_per_window(synthesis.n_fft, synthesis.hop)
+        cos, sin = _inverse_dft_matrices(synthesis.n_fft)
+        self.register_buffer("cos_basis", cos.float(), persistent=False)
+        self.register_buffer("sin_basis", sin.float(), persistent=False)
+        self.register_buffer("window", synthesis.window, persistent=False)
+        if synthesis.rephase_iters:
+            self.register_buffer("analysis", dft_matrix(synthesis.analysis_window).float(), persistent=False)
+
+    @staticmethod
+    def polar(mag: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
+        return mag * torch.cos(phase), mag * torch.sin(phase)
+
+    def overlap_add(self, spec: tuple[Tensor, Tensor], tail: Tensor) -> Tensor:
+        re, im = spec
+        frames = (re @ self.cos_basis + im @ self.sin_basis) * self.window
+        frames = frames.reshape(frames.shape[0], frames.shape[1], self.blocks, self.hop)
+        last = self.blocks - 1  # sub-frame k's block i lands on output block k + i
+        out = sum(F.pad(frames[:, :, i], (0, 0, i, last - i)) for i in range(self.blocks))  # [B, N + last, hop]
+        out = out.reshape(out.shape[0], -1)
+        return torch.cat([out[:, : self.delay] + tail, out[:, self.delay :]], dim=-1)
+
+    def rephased(self, played: Tensor, mag: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        re, im = matrix_stft(played, self.analysis, self.hop)
+        re = re + 1e-30  # as in `unit_phase`: a silent bin takes phase 0
+        scale = mag / torch.sqrt(re * re + im * im).clamp_min(1e-30)
+        return (re * scale, im * scale), torch.atan2(im[:, -1:], re[:, -1:]).double()
+
+
+def _inverse_dft_matrices(n_fft: int) -> tuple[Tensor, Tensor]:
+    """`irfft(spec, n_fft)` of a half spectrum as two float64 matrices `[bins, n_fft]`, for its real and its
+    imaginary parts (the imaginary parts of DC and Nyquist do not count, as in irfft)."""
+    bins = n_fft // 2 + 1
+    n = torch.arange(n_fft, dtype=torch.float64)
+    k = torch.arange(bins, dtype=torch.float64)
+    angle = 2 * math.pi * torch.outer(k, n) / n_fft
+    weight = torch.full((bins, 1), 2.0, dtype=torch.float64)
+    weight[0] = weight[-1] = 1.0
+    cos, sin = torch.cos(angle) * weight / n_fft, -torch.sin(angle) * weight / n_fft
+    sin[0] = sin[-1] = 0.0
+    return cos, sin

@@ -86,7 +86,7 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
     if syn.phase == "propagated":
         phase = syn._propagate(deviation)
         if syn.rephase_iters:
-            own_phase, phase = phase, syn._played(syn.magnitudes(log_mag), deviation, None)[0].angle()
+            own_phase, phase = phase, syn.played_spectra(syn.magnitudes(log_mag), deviation).angle()
         yin, voiced = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop)
         on_harmonics = torch.where(voiced[..., None], syn.harmonic_deviation(yin / model.sample_rate), deviation)
         prior = syn._propagate(on_harmonics.to(deviation.dtype))
