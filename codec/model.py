@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from codec.modules import ConvNeXtBlock, ISTFTSynthesis, Linear, PitchHead, STFTFeatures, vectorised
+from codec.features import STFTFeatures
+from codec.modules import ConvNeXtBlock, Linear, vectorised
+from codec.pitch import PitchHead
+from codec.synthesis import ISTFTSynthesis
 from codec.quantizer import ResidualQuantizer
 from codec.stages import shared_width
 from codec.streaming import StreamingModule, StreamingState

@@ -18,17 +18,17 @@ graphs, lists every state tensor's name, shape, dtype and initial value with the
   step, and the first `decoder_delay` samples of a stream lie before its start (PyTorch drops them from its
   first call); at the end of a stream the state `synthesis.tail` is what `flush_decoder()` returns.
 
-The graphs are traced from the model's own modules (the convolutions, the quantizer search, the pitch head
-and the phase propagation run the model's code), with two substitutions that ONNX needs: the STFT and the
-inverse STFT are real DFTs written as matrix products with a constant basis (float64 on the analysis side,
-as `STFTFeatures` computes), and the overlap-add is a sum of shifted frames.
+The graphs are traced from the model's own modules: the convolutions, the quantizer search, the pitch head
+and the whole synthesis (phase propagation, re-phasing, overlap-add) run the model's code. Where ONNX has no
+operator (complex tensors, FFTs), that code runs in its traceable form: the STFT as a product with a
+constant DFT matrix (`codec.features.matrix_stft`, in float64 as `STFTFeatures` computes it) and the
+synthesis's spectra as real tensors (`codec.synthesis.TraceableSpectra`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codec.errors import CodecError, OutputError
+from codec.features import dft_matrix, hops_per_window, matrix_stft
 from codec.model import CALLER_STATE, SimVQCodec
 from codec.output import output_error
-from codec.modules import carried_phase
 from codec.pretrained import Pretrained
 from codec.streaming import StreamingState
+from codec.synthesis import TraceableSpectra
 
 FORMAT = "simvq-codec-onnx/1"
 OPSET = 17
@@ -69,21 +70,6 @@ def _bind(model: SimVQCodec, names: list[str], tensors: tuple[Tensor, ...]) -> S
     return state
 
 
-def _blocks(n_fft: int, hop: int) -> int:
-    if n_fft % hop:
-        raise ValueError(f"ONNX export needs n_fft ({n_fft}) to be a multiple of sub_hop ({hop})")
-    return n_fft // hop
-
-
-def _analysis_basis(window: Tensor) -> Tensor:
-    """The real DFT of `causal_stft` with `window`, as one float64 matrix: [n_fft, 2 * bins] (cos, then -sin)."""
-    n_fft = window.shape[-1]
-    n = torch.arange(n_fft, dtype=torch.float64)
-    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
-    angle = 2 * math.pi * torch.outer(n, k) / n_fft
-    return torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1) * window.double()[:, None]
-
-
 class EncoderStep(nn.Module):
     """`(audio [B, T*hop], *state) -> (codes [B, n_stages, T], *next state)`: T whole frames through the
     encoder and the quantizer, from the state the previous step left."""
@@ -93,18 +79,15 @@ class EncoderStep(nn.Module):
         self.model = model
         self.state_names = ["features.history", *_state_names(model, ("encoder.",))]
         features = model.features
-        self.n_fft, self.hop, self.context = features.n_fft, features.hop, features.context
-        self.blocks = _blocks(self.n_fft, self.hop)
-        self.register_buffer("basis", _analysis_basis(features.window), persistent=False)
+        self.hop, self.context = features.hop, features.context
+        hops_per_window(features.n_fft, features.hop)  # refused here, before tracing starts
+        self.register_buffer("basis", dft_matrix(features.window), persistent=False)
 
     def features(self, history: Tensor, audio: Tensor) -> tuple[Tensor, Tensor]:
         """`STFTFeatures` streaming: (features [B, T, out_dim], the next history)."""
         x = torch.cat([history, audio], dim=-1)  # [B, context + T * frame]
         next_history = x[:, -self.context :]
-        blocks = x.double().reshape(x.shape[0], -1, self.hop)  # [B, context / hop + N, hop]
-        last = self.blocks - 1
-        frames = torch.cat([blocks[:, i : (i - last) or None] for i in range(self.blocks)], dim=-1)  # [B, N, n_fft]
-        re, im = (frames @ self.basis).chunk(2, dim=-1)
+        re, im = matrix_stft(x, self.basis, self.hop)
         feats = self.model.features.from_spectrum(re, im, torch.sqrt(re * re + im * im))
         return feats.to(audio.dtype), next_history
 
@@ -127,82 +110,23 @@ class DecoderStep(nn.Module):
         super().__init__()
         self.model = model
         self.state_names = _state_names(model, ("decoder.", "synthesis."))
-        synthesis = model.synthesis
-        self.n_fft, self.hop, self.bins = synthesis.n_fft, synthesis.hop, synthesis.bins
-        self.blocks = _blocks(self.n_fft, self.hop)
         # Every stage's codes in the latent, one table: stage s, code c is row offset[s] + c.
         quantizer = model.quantizer
         offsets = [0, *itertools.accumulate(quantizer.codebook_sizes)][:-1]
         self.register_buffer("offsets", torch.tensor(offsets)[None, :, None], persistent=False)
         self.register_buffer("table", torch.cat([s.output_codebook() for s in quantizer.stages]), persistent=False)
-        # `irfft(spec, n_fft)` of a half spectrum as matrices [bins, n_fft] for its real and imaginary parts
-        # (the imaginary parts of DC and Nyquist do not count, as in irfft).
-        n = torch.arange(self.n_fft, dtype=torch.float64)
-        k = torch.arange(self.bins, dtype=torch.float64)
-        angle = 2 * math.pi * torch.outer(k, n) / self.n_fft
-        weight = torch.full((self.bins, 1), 2.0, dtype=torch.float64)
-        weight[0] = weight[-1] = 1.0
-        cos, sin = torch.cos(angle) * weight / self.n_fft, -torch.sin(angle) * weight / self.n_fft
-        sin[0] = sin[-1] = 0.0
-        self.register_buffer("cos_basis", cos.float(), persistent=False)
-        self.register_buffer("sin_basis", sin.float(), persistent=False)
-        if synthesis.rephase_iters:
-            self.register_buffer("analysis", _analysis_basis(synthesis.analysis_window).float(), persistent=False)
+        self.spectra = TraceableSpectra(model.synthesis)
 
     def latents(self, codes: Tensor) -> Tensor:
         """`ResidualQuantizer.decode` for any number of stages: one gather and a sum."""
         return F.embedding(codes + self.offsets[:, : codes.shape[1]], self.table).sum(1)  # [B, T, D]
 
-    def overlap_add(self, re: Tensor, im: Tensor, tail: Tensor) -> Tensor:
-        """`ISTFTSynthesis._overlap_add` on real and imaginary parts `[B, N, bins]`: `[B, N * hop + delay]`."""
-        frames = (re @ self.cos_basis + im @ self.sin_basis) * self.model.synthesis.window
-        frames = frames.reshape(frames.shape[0], frames.shape[1], self.blocks, self.hop)
-        last = self.blocks - 1  # overlap-add: sub-frame k's block i lands on output block k + i
-        out = sum(F.pad(frames[:, :, i], (0, 0, i, last - i)) for i in range(self.blocks))  # [B, N + last, hop]
-        out = out.reshape(out.shape[0], -1)
-        delay = self.model.synthesis.delay
-        return torch.cat([out[:, :delay] + tail, out[:, delay:]], dim=-1)
-
-    def played(self, mag: Tensor, deviation: Tensor, tail: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
-        """`ISTFTSynthesis._played` in real arithmetic: (`[B, N * hop + delay]` samples, the next phase). A
-        Python loop over the steps, which tracing unrolls: the graph takes as many frames as it was traced
-        with (`_played_model`)."""
-        synthesis = self.model.synthesis
-        n, hop = synthesis.frames_per_step, self.hop
-        advance = deviation.double() + synthesis._centre_advance(deviation.device)
-        out, played = [], tail
-        for start in range(0, mag.shape[1], n):
-            step_mag = mag[:, start : start + n]
-            own = torch.remainder(phase[:, None] + advance[:, start : start + n].cumsum(1), 2 * math.pi).to(mag.dtype)
-            pending = played
-            played = self.overlap_add(step_mag * torch.cos(own), step_mag * torch.sin(own), pending)
-            for _ in range(synthesis.rephase_iters):
-                windows = torch.stack([played[:, i * hop : i * hop + self.n_fft] for i in range(n)], dim=1)
-                re, im = (windows @ self.analysis).chunk(2, dim=-1)
-                re = re + 1e-30  # as modules.unit_phase: a silent bin takes phase 0
-                scale = step_mag / torch.sqrt(re * re + im * im).clamp_min(1e-30)
-                played = self.overlap_add(re * scale, im * scale, pending)
-            out.append(played[:, : n * hop])
-            played = played[:, n * hop :]
-            phase = carried_phase(
-                own[:, -1].double(), torch.atan2(im[:, -1], re[:, -1]).double(), synthesis.carry_share
-            )
-        return torch.cat([*out, played], dim=-1), phase
-
     def synthesise(self, spectrum: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
         """`ISTFTSynthesis.forward` streaming, without `skip`: (audio [B, T*hop], the next tail)."""
         synthesis = self.model.synthesis
         log_mag, phase = synthesis.split(spectrum)
-        delay = synthesis.delay
-        if _played_model(self.model):
-            state = synthesis._streaming_state
-            out, state.phase = self.played(synthesis.magnitudes(log_mag), phase, tail, state.phase)
-            return out[:, :-delay], out[:, -delay:]
-        if synthesis.phase == "propagated":
-            phase = synthesis._propagate(phase)
-        mag = synthesis.magnitudes(log_mag)
-        out = self.overlap_add(mag * torch.cos(phase), mag * torch.sin(phase), tail)
-        return out[:, :-delay], out[:, -delay:]
+        out = synthesis.samples(synthesis.magnitudes(log_mag), phase, tail, self.spectra)
+        return out[:, : -synthesis.delay], out[:, -synthesis.delay :]
 
     def forward(self, codes: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         model = self.model
@@ -337,7 +261,7 @@ def _write_graphs(pretrained: Pretrained, out: Path, onnx) -> dict:
         encoder, decoder = EncoderStep(model).eval(), DecoderStep(model).eval()
     audio = ("audio", torch.zeros(1, model.hop_length), {0: "batch", 1: "samples"})
     codes_axes, audio_axes = {0: "batch", 1: "stages", 2: "frames"}, {0: "batch", 1: "samples"}
-    if _played_model(model):  # one frame per call (`DecoderStep.played`)
+    if _played_model(model):  # one frame per call (`ISTFTSynthesis._played`)
         codes_axes, audio_axes = {0: "batch", 1: "stages"}, {0: "batch"}
     codes = ("codes", torch.zeros(1, model.n_stages, 1, dtype=torch.long), codes_axes)
     _export(encoder, audio, ("codes", {0: "batch", 2: "frames"}), out / ENCODER_FILE)

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from codec.errors import CodecError
-from codec.modules import ISTFTSynthesis, causal_stft, hann_window
+from codec.features import causal_stft, hann_window
+from codec.synthesis import ISTFTSynthesis
 from eval.dataset import list_inputs, load_audio
 from eval.metrics import score
 from eval.model import get_model
@@ -85,7 +86,7 @@ def mixes(model, wav: torch.Tensor, n_stages: int, generator: torch.Generator) -
     if syn.phase == "propagated":
         phase = syn._propagate(deviation)
         if syn.rephase_iters:
-            own_phase, phase = phase, syn._played(syn.magnitudes(log_mag), deviation, None)[0].angle()
+            own_phase, phase = phase, syn.played_spectra(syn.magnitudes(log_mag), deviation).angle()
         yin, voiced = yin_f0(wav[:, 0], model.sample_rate, syn.n_fft, syn.hop)
         on_harmonics = torch.where(voiced[..., None], syn.harmonic_deviation(yin / model.sample_rate), deviation)
         prior = syn._propagate(on_harmonics.to(deviation.dtype))

@@ -10,7 +10,7 @@ magnitudes carry enough to be phased by signal processing, and what a pitch-driv
     harmonic_phase   each bin follows the harmonic of an f0 track nearest to it, with the phase each
                      harmonic accumulates at its own frequency: what a decoder that knew the pitch would do.
 
-Both are written for the codec's framing (`codec.modules.causal_stft`): the phase of a frame is taken at its
+Both are written for the codec's framing (`codec.features.causal_stft`): the phase of a frame is taken at its
 first sample, so a partial at the frame's centre turns by -pi from one bin to the next. They are diagnostics
 in plain numpy loops, not a decoder: a few seconds per minute of audio.
 """

@@ -5,7 +5,7 @@ import soundfile as sf
 import torch
 
 from codec.model import SimVQCodec
-from codec.modules import causal_stft, hann_window
+from codec.features import causal_stft, hann_window
 from eval import oracle
 from tests.conftest import speechlike
 

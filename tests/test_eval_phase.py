@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from codec.modules import ISTFTSynthesis, causal_stft, hann_window
+from codec.features import causal_stft, hann_window
+from codec.synthesis import ISTFTSynthesis
 from eval.phase import f0_track, harmonic_phase, pghi_phase
 
 N_FFT, HOP, SR = 320, 80, 16000

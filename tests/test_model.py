@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codec.model import SimVQCodec
-from codec.modules import PHASE_GRADIENT_FLOOR, causal_stft, hann_window, unit_phase
+from codec.features import causal_stft, hann_window
+from codec.synthesis import PHASE_GRADIENT_FLOOR, unit_phase
 from codec.quantizer import ResidualQuantizer, RunningWhitener, SimVQCodebook
 from tests.conftest import speechlike, tiny_codec
 

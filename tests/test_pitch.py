@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from codec.model import SimVQCodec
-from codec.modules import PitchHead
+from codec.pitch import PitchHead
 from tests.conftest import tiny_codec
 from tests.test_model import _stream_decode
 from training.pitch import pitch_loss, yin_f0

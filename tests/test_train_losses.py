@@ -7,7 +7,8 @@ import torch
 
 from tests.conftest import speechlike
 from training.discriminators import Discriminators
-from codec.modules import ISTFTSynthesis, causal_stft, hann_window
+from codec.features import causal_stft, hann_window
+from codec.synthesis import ISTFTSynthesis
 from training.losses import (
     ComplexSTFTLoss,
     LinearSTFTLoss,

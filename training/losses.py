@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codec.modules import causal_stft, hann_window
+from codec.features import causal_stft, hann_window
 
 
 def slaney_mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:

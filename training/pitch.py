@@ -2,7 +2,7 @@
 
 Run on the training batch itself, on whatever device it lives, so that no corpus needs a pitch cache and
 the GPU bundle carries nothing more. One estimate per synthesis sub-frame, centred on the samples that
-sub-frame covers (`codec.modules.ISTFTSynthesis`); the estimate may look a little past the sub-frame's
+sub-frame covers (`codec.synthesis.ISTFTSynthesis`); the estimate may look a little past the sub-frame's
 end, which is fine for a training target.
 """
 
