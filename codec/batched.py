@@ -109,11 +109,7 @@ class StreamBatch:
             raise ValueError(f"expected codes [{len(slots)}, S], one frame per slot; got {tuple(codes.shape)}")
         index = self._gather(slots)
         codes = _pad_rows(codes.to(index.device), len(index))
-        used = (
-            None
-            if stages is None
-            else torch.tensor([*stages, *[codes.shape[1]] * (len(index) - len(slots))], device=index.device)
-        )
+        used = None if stages is None else [*stages, *[codes.shape[1]] * (len(index) - len(slots))]
         with torch.inference_mode():
             latents = self._latents(codes, used)[:, None]
             with self.model.streaming(self._batch):
@@ -126,15 +122,17 @@ class StreamBatch:
             out.append(audio[b, drop:])
         return out
 
-    def _latents(self, codes: Tensor, used: Tensor | None) -> Tensor:
+    def _latents(self, codes: Tensor, used: list[int] | None) -> Tensor:
         """Codes `[rows, S]` -> latents `[rows, D]`, row b summing its first `used[b]` stages' codes in the order
         `ResidualQuantizer.decode` sums them (a stage a row does not use adds an exact zero)."""
         self.model.quantizer._check_stages(codes.shape[1])
+        fewest = codes.shape[1] if used is None else min(used)  # stages from here on are masked
+        mask = None if fewest >= codes.shape[1] else torch.tensor(used, device=codes.device)[:, None]
         latents = None
         for i, stage in enumerate(self.model.quantizer.stages[: codes.shape[1]]):
             part = stage.lookup(codes[:, i])
-            if used is not None and i > 0 and bool((used <= i).any()):
-                part = torch.where((used > i)[:, None], part, torch.zeros_like(part))
+            if i > 0 and i >= fewest:
+                part = torch.where(mask > i, part, torch.zeros_like(part))
             latents = part if latents is None else latents + part
         return latents
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,17 @@ class QuantizerResult:
     codebook_loss: Tensor
     residual_loss: Tensor
     stage_counts: tuple[Tensor, ...]
+
+
+class _Frozen(NamedTuple):
+    """What a stage computes once for inference (`Codebook._cached`): its codes `[K, d]` in the lookup space,
+    their squared norms `[K]`, what each contributes to the latent `[K, D]`, and the whitening and colouring
+    matrices (None without a whitener)."""
+
+    codes: Tensor
+    norms: Tensor
+    output: Tensor
+    matrices: tuple[Tensor, Tensor] | None
 
 
 class RunningWhitener(nn.Module):
@@ -146,7 +158,7 @@ class Codebook(nn.Module):
         self.whitener = RunningWhitener(self.code_dim) if whiten else None
         self._make_codes(torch.randn(codebook_size, self.code_dim) * self.code_dim**-0.5)
         self.register_buffer("initialized", torch.tensor(not init_from_data))
-        self._cache: tuple[tuple, tuple[Tensor, ...]] | None = None
+        self._cache: tuple[tuple, _Frozen] | None = None
 
     # The four things a kind of codebook defines: its codes from a Gaussian start, how they are computed,
     # which parameters define them, and how they are moved or replaced wholesale.
@@ -167,7 +179,7 @@ class Codebook(nn.Module):
     def _whitening(self) -> tuple[Tensor, Tensor] | None:
         if self.whitener is None:
             return None
-        return self.whitener.matrices() if torch.is_grad_enabled() else self._cached()[2:]
+        return self.whitener.matrices() if torch.is_grad_enabled() else self._cached().matrices
 
     def lookup_input(self, x: Tensor) -> Tensor:
         """Latents `[N, D]` -> the lookup space `[N, d]` where the codes are searched."""
@@ -191,17 +203,17 @@ class Codebook(nn.Module):
         """The codes `[K, d]` in the lookup space."""
         if torch.is_grad_enabled():
             return self._compute_codebook()
-        return self._cached()[0]
+        return self._cached().codes
 
     def output_codebook(self) -> Tensor:
         """What each code contributes to the latent, `[K, D]`."""
         if torch.is_grad_enabled():
             return self.to_latent(self._compute_codebook())
-        return self._cached()[1]
+        return self._cached().output
 
-    def _cached(self) -> tuple[Tensor, ...]:
-        """Without gradients, W(C), its image in the latent and the whitening matrices are computed once,
-        until a weight or a statistic changes."""
+    def _cached(self) -> _Frozen:
+        """Without gradients, W(C), its squared norms, its image in the latent and the whitening matrices are
+        computed once, until a weight or a statistic changes."""
         # In-place updates (optimiser steps, EMA, load_state_dict) bump a tensor's version counter. The module
         # dicts are read directly: `parameters()` and `buffers()` cost a third of a streamed frame's encode.
         versions, stack = [], [self]
@@ -215,7 +227,7 @@ class Codebook(nn.Module):
         if self._cache is None or self._cache[0] != key:
             matrices = self.whitener.matrices() if self.whitener is not None else None
             codes = self._compute_codebook()
-            self._cache = (key, (codes, self._to_latent(codes, matrices), *(matrices or ())))
+            self._cache = (key, _Frozen(codes, _squared_norms(codes), self._to_latent(codes, matrices), matrices))
         return self._cache[1]
 
     @torch.no_grad()
@@ -249,10 +261,12 @@ class Codebook(nn.Module):
         self._set_codes(z[torch.randperm(z.shape[0], generator=generator, device=z.device)[: self.codebook_size]])
         self.initialized.fill_(True)
 
-    def nearest(self, z: Tensor, codebook: Tensor) -> Tensor:
-        """Indices of the nearest codes for lookup-space inputs `z [N, d]`."""
+    def nearest(self, z: Tensor, codebook: Tensor, norms: Tensor | None = None) -> Tensor:
+        """Indices of the nearest codes for lookup-space inputs `z [N, d]` (`norms`: the codes' squared norms
+        `[K]`, computed here when not given)."""
         # ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2; the first term does not change the argmin.
-        distances = torch.addmm(codebook.pow(2).sum(1)[None], z, codebook.t(), alpha=-2.0)
+        norms = _squared_norms(codebook) if norms is None else norms
+        distances = torch.addmm(norms[None], z, codebook.t(), alpha=-2.0)
         return distances.argmin(dim=1)
 
     def forward(self, x: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -277,7 +291,10 @@ class Codebook(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Indices `[N]` of the nearest codes for latents `x [N, D]` (inference)."""
-        return self.nearest(self.lookup_input(x), self.codebook())
+        if torch.is_grad_enabled():
+            return self.nearest(self.lookup_input(x), self.codebook())
+        frozen = self._cached()  # once: reading it walks the stage's tensors
+        return self.nearest(self._to_lookup(self.in_proj(x), frozen.matrices), frozen.codes, frozen.norms)
 
     def lookup(self, indices: Tensor) -> Tensor:
         """Latent contribution `[..., D]` of code indices `[...]`."""
@@ -311,6 +328,10 @@ class SimVQCodebook(Codebook):
             self.frozen_codebook.copy_(codes)
         self.proj.weight.copy_(torch.eye(self.code_dim, device=self.proj.weight.device) * scale)
         self.proj.bias.copy_(torch.as_tensor(shift, dtype=self.proj.bias.dtype).expand_as(self.proj.bias))
+
+
+def _squared_norms(codebook: Tensor) -> Tensor:
+    return codebook.pow(2).sum(1)
 
 
 CODEBOOKS: dict[str, type[Codebook]] = {"simvq": SimVQCodebook, "vq": Codebook}

@@ -341,6 +341,17 @@ def test_nearest_is_true_nearest_neighbour():
         assert torch.equal(book.nearest(z, codes), expected)
 
 
+def test_inference_search_with_cached_norms_is_the_training_search_also_after_a_weight_change():
+    torch.manual_seed(2)
+    book = SimVQCodebook(dim=8, codebook_size=64, code_dim=4, whiten=True, init_from_data=False)
+    x = torch.randn(40, 8)
+    for _ in range(2):
+        expected = book.nearest(book.lookup_input(x), book.codebook())  # gradients on: nothing cached
+        with torch.no_grad():
+            assert torch.equal(book.encode(x), expected)
+            book.proj.weight.mul_(-1.5)  # moves every code: the cached norms must follow
+
+
 def test_init_from_data_matches_input_scale_and_uses_many_codes():
     torch.manual_seed(0)
     quantizer = ResidualQuantizer(dim=16, n_stages=2, codebook_size=256, quantizer_dropout=0.0).train()
