@@ -57,6 +57,8 @@ class AudioItem:
         split: "train", "dev", "test", ... when the manifest says, else None.
         key: the path as the listing wrote it: relative to the folder scanned, or as in the manifest.
         named_speaker: False when `speaker` is a guess from the path, not the manifest's.
+        kind: the kind of speech (`read`, `acted`, `telephone`, ...) when the manifest's `kind` column says,
+            else None.
     """
 
     path: Path
@@ -65,6 +67,7 @@ class AudioItem:
     split: str | None = None
     key: str = ""
     named_speaker: bool = True
+    kind: str | None = None
 
 
 def speaker_from_path(path: Path, root: Path) -> str:
@@ -160,7 +163,9 @@ def read_manifest(path: str | os.PathLike) -> list[AudioItem]:
         file = Path(row.path)
         file = file if file.is_absolute() else (root / file).resolve()
         speaker = row.speaker or speaker_from_path(file, root)
-        items.append(AudioItem(file, speaker, row.duration, row.split or None, row.path, bool(row.speaker)))
+        items.append(
+            AudioItem(file, speaker, row.duration, row.split or None, row.path, bool(row.speaker), row.kind or None)
+        )
     return items
 
 

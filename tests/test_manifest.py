@@ -16,11 +16,13 @@ def test_manifest_round_trip(tmp_path):
     assert text[0] == "path,speaker,duration,split,source,language,kind"
     assert text[1] == "wav/a/1.wav,a,1.250,train,asterisk,en-US,read"  # sorted by path
     assert read_rows(tmp_path / "m.csv") == sorted(rows, key=lambda r: r.path)
+    assert [item.kind for item in read_manifest(tmp_path / "m.csv")] == ["read", "telephone"]
 
 
 def test_manifest_without_kind_still_reads(tmp_path):
     (tmp_path / "m.csv").write_text("path,speaker,duration,split,source,language\nwav/a/1.wav,a,1.5,dev,s,en\n")
     assert read_rows(tmp_path / "m.csv") == [ManifestRow("wav/a/1.wav", "a", 1.5, "dev", "s", "en", "")]
+    assert read_manifest(tmp_path / "m.csv")[0].kind is None
 
 
 def test_any_columns_by_name_and_a_plain_list(tmp_path):
