@@ -8,11 +8,13 @@ import math
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from eval.run import EvalResult, Row
+from eval.run import EvalResult, Row, setting_label
 
 PLOTS = {"pesq_wb": "pesq_wb_vs_kbps.png", "stoi": "stoi_vs_kbps.png"}
 USAGE_PLOT = "stage_utilisation.png"
 _LABELS = {"pesq_wb": "PESQ-WB", "stoi": "STOI"}
+NO_KIND = "(no kind)"
+"""The by-kind column of the files whose manifest names no kind (beside files whose manifest does)."""
 
 
 def strict_json(value):
@@ -34,15 +36,31 @@ def write_json(result: EvalResult, path: Path) -> None:
         "averages": [asdict(r) for r in result.averages],
         "rows": [asdict(r) for r in result.rows],
         "codebook_usage": {k: [asdict(u) for u in v] for k, v in result.usage.items()},
+        "by_kind": kind_means(result),
     }
     path.write_text(json.dumps(strict_json(data), indent=1, allow_nan=False) + "\n")
 
 
+def kind_means(result: EvalResult) -> dict[str, dict[str, dict]]:
+    """{setting label: {kind: {pesq_wb, stoi, files}}} from the by-kind MEAN rows; empty with under two kinds."""
+    table: dict[str, dict[str, dict]] = {}
+    for r in result.by_kind:
+        table.setdefault(setting_label(r), {})[r.kind or NO_KIND] = {
+            "pesq_wb": r.pesq_wb,
+            "stoi": r.stoi,
+            "files": r.files,
+        }
+    return table
+
+
 def write_csv(result: EvalResult, path: Path) -> None:
-    """One line per file x codec x setting, then the MEAN line of each setting."""
+    """One line per file x codec x setting, then the MEAN line of each setting; a `kind` column when any file has
+    a kind."""
     names = [f.name for f in fields(Row)]
+    if not any(r.kind for r in result.rows):
+        names.remove("kind")
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=names)
+        writer = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
         writer.writeheader()
         for row in [*result.rows, *result.averages]:
             writer.writerow(
@@ -89,7 +107,7 @@ def markdown(result: EvalResult, plots: list[str] = ()) -> str:
         "files",
     ]
     out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(result.averages, key=lambda r: (_codec_order(result, r.codec), r.kbps)):
+    for r in _table_order(result):
         cells = [
             r.codec,
             r.setting,
@@ -107,6 +125,7 @@ def markdown(result: EvalResult, plots: list[str] = ()) -> str:
             str(r.files),
         ]
         out.append("| " + " | ".join(cells) + " |")
+    out += _by_kind_table(result)
     if result.skipped:
         out += ["", "## Skipped codecs", ""] + [f"- {c}: {why}" for c, why in result.skipped.items()]
     if result.failed_files:
@@ -132,6 +151,40 @@ def markdown(result: EvalResult, plots: list[str] = ()) -> str:
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def _table_order(result: EvalResult) -> list[Row]:
+    """The MEAN rows in report order: codecs as configured, each by bitrate."""
+    return sorted(result.averages, key=lambda r: (_codec_order(result, r.codec), r.kbps))
+
+
+def _by_kind_table(result: EvalResult) -> list[str]:
+    """The "By kind of speech" section's lines (none with under two kinds): PESQ-WB / STOI per setting and kind."""
+    table = kind_means(result)
+    if not table:
+        return []
+    files: dict[str, int] = {}
+    for cells in table.values():
+        for kind, cell in cells.items():
+            files[kind] = max(files.get(kind, 0), cell["files"])
+    out = [
+        "",
+        "## By kind of speech",
+        "",
+        "PESQ-WB / STOI means over the files of each kind (each metric over the files where it is defined).",
+        "",
+        "| codec | setting | " + " | ".join(f"{kind} ({n} file{'s' * (n != 1)})" for kind, n in files.items()) + " |",
+        "|" + "---|" * (2 + len(files)),
+    ]
+    for r in _table_order(result):
+        cells = table.get(setting_label(r), {})
+        values = [cells.get(kind) for kind in files]
+        out.append(
+            f"| {r.codec} | {r.setting} | "
+            + " | ".join(f"{_fmt(v['pesq_wb'])} / {_fmt(v['stoi'], 3)}" if v else "" for v in values)
+            + " |"
+        )
+    return out
 
 
 def _widest_usage(result: EvalResult):

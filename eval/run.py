@@ -31,10 +31,12 @@ class Row:
     ``kbps`` is from the actual compressed bytes, ``payload_kbps`` without container/header bytes,
     ``nominal_kbps`` the codec's target; ``*_x_realtime`` = audio seconds / wall seconds (higher is faster).
     In a MEAN row the bitrates and speeds are totals over the set (bits / seconds), the metrics are means
-    over the files where they are defined and ``files`` counts the files.
+    over the files where they are defined and ``files`` counts the files. ``kind`` is the file's kind of
+    speech from its manifest (None when it has none); a MEAN row has the kind its files share, else None.
     """
 
     file: str
+    kind: str | None = field(default=None, kw_only=True)
     codec: str
     setting: str
     seconds: float
@@ -57,7 +59,9 @@ class Row:
 @dataclass
 class EvalResult:
     """Everything a report needs: per-file rows, one MEAN row per setting, codec settings skipped (tool
-    missing: ``"codec": reason``), files that could not be read, and per-stage codebook use per model setting."""
+    missing: ``"codec": reason``), files that could not be read, per-stage codebook use per model setting
+    (keyed by `setting_label`), and when the files hold two kinds of speech or more, ``by_kind``: one MEAN row
+    per setting and kind (the files without a kind together, ``kind`` None)."""
 
     rows: list[Row]
     averages: list[Row]
@@ -65,6 +69,7 @@ class EvalResult:
     failed_files: dict[str, str] = field(default_factory=dict)
     usage: dict[str, list[StageUsage]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    by_kind: list[Row] = field(default_factory=list)
 
 
 @dataclass
@@ -75,7 +80,8 @@ class _FileResult:
     error: str | None = None
 
 
-def _label(codec) -> str:
+def setting_label(codec) -> str:
+    """The name of a codec setting (or of a Row's), e.g. "simvq-16k 12st"."""
     return f"{codec.codec} {codec.setting}"
 
 
@@ -88,7 +94,12 @@ def _evaluate_file(item: AudioItem, codecs: list, max_delay_ms: float, pesq_nb: 
     rows, counts = [], {}
     for codec in codecs:
         base = dict(
-            file=item.key, codec=codec.codec, setting=codec.setting, seconds=seconds, nominal_kbps=codec.nominal_kbps
+            file=item.key,
+            kind=item.kind,
+            codec=codec.codec,
+            setting=codec.setting,
+            seconds=seconds,
+            nominal_kbps=codec.nominal_kbps,
         )
         try:
             run = codec.run(wav)
@@ -119,7 +130,7 @@ def _evaluate_file(item: AudioItem, codecs: list, max_delay_ms: float, pesq_nb: 
             )
         )
         if run.codes is not None and isinstance(codec, ModelSetting):
-            counts[_label(codec)] = count_codes(run.codes, codec.codebook_sizes)
+            counts[setting_label(codec)] = count_codes(run.codes, codec.codebook_sizes)
     return _FileResult(rows, counts, seconds)
 
 
@@ -155,6 +166,7 @@ def _mean_row(rows: list[Row]) -> Row:
     first = rows[0]
     return Row(
         file=MEAN,
+        kind=first.kind if all(r.kind == first.kind for r in rows) else None,
         codec=first.codec,
         setting=first.setting,
         seconds=total,
@@ -236,11 +248,14 @@ def evaluate(
         rows += res.rows
         for label, c in res.counts.items():
             counts[label] = [a + b for a, b in zip(counts[label], c)] if label in counts else c
-    averages = []
+    averages, by_kind = [], []
+    named = sorted({r.kind for r in rows} - {None})
+    kinds = [*named, None] if len(named) > 1 else []  # files without a kind, if any, last
     for codec in runnable:
         mine = [r for r in rows if (r.codec, r.setting) == (codec.codec, codec.setting)]
         if mine:
             averages.append(_mean_row(mine))
+        by_kind += [_mean_row(group) for k in kinds if (group := [r for r in mine if r.kind == k])]
     config = {
         "files": len(items) - len(failed),
         "seconds": sum(r.seconds for r in results.values()),
@@ -249,4 +264,5 @@ def evaluate(
         "max_delay_ms": max_delay_ms,
         "pesq_nb": pesq_nb,
     }
-    return EvalResult(rows, averages, skipped, failed, {k: stage_usage(v) for k, v in counts.items()}, config)
+    usage = {k: stage_usage(v) for k, v in counts.items()}
+    return EvalResult(rows, averages, skipped, failed, usage, config, by_kind)

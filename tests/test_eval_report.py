@@ -13,7 +13,7 @@ from codec.stages import StageError
 from eval.dataset import list_inputs
 from eval.model import count_codes, model_settings, stage_usage
 from eval.peers import Codec2
-from eval.report import write_report
+from eval.report import markdown, write_report
 from eval.run import MEAN, evaluate
 from tests.conftest import example_speech
 
@@ -129,6 +129,7 @@ def test_report_files(tiny_model_dir, folder, tmp_path):
     assert "| codec | setting | kbps | payload kbps | PESQ-WB | STOI | ESTOI | SI-SDR dB | mel dist |" in report
     assert "| tiny-test | 3st | " in report
     assert "## Codebook use over the set: tiny-test 3st" in report
+    assert "By kind" not in report and data["by_kind"] == {} and "kind" not in lines[0]  # no manifest kinds
     if len(codecs) == 2:
         row = next(r for r in data["averages"] if r["codec"] == "codec2")
         assert f"| codec2 | 3200 | {row['kbps']:.2f} | " in report
@@ -147,3 +148,43 @@ def test_process_pool_gives_the_same_rows_in_file_order(folder):
     assert [r.file for r in pooled.rows] == ["a.wav", "b.flac"]
     for a, b in zip(serial.rows, pooled.rows):
         assert (a.kbps, a.pesq_wb, a.stoi, a.delay_ms) == (b.kbps, b.pesq_wb, b.stoi, b.delay_ms)
+
+
+def test_means_by_kind_of_speech(tiny_model_dir, tmp_path, capsys):
+    from eval.cli import main
+
+    speech, other = example_speech(), example_speech("reference.wav")
+    clips = {"r1.wav": speech[:32000], "r2.wav": other[:24000], "a1.wav": speech[40000:56000], "a2.wav": other[:3200]}
+    for name, wav in clips.items():
+        sf.write(tmp_path / name, wav, 16000)
+    manifest = tmp_path / "m.csv"  # a2 (0.2 s) is too short for PESQ and STOI: the means must leave it out
+    manifest.write_text("path,speaker,kind\nr1.wav,s1,read\nr2.wav,s2,read\na1.wav,s1,acted\na2.wav,s2,acted\n")
+    out = tmp_path / "out"
+    argv = [str(manifest), "--out", str(out), "--model", tiny_model_dir, "--stages", "1,3", "--no-peers"]
+    assert main([*argv, "--jobs", "1", "--no-plots"]) == 0
+    with open(out / "results.csv") as f:
+        lines = [r for r in csv.DictReader(f) if r["file"] != MEAN]
+    kinds = {"r1.wav": "read", "r2.wav": "read", "a1.wav": "acted", "a2.wav": "acted"}
+    assert len(lines) == 8 and all(r["kind"] == kinds[r["file"]] for r in lines)
+    assert all(r["pesq_wb"] == r["stoi"] == "" for r in lines if r["file"] == "a2.wav")
+    data = json.loads((out / "results.json").read_text())
+    report, stdout = (out / "report.md").read_text(), capsys.readouterr().out
+    assert "## By kind of speech" in report
+    header = "| codec | setting | acted (2 files) | read (2 files) |"
+    assert header in report and header in stdout  # the summary printed is the report
+    for setting in ("1st", "3st"):
+        cells = []
+        for kind in ("acted", "read"):
+            mine = [r for r in lines if r["setting"] == setting and r["kind"] == kind]
+            pesq = np.mean([float(r["pesq_wb"]) for r in mine if r["pesq_wb"]])
+            stoi = np.mean([float(r["stoi"]) for r in mine if r["stoi"]])
+            got = data["by_kind"][f"tiny-test {setting}"][kind]
+            assert got == {"pesq_wb": pytest.approx(pesq, abs=1e-4), "stoi": pytest.approx(stoi, abs=1e-4), "files": 2}
+            cells.append(f"{got['pesq_wb']:.2f} / {got['stoi']:.3f}")
+        assert f"| tiny-test | {setting} | {' | '.join(cells)} |" in report
+    # Files without a kind beside files with one: a column of their own, last.
+    result = evaluate(
+        list_inputs([manifest, tmp_path / "r1.wav"]), model_settings(tiny_model_dir, stages=[1]), jobs=1, progress=False
+    )
+    assert [(r.kind, r.files) for r in result.by_kind] == [("acted", 2), ("read", 2), (None, 1)]
+    assert "| codec | setting | acted (2 files) | read (2 files) | (no kind) (1 file) |" in markdown(result)
