@@ -4,6 +4,7 @@ Two evaluations of the same files (`simvq-codec eval ... --out DIR`) are compare
 per-file paired difference (candidate - baseline): its mean, its standard error, and a verdict. A setting
 is "better" or "worse" only when the mean difference is beyond twice its standard error, the margin the
 model card's export rule uses; neighbouring checkpoints of one training run move by about that much.
+`--by kind` repeats the comparison within each kind of speech (the manifest's `kind` column).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from codec.errors import CodecError
 from eval.cli import EXIT_USAGE, comma_list
 from eval.metrics import METRICS
+from eval.report import NO_KIND
 from eval.run import MEAN
 
 LOWER_IS_BETTER = {"mel_distance"}
@@ -30,12 +32,14 @@ EPILOG = """examples:
   simvq-codec eval dev.csv --per-speaker 25 --model runs/export --out runs/eval-cand --no-peers
   simvq-codec eval-compare runs/eval-base runs/eval-cand
   simvq-codec eval-compare runs/eval-base runs/eval-cand --metrics pesq_wb,stoi,mel_distance
+  simvq-codec eval-compare runs/eval-base runs/eval-cand --by kind     # read, acted, telephone apart
 """
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One codec setting and metric: means over the files both evaluations scored, and their paired difference."""
+    """One codec setting and metric (and kind of speech, with `--by kind`): means over the files both evaluations
+    scored, and their paired difference."""
 
     codec: str
     setting: str
@@ -45,6 +49,7 @@ class Comparison:
     candidate: float
     diff: float
     stderr: float
+    kind: str | None = None
 
     @property
     def verdict(self) -> str:
@@ -78,8 +83,17 @@ def _value(row: dict, metric: str) -> float:
     return float(text) if text not in ("", None) else math.nan
 
 
-def compare(baseline: dict, candidate: dict, metrics: list[str]) -> list[Comparison]:
-    """Paired comparisons for every (codec, setting) both tables hold, in the baseline's order.
+def _by_kind(files: list[str], rows: dict[str, dict]) -> dict[str, list[str]]:
+    """The files grouped by the kind of speech their rows name (those without one as NO_KIND, last)."""
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        groups.setdefault(rows[f].get("kind") or NO_KIND, []).append(f)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] == NO_KIND, kv[0])))
+
+
+def compare(baseline: dict, candidate: dict, metrics: list[str], by_kind: bool = False) -> list[Comparison]:
+    """Paired comparisons for every (codec, setting) both tables hold, in the baseline's order; with ``by_kind``,
+    one per kind of speech of the baseline's files.
 
     Only files where both sides have a finite score count (a metric can be undefined on a file)."""
     out = []
@@ -87,36 +101,42 @@ def compare(baseline: dict, candidate: dict, metrics: list[str]) -> list[Compari
         cand_rows = candidate.get(key)
         if cand_rows is None:
             continue
-        for metric in metrics:
-            pairs = [(_value(base_rows[f], metric), _value(cand_rows[f], metric)) for f in base_rows if f in cand_rows]
-            pairs = [(b, c) for b, c in pairs if math.isfinite(b) and math.isfinite(c)]
-            if not pairs:
-                continue
-            n = len(pairs)
-            diffs = [c - b for b, c in pairs]
-            stderr = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
-            out.append(
-                Comparison(
-                    *key,
-                    metric,
-                    n,
-                    statistics.fmean(b for b, _ in pairs),
-                    statistics.fmean(c for _, c in pairs),
-                    statistics.fmean(diffs),
-                    stderr,
+        files = [f for f in base_rows if f in cand_rows]
+        groups = _by_kind(files, base_rows) if by_kind else {None: files}
+        for kind, group in groups.items():
+            for metric in metrics:
+                pairs = [(_value(base_rows[f], metric), _value(cand_rows[f], metric)) for f in group]
+                pairs = [(b, c) for b, c in pairs if math.isfinite(b) and math.isfinite(c)]
+                if not pairs:
+                    continue
+                n = len(pairs)
+                diffs = [c - b for b, c in pairs]
+                stderr = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+                out.append(
+                    Comparison(
+                        *key,
+                        metric,
+                        n,
+                        statistics.fmean(b for b, _ in pairs),
+                        statistics.fmean(c for _, c in pairs),
+                        statistics.fmean(diffs),
+                        stderr,
+                        kind,
+                    )
                 )
-            )
     return out
 
 
 def markdown(comparisons: list[Comparison]) -> str:
-    lines = [
-        "| codec | setting | metric | files | baseline | candidate | difference | std. error | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    """The comparison table, with a kind column when the comparisons are by kind."""
+    by_kind = any(c.kind is not None for c in comparisons)
+    head = ["codec", "setting", *(["kind"] if by_kind else []), "metric", "files", "baseline", "candidate"]
+    head += ["difference", "std. error", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in comparisons:
+        kind = f" {c.kind} |" if by_kind else ""
         lines.append(
-            f"| {c.codec} | {c.setting} | {c.metric} | {c.files} | {c.baseline:.3f} | {c.candidate:.3f} "
+            f"| {c.codec} | {c.setting} |{kind} {c.metric} | {c.files} | {c.baseline:.3f} | {c.candidate:.3f} "
             f"| {c.diff:+.3f} | {c.stderr:.3f} | {c.verdict} |"
         )
     return "\n".join(lines) + "\n"
@@ -132,6 +152,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help=f"metrics to compare (default pesq_wb,stoi; any of {','.join(METRICS)})",
     )
+    p.add_argument(
+        "--by",
+        choices=["kind"],
+        help="compare within each kind of speech (results of a manifest with a kind column)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,7 +165,12 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise CodecError(f"unknown metric {', '.join(unknown)}: choose from {', '.join(METRICS)}")
         baseline, candidate = read_results(args.baseline), read_results(args.candidate)
-        comparisons = compare(baseline, candidate, args.metrics)
+        by_kind = args.by == "kind"
+        if by_kind and not any(row.get("kind") for rows in baseline.values() for row in rows.values()):
+            raise CodecError(
+                f"{args.baseline}: no file has a kind: --by kind needs an eval of a manifest with a kind column"
+            )
+        comparisons = compare(baseline, candidate, args.metrics, by_kind)
         if not comparisons:
             raise CodecError(
                 f"no codec setting scored on the same files in both: {sorted(baseline)} and {sorted(candidate)}"

@@ -10,9 +10,10 @@ from eval.report import write_csv
 from eval.run import EvalResult, Row, _mean_row
 
 
-def _row(file, setting, pesq, stoi, mel=0.3):
+def _row(file, setting, pesq, stoi, mel=0.3, kind=None):
     return Row(
         file=file,
+        kind=kind,
         codec="simvq-16k",
         setting=setting,
         seconds=1.0,
@@ -81,13 +82,35 @@ def test_cli_errors_and_table(pair, tmp_path, capsys):
     import argparse
 
     base_path, cand_path = pair
-    assert run(argparse.Namespace(baseline=base_path, candidate=cand_path, metrics=["pesq_wb"])) == 0
+    assert run(argparse.Namespace(baseline=base_path, candidate=cand_path, metrics=["pesq_wb"], by=None)) == 0
     out = capsys.readouterr().out
     assert "| simvq-16k | 12st | pesq_wb | 8 |" in out and "better" in out
-    assert run(argparse.Namespace(baseline=base_path, candidate=cand_path, metrics=["loudness"])) == 2
+    assert run(argparse.Namespace(baseline=base_path, candidate=cand_path, metrics=["loudness"], by=None)) == 2
     assert "unknown metric loudness" in capsys.readouterr().err
     other = _write(tmp_path / "other.csv", [_row("f0", "1st", 1.0, 0.5)])
-    assert run(argparse.Namespace(baseline=base_path, candidate=other, metrics=["pesq_wb"])) == 2
+    assert run(argparse.Namespace(baseline=base_path, candidate=other, metrics=["pesq_wb"], by=None)) == 2
     assert "no codec setting scored" in capsys.readouterr().err
     with pytest.raises(CodecError, match="not found"):
         read_results(tmp_path / "missing")
+
+
+def test_by_kind_compares_within_each_kind(pair, tmp_path, capsys):
+    import argparse
+
+    # Read speech gains 0.2 PESQ-WB on every file; acted speech loses 0.1 on every file; the files of the
+    # pair fixture have no kind at all.
+    base = [_row(f"f{i}", "12st", 1.5 + 0.1 * i, 0.8, kind="read" if i < 4 else "acted") for i in range(8)]
+    cand = [_row(f"f{i}", "12st", 1.5 + 0.1 * i + (0.2 if i < 4 else -0.1), 0.8) for i in range(8)]
+    base_path, cand_path = _write(tmp_path / "b.csv", base), _write(tmp_path / "c.csv", cand)
+    got = compare(read_results(base_path), read_results(cand_path), ["pesq_wb"], by_kind=True)
+    assert [(c.kind, c.files, round(c.diff, 6), c.verdict) for c in got] == [
+        ("acted", 4, -0.1, "worse"),  # kinds in order, from the baseline's rows
+        ("read", 4, 0.2, "better"),
+    ]
+    assert compare(read_results(base_path), read_results(cand_path), ["pesq_wb"])[0].verdict == "level"  # together
+    assert run(argparse.Namespace(baseline=base_path, candidate=cand_path, metrics=["pesq_wb"], by="kind")) == 0
+    out = capsys.readouterr().out
+    assert "| codec | setting | kind | metric |" in out and "| simvq-16k | 12st | read | pesq_wb | 4 |" in out
+    no_kind = argparse.Namespace(baseline=pair[0], candidate=pair[1], metrics=["pesq_wb"], by="kind")
+    assert run(no_kind) == 2
+    assert "no file has a kind" in capsys.readouterr().err
