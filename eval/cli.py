@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="INPUT",
         help="folder (scanned for wav/flac/ogg), manifest CSV (a path column, optionally speaker, duration, "
-        "split; other columns ignored; paths relative to the CSV) or audio file",
+        "split, kind; other columns ignored; paths relative to the CSV) or audio file",
     )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--split", help="keep only manifest rows of this split (e.g. test)")
