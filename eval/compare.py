@@ -21,7 +21,7 @@ from codec.errors import CodecError
 from eval.cli import EXIT_USAGE, comma_list
 from eval.metrics import METRICS
 from eval.report import NO_KIND
-from eval.run import MEAN
+from eval.run import MEAN, group_by_kind
 
 LOWER_IS_BETTER = {"mel_distance"}
 MARGIN = 2.0
@@ -83,14 +83,6 @@ def _value(row: dict, metric: str) -> float:
     return float(text) if text not in ("", None) else math.nan
 
 
-def _by_kind(files: list[str], rows: dict[str, dict]) -> dict[str, list[str]]:
-    """The files grouped by the kind of speech their rows name (those without one as NO_KIND, last)."""
-    groups: dict[str, list[str]] = {}
-    for f in files:
-        groups.setdefault(rows[f].get("kind") or NO_KIND, []).append(f)
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0] == NO_KIND, kv[0])))
-
-
 def compare(baseline: dict, candidate: dict, metrics: list[str], by_kind: bool = False) -> list[Comparison]:
     """Paired comparisons for every (codec, setting) both tables hold, in the baseline's order; with ``by_kind``,
     one per kind of speech of the baseline's files.
@@ -102,7 +94,10 @@ def compare(baseline: dict, candidate: dict, metrics: list[str], by_kind: bool =
         if cand_rows is None:
             continue
         files = [f for f in base_rows if f in cand_rows]
-        groups = _by_kind(files, base_rows) if by_kind else {None: files}
+        groups = {None: files}
+        if by_kind:
+            kinds = {f: base_rows[f].get("kind") or None for f in files}
+            groups = {k or NO_KIND: g for k, g in group_by_kind(files, kinds.get).items()}
         for kind, group in groups.items():
             for metric in metrics:
                 pairs = [(_value(base_rows[f], metric), _value(cand_rows[f], metric)) for f in group]

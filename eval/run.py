@@ -134,6 +134,14 @@ def _evaluate_file(item: AudioItem, codecs: list, max_delay_ms: float, pesq_nb: 
     return _FileResult(rows, counts, seconds)
 
 
+def group_by_kind(items: list, kind_of) -> dict[str | None, list]:
+    """``items`` grouped by their kind of speech (``kind_of(item)``, None for none): kinds sorted, None last."""
+    groups: dict[str | None, list] = {}
+    for item in items:
+        groups.setdefault(kind_of(item), []).append(item)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or "")))
+
+
 def _worker_init() -> None:
     import torch
 
@@ -249,13 +257,13 @@ def evaluate(
         for label, c in res.counts.items():
             counts[label] = [a + b for a, b in zip(counts[label], c)] if label in counts else c
     averages, by_kind = [], []
-    named = sorted({r.kind for r in rows} - {None})
-    kinds = [*named, None] if len(named) > 1 else []  # files without a kind, if any, last
+    split_kinds = len({r.kind for r in rows} - {None}) > 1
     for codec in runnable:
         mine = [r for r in rows if (r.codec, r.setting) == (codec.codec, codec.setting)]
         if mine:
             averages.append(_mean_row(mine))
-        by_kind += [_mean_row(group) for k in kinds if (group := [r for r in mine if r.kind == k])]
+        if split_kinds:
+            by_kind += [_mean_row(group) for group in group_by_kind(mine, lambda r: r.kind).values()]
     config = {
         "files": len(items) - len(failed),
         "seconds": sum(r.seconds for r in results.values()),
