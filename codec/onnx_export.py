@@ -179,7 +179,7 @@ def contract(pretrained: Pretrained, encoder: EncoderStep, decoder: DecoderStep)
         "hop_length": model.hop_length,
         "frame_rate": model.frame_rate,
         "n_stages": model.n_stages,
-        "codebook_size": model.config["codebook_size"],
+        "codebook_sizes": list(model.codebook_sizes),  # codes per stage, stage 1 first
         "decoder_delay": model.decoder_delay,
         "opset": OPSET,
         "encoder": {

@@ -76,7 +76,7 @@ class Codec:
         if self.contract["format"] != "simvq-codec-onnx/1":
             raise ValueError(f"unknown contract format {self.contract['format']!r}")
         self.threads = threads
-        for key in ("sample_rate", "hop_length", "n_stages", "codebook_size", "decoder_delay"):
+        for key in ("sample_rate", "hop_length", "n_stages", "codebook_sizes", "decoder_delay"):
             setattr(self, key, self.contract[key])
 
     def encoder(self, batch: int = 1) -> Encoder:
@@ -117,7 +117,7 @@ class Decoder(_Graph):
     start and are dropped here, and at the end the state `synthesis.tail` holds the stream's last samples."""
 
     def __init__(self, codec: Codec, batch: int = 1):
-        self.delay, self.codebook_size = codec.decoder_delay, codec.codebook_size
+        self.delay, self.codebook_sizes = codec.decoder_delay, np.asarray(codec.codebook_sizes)
         super().__init__(codec.folder, codec.contract["decoder"], batch, codec.threads)
 
     def reset(self) -> None:
@@ -126,8 +126,9 @@ class Decoder(_Graph):
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes, np.int64)
-        if codes.min(initial=0) < 0 or codes.max(initial=0) >= self.codebook_size:
-            raise RunnerError(f"codes must lie in [0, {self.codebook_size})")
+        sizes = self.codebook_sizes[: codes.shape[1]]
+        if codes.min(initial=0) < 0 or (codes >= sizes[None, :, None]).any():
+            raise RunnerError(f"codes must lie in [0, K) for each stage's size K {tuple(sizes.tolist())}")
         out = [self.step(codes[:, :, t : t + 1]) for t in range(codes.shape[2])]  # one frame per step
         audio = np.concatenate(out, axis=1) if out else np.zeros((self.batch, 0), np.float32)
         self.started = self.started or bool(out)

@@ -143,6 +143,7 @@ def test_a_batch_of_streams_is_each_stream_alone(codec, torch_codes):
         dict(phase="propagated"),
         dict(phase="propagated", rephase_iters=2),
         dict(advance_features=True),
+        dict(codebook_size=[128, 64, 64, 64]),
     ],
 )
 def test_the_other_models_export_too(tmp_path, variant):
@@ -157,6 +158,10 @@ def test_the_other_models_export_too(tmp_path, variant):
     want = torch.cat([stream.encode(x[..., t : t + 320]) for t in range(0, x.shape[-1], 320)], dim=-1)[0].numpy()
     np.testing.assert_array_equal(onnx_codec.encoder().encode(wav[None])[0], want)
     _assert_close(runner.decompress(onnx_codec, want), _torch_decode(model, want))
+    assert onnx_codec.contract["codebook_sizes"] == list(model.codebook_sizes)
+    too_large = want[None, :1, :1] * 0 + model.codebook_sizes[0]  # one code past stage 1's last
+    with pytest.raises(runner.RunnerError, match="for each stage's size K"):
+        onnx_codec.decoder().decode(too_large)
 
 
 def test_the_contract_describes_the_graphs(exported, pretrained):
@@ -169,9 +174,9 @@ def test_the_contract_describes_the_graphs(exported, pretrained):
         info["sample_rate"],
         info["hop_length"],
         info["n_stages"],
-        info["codebook_size"],
+        info["codebook_sizes"],
         info["decoder_delay"],
-    ) == (16000, 320, 12, 1024, model.decoder_delay)
+    ) == (16000, 320, 12, list(model.codebook_sizes), model.decoder_delay)
     initial = model.init_streaming_state(1).tensors()
     graph_state = []
     for part, main_in, main_out in (("encoder", "audio", "codes"), ("decoder", "codes", "audio")):
