@@ -1,8 +1,8 @@
-"""The shipped model, pinned: its weights hash and the tokens it gives a committed recording.
+"""The installed models, pinned: each one's weights hash and the tokens it gives a committed recording.
 
 An accidental change to the weights, the quantizer search, the streaming encoder or the token file shows up
 here as a different hash or different tokens. After a deliberate change (a new export of the default model),
-regenerate the golden file with `make golden` and commit it with the model.
+regenerate the default model's golden file with `make golden` and commit it with the model.
 """
 
 from __future__ import annotations
@@ -13,16 +13,20 @@ import sys
 from pathlib import Path
 
 
+import pytest
+
 from codec import DEFAULT_MODEL_ID, compress, load_model
 from codec.checkpoint import sha256_file
-from codec.presets import model_dir
+from codec.presets import list_models, model_dir
 from codec.tokfile import read_tok
 from tests.support import assert_same_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "examples" / "reference.wav"
-GOLDEN = ROOT / "tests" / "golden" / f"{DEFAULT_MODEL_ID}.tok"
-GOLDEN_INFO = GOLDEN.with_suffix(".json")
+GOLDEN_DIR = ROOT / "tests" / "golden"
+PINNED = sorted(p.stem for p in GOLDEN_DIR.glob("*.tok"))
+"""Every installed model, each with the tokens it gave the reference recording when it shipped (a model kept
+for its old token files keeps its golden file, in the format of its day)."""
 
 
 def encode_reference(model) -> bytes:
@@ -31,35 +35,43 @@ def encode_reference(model) -> bytes:
     return out.getvalue()
 
 
-def test_the_shipped_weights_are_the_pinned_ones():
-    info = json.loads(GOLDEN_INFO.read_text())
-    weights = model_dir(DEFAULT_MODEL_ID) / "model.safetensors"
+def test_every_installed_model_is_pinned():
+    assert PINNED == list_models()
+
+
+@pytest.mark.parametrize("model_id", PINNED)
+def test_the_shipped_weights_are_the_pinned_ones(model_id):
+    info = json.loads((GOLDEN_DIR / f"{model_id}.json").read_text())
+    weights = model_dir(model_id) / "model.safetensors"
     config = json.loads((weights.parent / "config.json").read_text())
     assert sha256_file(weights) == config["sha256"], "model.safetensors does not match its config.json"
     assert config["sha256"] == info["model_sha256"], (
-        "the default model changed since the golden tokens were made: if that was meant, run `make golden`"
+        f"{model_id} changed since its golden tokens were made: if that was meant, run `make golden`"
     )
 
 
-def test_the_reference_recording_gives_the_golden_tokens():
-    model = load_model(DEFAULT_MODEL_ID, warn=False)
+@pytest.mark.parametrize("model_id", PINNED)
+def test_the_reference_recording_gives_the_golden_tokens(model_id):
+    model = load_model(model_id, warn=False)
+    golden_file = GOLDEN_DIR / f"{model_id}.tok"
     header, codes = read_tok(io.BytesIO(encode_reference(model)))
-    golden_header, golden = read_tok(GOLDEN)  # the format version it was written in (1 before version 2 existed)
+    golden_header, golden = read_tok(golden_file)  # in the format version of its day
     header, golden_header = model.check(header), model.check(golden_header)  # the same weights made both
-    fields = ("model_id", "sample_rate", "hop_length", "n_stages", "stage_bits", "num_samples", "num_frames")
+    fields = ("sample_rate", "hop_length", "n_stages", "stage_bits", "num_samples", "num_frames")
     assert [getattr(header, f) for f in fields] == [getattr(golden_header, f) for f in fields]
-    assert codes.shape == golden.shape == (model.model.n_stages, json.loads(GOLDEN_INFO.read_text())["frames"])
-    assert_same_tokens(codes, golden, f"{GOLDEN.name}: the model or its code path changed")
+    frames = json.loads(golden_file.with_suffix(".json").read_text())["frames"]
+    assert codes.shape == golden.shape == (model.model.n_stages, frames)
+    assert_same_tokens(codes, golden, f"{golden_file.name}: the model or its code path changed")
 
 
 def update() -> None:
     """Rewrite the golden token file and its record from the current default model."""
     model = load_model(DEFAULT_MODEL_ID, warn=False)
     data = encode_reference(model)
-    GOLDEN.parent.mkdir(exist_ok=True)
-    GOLDEN.write_bytes(data)
+    golden = GOLDEN_DIR / f"{DEFAULT_MODEL_ID}.tok"
+    golden.write_bytes(data)
     header, codes = read_tok(io.BytesIO(data))
-    GOLDEN_INFO.write_text(
+    golden.with_suffix(".json").write_text(
         json.dumps(
             {
                 "model_id": DEFAULT_MODEL_ID,
@@ -73,7 +85,7 @@ def update() -> None:
         )
         + "\n"
     )
-    print(f"wrote {GOLDEN} ({len(data)} bytes, {codes.shape[1]} frames x {codes.shape[0]} stages)")
+    print(f"wrote {golden} ({len(data)} bytes, {codes.shape[1]} frames x {codes.shape[0]} stages)")
 
 
 if __name__ == "__main__":
