@@ -29,10 +29,8 @@ import torch
 from torch import Tensor
 
 from codec.model import CALLER_STATE, SimVQCodec
+from codec.modules import MIN_ROWS
 from codec.streaming import StreamingState
-
-MIN_ROWS = 4
-"""Rows of the smallest batch a step runs: fewer take MKL's one- and two-row kernels (see the module docstring)."""
 
 
 class StreamBatch:

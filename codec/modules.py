@@ -118,6 +118,12 @@ def constant(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return wrapper
 
 
+MIN_ROWS = 4
+"""Rows of the smallest matrix product whose rows come out as they would in any larger one: MKL (the BLAS of
+PyTorch's x86 builds) multiplies 1, 2 or 3 rows with other kernels than 4 or more, and the latter agree row
+for row whatever the count. A batched step runs at least this many (`codec.batched`), and a search cut into
+blocks never leaves a smaller one (`codec.quantizer`)."""
+
 VECTOR_BLOCK = 64
 """Elements that any of PyTorch's CPU kernels takes through its SIMD code at once (a multiple of every block)."""
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codec.batched import MIN_ROWS, StreamBatch
+from codec.batched import StreamBatch
 from codec.model import CodecStream
-from codec.modules import VECTOR_BLOCK, Linear, vectorised
+from codec.modules import MIN_ROWS, VECTOR_BLOCK, Linear, vectorised
 from tests.conftest import speechlike, tiny_codec
 
 HOP = 320

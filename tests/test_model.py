@@ -341,6 +341,20 @@ def test_nearest_is_true_nearest_neighbour():
         assert torch.equal(book.nearest(z, codes), expected)
 
 
+@pytest.mark.parametrize("extra", [0, 1, 3, 5])
+def test_a_search_in_blocks_gives_every_row_the_code_of_one_search_at_once(extra):
+    from codec.quantizer import SEARCH_BLOCK
+
+    torch.manual_seed(3)
+    book = SimVQCodebook(dim=8, codebook_size=8192, code_dim=8, init_from_data=False)
+    rows = SEARCH_BLOCK // 8192
+    z = torch.randn(3 * rows + extra, 8)
+    with torch.no_grad():
+        codes = book.codebook()
+        whole = torch.addmm((codes * codes).sum(1)[None], z, codes.t(), alpha=-2.0).argmin(1)
+        assert torch.equal(book.nearest(z, codes), whole)  # in blocks of `rows`, never fewer than MIN_ROWS
+
+
 def test_inference_search_with_cached_norms_is_the_training_search_also_after_a_weight_change():
     torch.manual_seed(2)
     book = SimVQCodebook(dim=8, codebook_size=64, code_dim=4, whiten=True, init_from_data=False)
