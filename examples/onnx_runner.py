@@ -200,7 +200,7 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, int, str]:
     if not path.is_file():
         raise RunnerError(f"no such file: {path}")
     with open(path, "rb") as f:
-        if f.read(4) == b"SVQT":
+        if f.read(2) == b"SV":  # every .tok version starts so (version 1 with "SVQT")
             raise RunnerError(
                 f"{path} is a .tok file: decode it with `simvq-codec decompress`; this runner "
                 "reads the .npz files its compress writes"
