@@ -35,7 +35,7 @@ test: install system-deps
 	$(PY) -m pytest -q
 
 corpus: install system-deps
-	$(PY) -m training.corpus --out data/corpus --install
+	$(PY) -m training.corpus --out data/corpus --sources default fotaq drascula --install
 
 # After a deliberate new export of the default model: re-pin its hash and the reference recording's tokens.
 golden: install

@@ -10,7 +10,7 @@ only other delay. The algorithmic latency is 35 ms.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +144,7 @@ class SimVQCodec(StreamingModule):
         expansion: int = 3,
         latent_dim: int = 64,
         n_stages: int = 12,
-        codebook_size: int | list[int] = 1024,
+        codebook_size: int | Sequence[int] = (8192, 8192) + (1024,) * 10,
         quantizer: str = "simvq",
         quantizer_dropout: float = 0.5,
         code_dim: int | None = 8,

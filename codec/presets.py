@@ -23,7 +23,14 @@ DEFAULT_MODEL_ID = "simvq-16k"
 
 # id -> (directory, one-line description)
 MODELS: dict[str, tuple[Path, str]] = {
-    "simvq-16k": (MODELS_DIR / "simvq-16k", "16 kHz speech, 50 frames/s, 12 x 1024-code SimVQ stages, 0.5-6 kbit/s"),
+    "simvq-16k": (
+        MODELS_DIR / "simvq-16k",
+        "16 kHz speech, 50 frames/s, SimVQ stages of 2 x 8192 then 10 x 1024 codes, 1.3-6.3 kbit/s",
+    ),
+    "simvq-16k-v1": (
+        MODELS_DIR / "simvq-16k-v1",
+        "the first release (12 x 1024-code stages, 0.5-6 kbit/s), kept so that its token files decode",
+    ),
 }
 
 

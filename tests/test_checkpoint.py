@@ -1,6 +1,7 @@
 """Release checkpoints and presets: round trip, hash verification, clear errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,4 +131,13 @@ def test_bundled_default_model_loads_and_verifies():
     config = presets.describe()
     assert release.sha256 == config["sha256"] and release.model_id == presets.DEFAULT_MODEL_ID
     model = release.model
-    assert model.sample_rate == 16000 and model.hop_length == 320 and model.codebook_size == 1024
+    assert model.sample_rate == 16000 and model.hop_length == 320
+    assert model.codebook_sizes == (8192, 8192) + (1024,) * 10 and model.stage_bits == (13, 13) + (10,) * 10
+
+
+def test_the_first_release_is_installed_for_its_token_files():
+    from codec.tokfile import read_tok
+
+    header, _ = read_tok(Path(__file__).parent / "golden" / "simvq-16k-v1.tok")  # a file of the first format
+    assert header.version == 1 and presets.model_for_tokens(header) == "simvq-16k-v1"
+    assert presets.load_model("simvq-16k-v1", warn=False).model.codebook_sizes == (1024,) * 12

@@ -122,16 +122,32 @@ def test_the_defaults_are_the_shipped_model():
 
     shipped = json.loads((model_dir("simvq-16k") / "config.json").read_text())
     defaults = {k: p.default for k, p in inspect.signature(SimVQCodec.__init__).parameters.items() if k != "self"}
-    assert defaults == shipped["model"]
+    assert json.loads(json.dumps(defaults)) == shipped["model"]  # tuples as JSON lists
     trained = shipped["provenance"]["config"]["loss"]
     assert TrainConfig().loss.weights == trained["weights"]
     assert TrainConfig().loss.pitch_teacher_forcing == trained["pitch_teacher_forcing"]
 
 
-def test_the_recipe_is_phases_that_overrides_lengthen_by_name():
-    cfg = load_config(RECIPE, ["phases.adversary.steps=10", "phases.quantizer.optim.lr=2e-4"])
-    assert cfg.init_from == "simvq-16k" and cfg.data.train == "data/corpus/train.csv"
-    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.model) == (1e-4, 200, {})
+def test_the_recipe_is_the_shipped_models_run():
+    """The committed recipe is the run the shipped weights came from (their `provenance.config`)."""
+    import json
+
+    from codec.presets import model_dir
+
+    shipped = json.loads((model_dir("simvq-16k") / "config.json").read_text())["provenance"]["config"]
+    cfg = load_config(RECIPE)
+    data = shipped["data"]
+    assert (cfg.init_from, cfg.data.train, cfg.data.dev) == (shipped["init_from"], data["train"], data["dev"])
+    assert [(p.name, p.steps, p.overrides) for p in cfg.phases] == [
+        (p["name"], p["steps"], {k: v for k, v in p.items() if k not in ("name", "steps", "restart_schedule")})
+        for p in shipped["phases"]
+    ]
+    assert cfg.model == {} and (cfg.optim.lr, cfg.optim.codebook_lr_scale) == (shipped["optim"]["lr"], 10.0)
+
+
+def test_phases_that_overrides_lengthen_by_name():
+    two = "phases=[{name: quantizer, steps: 2000, adv: false}, {name: adversary, steps: 6000, adv: true}]"
+    cfg = load_config(RECIPE, [two, "phases.adversary.steps=10", "phases.quantizer.optim.lr=2e-4"])
     quantizer, adversary = cfg.phases
     assert (quantizer.name, quantizer.steps, adversary.name, adversary.steps) == ("quantizer", 2000, "adversary", 10)
     assert quantizer.overrides == {"adv": False, "optim.lr": 2e-4} and adversary.overrides == {"adv": True}
