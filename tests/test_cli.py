@@ -41,7 +41,7 @@ def test_round_trip_restores_exact_length_and_info(tmp_path, wav_44k_stereo):
     assert abs(sf.info(out).frames - expected) <= 1 and sf.info(out).samplerate == 16000
     r = run("info", str(tok))
     text = r.stdout.decode()
-    assert r.returncode == 0 and "6 x 10 bits" in text and "3.000 kbit/s" in text and "simvq-16k" in text
+    assert r.returncode == 0 and "5 stages: 13+13+10+10+10 bits" in text and "2.800 kbit/s" in text and "simvq-16k" in text
 
 
 @pytest.mark.skipif(not EXAMPLE.exists(), reason="example recording not present")
@@ -392,10 +392,11 @@ def test_a_token_file_of_other_weights_names_the_installed_model_and_a_tiny_file
     foreign = dataclasses.replace(release.header(1, 1), weights_hash=bytes(8))
     write_tok(tmp_path / "foreign.tok", foreign, np.zeros((1, 1), np.int64))
     line = _one_error_line(run("decompress", str(tmp_path / "foreign.tok"), str(tmp_path / "out.wav")))
+    old = load_model("simvq-16k-v1", warn=False)
     assert line == (
         "simvq-codec: error: the file was made with weights 00000000, which this installation does not "
-        f"have (installed: simvq-16k (weights {release.sha256[:8]})); pass --model ID|DIR to decode it "
-        "with a model you choose"
+        f"have (installed: simvq-16k (weights {release.sha256[:8]}), simvq-16k-v1 (weights {old.sha256[:8]})); "
+        "pass --model ID|DIR to decode it with a model you choose"
     )
     write_tok(tmp_path / "one.tok", release.header(1, 1), np.zeros((1, 1), np.int64))  # a 1-sample file
     info = run("info", str(tmp_path / "one.tok")).stdout.decode()

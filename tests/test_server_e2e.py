@@ -70,7 +70,7 @@ def test_round_trip_of_a_real_recording(server, recording):
     assert r.status_code == 200, r.text
     header, codes = read_tok(io.BytesIO(r.content))
     expected_samples = len(read_audio(recording, 16000)[0])
-    assert header.hop_length == 320 and header.n_stages == 12 and header.stage_bits == (10,) * 12
+    assert header.hop_length == 320 and header.n_stages == 12 and header.stage_bits == (13, 13) + (10,) * 10
     assert header.num_samples == expected_samples and codes.shape == (12, -(-expected_samples // 320))
     assert len(r.content) == header.file_bytes()  # bit-packed: ~6 kbit/s
     info = client.get("/v1/models").json()["models"][0]
@@ -95,12 +95,12 @@ def log_mel(audio: np.ndarray) -> np.ndarray:
 def test_json_binary_and_multipart_forms_agree(server, recording):
     _, client = server
     body = recording.read_bytes()
-    tok = encode(client, body, MEDIA[recording.suffix], "?stages=6")
-    js = encode(client, body, MEDIA[recording.suffix], "?stages=6&format=json").json()
+    tok = encode(client, body, MEDIA[recording.suffix], "?stages=5")
+    js = encode(client, body, MEDIA[recording.suffix], "?stages=5&format=json").json()
     form = client.post("/encode?bitrate=3", files={"file": (recording.name, body, "application/octet-stream")})
     header, codes = read_tok(io.BytesIO(tok.content))
-    assert form.content == tok.content  # 3 kbit/s = 6 stages
-    assert np.array_equal(np.array(js["codes"]), codes) and js["n_stages"] == 6
+    assert form.content == tok.content  # 3 kbit/s = 5 stages (2.8 kbit/s)
+    assert np.array_equal(np.array(js["codes"]), codes) and js["n_stages"] == 5
     for key in ("hop_length", "n_stages", "bits_per_code", "num_samples", "num_frames"):
         assert js[key] == getattr(header, key)
     assert (js["model_id"], js["sample_rate"], js["stage_bits"]) == ("simvq-16k", 16000, list(header.stage_bits))
@@ -475,7 +475,7 @@ def cli_server(tmp_path, **settings: str) -> Iterator[tuple[subprocess.Popen, ht
 def test_cli_serve_starts_uvicorn_and_stops_on_sigterm(tmp_path, recording):
     with cli_server(tmp_path) as (proc, client, _):
         r = encode(client, recording.read_bytes(), MEDIA[recording.suffix], "?bitrate=1.5")
-        assert r.status_code == 200 and read_tok(io.BytesIO(r.content))[0].n_stages == 3
+        assert r.status_code == 200 and read_tok(io.BytesIO(r.content))[0].n_stages == 2  # 1.3 kbit/s
         d = client.post("/decode?format=flac", content=r.content, headers={"content-type": "application/octet-stream"})
         assert d.status_code == 200 and d.content[:4] == b"fLaC"
         proc.send_signal(signal.SIGTERM)
