@@ -4,6 +4,7 @@ The files are `codec.manifest.AudioItem`s; `key` is a file's name in reports (re
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,12 +56,10 @@ def list_inputs(
     items: list[AudioItem] = []
     for source in sources:
         src = Path(source)
-        if src.is_dir():
-            found = scan_folder(src)
-            if len(sources) > 1:
+        if src.is_dir() or (src.is_file() and src.suffix.lower() == ".csv"):
+            found = scan_folder(src) if src.is_dir() else manifest_items(src, split)
+            if len(sources) > 1:  # a file's key names its folder or manifest, as two of them may share paths
                 found = [replace(it, key=f"{src.name}/{it.key}") for it in found]
-        elif src.is_file() and src.suffix.lower() == ".csv":
-            found = manifest_items(src, split)
         elif src.is_file() and src.suffix.lower() in AUDIO_EXTENSIONS:
             found = [AudioItem(src.resolve(), src.parent.name, key=src.name, named_speaker=False)]
         else:
@@ -68,6 +67,11 @@ def list_inputs(
         items += found
     if not items:
         raise AudioError(f"no audio found in {', '.join(map(str, sources))}" + (f" (split {split})" if split else ""))
+    twice = next((key for key, n in Counter(it.key for it in items).items() if n > 1), None)
+    if twice is not None:  # results and eval-compare pair files by key
+        raise AudioError(
+            f"{twice} is given twice (files are named by their path in their folder or manifest): score them apart"
+        )
     if per_speaker:
         items = spread_per_speaker(items, per_speaker)
     return items[:limit] if limit else items

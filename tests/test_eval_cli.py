@@ -56,6 +56,15 @@ def test_folder_and_manifest_inputs(folder, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AudioError, match="no audio"):
         list_inputs([tmp_path / "empty"])
+    # two manifests that list the same relative path: each file's key names its manifest
+    other = tmp_path / "other"
+    other.mkdir()
+    sf.write(other / "one.wav", example_speech()[:16000], 16000)
+    (other / "other.csv").write_text("path,split\none.wav,test\n")
+    keys = [it.key for it in list_inputs([manifest, other / "other.csv"], split="test")]
+    assert keys == ["manifest.csv/one.wav", "other.csv/one.wav"]
+    with pytest.raises(AudioError, match="one.wav is given twice"):  # results pair files by these keys
+        list_inputs([folder / "one.wav", other / "one.wav"])
     manifest.unlink()
 
 
