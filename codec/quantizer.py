@@ -161,7 +161,7 @@ class Codebook(nn.Module):
         self._cache: tuple[tuple, _Frozen] | None = None
 
     # The four things a kind of codebook defines: its codes from a Gaussian start, how they are computed,
-    # which parameters define them, and how they are moved or replaced wholesale.
+    # which parameters define them, and how they are moved or replaced, wholesale or row by row.
     def _make_codes(self, gaussian: Tensor) -> None:
         self.codes = nn.Parameter(gaussian)
 
@@ -175,6 +175,10 @@ class Codebook(nn.Module):
     def _set_codes(self, codes: Tensor | None = None, scale: float | Tensor = 1.0, shift: float | Tensor = 0.0) -> None:
         """Codes become `codes` (default: the current ones) times `scale` plus `shift`."""
         self.codes.copy_((self.codes if codes is None else codes) * scale + shift)
+
+    def _replace_codes(self, rows: Tensor, codes: Tensor) -> None:
+        """The codes `rows` become the lookup-space vectors `codes`; the others stay."""
+        self.codes[rows] = codes
 
     def _whitening(self) -> tuple[Tensor, Tensor] | None:
         if self.whitener is None:
@@ -261,6 +265,23 @@ class Codebook(nn.Module):
         self._set_codes(z[torch.randperm(z.shape[0], generator=generator, device=z.device)[: self.codebook_size]])
         self.initialized.fill_(True)
 
+    @torch.no_grad()
+    def redraw_unused(self, x: Tensor, generator: torch.Generator | None = None) -> int:
+        """Move the codes that no latent of `x [N, D]` selects to inputs drawn in proportion to their squared
+        error (the k-means++ rule), so they land where this stage quantizes worst; the codes in use stay
+        where they are. Returns how many codes moved.
+
+        Codes drawn from the inputs follow the encoder as it was when they were drawn; as it trains on, a
+        few percent of them end where no input falls."""
+        z = self.lookup_input(x)
+        codebook = self.codebook()
+        indices = self.nearest(z, codebook)
+        unused = (torch.bincount(indices, minlength=self.codebook_size) == 0).nonzero().squeeze(1)
+        if unused.numel():
+            error = (z - codebook[indices]).pow(2).sum(1)
+            self._replace_codes(unused, z[torch.multinomial(error, unused.numel(), generator=generator)])
+        return unused.numel()
+
     def nearest(self, z: Tensor, codebook: Tensor, norms: Tensor | None = None) -> Tensor:
         """Indices of the nearest codes for lookup-space inputs `z [N, d]` (`norms`: the codes' squared norms
         `[K]`, computed here when not given)."""
@@ -334,6 +355,10 @@ class SimVQCodebook(Codebook):
             self.frozen_codebook.copy_(codes)
         self.proj.weight.copy_(torch.eye(self.code_dim, device=self.proj.weight.device) * scale)
         self.proj.bias.copy_(torch.as_tensor(shift, dtype=self.proj.bias.dtype).expand_as(self.proj.bias))
+
+    def _replace_codes(self, rows: Tensor, codes: Tensor) -> None:
+        """C's `rows` become what W maps onto `codes` (W(c) = c W^T + b, so c = (codes - b) W^-T); W stays."""
+        self.frozen_codebook[rows] = torch.linalg.solve(self.proj.weight, (codes - self.proj.bias).T).T
 
 
 SEARCH_BLOCK = 1 << 20
@@ -469,16 +494,27 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def draw_codebooks(
-        self, z: Tensor, stages: Collection[int] | None = None, generator: torch.Generator | None = None
-    ) -> None:
+        self,
+        z: Tensor,
+        stages: Collection[int] | None = None,
+        generator: torch.Generator | None = None,
+        unused_only: bool = False,
+    ) -> list[int]:
         """Draw the frozen codes of `stages` (indices; all by default) from their own inputs, stage after stage,
         for latents `z [..., D]` with at least as many frames as the largest of those codebooks
-        (`Codebook.draw_from`)."""
-        residual = z.reshape(-1, z.shape[-1])
+        (`Codebook.draw_from`); with `unused_only`, only the codes that none of those frames selects
+        (`Codebook.redraw_unused`). Returns how many codes each stage drew."""
+        residual, drawn = z.reshape(-1, z.shape[-1]), []
         for i, stage in enumerate(self.stages):
-            if stages is None or i in stages:
+            if stages is not None and i not in stages:
+                drawn.append(0)
+            elif unused_only:
+                drawn.append(stage.redraw_unused(residual, generator))
+            else:
                 stage.draw_from(residual, generator)
+                drawn.append(stage.codebook_size)
             residual = residual - stage.lookup(stage.encode(residual))
+        return drawn
 
     @torch.no_grad()
     def calibrate_whiteners(self, z: Tensor) -> None:

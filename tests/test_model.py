@@ -593,3 +593,31 @@ def test_codes_drawn_from_the_stage_inputs_fit_them_better_than_gaussian_codes()
     assert error["drawn"] < 0.7 * error["gaussian"] and used > 0.8 * 256
     with pytest.raises(ValueError, match="needs at least as many frames"):
         drawn.draw_codebooks(z[:, :100])
+
+
+@pytest.mark.parametrize("kind", ["simvq", "vq"])
+def test_unused_codes_move_to_where_the_stage_quantizes_worst_and_the_used_ones_stay(kind):
+    torch.manual_seed(0)
+    centres = torch.randn(12, 16) * 3.0
+    z = (centres[torch.randint(12, (4000,))] + 0.3 * torch.randn(4000, 16))[None]
+    quantizer = ResidualQuantizer(
+        dim=16, n_stages=2, codebook_size=[256, 64], code_dim=4, whiten=True, quantizer_dropout=0.0, kind=kind
+    )
+    quantizer.train()(z)  # whitening statistics and rescaled Gaussian codes: many fall where no input does
+    quantizer.eval()
+    first = quantizer.stages[0]
+    with torch.no_grad():
+        inputs, before = first.lookup_input(z[0]), first.codebook().clone()
+        used = first.encode(z[0]).unique()
+        error_before = torch.cdist(inputs, before).min(1).values.pow(2).mean()
+    moved = quantizer.draw_codebooks(z, [0], torch.Generator().manual_seed(0), unused_only=True)
+    with torch.no_grad():
+        after = first.codebook()
+        error_after = torch.cdist(inputs, after).min(1).values.pow(2).mean()
+        now_used = first.encode(z[0]).unique()
+    assert moved == [256 - used.numel(), 0] and moved[0] > 50
+    assert torch.allclose(after[used], before[used], atol=1e-5)  # the codes in use did not move
+    was_unused = torch.ones(256, dtype=torch.bool)
+    was_unused[used] = False
+    assert torch.isin(was_unused.nonzero().squeeze(1), now_used).all()  # each moved code sits on an input
+    assert error_after < 0.5 * error_before

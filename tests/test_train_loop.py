@@ -1,5 +1,6 @@
 """training.train: adversarial steps, exact resume, the non-finite guard, checkpoints and export."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -388,6 +389,22 @@ def test_the_recipe_warm_starts_from_a_release_and_trains_its_phases(corpus, tmp
     assert "adv/disc" not in logged[1] and "adv/disc" not in logged[2]  # no adversary
     assert logged[1]["lr/gen"] == pytest.approx(1e-4 / 200) and logged[2]["lr/gen"] > logged[1]["lr/gen"]
     assert "drew the codes of stage(s) 1, 2, 3, 4 from" in capsys.readouterr().err  # at the phase's first step
+
+
+def test_a_phase_can_redraw_only_the_codes_no_crop_selects(corpus, tmp_path, capsys):
+    released = _tiny_release(corpus, tmp_path)
+    phases = ["phases=[{name: refresh, steps: 4, draw_codebooks: unused}]"]
+    trainer = Trainer(tiny_config(corpus, "eval_every=0", f"init_from={released}", *phases), tmp_path / "unused")
+    stages = trainer.model.quantizer.stages
+    stages[0].frozen_codebook[:5] += 100.0  # five codes far from every input
+    before = [s.frozen_codebook.clone() for s in stages]
+    trainer.fit(until=1)
+    report = re.search(r"redrew the codes no frame of \d+ selects, per stage: (.*)", capsys.readouterr().err)
+    moved = [int(count.split("/")[0]) for count in report[1].split(", ")]
+    assert len(moved) == len(stages) and moved[0] >= 5
+    for stage, codes, n in zip(stages, before, moved):  # exactly the reported rows of C moved
+        assert int((stage.frozen_codebook != codes).any(1).sum()) == n
+    assert torch.equal(trainer.ema.model.quantizer.stages[0].frozen_codebook, stages[0].frozen_codebook)
 
 
 def test_a_phase_draws_its_codebooks_from_the_latents_of_training_crops(corpus, tmp_path, capsys):

@@ -260,7 +260,8 @@ class TrainConfig:
         draw_codebooks: at the first step of the run (or of the phase that sets it), draw the frozen codes of
             the quantizer's stages from their own inputs (`ResidualQuantizer.draw_codebooks`): "new" the
             stages that have not trained yet (a fresh model's, or a warm start's resized ones), "all" every
-            stage, "none" keeps the Gaussian codes (rescaled to the input on the first batch).
+            stage, "unused" only the codes of every stage that no input selects (they move to where the stage
+            quantizes worst), "none" keeps the Gaussian codes (rescaled to the input on the first batch).
         phases: the run's stages in order, each with its own steps and overrides (`Phase`), e.g. a first
             phase without the adversary; the learning-rate schedule restarts with each. Empty: the run is one
             phase of `steps` steps (named "train" in the logs).
@@ -320,7 +321,7 @@ CHOICES = {
     "disc.norm": ("weight", "spectral"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
-    "draw_codebooks": ("none", "new", "all"),
+    "draw_codebooks": ("none", "new", "all", "unused"),
 }
 
 

@@ -203,14 +203,17 @@ class Trainer:
 
     @torch.no_grad()
     def _draw_codebooks(self, which: str) -> None:
-        """Draw the frozen codes of the new stages (`which="new"`) or of all of them from their inputs: the
-        latents of training crops of an epoch of their own (`DRAW_EPOCH`, so the run's data order is not
-        touched), at least twice as many frames as the largest codebook drawn. Every process draws the same."""
+        """Draw the frozen codes of the new stages (`which="new"`), of all of them, or every stage's unused
+        codes (`"unused"`) from their inputs: the latents of training crops of an epoch of their own
+        (`DRAW_EPOCH`, so the run's data order is not touched), at least twice as many frames as the largest
+        codebook drawn, and `UNUSED_FRAMES_PER_CODE` times as many to tell which codes are unused. Every process
+        draws the same."""
         quantizer = self.model.quantizer
-        stages = [i for i, s in enumerate(quantizer.stages) if which == "all" or not bool(s.initialized)]
+        stages = [i for i, s in enumerate(quantizer.stages) if which in ("all", "unused") or not bool(s.initialized)]
         if not stages:
             return
-        frames = max(2 * max(quantizer.codebook_sizes[i] for i in stages), 10_000)
+        per_code = UNUSED_FRAMES_PER_CODE if which == "unused" else 2
+        frames = max(per_code * max(quantizer.codebook_sizes[i] for i in stages), 10_000)
         per_crop = self.cfg.data.segment_samples // self.model.hop_length
         batch_size, latents, index = self.cfg.data.batch_size, [], 0
         order = np.random.default_rng([self.cfg.seed, DRAW_EPOCH]).permutation(len(self.dataset))
@@ -224,9 +227,13 @@ class Trainer:
             latents.append(self.model.encode_latents(audio.to(self.device)).float())
             index += 1
         z = torch.cat(latents).reshape(-1, latents[0].shape[-1])
-        quantizer.draw_codebooks(z, stages, torch.Generator(device=z.device).manual_seed(self.cfg.seed))
+        generator = torch.Generator(device=z.device).manual_seed(self.cfg.seed)
+        drawn = quantizer.draw_codebooks(z, stages, generator, unused_only=which == "unused")
         self.ema.model.quantizer.load_state_dict(quantizer.state_dict())  # the average starts from the new codes
-        if self.world.is_main:
+        if self.world.is_main and which == "unused":
+            counts = ", ".join(f"{n}/{quantizer.codebook_sizes[i]}" for i, n in enumerate(drawn))
+            print(f"redrew the codes no frame of {z.shape[0]} selects, per stage: {counts}", file=sys.stderr)
+        elif self.world.is_main:
             print(
                 f"drew the codes of stage(s) {', '.join(str(i + 1) for i in stages)} from {z.shape[0]} frames",
                 file=sys.stderr,
@@ -551,6 +558,10 @@ class Trainer:
 
 DRAW_EPOCH = 2**31 - 1
 """The epoch number of the crops whose latents codebooks are drawn from (`Trainer._draw_codebooks`)."""
+
+UNUSED_FRAMES_PER_CODE = 32
+"""Frames per code of the largest codebook that `draw_codebooks: unused` counts code use over: a code that
+training still uses is selected about this many times, so few in use are taken for unused."""
 
 # Input projections whose inputs may grow at the end (features appended, `STFTFeatures(advances=True)`).
 GROWABLE_INPUTS = ("encoder_in.0.weight",)
