@@ -78,3 +78,19 @@ def write_speaker_corpus(root, short: tuple[int, int] | None = None):
             seconds = 0.15 if (spk, i) == short else 1.2
             sf.write(root / f"spk{spk}/u{i}.wav", speechlike(seconds, rate, seed=10 * spk + i), rate)
     return root
+
+
+def write_ood_manifest(root):
+    """An out-of-domain dev set as `training.corpus` writes one (`dev-ood.csv`, paths relative to it): two
+    voices x two files of noisier speech-like audio at 8 kHz, unlike `write_speaker_corpus`'s. Returns the
+    manifest's path."""
+    rows = ["path,speaker,duration,split"]
+    for spk in range(2):
+        for i in range(2):
+            rng = np.random.default_rng(100 + 10 * spk + i)
+            audio = speechlike(1.0, 8000, seed=100 + 10 * spk + i) + 0.03 * rng.standard_normal(8000)
+            sf.write(root / f"ood{spk}_{i}.wav", audio.astype(np.float32), 8000)
+            rows.append(f"ood{spk}_{i}.wav,ood{spk},1.0,dev-ood")
+    path = root / "dev-ood.csv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path

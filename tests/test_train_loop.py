@@ -1,5 +1,6 @@
 """training.train: adversarial steps, exact resume, the non-finite guard, checkpoints and export."""
 
+import math
 import re
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from codec.checkpoint import load_model_dir, load_pretrained
-from codec.errors import CheckpointError
-from tests.conftest import speechlike, write_speaker_corpus
+from codec.errors import AudioError, CheckpointError
+from tests.conftest import speechlike, write_ood_manifest, write_speaker_corpus
 from training import checkpoints
 from training.cli import main as cli_main
 from training.config import ConfigError, load_config
@@ -263,6 +264,38 @@ def test_dev_pass_reports_the_unquantized_latent_and_the_convergence_beside_the_
     assert 0 < record["convergence"] < 10  # an untrained decoder is far off, but finite
 
 
+def test_an_out_of_domain_dev_set_is_scored_at_every_pass_and_logged_apart(corpus, tmp_path, capsys):
+    ood = write_ood_manifest(tmp_path)
+    plain = Trainer(tiny_config(corpus, "eval_every=1"), tmp_path / "plain")
+    last = plain.fit(until=1)
+    plain_line = capsys.readouterr().err
+    both = Trainer(tiny_config(corpus, "eval_every=1", f"data.dev_ood={ood}"), tmp_path / "both")
+    both.fit(until=1)
+    both_line = capsys.readouterr().err
+
+    [without] = read_jsonl(tmp_path / "plain" / DEV_LOG)
+    [record] = read_jsonl(tmp_path / "both" / DEV_LOG)
+    figures = record.pop("ood")
+    assert record == without  # the main dev set's figures (and the step's training) are untouched
+    assert set(figures) == set(record) - {"step", "phase"} and len(figures["utilisation"]) == 4
+    assert math.isfinite(figures["mel"]) and figures["mel"] > 0 and figures["mel"] != record["mel"]
+    assert figures["mel_unquantized"] != record["mel_unquantized"]
+    ood_text = f"ood mel {figures['mel']:.3f} (unquantized {figures['mel_unquantized']:.3f})"
+    assert f"dev step 1 (train): mel {record['mel']:.3f}" in both_line and both_line.rstrip().endswith(ood_text)
+    assert "ood" not in plain_line and f"dev step 1 (train): mel {record['mel']:.3f}" in plain_line
+
+    corpus_record = checkpoints.load_checkpoint(both.ckpt_dir / last.name)["corpus"]
+    assert (corpus_record["dev_ood"], corpus_record["dev_ood_files"]) == (str(ood), 4)
+    assert "dev_ood" not in checkpoints.load_checkpoint(last)["corpus"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / "both" / "tb")).Reload().Tags()["scalars"]
+    assert {"dev-ood/mel", "dev-ood/mel_unquantized", "dev-ood/convergence", "dev-ood/utilisation/mean"} <= set(tags)
+    assert "dev-ood/perplexity/stage_03" in tags and "dev/mel" in tags
+    with pytest.raises(AudioError, match=r"data.dev_ood: no folder or manifest at .*data.dev_ood=null"):
+        Trainer(tiny_config(corpus, f"data.dev_ood={tmp_path / 'none.csv'}"), tmp_path / "none")
+
+
 def test_the_linear_stft_term_is_computed_only_when_weighted(corpus, tmp_path):
     for weight in (2, 0):
         Trainer(tiny_config(corpus, f"loss.weights.stft/linear={weight}"), tmp_path / str(weight)).fit(until=1)
@@ -374,6 +407,7 @@ def test_the_recipe_warm_starts_from_a_release_and_trains_its_phases(corpus, tmp
             *sections,
             f"data.train={corpus}",
             "data.dev=null",
+            "data.dev_ood=null",  # the recipe's is the built corpus's
             "data.dev_fraction=0.34",
             f"init_from={released}",
             "phases.quantizer.steps=2",

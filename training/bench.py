@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         cfg = load_config(args.config, [*args.overrides, "eval_every=0", "init_from="])  # timing needs no weights
         _write_corpus(root / "data", 16000)
-        cfg.data.train, cfg.data.dev, cfg.data.dev_fraction = str(root / "data"), None, 0.5
+        cfg.data.train, cfg.data.dev, cfg.data.dev_ood, cfg.data.dev_fraction = str(root / "data"), None, None, 0.5
         trainer = Trainer(cfg, root / "run")
         batch = torch.stack([trainer.dataset.crop((0, 0, i % 2, i)) for i in range(cfg.data.batch_size)])
         (g, g_cpu), (a, a_cpu) = (_time_steps(trainer, batch, args.steps, adv) for adv in (False, True))

@@ -92,6 +92,8 @@ class DataConfig:
     Args:
         train: manifest (CSV with a `path` column, or one path per line) or folder of wav/flac/ogg.
         dev: the same for the dev set; None splits `train` by speaker (whole voices go to dev).
+        dev_ood: the same for a second dev set of speech unlike the corpus (`dev-ood.csv` of
+            `training.corpus`), scored beside the dev set at every dev pass and logged apart; None: none.
         dev_fraction: share of speakers held out when `dev` is None (at least one).
         segment_samples: crop length at the model rate; a multiple of the model's hop.
         gain_db: random gain range in dB applied to each crop (the crop is kept below full scale).
@@ -101,12 +103,13 @@ class DataConfig:
         batch_size: examples per step on each process.
         num_workers: DataLoader worker processes (0 loads in the training process).
         cache: keep decoded int16 audio in memory (per process), good for corpora of a few hours.
-        dev_clips: number of fixed dev clips scored at every evaluation.
+        dev_clips: number of fixed dev clips scored at every evaluation (as many of `dev_ood`).
         dev_clip_samples: maximum length of a dev clip at the model rate (multiple of the hop).
     """
 
     train: str = "data/corpus/train.csv"
     dev: str | None = "data/corpus/dev.csv"
+    dev_ood: str | None = None
     dev_fraction: float = 0.05
     segment_samples: int = 16000
     gain_db: tuple[float, float] = (-12.0, 0.0)
@@ -328,6 +331,7 @@ CHOICES = {
 FIXED_DATA_KEYS = (
     "data.train",
     "data.dev",
+    "data.dev_ood",
     "data.dev_fraction",
     "data.segment_samples",
     "data.batch_size",

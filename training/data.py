@@ -46,6 +46,17 @@ def load_items(source: str | Path) -> list[AudioItem]:
     return items
 
 
+def load_dev_ood(source: str | Path) -> list[AudioItem]:
+    """The files of the out-of-domain dev set (`data.dev_ood`): at least one, or an error that names the key."""
+    try:
+        items = load_items(source)
+    except AudioError as e:
+        raise AudioError(f"data.dev_ood: {e} (`make corpus` writes one; data.dev_ood=null scores none)") from None
+    if not items:
+        raise AudioError(f"data.dev_ood: {source} lists no files")
+    return items
+
+
 def split_items(
     train: list[AudioItem], dev: list[AudioItem] | None, dev_fraction: float
 ) -> tuple[list[AudioItem], list[AudioItem]]:

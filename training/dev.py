@@ -40,15 +40,19 @@ class DevResult:
     voicing_accuracy: float | None = None
     f0_error_cents: float | None = None
 
-    def to_json(self, step: int) -> dict:
+    @property
+    def utilisation_mean(self) -> float:
+        return sum(self.utilisation) / len(self.utilisation)
+
+    def to_json(self) -> dict:
+        """The figures as a line of the dev log holds them (the monitor adds the step and the phase)."""
         return {
-            "step": step,
             "mel": self.mel,
             "mel_unquantized": self.mel_unquantized,
             "convergence": self.convergence,
             "utilisation": self.utilisation,
             "perplexity": self.perplexity,
-            "utilisation_mean": sum(self.utilisation) / len(self.utilisation),
+            "utilisation_mean": self.utilisation_mean,
         } | (
             {}
             if self.voicing_accuracy is None

@@ -23,12 +23,12 @@ BAR_KEYS = ("mel", "stft/complex", "adv/gen", "adv/disc")
 class Monitor:
     """Reports training scalars every `log_every` steps and dev passes.
 
-    Scalars go to TensorBoard (`RUN_DIR/tb`) and to `RUN_DIR/train_metrics.jsonl`; dev results to TensorBoard
-    and `RUN_DIR/dev_metrics.jsonl`; each record names the phase of the run it comes from. TensorBoard (and its
-    mel images, which need matplotlib) is skipped where it is not installed. A tqdm bar shows steps/s and the
-    main losses on a terminal; otherwise a plain line is printed every `log_every` steps. On resume, records
-    after `start_step` (written by the interrupted run after its last checkpoint) are dropped so each step
-    appears once.
+    Scalars go to TensorBoard (`RUN_DIR/tb`) and to `RUN_DIR/train_metrics.jsonl`; dev results (of the
+    out-of-domain dev set too, where the run has one) to TensorBoard and `RUN_DIR/dev_metrics.jsonl`; each
+    record names the phase of the run it comes from. TensorBoard (and its mel images, which need matplotlib)
+    is skipped where it is not installed. A tqdm bar shows steps/s and the main losses on a terminal;
+    otherwise a plain line is printed every `log_every` steps. On resume, records after `start_step` (written
+    by the interrupted run after its last checkpoint) are dropped so each step appears once.
 
     Args:
         run_dir: the run directory.
@@ -88,17 +88,13 @@ class Monitor:
         clips: list[torch.Tensor],
         mel_loss: MultiScaleMelLoss,
         phase: str,
+        ood: DevResult | None = None,
     ) -> None:
         """Record a dev pass at the end of `step` (in `phase`): scalars per stage, the JSON line, audio and mel
-        images of the first clips."""
+        images of the first clips. `ood`, the pass over the out-of-domain dev set where the run has one, goes
+        under `dev-ood/` and into the JSON line's `ood`."""
         w = self.writer
-        w.add_scalar("dev/mel", result.mel, step)
-        w.add_scalar("dev/mel_unquantized", result.mel_unquantized, step)
-        w.add_scalar("dev/convergence", result.convergence, step)
-        for i, (used, ppl) in enumerate(zip(result.utilisation, result.perplexity)):
-            w.add_scalar(f"dev/utilisation/stage_{i:02d}", used, step)
-            w.add_scalar(f"dev/perplexity/stage_{i:02d}", ppl, step)
-        w.add_scalar("dev/utilisation/mean", sum(result.utilisation) / len(result.utilisation), step)
+        self._dev_scalars("dev", result, step)
         for i, audio in enumerate(result.outputs):
             if not self.references_logged:
                 w.add_audio(f"dev/reference_{i}", clips[i][0].clamp(-1, 1), 0, self.sample_rate)
@@ -106,19 +102,39 @@ class Monitor:
             if self.figures:
                 w.add_figure(f"dev/mel_{i}", mel_figure(clips[i], audio, mel_loss), step)
         self.references_logged = True
-        w.flush()
-        _append(self.run_dir / DEV_LOG, {**result.to_json(step), "phase": phase})
+        record = {"step": step, **result.to_json(), "phase": phase}
         line = (
-            f"dev step {step} ({phase}): mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f}), "
+            f"dev step {step} ({phase}): {_mel_text(result)}, "
             f"convergence {result.convergence:.3f}, utilisation " + " ".join(f"{u:.2f}" for u in result.utilisation)
         )
         if result.voicing_accuracy is not None:
             line += f", voicing {result.voicing_accuracy:.2f}, f0 error {result.f0_error_cents:.0f} cents"
+        if ood is not None:
+            self._dev_scalars("dev-ood", ood, step)
+            record["ood"] = ood.to_json()
+            line += f", ood {_mel_text(ood)}"
+        w.flush()
+        _append(self.run_dir / DEV_LOG, record)
         (self.bar.write if self.tty else lambda s: print(s, file=sys.stderr))(line)
+
+    def _dev_scalars(self, prefix: str, result: DevResult, step: int) -> None:
+        """The scalars of one dev set's pass, under `prefix/` (`dev/mel`, `dev-ood/utilisation/stage_00`)."""
+        w = self.writer
+        w.add_scalar(f"{prefix}/mel", result.mel, step)
+        w.add_scalar(f"{prefix}/mel_unquantized", result.mel_unquantized, step)
+        w.add_scalar(f"{prefix}/convergence", result.convergence, step)
+        for i, (used, ppl) in enumerate(zip(result.utilisation, result.perplexity)):
+            w.add_scalar(f"{prefix}/utilisation/stage_{i:02d}", used, step)
+            w.add_scalar(f"{prefix}/perplexity/stage_{i:02d}", ppl, step)
+        w.add_scalar(f"{prefix}/utilisation/mean", result.utilisation_mean, step)
 
     def close(self) -> None:
         self.bar.close()
         self.writer.close()
+
+
+def _mel_text(result: DevResult) -> str:
+    return f"mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f})"
 
 
 def _summary_writer(folder: Path, start_step: int):

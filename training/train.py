@@ -24,7 +24,16 @@ from codec.model import SimVQCodec
 from codec.modules import ConvNeXtBlock
 from training import checkpoints
 from training.config import ConfigError, DataConfig, TrainConfig, config_from_dict, dump_config, with_phase
-from training.data import AudioDataset, Batch, EpochBatchSampler, collate, dev_clips, load_items, split_items
+from training.data import (
+    AudioDataset,
+    Batch,
+    EpochBatchSampler,
+    collate,
+    dev_clips,
+    load_dev_ood,
+    load_items,
+    split_items,
+)
 from training.dev import evaluate
 from training.discriminators import Discriminators
 from training.ema import EMA
@@ -163,9 +172,16 @@ class Trainer:
             "dev_speakers": sorted({i.speaker for i in dev}),
             "dev_hours": _hours(dev),
         }
+        ood = load_dev_ood(cfg.dev_ood) if cfg.dev_ood else []
+        if ood:
+            self.corpus |= {"dev_ood": str(cfg.dev_ood), "dev_ood_files": len(ood)}
         self.dev_clips: list[torch.Tensor] = []
+        self.dev_ood_clips: list[torch.Tensor] = []  # of the out-of-domain dev set, where the run has one
         if self.world.is_main and self.cfg.eval_every > 0:
-            self.dev_clips = dev_clips(dev, model.sample_rate, model.hop_length, cfg.dev_clips, cfg.dev_clip_samples)
+            rate, hop = model.sample_rate, model.hop_length
+            self.dev_clips = dev_clips(dev, rate, hop, cfg.dev_clips, cfg.dev_clip_samples)
+            if ood:
+                self.dev_ood_clips = dev_clips(ood, rate, hop, cfg.dev_clips, cfg.dev_clip_samples)
 
     def _dataset(self, items: list, data: DataConfig) -> AudioDataset:
         """The training examples of `items` as `data` crops them."""
@@ -433,10 +449,10 @@ class Trainer:
                     # only rank 0's EMA is scored and saved; calibrate it on the batch just trained on
                     self.ema.calibrate(batch.audio.to(self.device))
                 if dev_due:
-                    result = evaluate(
-                        self.ema.model, self.dev_clips, self.mel_loss, self.linear_loss, cfg.dev_audio_samples
-                    )
-                    monitor.dev(self.step, result, self.dev_clips, self.mel_loss, self.phase.name)
+                    model, mel, linear = self.ema.model, self.mel_loss, self.linear_loss
+                    result = evaluate(model, self.dev_clips, mel, linear, cfg.dev_audio_samples)
+                    ood = evaluate(model, self.dev_ood_clips, mel, linear) if self.dev_ood_clips else None
+                    monitor.dev(self.step, result, self.dev_clips, mel, self.phase.name, ood)
                 if self.step % cfg.ckpt_every == 0 or final:
                     last_ckpt = self.save() or last_ckpt
                 if stop:
