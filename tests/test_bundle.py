@@ -19,7 +19,7 @@ import torch
 from codec import api
 from codec.errors import CheckpointError
 from codec.presets import load_model
-from tests.conftest import speechlike, write_speaker_corpus
+from tests.conftest import speechlike, write_ood_manifest, write_speaker_corpus
 from training import checkpoints
 from training.bundle import WHEELS, BundleError, pack, read_bundle
 from training.bundle_run import DeviceCorpus, OUT_FILES, main as bundle_run, prepare
@@ -28,7 +28,7 @@ from training.cli import main as cli_main
 from training.config import DataConfig, load_config
 from training.data import AudioItem, decode, load_items
 from training.export import export
-from training.monitor import TRAIN_LOG, read_jsonl
+from training.monitor import DEV_LOG, TRAIN_LOG, read_jsonl
 from training.portable import MAX_FILE_BYTES, load_portable, save_portable
 from training.train import Trainer
 
@@ -84,6 +84,28 @@ def test_bundle_holds_the_train_split_as_opus_with_its_manifest_config_and_dev_c
         lengths = {len(decode(p, 16000)) for p in source}
         assert len(decode(item.path, 16000)) in lengths  # libsndfile gives back exactly the samples encoded
         assert item.duration in {round(n / 16000, 4) for n in lengths}
+
+
+def test_a_bundle_packs_the_out_of_domain_dev_clips_and_its_run_scores_them(corpus, bundle, tmp_path, capsys):
+    ood = write_ood_manifest(tmp_path)
+    cfg = load_config(TINY, ["data.dev=null", "data.dev_fraction=0.34", f"data.dev_ood={ood}"])
+    packed = pack(corpus, tmp_path / "b", cfg, min_hours=0, jobs=1)
+    assert (packed.dev_clips, packed.dev_ood_clips) == (2, 2)
+    info = read_bundle(packed.path)
+    assert info["dev-ood"] == {"clips": 2, "speakers": ["ood0", "ood1"]} and info["dev"]["speakers"] == ["spk2"]
+    assert load_config(packed.path / "config.yaml").data.dev_ood == "dev-ood.csv"
+    clips = load_items(packed.path / "dev-ood.csv")
+    assert [c.path for c in clips] == [packed.path / "dev-ood" / f"{i:04d}.opus" for i in range(2)]
+    assert all(len(decode(c.path, 16000)) == 8000 and c.duration == 0.5 for c in clips)  # data.dev_clip_samples
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert bundle_run(run_args(packed.path, 1, out, work, "steps=1")) == 0
+    [record] = read_jsonl(work / DEV_LOG)
+    assert record["ood"]["mel"] > 0 and record["ood"]["mel"] != record["mel"]
+    assert f"ood mel {record['ood']['mel']:.3f}" in capsys.readouterr().err
+    # Without data.dev_ood a bundle has none, as before.
+    assert "dev-ood" not in read_bundle(bundle) and not (bundle / "dev-ood").exists()
+    assert load_config(bundle / "config.yaml").data.dev_ood is None
 
 
 def test_nothing_sensible_fits_is_refused_and_a_cut_keeps_every_speaker(corpus, tmp_path):

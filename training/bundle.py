@@ -4,7 +4,8 @@
     BUNDLE/config.yaml      the training config; data paths and `init_from` relative to the bundle
     BUNDLE/train.csv        path,speaker,duration of the training files (a subset when not all fit)
     BUNDLE/dev.csv          the dev clips the trainer scores (`data.dev_clips`, at most `data.dev_clip_samples`)
-    BUNDLE/train/*.opus     Ogg Opus, mono, at the model rate; also BUNDLE/dev/*.opus
+    BUNDLE/dev-ood.csv      with `data.dev_ood`: as many clips of that out-of-domain dev set, chosen the same way
+    BUNDLE/train/*.opus     Ogg Opus, mono, at the model rate; also BUNDLE/dev/*.opus and BUNDLE/dev-ood/*.opus
     BUNDLE/init/            optional: a model or portable checkpoint to start from (`--init`)
     BUNDLE/wheels/*.whl     optional: every package beyond torch, numpy and scipy, for CPython 3.12 (`--wheels`)
 
@@ -36,7 +37,7 @@ import torch
 
 from codec.errors import CodecError
 from training.config import TrainConfig, dump_config
-from training.data import AudioItem, decode, dev_clip_audio, load_items, split_items
+from training.data import AudioItem, decode, dev_clip_audio, load_dev_ood, load_items, split_items
 
 BUNDLE_FORMAT = "simvq-codec-bundle/1"
 DEFAULT_KBPS = 24.0
@@ -61,6 +62,7 @@ class BundleSummary:
         train_files, train_hours, train_speakers: the training audio packed.
         corpus_files, corpus_hours: the training audio the corpus had.
         dev_clips: dev clips packed.
+        dev_ood_clips: clips of the out-of-domain dev set (`data.dev_ood`) packed; 0 without one.
         kbps: the bitrate of the packed audio (bytes over duration, container included).
         wheel_bytes, init_bytes: the size of the wheels and of the starting point.
     """
@@ -73,6 +75,7 @@ class BundleSummary:
     corpus_files: int
     corpus_hours: float
     dev_clips: int
+    dev_ood_clips: int
     kbps: float
     wheel_bytes: int
     init_bytes: int
@@ -203,7 +206,8 @@ def pack(
     Args:
         corpus: a corpus folder (`train.csv`, `dev.csv`), a manifest or a folder of audio.
         out: the bundle folder; an existing one is replaced only with `force` (and only if it is a bundle).
-        cfg: the training config (its data paths are replaced by the bundle's).
+        cfg: the training config (its data paths are replaced by the bundle's); the dev clips come from the
+            corpus, the out-of-domain ones from `data.dev_ood` where it is set.
         kbps: Opus bitrate.
         max_bytes: the cap on the whole bundle.
         init: a starting point (`pack_init`); None takes the config's `init_from`, "" starts from scratch.
@@ -221,12 +225,12 @@ def pack(
         read_bundle(out)  # replace only a bundle, never an arbitrary folder
     opus_level(kbps)
     train, dev = corpus_items(corpus, cfg.data.dev_fraction)
+    ood = load_dev_ood(cfg.data.dev_ood) if cfg.data.dev_ood else []
     model = SimVQCodec(**cfg.model)
     rate = model.sample_rate
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "train").mkdir(parents=True)
-    (tmp / "dev").mkdir()
     try:
         wheel_bytes = 0
         if wheels:
@@ -237,12 +241,10 @@ def pack(
         init_from = pack_init(init, tmp / "init") if init else ""
         init_bytes = _size(tmp / "init")
 
-        dev_rows = []
-        clips = dev_clip_audio(dev, rate, model.hop_length, cfg.data.dev_clips, cfg.data.dev_clip_samples)
-        for i, (item, audio) in enumerate(clips):
-            write_opus(tmp / "dev" / f"{i:04d}.opus", audio, rate, kbps)
-            dev_rows.append((f"dev/{i:04d}.opus", item.speaker, len(audio) / rate))
-        fixed = _size(tmp) + len(dev_rows) * ROW_BYTES + 8192  # + config.yaml and bundle.json
+        clips = (rate, model.hop_length, cfg.data.dev_clips, cfg.data.dev_clip_samples)
+        dev_rows = _pack_dev(dev_clip_audio(dev, *clips), tmp / "dev", rate, kbps)
+        ood_rows = _pack_dev(dev_clip_audio(ood, *clips), tmp / "dev-ood", rate, kbps) if ood else []
+        fixed = _size(tmp) + (len(dev_rows) + len(ood_rows)) * ROW_BYTES + 8192  # + config.yaml and bundle.json
         room = max_bytes - fixed
         corpus_hours = sum(_seconds(item) for item in train) / 3600
         estimate = room / (kbps * 125.0) / 3600 if room > 0 else 0.0
@@ -263,10 +265,13 @@ def pack(
 
         _write_rows(tmp / "train.csv", train_rows)
         _write_rows(tmp / "dev.csv", dev_rows)
+        if ood_rows:
+            _write_rows(tmp / "dev-ood.csv", ood_rows)
         cfg.data.train, cfg.data.dev, cfg.init_from = "train.csv", "dev.csv", init_from
+        cfg.data.dev_ood = "dev-ood.csv" if ood_rows else None
         dump_config(cfg, tmp / "config.yaml")
-        seconds = sum(row[2] for row in train_rows + dev_rows)
-        audio_bytes = _size(tmp / "train") + _size(tmp / "dev")
+        seconds = sum(row[2] for row in train_rows + dev_rows + ood_rows)
+        audio_bytes = _size(tmp / "train") + _size(tmp / "dev") + _size(tmp / "dev-ood")
         summary = {
             "format": BUNDLE_FORMAT,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -281,7 +286,8 @@ def pack(
                 "corpus_files": len(train),
                 "corpus_hours": round(corpus_hours, 3),
             },
-            "dev": {"clips": len(dev_rows), "speakers": sorted({row[1] for row in dev_rows})},
+            "dev": _clips_summary(dev_rows),
+            **({"dev-ood": _clips_summary(ood_rows)} if ood_rows else {}),
             "init_from": init_from,
             "wheels": sorted(p.name for p in (tmp / "wheels").glob("*.whl")),
             "wheel_python": WHEEL_PYTHON if wheels else None,
@@ -304,10 +310,27 @@ def pack(
         len(train),
         corpus_hours,
         len(dev_rows),
+        len(ood_rows),
         summary["measured_kbps"],
         wheel_bytes,
         init_bytes,
     )
+
+
+def _pack_dev(
+    clips: list[tuple[AudioItem, np.ndarray]], folder: Path, rate: int, kbps: float
+) -> list[tuple[str, str, float]]:
+    """Encode dev clips (`dev_clip_audio`) into `folder`; returns their manifest rows."""
+    folder.mkdir()
+    rows = []
+    for i, (item, audio) in enumerate(clips):
+        write_opus(folder / f"{i:04d}.opus", audio, rate, kbps)
+        rows.append((f"{folder.name}/{i:04d}.opus", item.speaker, len(audio) / rate))
+    return rows
+
+
+def _clips_summary(rows: list[tuple[str, str, float]]) -> dict:
+    return {"clips": len(rows), "speakers": sorted({row[1] for row in rows})}
 
 
 def _pack_train(

@@ -248,6 +248,8 @@ def prepare(args: argparse.Namespace) -> tuple[Trainer, Path]:
     read_bundle(bundle)
     cfg = load_config(bundle / "config.yaml", args.overrides)
     cfg.data.train, cfg.data.dev = str(bundle / "train.csv"), str(bundle / "dev.csv")
+    if cfg.data.dev_ood:  # the bundle's own manifest, relative to the bundle
+        cfg.data.dev_ood = str(bundle / cfg.data.dev_ood)
     cfg.data.num_workers, cfg.data.cache = 0, False
     if args.device:
         cfg.device = args.device

@@ -171,9 +171,10 @@ def cmd_bundle(args) -> int:
         if s.train_files == s.corpus_files
         else (f"{s.train_files} of {s.corpus_files} files, {s.corpus_hours:.2f} h in the corpus")
     )
+    ood = f" and {s.dev_ood_clips} out-of-domain" if s.dev_ood_clips else ""
     log(
         f"{s.path}: {s.bytes / 2**20:.1f} MiB; {s.train_hours:.2f} h of training speech fit ({share}, "
-        f"{s.train_speakers} speakers), {s.dev_clips} dev clips, Opus {s.kbps:.1f} kbit/s as packed"
+        f"{s.train_speakers} speakers), {s.dev_clips} dev clips{ood}, Opus {s.kbps:.1f} kbit/s as packed"
     )
     return 0
 
