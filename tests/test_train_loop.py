@@ -436,6 +436,7 @@ def test_a_phase_can_redraw_only_the_codes_no_crop_selects(corpus, tmp_path, cap
     report = re.search(r"redrew the codes no frame of \d+ selects, per stage: (.*)", capsys.readouterr().err)
     moved = [int(count.split("/")[0]) for count in report[1].split(", ")]
     assert len(moved) == len(stages) and moved[0] >= 5
+    assert (stages[0].frozen_codebook[:5] != before[0][:5]).any(1).all()  # the five far codes among them
     for stage, codes, n in zip(stages, before, moved):  # exactly the reported rows of C moved
         assert int((stage.frozen_codebook != codes).any(1).sum()) == n
     assert torch.equal(trainer.ema.model.quantizer.stages[0].frozen_codebook, stages[0].frozen_codebook)
