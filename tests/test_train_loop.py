@@ -256,12 +256,15 @@ def test_a_released_model_grows_advance_features_that_start_unheard(corpus, tmp_
     assert grown.model.encoder_in[0].weight[:, heard:].abs().sum() > 0
 
 
-def test_dev_pass_reports_the_unquantized_latent_and_the_convergence_beside_the_codes(corpus, tmp_path):
+def test_dev_pass_reports_the_unquantized_latent_the_low_rates_and_the_convergence_beside_the_codes(corpus, tmp_path):
     run = tmp_path / "run"
-    Trainer(tiny_config(corpus, "eval_every=1", "model.quantize_fraction=0"), run).fit(until=1)
+    Trainer(tiny_config(corpus, "eval_every=1", "model.quantize_fraction=0", "dev_stages=[3,1,4]"), run).fit(until=1)
     [record] = read_jsonl(run / DEV_LOG)
     assert record["mel_unquantized"] > 0 and record["mel_unquantized"] != record["mel"]
     assert 0 < record["convergence"] < 10  # an untrained decoder is far off, but finite
+    at = record["mel_at_stages"]
+    assert list(at) == ["1", "3"]  # in order; 4 is every stage of the tiny model, which `mel` already is
+    assert len({at["1"], at["3"], record["mel"]}) == 3 and all(v > 0 for v in at.values())
 
 
 def test_an_out_of_domain_dev_set_is_scored_at_every_pass_and_logged_apart(corpus, tmp_path, capsys):
@@ -280,7 +283,9 @@ def test_an_out_of_domain_dev_set_is_scored_at_every_pass_and_logged_apart(corpu
     assert set(figures) == set(record) - {"step", "phase"} and len(figures["utilisation"]) == 4
     assert math.isfinite(figures["mel"]) and figures["mel"] > 0 and figures["mel"] != record["mel"]
     assert figures["mel_unquantized"] != record["mel_unquantized"]
-    ood_text = f"ood mel {figures['mel']:.3f} (unquantized {figures['mel_unquantized']:.3f})"
+    assert list(figures["mel_at_stages"]) == list(record["mel_at_stages"]) == ["2"]  # 5 is past the tiny model's 4
+    two = figures["mel_at_stages"]["2"]
+    ood_text = f"ood mel {figures['mel']:.3f} (2 stages {two:.3f}, unquantized {figures['mel_unquantized']:.3f})"
     assert f"dev step 1 (train): mel {record['mel']:.3f}" in both_line and both_line.rstrip().endswith(ood_text)
     assert "ood" not in plain_line and f"dev step 1 (train): mel {record['mel']:.3f}" in plain_line
 
@@ -291,6 +296,7 @@ def test_an_out_of_domain_dev_set_is_scored_at_every_pass_and_logged_apart(corpu
 
     tags = EventAccumulator(str(tmp_path / "both" / "tb")).Reload().Tags()["scalars"]
     assert {"dev-ood/mel", "dev-ood/mel_unquantized", "dev-ood/convergence", "dev-ood/utilisation/mean"} <= set(tags)
+    assert {"dev/mel_2_stages", "dev-ood/mel_2_stages"} <= set(tags) and "dev/mel_5_stages" not in tags
     assert "dev-ood/perplexity/stage_03" in tags and "dev/mel" in tags
     with pytest.raises(AudioError, match=r"data.dev_ood: no folder or manifest at .*data.dev_ood=null"):
         Trainer(tiny_config(corpus, f"data.dev_ood={tmp_path / 'none.csv'}"), tmp_path / "none")

@@ -284,6 +284,8 @@ class TrainConfig:
         precision: "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU), "fp32", "bf16" or "fp16".
         device: "auto", "cpu" or "cuda".
         dev_audio_samples: dev clips whose audio and mel image go to TensorBoard.
+        dev_stages: stage counts at which each dev pass also takes the mel loss, besides all stages (by default
+            2 and 5, the export rule's 1.5 and 3 kbit/s points); [] skips them.
         threads: torch intra-op threads per process (0 keeps torch's default).
     """
 
@@ -307,6 +309,7 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     dev_audio_samples: int = 3
+    dev_stages: tuple[int, ...] = (2, 5)
     threads: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -500,6 +503,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be at least 1, got {_get(cfg, key)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if any(k < 1 for k in cfg.dev_stages):
+        raise ConfigError(f"dev_stages are stage counts of at least 1, got {list(cfg.dev_stages)}")
     if not 0.0 < cfg.data.dev_fraction < 1.0:
         raise ConfigError(f"data.dev_fraction must be in (0, 1), got {cfg.data.dev_fraction}")
 

@@ -19,6 +19,8 @@ class DevResult:
 
     Args:
         mel: mean multi-scale log-mel L1 over the clips, all stages.
+        mel_at_stages: the same with fewer stages, by stage count (`dev_stages`): the low rates, which the
+            all-stage figure does not follow (docs/training.md).
         mel_unquantized: the same with the encoder's latent decoded as it is: the gap to `mel` is what the
             quantizer costs this model.
         convergence: mean spectral convergence (`LinearSTFTLoss`), all stages: over the oracle's mixes it
@@ -39,6 +41,7 @@ class DevResult:
     outputs: list[torch.Tensor] = field(default_factory=list)
     voicing_accuracy: float | None = None
     f0_error_cents: float | None = None
+    mel_at_stages: dict[int, float] = field(default_factory=dict)
 
     @property
     def utilisation_mean(self) -> float:
@@ -48,6 +51,7 @@ class DevResult:
         """The figures as a line of the dev log holds them (the monitor adds the step and the phase)."""
         return {
             "mel": self.mel,
+            "mel_at_stages": {str(k): v for k, v in self.mel_at_stages.items()},
             "mel_unquantized": self.mel_unquantized,
             "convergence": self.convergence,
             "utilisation": self.utilisation,
@@ -73,13 +77,21 @@ def code_usage(counts: Sequence[torch.Tensor]) -> tuple[list[float], list[float]
 
 @torch.no_grad()
 def evaluate(
-    model, clips: list[torch.Tensor], mel_loss: MultiScaleMelLoss, linear_loss: LinearSTFTLoss, keep: int = 0
+    model,
+    clips: list[torch.Tensor],
+    mel_loss: MultiScaleMelLoss,
+    linear_loss: LinearSTFTLoss,
+    keep: int = 0,
+    stages: Sequence[int] = (),
 ) -> DevResult:
-    """Run `model` (eval mode, all stages) over `clips` ([1, T] each), without touching the training RNG."""
+    """Run `model` (eval mode, all stages) over `clips` ([1, T] each), without touching the training RNG; the
+    mel loss is also taken at each stage count of `stages` below the model's own."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    fewer = sorted({k for k in stages if 0 < k < model.n_stages})
     counts, mels, unquantized, convergence, outputs = None, [], [], [], []
+    mels_at: dict[int, list[float]] = {k: [] for k in fewer}
     agree, frames, cents, voiced_both = 0.0, 0, 0.0, 0
     with torch.random.fork_rng(devices=[]):
         for i, clip in enumerate(clips):
@@ -90,6 +102,10 @@ def evaluate(
             convergence.append(float(linear_loss(out.audio[..., :complete], audio[..., :complete])))
             continuous = model.decode_latents(out.latents)
             unquantized.append(float(mel_loss(continuous[..., :complete], audio[..., :complete])))
+            for k in fewer:
+                mels_at[k].append(
+                    float(mel_loss(model(audio, n_stages=k).audio[..., :complete], audio[..., :complete]))
+                )
             batch = [c.cpu() for c in out.stage_counts]
             counts = batch if counts is None else [a + b for a, b in zip(counts, batch)]
             if out.log_f0 is not None:
@@ -105,7 +121,10 @@ def evaluate(
     model.train(was_training)
     utilisation, perplexity = code_usage(counts)
     pitch = (agree / frames, cents / max(voiced_both, 1)) if frames else (None, None)
-    return DevResult(fmean(mels), fmean(unquantized), fmean(convergence), utilisation, perplexity, outputs, *pitch)
+    at_stages = {k: fmean(v) for k, v in mels_at.items()}
+    return DevResult(
+        fmean(mels), fmean(unquantized), fmean(convergence), utilisation, perplexity, outputs, *pitch, at_stages
+    )
 
 
 def mel_figure(reference: torch.Tensor, output: torch.Tensor, mel_loss: MultiScaleMelLoss, n_fft: int = 1024):

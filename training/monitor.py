@@ -122,6 +122,8 @@ class Monitor:
         w = self.writer
         w.add_scalar(f"{prefix}/mel", result.mel, step)
         w.add_scalar(f"{prefix}/mel_unquantized", result.mel_unquantized, step)
+        for k, mel in result.mel_at_stages.items():
+            w.add_scalar(f"{prefix}/mel_{k}_stages", mel, step)
         w.add_scalar(f"{prefix}/convergence", result.convergence, step)
         for i, (used, ppl) in enumerate(zip(result.utilisation, result.perplexity)):
             w.add_scalar(f"{prefix}/utilisation/stage_{i:02d}", used, step)
@@ -134,7 +136,8 @@ class Monitor:
 
 
 def _mel_text(result: DevResult) -> str:
-    return f"mel {result.mel:.3f} (unquantized {result.mel_unquantized:.3f})"
+    fewer = "".join(f"{k} stages {mel:.3f}, " for k, mel in result.mel_at_stages.items())
+    return f"mel {result.mel:.3f} ({fewer}unquantized {result.mel_unquantized:.3f})"
 
 
 def _summary_writer(folder: Path, start_step: int):

@@ -450,8 +450,9 @@ class Trainer:
                     self.ema.calibrate(batch.audio.to(self.device))
                 if dev_due:
                     model, mel, linear = self.ema.model, self.mel_loss, self.linear_loss
-                    result = evaluate(model, self.dev_clips, mel, linear, cfg.dev_audio_samples)
-                    ood = evaluate(model, self.dev_ood_clips, mel, linear) if self.dev_ood_clips else None
+                    result = evaluate(model, self.dev_clips, mel, linear, cfg.dev_audio_samples, cfg.dev_stages)
+                    ood_clips = self.dev_ood_clips
+                    ood = evaluate(model, ood_clips, mel, linear, 0, cfg.dev_stages) if ood_clips else None
                     monitor.dev(self.step, result, self.dev_clips, mel, self.phase.name, ood)
                 if self.step % cfg.ckpt_every == 0 or final:
                     last_ckpt = self.save() or last_ckpt
