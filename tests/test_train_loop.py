@@ -464,3 +464,21 @@ def test_a_phase_draws_its_codebooks_from_the_latents_of_training_crops(corpus, 
     again = Trainer(tiny_config(corpus, "eval_every=0", f"init_from={released}", *phases), tmp_path / "again")
     again.fit(until=1)  # the same seed draws the same codes
     assert torch.equal(again.model.quantizer.stages[2].frozen_codebook, drawn[2])
+
+
+def test_the_saved_average_is_whitened_on_calibration_crops_not_on_the_last_batch(corpus, tmp_path):
+    from training.train import CALIBRATION_BATCHES, CALIBRATION_EPOCH
+
+    trainer = Trainer(tiny_config(corpus), tmp_path / "run")
+    last = trainer.fit(until=2)
+    saved = checkpoints.load_checkpoint(last)["ema"]["model"]
+    trainer.ema.model.load_state_dict(saved)
+    crops = list(trainer._side_batches(CALIBRATION_EPOCH, CALIBRATION_BATCHES))
+    assert len(crops) == 16 and all(
+        torch.equal(a, b) for a, b in zip(crops, trainer._side_batches(CALIBRATION_EPOCH, 16))
+    )
+    key = "quantizer.stages.0.whitener.mean"
+    trainer.ema.calibrate(crops)
+    assert torch.allclose(trainer.ema.model.state_dict()[key], saved[key], atol=1e-6)
+    trainer.ema.calibrate(crops[:1])
+    assert not torch.allclose(trainer.ema.model.state_dict()[key], saved[key], atol=1e-4)

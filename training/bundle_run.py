@@ -206,6 +206,10 @@ class Progress:
                 last_time, last_steps = now, count
             yield item
 
+    def batch(self, epoch: int, index: int) -> Batch:
+        """A batch outside the run's order (codebook draws, the EMA's calibration), not counted as a step."""
+        return self.corpus.batch(epoch, index)
+
     def next_position(self, epoch: int, batch: int) -> tuple[int, int]:
         return self.corpus.next_position(epoch, batch)
 

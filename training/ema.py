@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -37,9 +38,11 @@ class EMA:
             ema.copy_(buffer)
 
     @torch.no_grad()
-    def calibrate(self, audio: torch.Tensor) -> None:
-        """Re-estimate the averaged model's quantizer whitening from its own latents of `audio [B, 1, T]`."""
-        self.model.quantizer.calibrate_whiteners(self.model.encode_latents(audio))
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """Re-estimate the averaged model's quantizer whitening from its own latents of `batches` (`[B, 1, T]`
+        each), all of them together."""
+        latents = torch.cat([self.model.encode_latents(audio) for audio in batches])
+        self.model.quantizer.calibrate_whiteners(latents)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "updates": self.updates}

@@ -11,7 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -218,6 +218,19 @@ class Trainer:
         return span
 
     @torch.no_grad()
+    def _side_batches(self, epoch: int, count: int) -> Iterator[torch.Tensor]:
+        """`count` batches of training crops `[B, 1, T]` of an epoch of their own (`DRAW_EPOCH`,
+        `CALIBRATION_EPOCH`): the run's data order is not touched, and a resumed run gets the same crops."""
+        batch_size = self.cfg.data.batch_size
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.dataset))
+        for index in range(count):
+            if self.batches is not None:
+                yield self.batches.batch(epoch, index).audio
+            else:
+                slots = range(index * batch_size, (index + 1) * batch_size)
+                keys = [(epoch, index, int(order[slot % len(order)]), slot) for slot in slots]
+                yield torch.stack([self.dataset.crop(key) for key in keys])
+
     def _draw_codebooks(self, which: str) -> None:
         """Draw the frozen codes of the new stages (`which="new"`), of all of them, or every stage's unused
         codes (`"unused"`) from their inputs: the latents of training crops of an epoch of their own
@@ -230,18 +243,9 @@ class Trainer:
             return
         per_code = UNUSED_FRAMES_PER_CODE if which == "unused" else 2
         frames = max(per_code * max(quantizer.codebook_sizes[i] for i in stages), 10_000)
-        per_crop = self.cfg.data.segment_samples // self.model.hop_length
-        batch_size, latents, index = self.cfg.data.batch_size, [], 0
-        order = np.random.default_rng([self.cfg.seed, DRAW_EPOCH]).permutation(len(self.dataset))
-        while len(latents) * batch_size * per_crop < frames:
-            if self.batches is not None:
-                audio = self.batches.batch(DRAW_EPOCH, index).audio
-            else:
-                slots = range(index * batch_size, (index + 1) * batch_size)
-                keys = [(DRAW_EPOCH, index, int(order[slot % len(order)]), slot) for slot in slots]
-                audio = torch.stack([self.dataset.crop(key) for key in keys])
-            latents.append(self.model.encode_latents(audio.to(self.device)).float())
-            index += 1
+        per_batch = self.cfg.data.batch_size * (self.cfg.data.segment_samples // self.model.hop_length)
+        batches = self._side_batches(DRAW_EPOCH, -(-frames // per_batch))
+        latents = [self.model.encode_latents(audio.to(self.device)).float() for audio in batches]
         z = torch.cat(latents).reshape(-1, latents[0].shape[-1])
         generator = torch.Generator(device=z.device).manual_seed(self.cfg.seed)
         drawn = quantizer.draw_codebooks(z, stages, generator, unused_only=which == "unused")
@@ -446,8 +450,9 @@ class Trainer:
                 final = stop or self.step >= end
                 dev_due = monitor and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final)
                 if self.world.is_main and (dev_due or self.step % cfg.ckpt_every == 0 or final):
-                    # only rank 0's EMA is scored and saved; calibrate it on the batch just trained on
-                    self.ema.calibrate(batch.audio.to(self.device))
+                    # only rank 0's EMA is scored and saved
+                    calibration = self._side_batches(CALIBRATION_EPOCH, CALIBRATION_BATCHES)
+                    self.ema.calibrate(audio.to(self.device) for audio in calibration)
                 if dev_due:
                     model, mel, linear = self.ema.model, self.mel_loss, self.linear_loss
                     result = evaluate(model, self.dev_clips, mel, linear, cfg.dev_audio_samples, cfg.dev_stages)
@@ -575,6 +580,13 @@ class Trainer:
 
 DRAW_EPOCH = 2**31 - 1
 """The epoch number of the crops whose latents codebooks are drawn from (`Trainer._draw_codebooks`)."""
+
+CALIBRATION_EPOCH = 2**31 - 2
+CALIBRATION_BATCHES = 16
+"""The crops that the EMA's quantizer whitening is fitted to before every dev pass and checkpoint: 16
+batches of an epoch of their own. Fitted to the one batch just trained on, the first stages chose their
+codes by that batch's level and content, and the mel at 2 stages swung by up to 0.07 between checkpoints
+while the all-stage mel moved by 0.005 (docs/history.md)."""
 
 UNUSED_FRAMES_PER_CODE = 32
 """Frames per code of the largest codebook that `draw_codebooks: unused` counts code use over: a code that
