@@ -475,7 +475,7 @@ def test_the_saved_average_is_whitened_on_calibration_crops_not_on_the_last_batc
     trainer.ema.model.load_state_dict(saved)
     crops = list(trainer._side_batches(CALIBRATION_EPOCH, CALIBRATION_BATCHES))
     assert len(crops) == 16 and all(
-        torch.equal(a, b) for a, b in zip(crops, trainer._side_batches(CALIBRATION_EPOCH, 16))
+        torch.equal(a, b) for a, b in zip(crops, trainer._side_batches(CALIBRATION_EPOCH, CALIBRATION_BATCHES))
     )
     key = "quantizer.stages.0.whitener.mean"
     trainer.ema.calibrate(crops)

@@ -102,10 +102,9 @@ def evaluate(
             convergence.append(float(linear_loss(out.audio[..., :complete], audio[..., :complete])))
             continuous = model.decode_latents(out.latents)
             unquantized.append(float(mel_loss(continuous[..., :complete], audio[..., :complete])))
-            for k in fewer:
-                mels_at[k].append(
-                    float(mel_loss(model(audio, n_stages=k).audio[..., :complete], audio[..., :complete]))
-                )
+            for k in fewer:  # the same latents through fewer stages
+                decoded = model.decode_latents(model.quantizer(out.latents, k).quantized)
+                mels_at[k].append(float(mel_loss(decoded[..., :complete], audio[..., :complete])))
             batch = [c.cpu() for c in out.stage_counts]
             counts = batch if counts is None else [a + b for a, b in zip(counts, batch)]
             if out.log_f0 is not None:

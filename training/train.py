@@ -217,7 +217,6 @@ class Trainer:
             self.dataset, self.dataset_data = self._dataset(self.dataset.items, cfg.data), cfg.data
         return span
 
-    @torch.no_grad()
     def _side_batches(self, epoch: int, count: int) -> Iterator[torch.Tensor]:
         """`count` batches of training crops `[B, 1, T]` of an epoch of their own (`DRAW_EPOCH`,
         `CALIBRATION_EPOCH`): the run's data order is not touched, and a resumed run gets the same crops."""
@@ -231,6 +230,7 @@ class Trainer:
                 keys = [(epoch, index, int(order[slot % len(order)]), slot) for slot in slots]
                 yield torch.stack([self.dataset.crop(key) for key in keys])
 
+    @torch.no_grad()
     def _draw_codebooks(self, which: str) -> None:
         """Draw the frozen codes of the new stages (`which="new"`), of all of them, or every stage's unused
         codes (`"unused"`) from their inputs: the latents of training crops of an epoch of their own
