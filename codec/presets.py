@@ -27,6 +27,10 @@ MODELS: dict[str, tuple[Path, str]] = {
         MODELS_DIR / "simvq-16k",
         "16 kHz speech, 50 frames/s, SimVQ stages of 2 x 8192 then 10 x 1024 codes, 1.3-6.3 kbit/s",
     ),
+    "simvq-16k-v2": (
+        MODELS_DIR / "simvq-16k-v2",
+        "the second release (the same shape, the recipe's first 3,000 steps), kept so that its token files decode",
+    ),
     "simvq-16k-v1": (
         MODELS_DIR / "simvq-16k-v1",
         "the first release (12 x 1024-code stages, 0.5-6 kbit/s), kept so that its token files decode",
