@@ -6,11 +6,13 @@ own latents, over groups of consecutive frames, decoded by the model's frozen de
 An arm `GxKxS` quantizes vectors of G consecutive latent frames (G x the latent's dimension) with S residual
 stages of K codes, each stage's codes drawn at random from the training vectors' residuals at that stage (as
 `ResidualQuantizer.draw_codebooks` draws them, without whitening or a learned map) and searched in that full
-space. G = 2 is a 25 Hz low-rate path on a 50 Hz model; it needs the second frame of a pair before the first
-can be coded, so it adds one frame of latency. The table gives each stage count's bits per 20 ms frame, its
-payload kbit/s, PESQ-WB, STOI and mel distance on the dev files (`eval.metrics.score`), and the latent's
-squared error relative to its energy, beside the model's own quantizer at the same stage counts and the
-unquantized latent. Nothing is trained, so an arm's row is a floor for that design on this decoder.
+space; `GxKxS@D` searches in the D principal directions of each stage's training residuals instead (the
+cost of a search grows with D), and still subtracts the whole code. G = 2 is a 25 Hz low-rate path on a
+50 Hz model; it needs the second frame of a pair before the first can be coded, so it adds one frame of
+latency. The table gives each stage count's bits per 20 ms frame, its payload kbit/s, PESQ-WB, STOI and mel
+distance on the dev files (`eval.metrics.score`), and the latent's squared error relative to its energy,
+beside the model's own quantizer at the same stage counts and the unquantized latent. Nothing is trained,
+so an arm's row is a floor for that design on this decoder.
 """
 
 from __future__ import annotations
@@ -37,26 +39,34 @@ class Arm:
     group: int  # frames per vector
     codes: int  # codes per stage
     stages: int
+    search_dims: int | None = None  # search in this many principal directions (None: the whole vector)
 
     @classmethod
     def parse(cls, text: str) -> Arm:
+        shape, _, dims = text.lower().partition("@")
         try:
-            group, codes, stages = (int(part) for part in text.lower().split("x"))
+            group, codes, stages = (int(part) for part in shape.split("x"))
+            search_dims = int(dims) if dims else None
         except ValueError:
-            raise argparse.ArgumentTypeError(f"an arm is GROUPxCODESxSTAGES, e.g. 2x8192x4, not {text!r}") from None
-        if min(group, codes, stages) < 1:
+            raise argparse.ArgumentTypeError(
+                f"an arm is GROUPxCODESxSTAGES[@DIMS], e.g. 2x8192x4 or 1x16384x2@16, not {text!r}"
+            ) from None
+        if min(group, codes, stages, 1 if search_dims is None else search_dims) < 1:
             raise argparse.ArgumentTypeError(f"{text!r}: every part must be at least 1")
-        return cls(group, codes, stages)
+        return cls(group, codes, stages, search_dims)
 
     def bits_per_frame(self, stages: int) -> float:
         return stages * math.log2(self.codes) / self.group
 
     def __str__(self) -> str:
-        return f"{self.group}x{self.codes}x{self.stages}"
+        return f"{self.group}x{self.codes}x{self.stages}" + (f"@{self.search_dims}" if self.search_dims else "")
 
 
-def nearest(x: Tensor, codes: Tensor) -> Tensor:
-    """Index of each row of `x` `[N, D]` in `codes` `[K, D]` by squared distance."""
+def nearest(x: Tensor, codes: Tensor, basis: Tensor | None = None) -> Tensor:
+    """Index of each row of `x` `[N, D]` in `codes` `[K, D]` by squared distance (within the span of the
+    orthonormal columns of `basis` `[D, d]` when given)."""
+    if basis is not None:
+        x, codes = x @ basis, codes @ basis
     norms = (codes * codes).sum(1)
     return torch.cat([(norms - 2 * block @ codes.T).argmin(1) for block in x.split(SEARCH_CHUNK)])
 
@@ -65,6 +75,13 @@ def grouped(latents: Tensor, group: int) -> Tensor:
     """`[F, D]` -> `[F // group, group * D]`: consecutive frames side by side (a last incomplete group dropped)."""
     frames, dim = latents.shape
     return latents[: frames // group * group].reshape(-1, group * dim)
+
+
+def principal_directions(x: Tensor, count: int) -> Tensor:
+    """`[D, count]`: the orthonormal directions of the largest variance of the rows of `x` `[N, D]`."""
+    centred = x - x.mean(0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    return vectors[:, -count:]
 
 
 def drawn_residual_quantizer(train: Tensor, dev: list[Tensor], arm: Arm, seed: int = 0) -> list[list[Tensor]]:
@@ -78,9 +95,10 @@ def drawn_residual_quantizer(train: Tensor, dev: list[Tensor], arm: Arm, seed: i
         if len(residual) < arm.codes:
             raise ValueError(f"arm {arm}: {len(residual)} training vectors cannot give {arm.codes} codes")
         codes = residual[torch.randperm(len(residual), generator=generator)[: arm.codes]].clone()
-        residual -= codes[nearest(residual, codes)]
+        basis = principal_directions(residual, arm.search_dims) if arm.search_dims else None
+        residual -= codes[nearest(residual, codes, basis)]
         for r, s in zip(dev_residuals, sums):
-            q = codes[nearest(r, codes)]
+            q = codes[nearest(r, codes, basis)]
             r -= q
             s += q
         out.append([s.reshape(-1, train.shape[1]).clone() for s in sums])
@@ -132,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             row(f"the model's, {n} stage(s)", float(sum(model.stage_bits[:n])), own)
         for arm in args.arms:
             for n, approx in enumerate(drawn_residual_quantizer(train, [z for _, z in dev], arm, args.seed), 1):
-                row(f"drawn {arm.group} x {arm.codes}, {n} stage(s)", arm.bits_per_frame(n), approx)
+                searched = f", searched in {arm.search_dims} dims" if arm.search_dims else ""
+                row(f"drawn {arm.group} x {arm.codes}{searched}, {n} stage(s)", arm.bits_per_frame(n), approx)
     return 0
 
 

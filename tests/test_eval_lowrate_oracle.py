@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 
 from eval import lowrate_oracle
-from eval.lowrate_oracle import Arm, drawn_residual_quantizer, grouped, nearest
+from eval.lowrate_oracle import Arm, drawn_residual_quantizer, grouped, nearest, principal_directions
 from tests.conftest import speechlike
 from tests.support import make_tiny_model
 
@@ -15,8 +15,9 @@ from tests.support import make_tiny_model
 def test_an_arm_reads_group_codes_and_stages_and_says_its_bits():
     arm = Arm.parse("2x8192x4")
     assert (arm.group, arm.codes, arm.stages) == (2, 8192, 4)
-    assert arm.bits_per_frame(4) == 26.0 and str(arm) == "2x8192x4"
-    for bad in ("2x8192", "2xlotsx4", "0x8192x4"):
+    assert arm.bits_per_frame(4) == 26.0 and str(arm) == "2x8192x4" and arm.search_dims is None
+    assert Arm.parse("1x16384x2@16") == Arm(1, 16384, 2, 16) and str(Arm(1, 16384, 2, 16)) == "1x16384x2@16"
+    for bad in ("2x8192", "2xlotsx4", "0x8192x4", "1x64x2@0", "1x64x2@x"):
         with pytest.raises(argparse.ArgumentTypeError):
             Arm.parse(bad)
 
@@ -32,6 +33,16 @@ def test_nearest_finds_each_rows_closest_code_across_search_blocks(monkeypatch):
     codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     x = torch.tensor([[9.0, 1.0], [1.0, 1.0], [1.0, 8.0], [11.0, -1.0], [-1.0, 0.0]])
     assert nearest(x, codes).tolist() == [1, 0, 2, 1, 0]
+
+
+def test_a_search_in_the_principal_directions_ignores_the_others():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, generator=generator) * torch.tensor([5.0, 1.0, 0.01])
+    basis = principal_directions(x, 2)
+    assert basis.shape == (3, 2) and basis[2].abs().max() < 1e-2  # the weakest axis is left out
+    codes = torch.tensor([[0.0, 0.0, 9.0], [1.0, 0.0, -9.0]])
+    point = torch.tensor([[0.9, 0.0, 9.0]])
+    assert nearest(point, codes).item() == 0 and nearest(point, codes, basis).item() == 1
 
 
 def test_codes_drawn_from_every_training_vector_reproduce_those_vectors_at_the_first_stage():
