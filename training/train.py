@@ -596,34 +596,45 @@ training still uses is selected about this many times, so few in use are taken f
 GROWABLE_INPUTS = ("encoder_in.0.weight",)
 
 
+def _differs(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], key: str) -> bool:
+    """Whether both hold `key` with different shapes."""
+    return key in own and key in state and own[key].shape != state[key].shape
+
+
 def _resized_stages(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[str, ...]:
     """Key prefixes of the quantizer stages whose codebook has another size in `own` than in `state`."""
     return tuple(
         key.removesuffix(name)
         for key in own
         for name in ("frozen_codebook", "codes")
-        if key.startswith("quantizer.stages.")
-        and key.endswith("." + name)
-        and key in state
-        and state[key].shape != own[key].shape
+        if key.startswith("quantizer.stages.") and key.endswith("." + name) and _differs(own, state, key)
     )
 
 
 def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load `state` into `model`, which may have parts that `state` lacks: whole modules (a pitch head added
     to a released model) keep their fresh initialisation, and so does the codebook of a quantizer stage whose
-    size changed (its maps into and out of the lookup space carry over); ConvNeXt blocks added at the end of a stack (a
-    deeper decoder) start with a zero layer scale, and inputs appended to an input projection
-    (`GROWABLE_INPUTS`) with zero weights, so the grown model computes what `state` did and the new parts
-    learn from there. Anything else that does not fit is an error."""
+    size changed (its maps into and out of the lookup space carry over, unless the lookup's dimension changed
+    too: then the whole stage starts fresh); ConvNeXt blocks added at the end of a stack (a deeper decoder)
+    start with a zero layer scale, and inputs appended to an input projection (`GROWABLE_INPUTS`) with zero
+    weights, so the grown model computes what `state` did and the new parts learn from there. Anything else
+    that does not fit is an error."""
     own = model.state_dict()
     state = dict(state)
     resized = _resized_stages(own, state)
+    relooked = [p for p in resized if _differs(own, state, p + "in_proj.weight")]
+    for prefix in relooked:  # another lookup dimension: the maps and the whitening start fresh too
+        for key in [k for k in state if k.startswith(prefix)]:
+            state.pop(key)
     for prefix in resized:  # a stage whose codebook changed size: a new C and W, searched as from scratch
         for name in ("frozen_codebook", "codes", "proj.weight", "proj.bias", "initialized"):
             state.pop(prefix + name, None)
-    if resized:
-        warnings.warn(f"init_from {source}: new codebooks, maps kept: {', '.join(p.rstrip('.') for p in resized)}")
+    kept = [p.rstrip(".") for p in resized if p not in relooked]
+    if kept:
+        warnings.warn(f"init_from {source}: new codebooks, maps kept: {', '.join(kept)}")
+    if relooked:
+        fresh = ", ".join(p.rstrip(".") for p in relooked)
+        warnings.warn(f"init_from {source}: new lookup dimension, whole stages fresh: {fresh}")
     for key in GROWABLE_INPUTS:
         old, new = state.get(key), own.get(key)
         if old is not None and new is not None and old.shape[0] == new.shape[0] and old.shape[1] < new.shape[1]:
