@@ -365,22 +365,29 @@ def test_a_released_model_takes_a_larger_first_codebook_with_the_rest_kept(corpu
     assert bool(warm.model.quantizer.stages[0].initialized)  # searched as from scratch: data-dependent init
 
 
-def test_a_released_model_takes_another_lookup_dimension_with_its_stages_fresh_and_the_rest_kept(corpus, tmp_path):
+@pytest.mark.parametrize("space", ["wider", "the latent itself, unwhitened"])
+def test_a_released_model_takes_another_lookup_space_with_its_stages_fresh_and_the_rest_kept(corpus, tmp_path, space):
     released = _tiny_release(corpus, tmp_path)
     expected = load_model_dir(released).state_dict()
     looked = expected["quantizer.stages.0.in_proj.weight"].shape[0]
-    with pytest.warns(UserWarning, match="new lookup dimension, whole stages fresh: quantizer.stages.0, "):
+    lookup = (
+        [f"model.code_dim={2 * looked}"] if space == "wider" else ["model.code_dim=null", "model.whiten_codes=false"]
+    )
+    with pytest.warns(UserWarning, match="new lookup space, whole stages fresh: quantizer.stages.0, "):
         warm = Trainer(
-            tiny_config(corpus, "eval_every=0", f"model.code_dim={2 * looked}", f"init_from={released}"),
+            tiny_config(corpus, "eval_every=0", *lookup, f"init_from={released}"),
             tmp_path / "wide",
         )
     own = warm.model.state_dict()
     for key, value in expected.items():
         if key.startswith("quantizer.stages."):
-            assert own[key].shape != value.shape or not torch.equal(own[key], value), key
+            assert key not in own or own[key].shape != value.shape or not torch.equal(own[key], value), key
         else:
             assert torch.equal(own[key], value), key  # the encoder and the decoder carry over
-    assert own["quantizer.stages.0.in_proj.weight"].shape[0] == 2 * looked
+    if space == "wider":
+        assert own["quantizer.stages.0.in_proj.weight"].shape[0] == 2 * looked
+    else:
+        assert not any(".in_proj." in key or ".whitener." in key for key in own)
     warm.fit(until=1)
     assert all(bool(stage.initialized) for stage in warm.model.quantizer.stages)
 

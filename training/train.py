@@ -601,6 +601,16 @@ def _differs(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], key: 
     return key in own and key in state and own[key].shape != state[key].shape
 
 
+def _lookup_changed(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], stage: str) -> bool:
+    """Whether the quantizer stage with key prefix `stage` searches in another space in `own` than in `state`:
+    another lookup dimension, or maps on one side only (`code_dim=None` searches the latent itself), or
+    whitening on one side only."""
+    return any(
+        (key in own) != (key in state) or _differs(own, state, key)
+        for key in (stage + "in_proj.weight", stage + "whitener.cov")
+    )
+
+
 def _resized_stages(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[str, ...]:
     """Key prefixes of the quantizer stages whose codebook has another size in `own` than in `state`."""
     return tuple(
@@ -614,16 +624,16 @@ def _resized_stages(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
 def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load `state` into `model`, which may have parts that `state` lacks: whole modules (a pitch head added
     to a released model) keep their fresh initialisation, and so does the codebook of a quantizer stage whose
-    size changed (its maps into and out of the lookup space carry over, unless the lookup's dimension changed
-    too: then the whole stage starts fresh); ConvNeXt blocks added at the end of a stack (a deeper decoder)
+    size changed (its maps into and out of the lookup space carry over, unless that space changed too: then
+    the whole stage starts fresh); ConvNeXt blocks added at the end of a stack (a deeper decoder)
     start with a zero layer scale, and inputs appended to an input projection (`GROWABLE_INPUTS`) with zero
     weights, so the grown model computes what `state` did and the new parts learn from there. Anything else
     that does not fit is an error."""
     own = model.state_dict()
     state = dict(state)
     resized = _resized_stages(own, state)
-    relooked = [p for p in resized if _differs(own, state, p + "in_proj.weight")]
-    for prefix in relooked:  # another lookup dimension: the maps and the whitening start fresh too
+    relooked = [p for p in resized if _lookup_changed(own, state, p)]
+    for prefix in relooked:  # another lookup space: the maps and the whitening start fresh too
         for key in [k for k in state if k.startswith(prefix)]:
             state.pop(key)
     for prefix in resized:  # a stage whose codebook changed size: a new C and W, searched as from scratch
@@ -634,7 +644,7 @@ def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: P
         warnings.warn(f"init_from {source}: new codebooks, maps kept: {', '.join(kept)}")
     if relooked:
         fresh = ", ".join(p.rstrip(".") for p in relooked)
-        warnings.warn(f"init_from {source}: new lookup dimension, whole stages fresh: {fresh}")
+        warnings.warn(f"init_from {source}: new lookup space, whole stages fresh: {fresh}")
     for key in GROWABLE_INPUTS:
         old, new = state.get(key), own.get(key)
         if old is not None and new is not None and old.shape[0] == new.shape[0] and old.shape[1] < new.shape[1]:
