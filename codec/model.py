@@ -105,8 +105,9 @@ class SimVQCodec(StreamingModule):
         quantizer: "simvq" or "vq" (the plain-VQ baseline).
         quantizer_dropout: fraction of training examples that use a random number of stages.
         code_dim: each stage's lookup dimension (linear maps in and out of the latent); None searches
-            the latent itself.
-        whiten_codes: whiten each stage's input with running statistics before the search (see `Codebook`).
+            the latent itself. One value for every stage, or a list of one per stage.
+        whiten_codes: whiten each stage's input with running statistics before the search (see `Codebook`);
+            one value or a list of one per stage.
         init_from_data: rescale each stage's codes to its input on the first training batch.
         phase: how the decoder's phase outputs are read: "absolute" phases, or "propagated" advances
             (see `ISTFTSynthesis`).
@@ -147,8 +148,8 @@ class SimVQCodec(StreamingModule):
         codebook_size: int | Sequence[int] = (8192, 8192) + (1024,) * 10,
         quantizer: str = "simvq",
         quantizer_dropout: float = 0.5,
-        code_dim: int | None = 8,
-        whiten_codes: bool = True,
+        code_dim: int | None | Sequence[int | None] = 8,
+        whiten_codes: bool | Sequence[bool] = True,
         init_from_data: bool = True,
         phase: str = "propagated",
         straight_through: str = "latent",

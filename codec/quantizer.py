@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -373,14 +373,13 @@ CODEBOOKS: dict[str, type[Codebook]] = {"simvq": SimVQCodebook, "vq": Codebook}
 """The stage classes by the name a model config gives them (`quantizer`)."""
 
 
-def stage_sizes(codebook_size: int | Sequence[int], n_stages: int) -> tuple[int, ...]:
-    """One codebook size per stage from a single size or a list of `n_stages` sizes."""
-    if isinstance(codebook_size, int):
-        return (codebook_size,) * n_stages
-    sizes = tuple(int(k) for k in codebook_size)
-    if len(sizes) != n_stages:
-        raise ValueError(f"codebook_size lists {len(sizes)} sizes for {n_stages} stages")
-    return sizes
+def per_stage(value: Any, n_stages: int, name: str) -> tuple:
+    """One value per stage from a single value (every stage the same) or a list of `n_stages` values."""
+    if not isinstance(value, (list, tuple)):
+        return (value,) * n_stages
+    if len(value) != n_stages:
+        raise ValueError(f"{name} lists {len(value)} values for {n_stages} stages")
+    return tuple(value)
 
 
 class ResidualQuantizer(nn.Module):
@@ -398,7 +397,8 @@ class ResidualQuantizer(nn.Module):
             pass the encoder's latent through unchanged (Mimi trains with 0.5). Their codes are still searched,
             so the stages keep learning their residuals. 0 trains the unquantized twin, the ceiling that
             measures what the quantizer costs; inference always quantizes.
-        code_dim, whiten, init_from_data: see `Codebook`.
+        code_dim, whiten, init_from_data: see `Codebook`; `code_dim` and `whiten` may list one value per stage
+            (large stages searched in the latent itself, small ones in whitened 8-dim lookups).
         straight_through: where the decoder's gradient enters. "stage": through each stage's maps into and
             out of its lookup space (DAC's factorised codes), so the decoder also shapes what a code
             contributes. "latent": straight to the encoder's latent (VQ-VAE, SoundStream); the stages'
@@ -413,18 +413,21 @@ class ResidualQuantizer(nn.Module):
         codebook_size: int | Sequence[int] = 1024,
         kind: str = "simvq",
         quantizer_dropout: float = 0.5,
-        code_dim: int | None = None,
-        whiten: bool = False,
+        code_dim: int | None | Sequence[int | None] = None,
+        whiten: bool | Sequence[bool] = False,
         init_from_data: bool = True,
         straight_through: str = "stage",
         quantize_fraction: float = 1.0,
     ):
         super().__init__()
         self.set_training(quantizer_dropout, straight_through, quantize_fraction)
-        self.codebook_sizes = stage_sizes(codebook_size, n_stages)
+        self.codebook_sizes = tuple(int(k) for k in per_stage(codebook_size, n_stages, "codebook_size"))
         self.n_stages = n_stages
+        lookups = zip(
+            self.codebook_sizes, per_stage(code_dim, n_stages, "code_dim"), per_stage(whiten, n_stages, "whiten")
+        )
         self.stages = nn.ModuleList(
-            CODEBOOKS[kind](dim, size, code_dim, whiten, init_from_data) for size in self.codebook_sizes
+            CODEBOOKS[kind](dim, size, lookup_dim, whitened, init_from_data) for size, lookup_dim, whitened in lookups
         )
 
     def set_training(self, quantizer_dropout: float, straight_through: str, quantize_fraction: float) -> None:

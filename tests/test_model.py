@@ -562,8 +562,23 @@ def test_stages_of_different_sizes_pack_their_own_bits():
     too_big[0, 3, 0] = 16  # in range for stage 1, not for stage 4
     with pytest.raises(ValueError, match="codes must lie"):
         model.decode(too_big)
-    with pytest.raises(ValueError, match="3 sizes for 4 stages"):
+    with pytest.raises(ValueError, match="codebook_size lists 3 values for 4 stages"):
         tiny_codec(codebook_size=[256, 64, 64])
+
+
+def test_stages_search_each_in_its_own_lookup_space():
+    torch.manual_seed(0)
+    model = tiny_codec(
+        codebook_size=[256, 64, 64, 16], code_dim=[None, 4, 4, 4], whiten_codes=[False, True, True, True]
+    )
+    first, second = model.quantizer.stages[:2]
+    assert isinstance(first.in_proj, torch.nn.Identity) and first.whitener is None  # the latent itself, as it is
+    assert second.in_proj.out_features == 4 and second.whitener is not None
+    assert first.codebook().shape[1] == model.config["latent_dim"] and second.codebook().shape[1] == 4
+    codes = model.eval().encode(torch.randn(1, 1, 6 * HOP))
+    assert codes.shape[1] == 4 and model.decode(codes).shape[-1] == 6 * HOP
+    with pytest.raises(ValueError, match="code_dim lists 2 values for 4 stages"):
+        tiny_codec(code_dim=[None, 4])
 
 
 def test_codes_drawn_from_the_stage_inputs_fit_them_better_than_gaussian_codes():
