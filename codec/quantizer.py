@@ -282,7 +282,8 @@ class Codebook(nn.Module):
             self._replace_codes(unused, z[torch.multinomial(error, unused.numel(), generator=generator)])
         return unused.numel()
 
-    def nearest(self, z: Tensor, codebook: Tensor, norms: Tensor | None = None) -> Tensor:
+    @staticmethod
+    def nearest(z: Tensor, codebook: Tensor, norms: Tensor | None = None) -> Tensor:
         """Indices of the nearest codes for lookup-space inputs `z [N, d]` (`norms`: the codes' squared norms
         `[K]`, computed here when not given)."""
         # ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2; the first term does not change the argmin.

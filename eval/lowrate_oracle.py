@@ -28,10 +28,9 @@ import torch
 from torch import Tensor
 
 from codec.presets import load_model
+from codec.quantizer import Codebook
 from eval.dataset import load_audio, manifest_items, spread_per_speaker
 from eval.metrics import score
-
-SEARCH_CHUNK = 4096  # vectors per distance block (a 4096 x 65536 float block is 1 GiB)
 
 
 @dataclass(frozen=True)
@@ -64,11 +63,10 @@ class Arm:
 
 def nearest(x: Tensor, codes: Tensor, basis: Tensor | None = None) -> Tensor:
     """Index of each row of `x` `[N, D]` in `codes` `[K, D]` by squared distance (within the span of the
-    orthonormal columns of `basis` `[D, d]` when given)."""
+    orthonormal columns of `basis` `[D, d]` when given): the codec's own search, `Codebook.nearest`."""
     if basis is not None:
         x, codes = x @ basis, codes @ basis
-    norms = (codes * codes).sum(1)
-    return torch.cat([(norms - 2 * block @ codes.T).argmin(1) for block in x.split(SEARCH_CHUNK)])
+    return Codebook.nearest(x, codes)
 
 
 def grouped(latents: Tensor, group: int) -> Tensor:

@@ -28,8 +28,7 @@ def test_grouped_puts_consecutive_frames_side_by_side_and_drops_an_incomplete_gr
     assert torch.equal(grouped(latents, 1), latents)
 
 
-def test_nearest_finds_each_rows_closest_code_across_search_blocks(monkeypatch):
-    monkeypatch.setattr(lowrate_oracle, "SEARCH_CHUNK", 3)
+def test_nearest_finds_each_rows_closest_code():
     codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     x = torch.tensor([[9.0, 1.0], [1.0, 1.0], [1.0, 8.0], [11.0, -1.0], [-1.0, 0.0]])
     assert nearest(x, codes).tolist() == [1, 0, 2, 1, 0]

@@ -220,15 +220,15 @@ class Trainer:
     def _side_batches(self, epoch: int, count: int) -> Iterator[torch.Tensor]:
         """`count` batches of training crops `[B, 1, T]` of an epoch of their own (`DRAW_EPOCH`,
         `CALIBRATION_EPOCH`): the run's data order is not touched, and a resumed run gets the same crops."""
+        if self.batches is not None:
+            yield from (self.batches.batch(epoch, index).audio for index in range(count))
+            return
         batch_size = self.cfg.data.batch_size
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.dataset))
         for index in range(count):
-            if self.batches is not None:
-                yield self.batches.batch(epoch, index).audio
-            else:
-                slots = range(index * batch_size, (index + 1) * batch_size)
-                keys = [(epoch, index, int(order[slot % len(order)]), slot) for slot in slots]
-                yield torch.stack([self.dataset.crop(key) for key in keys])
+            slots = range(index * batch_size, (index + 1) * batch_size)
+            keys = [(epoch, index, int(order[slot % len(order)]), slot) for slot in slots]
+            yield torch.stack([self.dataset.crop(key) for key in keys])
 
     @torch.no_grad()
     def _draw_codebooks(self, which: str) -> None:
@@ -631,6 +631,7 @@ def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: P
     that does not fit is an error."""
     own = model.state_dict()
     state = dict(state)
+    given_modules = {k.split(".")[0] for k in state}  # before any stage is dropped below
     resized = _resized_stages(own, state)
     relooked = [p for p in resized if _lookup_changed(own, state, p)]
     for prefix in relooked:  # another lookup space: the maps and the whitening start fresh too
@@ -650,7 +651,7 @@ def load_grown(model: torch.nn.Module, state: dict[str, torch.Tensor], source: P
         if old is not None and new is not None and old.shape[0] == new.shape[0] and old.shape[1] < new.shape[1]:
             state[key] = torch.cat([old.to(new.dtype), new.new_zeros(new.shape[0], new.shape[1] - old.shape[1])], 1)
             warnings.warn(f"init_from {source}: {key} grows from {old.shape[1]} to {new.shape[1]} inputs (zero)")
-    new_modules = {k.split(".")[0] for k in own} - {k.split(".")[0] for k in state}
+    new_modules = {k.split(".")[0] for k in own} - given_modules
     new_blocks = [
         name
         for name, module in model.named_modules()
