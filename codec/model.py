@@ -108,6 +108,8 @@ class SimVQCodec(StreamingModule):
             the latent itself. One value for every stage, or a list of one per stage.
         whiten_codes: whiten each stage's input with running statistics before the search (see `Codebook`);
             one value or a list of one per stage.
+        principal_maps: each stage's maps are the principal directions of its input, fitted when its codes
+            are drawn, instead of learned (see `Codebook`); one value or a list of one per stage.
         init_from_data: rescale each stage's codes to its input on the first training batch.
         phase: how the decoder's phase outputs are read: "absolute" phases, or "propagated" advances
             (see `ISTFTSynthesis`).
@@ -158,6 +160,7 @@ class SimVQCodec(StreamingModule):
         rephase_iters: int = 1,
         carry_share: float = 0.3,
         advance_features: bool = True,
+        principal_maps: bool | Sequence[bool] = False,
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:
@@ -184,6 +187,7 @@ class SimVQCodec(StreamingModule):
             init_from_data,
             straight_through,
             quantize_fraction,
+            principal_maps,
         )
 
         self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters, carry_share)

@@ -54,6 +54,31 @@ class _Frozen(NamedTuple):
     matrices: tuple[Tensor, Tensor] | None
 
 
+def mean_and_covariance(
+    x: Tensor, weight: Tensor | None = None, across_ranks: bool = True
+) -> tuple[Tensor, Tensor] | None:
+    """Mean `[d]` and covariance `[d, d]` (float32) of the rows of `x [N, d]` with `weight [N]` (0 or 1; all
+    rows by default), pooled over ranks unless `across_ranks` is False; None when they are not finite."""
+    x = x.float()
+    w = x.new_ones(x.shape[0], 1) if weight is None else weight.float()[:, None]
+    sums = torch.cat([w.sum()[None], (x * w).sum(0), ((x * w).t() @ x).flatten()])
+    if across_ranks and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    if not bool(torch.isfinite(sums).all()):
+        return None
+    count, d = sums[0].clamp_min(1.0), x.shape[1]
+    mean = sums[1 : 1 + d] / count
+    return mean, sums[1 + d :].view(d, d) / count - torch.outer(mean, mean)
+
+
+def principal_directions(x: Tensor, count: int) -> Tensor:
+    """`[D, count]`: the orthonormal directions of the largest variance of the rows of `x` `[N, D]`."""
+    moments = mean_and_covariance(x, across_ranks=False)
+    if moments is None:
+        raise ValueError("principal directions of rows that are not all finite")
+    return torch.linalg.eigh(moments[1]).eigenvectors[:, -count:]  # eigenvalues ascend
+
+
 class RunningWhitener(nn.Module):
     """ZCA whitening with running statistics: `(z - mean) @ cov^-1/2`, and its inverse.
 
@@ -81,15 +106,10 @@ class RunningWhitener(nn.Module):
     def update(self, z: Tensor, weight: Tensor, across_ranks: bool = True) -> None:
         """Fold the rows of `z [N, d]` with `weight [N]` (0 or 1) into the statistics (summed over ranks
         unless `across_ranks` is False)."""
-        z, w = z.float(), weight.float()[:, None]
-        sums = torch.cat([w.sum()[None], (z * w).sum(0), ((z * w).t() @ z).flatten()])
-        if across_ranks and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
-        if not bool(torch.isfinite(sums).all()):
+        moments = mean_and_covariance(z, weight, across_ranks)
+        if moments is None:
             return  # the trainer skips this step; a NaN here would poison every later search
-        count, d = sums[0].clamp_min(1.0), z.shape[1]
-        mean = sums[1 : 1 + d] / count
-        cov = sums[1 + d :].view(d, d) / count - torch.outer(mean, mean)
+        mean, cov = moments
         if bool(self.seen):
             self.mean.lerp_(mean, self.momentum)
             self.cov.lerp_(cov, self.momentum)
@@ -134,6 +154,11 @@ class Codebook(nn.Module):
         init_from_data: on the first training batch, rescale the codes to the spread of the stage's input
             (see `_init_from_data`), so that a stage whose input is much smaller or larger than the codes does
             not start with a handful of codes winning every search.
+        principal_maps: the maps in and out of the lookup space are not learned: they are the `code_dim`
+            principal directions of the stage's input (`fit_principal_maps`), fitted whenever its codes are
+            drawn or initialised from data. Learned maps trained by the commitment loss, which a lookup
+            space of fewer dimensions makes smaller, collapse to two or three directions: searched there,
+            1024 codes refine a plane and leave the rest of the residual as it was.
     """
 
     kind = "vq"
@@ -145,16 +170,22 @@ class Codebook(nn.Module):
         code_dim: int | None = None,
         whiten: bool = False,
         init_from_data: bool = True,
+        principal_maps: bool = False,
     ):
         super().__init__()
         if not is_power_of_two(codebook_size):
             raise ValueError(f"codebook_size must be a power of two, got {codebook_size}")
+        if principal_maps and not code_dim:
+            raise ValueError("principal_maps needs a code_dim: a stage searched in the latent itself has no maps")
         self.dim, self.codebook_size = dim, codebook_size
         self.code_dim = code_dim or dim
         if code_dim:
             self.in_proj, self.out_proj = nn.Linear(dim, code_dim), nn.Linear(code_dim, dim)
         else:
             self.in_proj, self.out_proj = nn.Identity(), nn.Identity()
+        self.principal_maps = principal_maps
+        for weight in (*self.in_proj.parameters(), *self.out_proj.parameters()) if principal_maps else ():
+            weight.requires_grad_(False)
         self.whitener = RunningWhitener(self.code_dim) if whiten else None
         self._make_codes(torch.randn(codebook_size, self.code_dim) * self.code_dim**-0.5)
         self.register_buffer("initialized", torch.tensor(not init_from_data))
@@ -235,6 +266,21 @@ class Codebook(nn.Module):
         return self._cache[1]
 
     @torch.no_grad()
+    def fit_principal_maps(self, x: Tensor, across_ranks: bool = False) -> None:
+        """Make the map into the lookup space project latents `x [N, D]`, centred on their mean, onto their
+        `code_dim` principal directions, and the map out of it take them back (pooled over ranks when
+        `across_ranks`). A latent that lies in those directions comes back as it was."""
+        moments = mean_and_covariance(x, across_ranks=across_ranks)
+        if moments is None:
+            raise ValueError("principal maps fitted to latents that are not all finite")
+        mean, cov = moments
+        basis = torch.linalg.eigh(cov).eigenvectors[:, -self.code_dim :]  # [D, d], eigenvalues ascend
+        self.in_proj.weight.copy_(basis.t())
+        self.in_proj.bias.copy_(-(mean @ basis))
+        self.out_proj.weight.copy_(basis)
+        self.out_proj.bias.copy_(mean)
+
+    @torch.no_grad()
     def _init_from_data(self, z: Tensor) -> None:
         """Match the codes' mean and spread to the lookup-space input `z` (averaged over ranks under DDP)."""
         stats = torch.stack([z.mean(0), z.pow(2).mean(0)])
@@ -255,7 +301,9 @@ class Codebook(nn.Module):
         leaves many codes where no input falls and too few where most do. Codes drawn from the inputs
         follow their density: on the shipped model's first stage they halve the squared error of matched
         Gaussian codes and use 98% of them (docs/architecture.md). W restarts at the identity and keeps
-        moving all codes together, as in SimVQ."""
+        moving all codes together, as in SimVQ. With `principal_maps`, the maps are fitted to `x` first."""
+        if self.principal_maps:
+            self.fit_principal_maps(x)
         projected = self.in_proj(x)
         if self.whitener is not None:
             self.whitener.set_statistics(projected)
@@ -303,6 +351,8 @@ class Codebook(nn.Module):
         Returns (z, q, contribution, indices): the lookup-space input `z [N, d]` (with gradients to the
         encoder), the selected codes `q [N, d]` (with gradients to the codebook), their contribution to the
         latent `[N, D]` (straight-through: its gradient reaches the encoder through `z`) and the indices `[N]`."""
+        if self.training and self.principal_maps and not bool(self.initialized):
+            self.fit_principal_maps(x.detach(), across_ranks=True)
         projected = self.in_proj(x)
         if self.training and self.whitener is not None:
             weight = torch.ones(x.shape[0], device=x.device) if weight is None else weight
@@ -398,8 +448,9 @@ class ResidualQuantizer(nn.Module):
             pass the encoder's latent through unchanged (Mimi trains with 0.5). Their codes are still searched,
             so the stages keep learning their residuals. 0 trains the unquantized twin, the ceiling that
             measures what the quantizer costs; inference always quantizes.
-        code_dim, whiten, init_from_data: see `Codebook`; `code_dim` and `whiten` may list one value per stage
-            (large stages searched in the latent itself, small ones in whitened 8-dim lookups).
+        code_dim, whiten, init_from_data, principal_maps: see `Codebook`; `code_dim`, `whiten` and
+            `principal_maps` may list one value per stage (large stages searched in the latent itself, small
+            ones in whitened 8-dim lookups).
         straight_through: where the decoder's gradient enters. "stage": through each stage's maps into and
             out of its lookup space (DAC's factorised codes), so the decoder also shapes what a code
             contributes. "latent": straight to the encoder's latent (VQ-VAE, SoundStream); the stages'
@@ -419,16 +470,21 @@ class ResidualQuantizer(nn.Module):
         init_from_data: bool = True,
         straight_through: str = "stage",
         quantize_fraction: float = 1.0,
+        principal_maps: bool | Sequence[bool] = False,
     ):
         super().__init__()
         self.set_training(quantizer_dropout, straight_through, quantize_fraction)
         self.codebook_sizes = tuple(int(k) for k in per_stage(codebook_size, n_stages, "codebook_size"))
         self.n_stages = n_stages
         lookups = zip(
-            self.codebook_sizes, per_stage(code_dim, n_stages, "code_dim"), per_stage(whiten, n_stages, "whiten")
+            self.codebook_sizes,
+            per_stage(code_dim, n_stages, "code_dim"),
+            per_stage(whiten, n_stages, "whiten"),
+            per_stage(principal_maps, n_stages, "principal_maps"),
         )
         self.stages = nn.ModuleList(
-            CODEBOOKS[kind](dim, size, lookup_dim, whitened, init_from_data) for size, lookup_dim, whitened in lookups
+            CODEBOOKS[kind](dim, size, lookup_dim, whitened, init_from_data, principal)
+            for size, lookup_dim, whitened, principal in lookups
         )
 
     def set_training(self, quantizer_dropout: float, straight_through: str, quantize_fraction: float) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from codec.presets import load_model
-from codec.quantizer import Codebook
+from codec.quantizer import Codebook, principal_directions
 from eval.dataset import load_audio, manifest_items, spread_per_speaker
 from eval.metrics import score
 
@@ -73,13 +73,6 @@ def grouped(latents: Tensor, group: int) -> Tensor:
     """`[F, D]` -> `[F // group, group * D]`: consecutive frames side by side (a last incomplete group dropped)."""
     frames, dim = latents.shape
     return latents[: frames // group * group].reshape(-1, group * dim)
-
-
-def principal_directions(x: Tensor, count: int) -> Tensor:
-    """`[D, count]`: the orthonormal directions of the largest variance of the rows of `x` `[N, D]`."""
-    centred = x - x.mean(0)
-    _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-    return vectors[:, -count:]
 
 
 def drawn_residual_quantizer(train: Tensor, dev: list[Tensor], arm: Arm, seed: int = 0) -> list[list[Tensor]]:

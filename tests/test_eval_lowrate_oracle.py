@@ -7,7 +7,8 @@ import soundfile as sf
 import torch
 
 from eval import lowrate_oracle
-from eval.lowrate_oracle import Arm, drawn_residual_quantizer, grouped, nearest, principal_directions
+from codec.quantizer import principal_directions
+from eval.lowrate_oracle import Arm, drawn_residual_quantizer, grouped, nearest
 from tests.conftest import speechlike
 from tests.support import make_tiny_model
 

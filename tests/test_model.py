@@ -610,6 +610,47 @@ def test_codes_drawn_from_the_stage_inputs_fit_them_better_than_gaussian_codes()
         drawn.draw_codebooks(z[:, :100])
 
 
+def _four_directions_of_sixteen(frames: int = 4000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents `[1, frames, 16]` whose variance lies in 4 orthonormal directions (returned `[16, 4]`), off centre."""
+    basis = torch.linalg.qr(torch.randn(16, 4)).Q
+    z = (torch.randn(frames, 4) * torch.tensor([4.0, 3.0, 2.0, 1.5])) @ basis.t() + 0.05 * torch.randn(frames, 16)
+    return (z + 2.0)[None], basis
+
+
+def test_principal_maps_search_where_the_residual_varies_and_are_not_trained():
+    from training.train import _param_groups
+
+    torch.manual_seed(0)
+    z, basis = _four_directions_of_sixteen()
+    options = dict(dim=16, n_stages=3, codebook_size=64, code_dim=4, whiten=True, quantizer_dropout=0.0)
+    principal = ResidualQuantizer(**options, principal_maps=True)
+    learned = ResidualQuantizer(**options)
+    for quantizer in (principal, learned):
+        quantizer.draw_codebooks(z, generator=torch.Generator().manual_seed(0))
+    first = principal.stages[0]
+    fitted = first.in_proj.weight.t()  # [16, 4], orthonormal columns
+    torch.testing.assert_close(fitted @ fitted.t(), basis @ basis.t(), atol=0.01, rtol=0)  # the same subspace
+    on_subspace = torch.randn(10, 4) @ basis.t() + z[0].mean(0)
+    with torch.no_grad():
+        torch.testing.assert_close(first.out_proj(first.in_proj(on_subspace)), on_subspace, atol=0.02, rtol=0)
+        left = {
+            name: (z - q.eval()(z).quantized).pow(2).mean()
+            for name, q in [("principal", principal), ("learned", learned)]
+        }
+    assert left["principal"] < 0.2 * left["learned"], left  # random maps search where little varies
+
+    model = tiny_codec(principal_maps=True)
+    maps = {id(p) for s in model.quantizer.stages for p in (*s.in_proj.parameters(), *s.out_proj.parameters())}
+    assert maps and not maps & {id(p) for g in _param_groups(model, 10.0) for p in g["params"]}
+    model.train()(torch.randn(2, 1, 4 * HOP)).audio.sum().backward()  # fits the maps on its first batch
+    for stage in model.quantizer.stages:
+        rows = stage.in_proj.weight
+        torch.testing.assert_close(rows @ rows.t(), torch.eye(8), atol=1e-4, rtol=0)  # orthonormal, not random
+        assert rows.grad is None
+    with pytest.raises(ValueError, match="principal_maps needs a code_dim"):
+        ResidualQuantizer(16, 2, 64, code_dim=[None, 4], principal_maps=True)
+
+
 @pytest.mark.parametrize("kind", ["simvq", "vq"])
 def test_unused_codes_move_to_where_the_stage_quantizes_worst_and_the_used_ones_stay(kind):
     torch.manual_seed(0)

@@ -693,10 +693,12 @@ def _use_cuda(cfg: TrainConfig) -> bool:
 
 
 def _param_groups(model: SimVQCodec, codebook_lr_scale: float) -> list[dict[str, Any]]:
-    """The generator's parameters, with the quantizer's codebooks in a group of their own learning rate."""
+    """The generator's trained parameters, with the quantizer's codebooks in a group of their own learning rate
+    (fixed ones, such as principal maps, are left out)."""
     codebook = {id(p) for stage in model.quantizer.stages for p in stage.codebook_parameters()}
-    rest = [p for p in model.parameters() if id(p) not in codebook]
-    books = [p for p in model.parameters() if id(p) in codebook]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    rest = [p for p in trained if id(p) not in codebook]
+    books = [p for p in trained if id(p) in codebook]
     return [{"params": rest, "lr_scale": 1.0}, {"params": books, "lr_scale": codebook_lr_scale}]
 
 
