@@ -294,8 +294,9 @@ class Codebook(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def draw_from(self, x: Tensor, generator: torch.Generator | None = None) -> None:
-        """Make the frozen codes a random sample of this stage's own inputs, latents `x [N, D]` (N >= K).
+    def draw_from(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Make the frozen codes a random sample of this stage's own inputs, latents `x [N, D]` (N >= K), and
+        return the indices of the rows drawn.
 
         After whitening, a stage's input is far from Gaussian (it fills its space unevenly), so a Gaussian C
         leaves many codes where no input falls and too few where most do. Codes drawn from the inputs
@@ -310,8 +311,10 @@ class Codebook(nn.Module):
         z = self._to_lookup(projected, self._whitening())
         if z.shape[0] < self.codebook_size:
             raise ValueError(f"drawing {self.codebook_size} codes needs at least as many frames, got {z.shape[0]}")
-        self._set_codes(z[torch.randperm(z.shape[0], generator=generator, device=z.device)[: self.codebook_size]])
+        rows = torch.randperm(z.shape[0], generator=generator, device=z.device)[: self.codebook_size]
+        self._set_codes(z[rows])
         self.initialized.fill_(True)
+        return rows
 
     @torch.no_grad()
     def redraw_unused(self, x: Tensor, generator: torch.Generator | None = None) -> int:
@@ -561,19 +564,26 @@ class ResidualQuantizer(nn.Module):
         unused_only: bool = False,
     ) -> list[int]:
         """Draw the frozen codes of `stages` (indices; all by default) from their own inputs, stage after stage,
-        for latents `z [..., D]` with at least as many frames as the largest of those codebooks
+        for latents `z [..., D]` with at least as many frames as those codebooks hold together
         (`Codebook.draw_from`); with `unused_only`, only the codes that none of those frames selects
-        (`Codebook.redraw_unused`). Returns how many codes each stage drew."""
+        (`Codebook.redraw_unused`). Returns how many codes each stage drew.
+
+        A frame drawn as a code leaves a residual of exactly zero, so it is not drawn from again: kept, the
+        frames a large first stage drew would give the next stages that many copies of one code."""
         residual, drawn = z.reshape(-1, z.shape[-1]), []
         for i, stage in enumerate(self.stages):
+            keep = None
             if stages is not None and i not in stages:
                 drawn.append(0)
             elif unused_only:
                 drawn.append(stage.redraw_unused(residual, generator))
             else:
-                stage.draw_from(residual, generator)
+                keep = torch.ones(len(residual), dtype=torch.bool, device=residual.device)
+                keep[stage.draw_from(residual, generator)] = False
                 drawn.append(stage.codebook_size)
             residual = residual - stage.lookup(stage.encode(residual))
+            if keep is not None:
+                residual = residual[keep]
         return drawn
 
     @torch.no_grad()

@@ -651,6 +651,22 @@ def test_principal_maps_search_where_the_residual_varies_and_are_not_trained():
         ResidualQuantizer(16, 2, 64, code_dim=[None, 4], principal_maps=True)
 
 
+def test_frames_drawn_as_codes_are_not_drawn_again_by_the_next_stages():
+    """A frame drawn as a code has a residual of exactly zero: drawn again, the frames a large first stage took
+    became one repeated code in every later stage (half of a second 16,384-code stage, three quarters of
+    the small stages' codes, in the fourth release's first draw)."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 2048, 16)
+    quantizer = ResidualQuantizer(dim=16, n_stages=3, codebook_size=[1024, 512, 256], code_dim=None)
+    quantizer.draw_codebooks(z, generator=torch.Generator().manual_seed(0))
+    for stage in quantizer.stages[1:]:
+        codes = stage.codebook().detach()
+        assert codes.unique(dim=0).shape[0] == stage.codebook_size  # no code repeated
+        assert codes.norm(dim=1).min() > 0.1  # and none the zero residual of a frame drawn before
+    with pytest.raises(ValueError, match="needs at least as many frames"):
+        quantizer.draw_codebooks(z[:, :1500])  # 1024 + 512 leave fewer than the third stage's 256
+
+
 @pytest.mark.parametrize("kind", ["simvq", "vq"])
 def test_unused_codes_move_to_where_the_stage_quantizes_worst_and_the_used_ones_stay(kind):
     torch.manual_seed(0)

@@ -234,15 +234,16 @@ class Trainer:
     def _draw_codebooks(self, which: str) -> None:
         """Draw the frozen codes of the new stages (`which="new"`), of all of them, or every stage's unused
         codes (`"unused"`) from their inputs: the latents of training crops of an epoch of their own
-        (`DRAW_EPOCH`, so the run's data order is not touched), at least twice as many frames as the largest
-        codebook drawn, and `UNUSED_FRAMES_PER_CODE` times as many to tell which codes are unused. Every process
-        draws the same."""
+        (`DRAW_EPOCH`, so the run's data order is not touched), at least twice as many frames as the codebooks
+        drawn hold together, and `UNUSED_FRAMES_PER_CODE` times the largest to tell which codes are unused.
+        Every process draws the same."""
         quantizer = self.model.quantizer
         stages = [i for i, s in enumerate(quantizer.stages) if which in ("all", "unused") or not bool(s.initialized)]
         if not stages:
             return
-        per_code = UNUSED_FRAMES_PER_CODE if which == "unused" else 2
-        frames = max(per_code * max(quantizer.codebook_sizes[i] for i in stages), 10_000)
+        sizes = [quantizer.codebook_sizes[i] for i in stages]
+        # Unused: enough frames per code to tell; drawn: each stage's codes leave the pool (`draw_codebooks`).
+        frames = max(UNUSED_FRAMES_PER_CODE * max(sizes) if which == "unused" else 2 * sum(sizes), 10_000)
         per_batch = self.cfg.data.batch_size * (self.cfg.data.segment_samples // self.model.hop_length)
         batches = self._side_batches(DRAW_EPOCH, -(-frames // per_batch))
         latents = [self.model.encode_latents(audio.to(self.device)).float() for audio in batches]
