@@ -147,11 +147,11 @@ class SimVQCodec(StreamingModule):
         expansion: int = 3,
         latent_dim: int = 64,
         n_stages: int = 12,
-        codebook_size: int | Sequence[int] = (8192, 8192) + (1024,) * 10,
+        codebook_size: int | Sequence[int] = (16384, 16384) + (1024,) * 10,
         quantizer: str = "simvq",
         quantizer_dropout: float = 0.5,
-        code_dim: int | None | Sequence[int | None] = 8,
-        whiten_codes: bool | Sequence[bool] = True,
+        code_dim: int | None | Sequence[int | None] = (None, None) + (8,) * 10,
+        whiten_codes: bool | Sequence[bool] = (False, False) + (True,) * 10,
         init_from_data: bool = True,
         phase: str = "propagated",
         straight_through: str = "latent",
@@ -160,7 +160,7 @@ class SimVQCodec(StreamingModule):
         rephase_iters: int = 1,
         carry_share: float = 0.3,
         advance_features: bool = True,
-        principal_maps: bool | Sequence[bool] = False,
+        principal_maps: bool | Sequence[bool] = (False, False) + (True,) * 10,
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:

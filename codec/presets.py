@@ -25,11 +25,15 @@ DEFAULT_MODEL_ID = "simvq-16k"
 MODELS: dict[str, tuple[Path, str]] = {
     "simvq-16k": (
         MODELS_DIR / "simvq-16k",
-        "16 kHz speech, 50 frames/s, SimVQ stages of 2 x 8192 then 10 x 1024 codes, 1.3-6.3 kbit/s",
+        "16 kHz speech, 50 frames/s, SimVQ stages of 2 x 16384 then 10 x 1024 codes, 1.4-6.4 kbit/s",
+    ),
+    "simvq-16k-v3": (
+        MODELS_DIR / "simvq-16k-v3",
+        "the third release (2 x 8192 then 10 x 1024 codes, 1.3-6.3 kbit/s), kept so that its token files decode",
     ),
     "simvq-16k-v2": (
         MODELS_DIR / "simvq-16k-v2",
-        "the second release (the same shape, the recipe's first 3,000 steps), kept so that its token files decode",
+        "the second release (the third's shape, its recipe's first 3,000 steps), kept so that its token files decode",
     ),
     "simvq-16k-v1": (
         MODELS_DIR / "simvq-16k-v1",

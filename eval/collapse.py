@@ -37,6 +37,8 @@ CONTROLLED = (
     "model.n_stages",
     "model.init_from_data",
     "model.whiten_codes",
+    "model.code_dim",
+    "model.principal_maps",
     "steps",
 )
 
@@ -106,6 +108,8 @@ class RunSpec:
                 "model.codebook_size": self.codebook_size,
                 "model.init_from_data": self.init_from_data,
                 "model.whiten_codes": self.whiten,
+                "model.code_dim": 8,  # the study's single stage searches an 8-dim lookup with learned maps
+                "model.principal_maps": False,
             }
         )
 
@@ -424,7 +428,8 @@ def run(args: argparse.Namespace) -> int:
         from eval.collapse_metrics import load_dev_set
         from codec.model import SimVQCodec
 
-        probe = SimVQCodec(**{**exp.settings["model"], "codebook_size": 2, "n_stages": 1})
+        single = {"codebook_size": 2, "n_stages": 1, "code_dim": 8, "whiten_codes": False, "principal_maps": False}
+        probe = SimVQCodec(**{**exp.settings["model"], **single})  # only its sample rate and hop are read
         dev = load_dev_set(
             args.dev, probe.sample_rate, probe.hop_length, args.dev_minutes, args.dev_clip_seconds, args.mel_clips
         )

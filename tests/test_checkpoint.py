@@ -132,7 +132,8 @@ def test_bundled_default_model_loads_and_verifies():
     assert release.sha256 == config["sha256"] and release.model_id == presets.DEFAULT_MODEL_ID
     model = release.model
     assert model.sample_rate == 16000 and model.hop_length == 320
-    assert model.codebook_sizes == (8192, 8192) + (1024,) * 10 and model.stage_bits == (13, 13) + (10,) * 10
+    assert model.codebook_sizes == (16384, 16384) + (1024,) * 10 and model.stage_bits == (14, 14) + (10,) * 10
+    assert presets.load_model("simvq-16k-v3", warn=False).model.codebook_sizes == (8192, 8192) + (1024,) * 10
 
 
 def test_the_first_release_is_installed_for_its_token_files():

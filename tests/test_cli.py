@@ -41,7 +41,7 @@ def test_round_trip_restores_exact_length_and_info(tmp_path, wav_44k_stereo):
     assert abs(sf.info(out).frames - expected) <= 1 and sf.info(out).samplerate == 16000
     r = run("info", str(tok))
     text = r.stdout.decode()
-    assert r.returncode == 0 and "5 stages: 13+13+10+10+10 bits" in text and "2.800 kbit/s" in text  # 3 kbit/s
+    assert r.returncode == 0 and "5 stages: 14+14+10+10+10 bits" in text and "2.900 kbit/s" in text  # 3 kbit/s
     assert "simvq-16k" in text
 
 

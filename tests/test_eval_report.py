@@ -34,6 +34,9 @@ def tiny_model_dir(tmp_path_factory):
         latent_dim=8,
         n_stages=3,
         codebook_size=16,
+        code_dim=8,
+        whiten_codes=True,
+        principal_maps=False,
         pitch_prior=False,
         rephase_iters=0,
     )  # fast: no phase extras

@@ -70,7 +70,7 @@ def test_round_trip_of_a_real_recording(server, recording):
     assert r.status_code == 200, r.text
     header, codes = read_tok(io.BytesIO(r.content))
     expected_samples = len(read_audio(recording, 16000)[0])
-    assert header.hop_length == 320 and header.n_stages == 12 and header.stage_bits == (13, 13) + (10,) * 10
+    assert header.hop_length == 320 and header.n_stages == 12 and header.stage_bits == (14, 14) + (10,) * 10
     assert header.num_samples == expected_samples and codes.shape == (12, -(-expected_samples // 320))
     assert len(r.content) == header.file_bytes()  # bit-packed: ~6 kbit/s
     info = client.get("/v1/models").json()["models"][0]

@@ -12,15 +12,15 @@ from training.bundle_args import add_bundle_run_arguments
 
 TRAIN_EPILOG = """examples:
   simvq-codec train --config training/configs/simvq-16k.yaml --run-dir runs/simvq-16k
-  simvq-codec train --config training/configs/simvq-16k.yaml phases.adversary.steps=12000 data.batch_size=32
-  simvq-codec train --config training/configs/simvq-16k.yaml init_from= model.n_stages=8   # from scratch
+  simvq-codec train --config training/configs/simvq-16k.yaml phases.polish.steps=2000 data.batch_size=32
+  simvq-codec train --config training/configs/simvq-16k.yaml init_from=   # from scratch
   simvq-codec train --run-dir runs/simvq-16k                     # resume with the run's saved config
   torchrun --nproc-per-node 4 -m training train --config training/configs/simvq-16k.yaml --run-dir runs/x
 """
 
 BUNDLE_EPILOG = """examples:
   simvq-codec bundle data/corpus bundle/ --wheels        # 40 MiB: corpus as Opus, config, wheels
-  simvq-codec bundle data/corpus bundle/ --init runs/simvq-16k --max-mb 100 phases.adversary.steps=60000
+  simvq-codec bundle data/corpus bundle/ --init runs/simvq-16k --max-mb 100 phases.polish.steps=60000
   python -m training.bundle_run bundle/ --minutes 9 --out out/   # on the GPU machine (docs/training.md)
 """
 
