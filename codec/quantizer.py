@@ -71,12 +71,13 @@ def mean_and_covariance(
     return mean, sums[1 + d :].view(d, d) / count - torch.outer(mean, mean)
 
 
-def principal_directions(x: Tensor, count: int) -> Tensor:
-    """`[D, count]`: the orthonormal directions of the largest variance of the rows of `x` `[N, D]`."""
-    moments = mean_and_covariance(x, across_ranks=False)
+def principal_directions(x: Tensor, count: int, across_ranks: bool = False) -> tuple[Tensor, Tensor]:
+    """The mean `[D]` of the rows of `x` `[N, D]` and their `count` orthonormal directions of the largest
+    variance `[D, count]` (pooled over ranks when `across_ranks`)."""
+    moments = mean_and_covariance(x, across_ranks=across_ranks)
     if moments is None:
         raise ValueError("principal directions of rows that are not all finite")
-    return torch.linalg.eigh(moments[1]).eigenvectors[:, -count:]  # eigenvalues ascend
+    return moments[0], torch.linalg.eigh(moments[1]).eigenvectors[:, -count:]  # eigenvalues ascend
 
 
 class RunningWhitener(nn.Module):
@@ -270,11 +271,7 @@ class Codebook(nn.Module):
         """Make the map into the lookup space project latents `x [N, D]`, centred on their mean, onto their
         `code_dim` principal directions, and the map out of it take them back (pooled over ranks when
         `across_ranks`). A latent that lies in those directions comes back as it was."""
-        moments = mean_and_covariance(x, across_ranks=across_ranks)
-        if moments is None:
-            raise ValueError("principal maps fitted to latents that are not all finite")
-        mean, cov = moments
-        basis = torch.linalg.eigh(cov).eigenvectors[:, -self.code_dim :]  # [D, d], eigenvalues ascend
+        mean, basis = principal_directions(x, self.code_dim, across_ranks)
         self.in_proj.weight.copy_(basis.t())
         self.in_proj.bias.copy_(-(mean @ basis))
         self.out_proj.weight.copy_(basis)

@@ -86,7 +86,7 @@ def drawn_residual_quantizer(train: Tensor, dev: list[Tensor], arm: Arm, seed: i
         if len(residual) < arm.codes:
             raise ValueError(f"arm {arm}: {len(residual)} training vectors cannot give {arm.codes} codes")
         codes = residual[torch.randperm(len(residual), generator=generator)[: arm.codes]].clone()
-        basis = principal_directions(residual, arm.search_dims) if arm.search_dims else None
+        basis = principal_directions(residual, arm.search_dims)[1] if arm.search_dims else None
         residual -= codes[nearest(residual, codes, basis)]
         for r, s in zip(dev_residuals, sums):
             q = codes[nearest(r, codes, basis)]

@@ -38,7 +38,7 @@ def test_nearest_finds_each_rows_closest_code():
 def test_a_search_in_the_principal_directions_ignores_the_others():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(500, 3, generator=generator) * torch.tensor([5.0, 1.0, 0.01])
-    basis = principal_directions(x, 2)
+    _, basis = principal_directions(x, 2)
     assert basis.shape == (3, 2) and basis[2].abs().max() < 1e-2  # the weakest axis is left out
     codes = torch.tensor([[0.0, 0.0, 9.0], [1.0, 0.0, -9.0]])
     point = torch.tensor([[0.9, 0.0, 9.0]])
