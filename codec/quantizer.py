@@ -351,7 +351,8 @@ class Codebook(nn.Module):
         Returns (z, q, contribution, indices): the lookup-space input `z [N, d]` (with gradients to the
         encoder), the selected codes `q [N, d]` (with gradients to the codebook), their contribution to the
         latent `[N, D]` (straight-through: its gradient reaches the encoder through `z`) and the indices `[N]`."""
-        if self.training and self.principal_maps and not bool(self.initialized):
+        fresh = self.training and not bool(self.initialized)  # one read of the flag (a sync on the GPU)
+        if fresh and self.principal_maps:
             self.fit_principal_maps(x.detach(), across_ranks=True)
         projected = self.in_proj(x)
         if self.training and self.whitener is not None:
@@ -359,7 +360,7 @@ class Codebook(nn.Module):
             self.whitener.update(projected.detach(), weight)
         matrices = self._whitening()  # once per step: the same matrices whiten and colour back
         z = self._to_lookup(projected, matrices)
-        if self.training and not bool(self.initialized):
+        if fresh:
             self._init_from_data(z.detach())
         codebook = self.codebook()
         indices = self.nearest(z.detach(), codebook.detach())

@@ -42,6 +42,9 @@ CONTROLLED = (
     "steps",
 )
 
+LOOKUP = {"code_dim": 8, "principal_maps": False}
+"""The study's single stage searches an 8-dim lookup through learned maps, whatever the model's defaults."""
+
 SIZES = {
     # For tests: a second per step is already generous.
     "tiny": dict(encoder_dim=32, encoder_layers=2, decoder_dim=32, decoder_layers=2, latent_dim=16),
@@ -108,8 +111,7 @@ class RunSpec:
                 "model.codebook_size": self.codebook_size,
                 "model.init_from_data": self.init_from_data,
                 "model.whiten_codes": self.whiten,
-                "model.code_dim": 8,  # the study's single stage searches an 8-dim lookup with learned maps
-                "model.principal_maps": False,
+                **{f"model.{key}": value for key, value in LOOKUP.items()},
             }
         )
 
@@ -428,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
         from eval.collapse_metrics import load_dev_set
         from codec.model import SimVQCodec
 
-        single = {"codebook_size": 2, "n_stages": 1, "code_dim": 8, "whiten_codes": False, "principal_maps": False}
+        single = {"codebook_size": 2, "n_stages": 1, "whiten_codes": False, **LOOKUP}
         probe = SimVQCodec(**{**exp.settings["model"], **single})  # only its sample rate and hop are read
         dev = load_dev_set(
             args.dev, probe.sample_rate, probe.hop_length, args.dev_minutes, args.dev_clip_seconds, args.mel_clips
