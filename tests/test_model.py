@@ -88,6 +88,19 @@ def test_advance_features_give_a_steady_tones_offset_from_its_bin_centre():
     )  # the other features are the same as without advances
 
 
+@pytest.mark.parametrize("advance_features", [False, True])
+def test_long_inputs_get_their_features_in_pieces_that_equal_one_pass(advance_features, monkeypatch):
+    import codec.features
+
+    features = SimVQCodec(advance_features=advance_features).features
+    steps = 2 * codec.features.FEATURE_CHUNK + 5  # two whole pieces and a short one
+    wav = torch.randn(2, 1, steps * HOP) * 0.3
+    pieces = features(wav)
+    monkeypatch.setattr(codec.features, "FEATURE_CHUNK", steps)
+    assert pieces.shape == (2, steps, features.out_dim)
+    assert torch.equal(pieces, features(wav))
+
+
 def test_streaming_encode_single_samples(tiny_model):
     wav = torch.randn(1, 1, 3 * HOP + 5) * 0.3
     assert torch.equal(_stream_encode(tiny_model, wav, [1] * wav.shape[-1]), tiny_model.encode(wav))
