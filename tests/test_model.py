@@ -368,6 +368,17 @@ def test_a_search_in_blocks_gives_every_row_the_code_of_one_search_at_once(extra
         assert torch.equal(book.nearest(z, codes), whole)  # in blocks of `rows`, never fewer than MIN_ROWS
 
 
+@pytest.mark.parametrize("width", [16, 64, 1024, 16384])
+def test_first_argmin_finds_the_first_of_equal_minima_like_argmin(width):
+    from codec.quantizer import first_argmin
+
+    torch.manual_seed(4)
+    distances = torch.randint(0, 50, (300, width)).float()  # many ties, also between groups
+    distances[0] = 0.0  # a row that is all one value: its first column
+    distances[1, -1] = -1.0  # the minimum in the last column of the last group
+    assert torch.equal(first_argmin(distances), distances.argmin(1))
+
+
 def test_inference_search_with_cached_norms_is_the_training_search_also_after_a_weight_change():
     torch.manual_seed(2)
     book = SimVQCodebook(dim=8, codebook_size=64, code_dim=4, whiten=True, init_from_data=False)
