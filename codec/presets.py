@@ -27,6 +27,10 @@ MODELS: dict[str, tuple[Path, str]] = {
         MODELS_DIR / "simvq-16k",
         "16 kHz speech, 50 frames/s, SimVQ stages of 2 x 16384 then 10 x 1024 codes, 1.4-6.4 kbit/s",
     ),
+    "simvq-16k-v4": (
+        MODELS_DIR / "simvq-16k-v4",
+        "the fourth release (the same shape, 3,000 steps less training), kept so that its token files decode",
+    ),
     "simvq-16k-v3": (
         MODELS_DIR / "simvq-16k-v3",
         "the third release (2 x 8192 then 10 x 1024 codes, 1.3-6.3 kbit/s), kept so that its token files decode",

@@ -425,8 +425,19 @@ def test_phases_train_in_order_each_with_its_settings_schedule_and_name_in_the_l
     assert losses(tmp_path / "resumed")[4] == logged[4]  # bit-identical to the uninterrupted run
 
 
-def test_the_recipe_warm_starts_from_a_release_and_trains_its_phases(corpus, tmp_path, capsys):
-    """training/configs/simvq-16k.yaml with the tiny model and two steps, from a tiny release."""
+@pytest.mark.parametrize(
+    "recipe, phase, quantizer",
+    [
+        # the bundled model's: one phase that decodes more crops from codes and from fewer stages
+        ("simvq-16k.yaml", "polish", {"quantize_fraction": 0.8, "quantizer_dropout": 0.8}),
+        # the fourth release's: its first phase draws every stage's codes from its inputs
+        ("simvq-16k-v4.yaml", "quantizer", {"quantize_fraction": 0.5, "quantizer_dropout": 0.5}),
+    ],
+)
+def test_the_recipes_warm_start_from_a_release_and_train_their_phases(
+    recipe, phase, quantizer, corpus, tmp_path, capsys
+):
+    """A committed recipe with the tiny model and two steps, from a tiny release."""
     import json
 
     import yaml
@@ -434,9 +445,8 @@ def test_the_recipe_warm_starts_from_a_release_and_trains_its_phases(corpus, tmp
     released = _tiny_release(corpus, tmp_path)
     tiny = yaml.safe_load(TINY.read_text())
     sections = [f"{key}={json.dumps(tiny[key])}" for key in ("model", "data", "disc", "loss")]
-    recipe = Path(__file__).parent.parent / "training" / "configs" / "simvq-16k.yaml"
     cfg = load_config(
-        recipe,
+        Path(__file__).parent.parent / "training" / "configs" / recipe,
         [
             *sections,
             f"data.train={corpus}",
@@ -444,19 +454,21 @@ def test_the_recipe_warm_starts_from_a_release_and_trains_its_phases(corpus, tmp
             "data.dev_ood=null",  # the recipe's is the built corpus's
             "data.dev_fraction=0.34",
             f"init_from={released}",
-            "phases.quantizer.steps=2",
+            f"phases.{phase}.steps=2",
             "log_every=1",
         ],
     )
     trainer = Trainer(cfg, tmp_path / "recipe")
     expected = load_model_dir(released).state_dict()
     assert trainer.step == 0 and all(torch.equal(trainer.model.state_dict()[k], v) for k, v in expected.items())
-    trainer.fit()
+    trainer.fit(until=2)
     logged = losses(tmp_path / "recipe")
-    assert (logged[1]["phase"], logged[2]["phase"]) == ("quantizer", "quantizer")
+    assert (logged[1]["phase"], logged[2]["phase"]) == (phase, phase)
     assert "adv/disc" not in logged[1] and "adv/disc" not in logged[2]  # no adversary
     assert logged[1]["lr/gen"] == pytest.approx(1e-4 / 200) and logged[2]["lr/gen"] > logged[1]["lr/gen"]
-    assert "drew the codes of stage(s) 1, 2, 3, 4 from" in capsys.readouterr().err  # at the phase's first step
+    assert {name: getattr(trainer.model.quantizer, name) for name in quantizer} == quantizer
+    drew = "drew the codes of stage(s) 1, 2, 3, 4 from" in capsys.readouterr().err  # at the phase's first step
+    assert drew == (phase == "quantizer")
 
 
 def test_a_phase_can_redraw_only_the_codes_no_crop_selects(corpus, tmp_path, capsys):
