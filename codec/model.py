@@ -104,6 +104,8 @@ class SimVQCodec(StreamingModule):
             for the low rates under a ladder of small ones.
         quantizer: "simvq" or "vq" (the plain-VQ baseline).
         quantizer_dropout: fraction of training examples that use a random number of stages.
+        dropout_weights: the relative odds of 1..S stages for those examples; None draws them uniformly
+            (training only).
         code_dim: each stage's lookup dimension (linear maps in and out of the latent); None searches
             the latent itself. One value for every stage, or a list of one per stage.
         whiten_codes: whiten each stage's input with running statistics before the search (see `Codebook`);
@@ -129,7 +131,7 @@ class SimVQCodec(StreamingModule):
             a model without them grows into one with them (`training.train.load_grown`).
     """
 
-    TRAINING_OPTIONS = ("quantizer_dropout", "straight_through", "quantize_fraction")
+    TRAINING_OPTIONS = ("quantizer_dropout", "straight_through", "quantize_fraction", "dropout_weights")
     """Constructor arguments that act in training only (`ResidualQuantizer.set_training`): a run may change
     them between its phases."""
 
@@ -161,6 +163,7 @@ class SimVQCodec(StreamingModule):
         carry_share: float = 0.3,
         advance_features: bool = True,
         principal_maps: bool | Sequence[bool] = (False, False) + (True,) * 10,
+        dropout_weights: Sequence[float] | None = None,
     ):
         super().__init__()
         if hop_length % sub_hop or n_fft < sub_hop:
@@ -188,6 +191,7 @@ class SimVQCodec(StreamingModule):
             straight_through,
             quantize_fraction,
             principal_maps,
+            dropout_weights,
         )
 
         self.synthesis = ISTFTSynthesis(n_fft, sub_hop, frames_per_step, phase, rephase_iters, carry_share)

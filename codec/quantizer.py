@@ -462,6 +462,9 @@ class ResidualQuantizer(nn.Module):
         kind: "simvq" (`SimVQCodebook`) or "vq" (plain `Codebook`, the collapse baseline).
         quantizer_dropout: in training, the fraction of examples that use a random number of stages
             1..S instead of all S, so that one model serves every bitrate.
+        dropout_weights: the relative odds of 1..S stages for those examples (one weight per stage count,
+            S in all); None draws them uniformly. Weight on the stage counts that users pick trains their
+            rates more often.
         quantize_fraction: in training, the fraction of examples whose decoder input is quantized; the others
             pass the encoder's latent through unchanged (Mimi trains with 0.5). Their codes are still searched,
             so the stages keep learning their residuals. 0 trains the unquantized twin, the ceiling that
@@ -489,11 +492,12 @@ class ResidualQuantizer(nn.Module):
         straight_through: str = "stage",
         quantize_fraction: float = 1.0,
         principal_maps: bool | Sequence[bool] = False,
+        dropout_weights: Sequence[float] | None = None,
     ):
         super().__init__()
-        self.set_training(quantizer_dropout, straight_through, quantize_fraction)
-        self.codebook_sizes = tuple(int(k) for k in per_stage(codebook_size, n_stages, "codebook_size"))
         self.n_stages = n_stages
+        self.set_training(quantizer_dropout, straight_through, quantize_fraction, dropout_weights)
+        self.codebook_sizes = tuple(int(k) for k in per_stage(codebook_size, n_stages, "codebook_size"))
         lookups = zip(
             self.codebook_sizes,
             per_stage(code_dim, n_stages, "code_dim"),
@@ -505,7 +509,13 @@ class ResidualQuantizer(nn.Module):
             for size, lookup_dim, whitened, principal in lookups
         )
 
-    def set_training(self, quantizer_dropout: float, straight_through: str, quantize_fraction: float) -> None:
+    def set_training(
+        self,
+        quantizer_dropout: float,
+        straight_through: str,
+        quantize_fraction: float,
+        dropout_weights: Sequence[float] | None = None,
+    ) -> None:
         """Set the options that act in training only (see the class): a run may change them between phases."""
         if straight_through not in ("stage", "latent"):
             raise ValueError(f"straight_through must be 'stage' or 'latent', got {straight_through!r}")
@@ -513,8 +523,15 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"quantize_fraction must lie in [0, 1], got {quantize_fraction}")
         if not 0.0 <= quantizer_dropout <= 1.0:
             raise ValueError(f"quantizer_dropout must lie in [0, 1], got {quantizer_dropout}")
+        if dropout_weights is not None:
+            weights = [float(w) for w in dropout_weights]
+            if len(weights) != self.n_stages or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(
+                    f"dropout_weights needs {self.n_stages} weights >= 0, one per stage count, not all 0; got {weights}"
+                )
+            dropout_weights = weights
         self.quantizer_dropout, self.straight_through = quantizer_dropout, straight_through
-        self.quantize_fraction = quantize_fraction
+        self.quantize_fraction, self.dropout_weights = quantize_fraction, dropout_weights
 
     def _check_stages(self, n_stages: int | None) -> int:
         return stages_or_all(n_stages, self.n_stages)
@@ -528,7 +545,11 @@ class ResidualQuantizer(nn.Module):
         active = torch.full((batch,), n, device=z.device)
         if self.training and self.quantizer_dropout > 0:
             dropped = torch.rand(batch, device=z.device) < self.quantizer_dropout
-            random_n = torch.randint(1, n + 1, (batch,), device=z.device)
+            if self.dropout_weights is None:
+                random_n = torch.randint(1, n + 1, (batch,), device=z.device)
+            else:
+                odds = torch.tensor(self.dropout_weights[:n], device=z.device)
+                random_n = 1 + torch.multinomial(odds, batch, replacement=True)
             active = torch.where(dropped, random_n, active)
         if self.training and not all(bool(s.initialized) for s in self.stages[:n]):
             active.fill_(n)  # data-dependent init sees every stage's real residual

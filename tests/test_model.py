@@ -418,6 +418,19 @@ def test_quantizer_dropout_varies_active_stages():
     assert np.all(np.diff(counts.numpy()) <= 0)
 
 
+def test_dropout_weights_choose_the_stage_counts_trained():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(
+        dim=8, n_stages=4, codebook_size=16, quantizer_dropout=1.0, dropout_weights=[0, 1, 0, 0]
+    ).train()
+    quantizer(torch.randn(64, 5, 8))  # initialises every stage
+    counts = torch.stack(quantizer(torch.randn(64, 5, 8)).stage_counts).sum(1).tolist()
+    assert counts == [64 * 5, 64 * 5, 0, 0]  # every example decoded from exactly two stages
+    for bad in ([1, 1, 1], [0, 0, 0, 0], [1, -1, 1, 1]):
+        with pytest.raises(ValueError, match="dropout_weights"):
+            quantizer.set_training(1.0, "stage", 1.0, bad)
+
+
 def test_quantize_fraction_passes_the_latent_through_for_the_other_examples():
     torch.manual_seed(0)
     z = torch.randn(200, 3, 8)
