@@ -1,12 +1,15 @@
 """The synthesis's two arithmetic forms: `TraceableSpectra` (real tensors, what ONNX export traces) gives the
-samples of `FFTSpectra` (complex tensors, what PyTorch runs) through the same steps."""
+samples of `FFTSpectra` (complex tensors, what PyTorch runs) through the same steps; and `FFTSpectra`'s
+overlap-add of a step's few frames gives fold's sums exactly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from codec.synthesis import ISTFTSynthesis, TraceableSpectra
+import torch.nn.functional as F
+
+from codec.synthesis import FFTSpectra, ISTFTSynthesis, TraceableSpectra
 
 N_FFT, HOP, PER_STEP = 320, 80, 4
 
@@ -44,3 +47,18 @@ def test_the_played_spectra_keep_the_magnitudes_and_need_an_offline_call():
     torch.testing.assert_close(played.abs(), mag, atol=1e-6, rtol=1e-5)
     with synthesis.streaming(2), pytest.raises(RuntimeError, match="offline only"):
         synthesis.played_spectra(mag, deviation)
+
+
+@pytest.mark.parametrize("count", [1, 4, 8, 9])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_the_overlap_add_sums_as_fold_does_bit_for_bit(count, batch):
+    """Up to 8 frames are summed row by row, more by fold: the same sums in the same order, whatever the batch
+    (streaming equals offline, and a batched step equals its streams alone)."""
+    synthesis = ISTFTSynthesis(N_FFT, HOP, PER_STEP)
+    generator = torch.Generator().manual_seed(count)
+    spec = torch.randn(batch, count, synthesis.bins, dtype=torch.complex64, generator=generator)
+    spec = spec * torch.exp(4 * torch.randn(batch, count, 1, generator=generator))  # levels far apart
+    frames = torch.fft.irfft(spec, n=N_FFT, dim=-1) * synthesis.window
+    total = (count - 1) * HOP + N_FFT
+    folded = F.fold(frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, N_FFT), stride=(1, HOP))
+    assert torch.equal(FFTSpectra(synthesis).overlap_add(spec, None), folded.reshape(batch, total))
