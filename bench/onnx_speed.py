@@ -27,7 +27,8 @@ from codec.presets import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _runner():
+def onnx_runner():
+    """examples/onnx_runner.py as a module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("onnx_runner", ROOT / "examples" / "onnx_runner.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -60,7 +61,7 @@ def main() -> None:
         folder = args.onnx_dir or Path(tmp)
         if args.onnx_dir is None:
             export_onnx(pretrained, folder)
-        runner = _runner()
+        runner = onnx_runner()
         codec = runner.Codec(folder, threads=1)
         x = torch.from_numpy(wav)[None, None]
 
