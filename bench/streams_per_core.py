@@ -3,7 +3,8 @@
     python bench/streams_per_core.py [--streams 20,30,40] [--seconds 8] [--server-core 0]
 
 A two-way stream is one side of a call: an encode stream (16-bit PCM in, tokens out) and a decode stream
-(tokens in, PCM out), each sending one 20 ms frame every 20 ms of wall clock. For each N the bench opens N of
+(tokens in, PCM out), each sending one 20 ms frame every 20 ms of wall clock, from examples/speech.wav and its
+tokens (each stream from its own point of the 10.4 s clip, wrapping round it). For each N the bench opens N of
 them (2N WebSocket connections) on loopback, paces them from random phases for `--seconds`, and takes each
 frame's delay: when its output arrived minus when the client's real-time schedule sent the frame (so a late
 client counts against the server). The first second is warm-up. A run passes when the p99 delay is at most
@@ -124,10 +125,10 @@ async def measure(base: str, pairs: int, seconds: float, pcm: np.ndarray, codes:
     tasks, readies = [], []
     rng = random.Random(pairs)
     stages = codes.shape[1]
+    clip = pcm[: len(pcm) - len(pcm) % HOP].reshape(-1, HOP)  # the clip's whole frames
     for i in range(pairs):
-        offset = (i * 97 * HOP) % (len(pcm) - n * HOP)  # a different stretch of speech per stream
-        pcm_frames = [pcm[offset + k * HOP : offset + (k + 1) * HOP].tobytes() for k in range(n)]
-        first = offset // HOP
+        first = (i * 97) % len(clip)  # a different stretch of speech per stream, wrapping round the clip
+        pcm_frames = [clip[(first + k) % len(clip)].tobytes() for k in range(n)]
         code_frames = [codes[(first + k) % len(codes)].tobytes() for k in range(n)]
         for path, start, frames, out_bytes in (
             ("/v1/stream/encode", {"type": "start"}, pcm_frames, [2 * stages * (k + 1) for k in range(n)]),
