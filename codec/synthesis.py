@@ -292,7 +292,7 @@ class FFTSpectra:
             out = F.fold(
                 frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, s.n_fft), stride=(1, s.hop)
             ).reshape(batch, total)
-        else:  # a step's few frames: fold's sums in fold's order (the last frame first), at a third of its cost
+        else:  # a step's few frames: fold's sums in fold's order (the last frame first), for less than fold
             # Row k of a zero table holds frame count-1-k at its place, and the rows are summed in order.
             rows = frames.new_zeros(batch, count, total)
             placed = rows.as_strided((batch, count, s.n_fft), (count * total, total - s.hop, 1), (count - 1) * s.hop)

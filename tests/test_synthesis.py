@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from codec.synthesis import FFTSpectra, ISTFTSynthesis, TraceableSpectra
@@ -58,7 +57,12 @@ def test_the_overlap_add_sums_as_fold_does_bit_for_bit(count, batch):
     generator = torch.Generator().manual_seed(count)
     spec = torch.randn(batch, count, synthesis.bins, dtype=torch.complex64, generator=generator)
     spec = spec * torch.exp(4 * torch.randn(batch, count, 1, generator=generator))  # levels far apart
+    spec.requires_grad_(True)
+    weight = torch.randn(batch, (count - 1) * HOP + N_FFT, generator=generator)
     frames = torch.fft.irfft(spec, n=N_FFT, dim=-1) * synthesis.window
-    total = (count - 1) * HOP + N_FFT
-    folded = F.fold(frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, N_FFT), stride=(1, HOP))
-    assert torch.equal(FFTSpectra(synthesis).overlap_add(spec, None), folded.reshape(batch, total))
+    folded = F.fold(frames.transpose(1, 2), output_size=(1, weight.shape[1]), kernel_size=(1, N_FFT), stride=(1, HOP))
+    (want_grad,) = torch.autograd.grad((folded.reshape(weight.shape) * weight).sum(), spec)
+    got = FFTSpectra(synthesis).overlap_add(spec, None)
+    (got_grad,) = torch.autograd.grad((got * weight).sum(), spec)
+    assert torch.equal(got, folded.reshape(weight.shape))
+    assert torch.equal(got_grad, want_grad)  # training trains through it
