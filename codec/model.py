@@ -11,6 +11,7 @@ only other delay. The algorithmic latency is 35 ms.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,16 +350,55 @@ class SimVQCodec(StreamingModule):
         Inside `model.streaming()`, the samples completed so far: `decoder_delay` fewer than F * hop on the
         first call, then F * hop per call; `flush_decoder()` returns the rest at the end of the stream.
         """
-        if codes.dim() != 3:
-            raise ValueError(f"expected codes shaped [B, S, F], got {tuple(codes.shape)}")
+        self._check_codes(codes)
         if codes.shape[-1] == 0:
             return codes.new_zeros(codes.shape[0], 1, 0, dtype=torch.float32)
-        sizes = self.codebook_sizes[: codes.shape[1]]
-        if codes.min() < 0 or bool((codes >= codes.new_tensor(sizes)[None, :, None]).any()):
-            raise ValueError(f"codes must lie in [0, K) for each stage's size K {sizes}")
         if num_frames is not None and self.is_streaming:
             raise ValueError("num_frames is for padded offline batches, not streams")
         return self.decode_latents(self.quantizer.decode(codes), num_frames)
+
+    @torch.no_grad()
+    def decode_overlapped(self, codes: Tensor, chunk_frames: int = 250) -> Tensor:
+        """`decode` of whole codes `[B, S, F]` on two CPU cores: a second thread runs the decoder network on the
+        next `chunk_frames` frames while this one plays the current chunk through the re-phasing, whose steps
+        run one after another. The chunks stream through one state, and streaming equals offline: the samples
+        are `decode`'s, bit for bit. For a caller that runs torch on one thread (`torch.set_num_threads(1)`):
+        otherwise, on another device, or for fewer than two chunks, this is `decode`."""
+        self._check_codes(codes)
+        if self.is_streaming:
+            raise RuntimeError("decode_overlapped() decodes whole codes, not a stream")
+        if chunk_frames < 8:
+            raise ValueError(f"chunk_frames must be at least 8, got {chunk_frames}")
+        frames = codes.shape[-1]
+        if frames < 2 * chunk_frames or torch.get_num_threads() != 1 or codes.device.type != "cpu":
+            return self.decode(codes)
+        # The last chunk takes a short rest, so every chunk has 4 frames or more: matrix products of 1-3 rows
+        # take other kernels (codec.batched).
+        bounds = list(range(0, frames - chunk_frames // 2, chunk_frames)) + [frames]
+        latents = self.quantizer.decode(codes)
+        state = self.init_streaming_state(codes.shape[0])
+
+        def spectrum(start: int, end: int) -> Tensor:
+            with torch.no_grad(), self.streaming(state):  # each thread enters the state (and no_grad) itself
+                return self.decode_spectrum(latents[:, start:end])
+
+        out = []
+        with ThreadPoolExecutor(1) as pool, self.streaming(state):
+            pending = pool.submit(spectrum, bounds[0], bounds[1])
+            for k in range(1, len(bounds)):
+                spectrum_k = pending.result()
+                if k + 1 < len(bounds):
+                    pending = pool.submit(spectrum, bounds[k], bounds[k + 1])
+                out.append(self.synthesis(spectrum_k))
+            out.append(self.flush_decoder())
+        return torch.cat(out, dim=-1)
+
+    def _check_codes(self, codes: Tensor) -> None:
+        if codes.dim() != 3:
+            raise ValueError(f"expected codes shaped [B, S, F], got {tuple(codes.shape)}")
+        sizes = self.codebook_sizes[: codes.shape[1]]
+        if codes.numel() and (codes.min() < 0 or bool((codes >= codes.new_tensor(sizes)[None, :, None]).any())):
+            raise ValueError(f"codes must lie in [0, K) for each stage's size K {sizes}")
 
     def forward(self, wav: Tensor, n_stages: int | None = None, f0: Tensor | None = None) -> CodecOutput:
         """Training pass on `[B, 1, T]` with T a multiple of hop_length; `f0` `[B, T / sub_hop]` (Hz, 0 =

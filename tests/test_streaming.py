@@ -1,5 +1,5 @@
 """Streaming state as values: many streams on one model, interleaved or in threads, each exactly as if alone;
-snapshots; the state as named tensors."""
+snapshots; the state as named tensors; a whole decode streamed in chunks on two threads."""
 
 from __future__ import annotations
 
@@ -135,3 +135,15 @@ def test_a_state_runs_on_its_own_model_and_contexts_do_not_nest(model):
             with model.streaming(1):
                 pass
     assert not model.is_streaming
+
+
+@pytest.mark.parametrize("frames", [42, 45, 10])
+def test_the_overlapped_decode_gives_decodes_samples(frames):
+    """The decoder network one chunk ahead on a second thread, the re-phasing on this one: the same samples as
+    `decode`, whatever the last chunk's length (10 frames: one chunk, `decode` itself)."""
+    model = tiny_codec(seed=6, phase="propagated", rephase_iters=1, carry_share=0.3, pitch_prior=True)
+    codes = torch.randint(0, 64, (2, 3, frames), generator=torch.Generator().manual_seed(frames))
+    assert torch.get_num_threads() == 1  # conftest's; on more threads decode_overlapped is decode
+    assert torch.equal(model.decode_overlapped(codes, chunk_frames=8), model.decode(codes))
+    with pytest.raises(ValueError, match="at least 8"):
+        model.decode_overlapped(codes, chunk_frames=4)
