@@ -28,32 +28,23 @@ from codec.presets import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def speed(model, wav: np.ndarray, threads: int, repeats: int) -> tuple[float, float]:
+def speed(model, wav: np.ndarray, threads: int, repeats: int, decode=None) -> tuple[float, float]:
+    """Encode and decode (`decode`, default `model.decode`) x real time on `threads` torch threads, best of
+    `repeats`."""
+    decode = decode or model.decode
     torch.set_num_threads(threads)
     x = torch.from_numpy(wav)[None, None]
-    model.decode(model.encode(x[..., :16000]))  # warm-up
+    decode(model.encode(x[..., :16000]))  # warm-up
     enc, dec = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         codes = model.encode(x)
         enc.append(time.perf_counter() - t)
         t = time.perf_counter()
-        model.decode(codes)
+        decode(codes)
         dec.append(time.perf_counter() - t)
     seconds = len(wav) / model.sample_rate
     return seconds / min(enc), seconds / min(dec)
-
-
-def overlapped_speed(model, wav: np.ndarray, repeats: int) -> float:
-    """`decode_overlapped` (torch on one thread, the decoder network on a second): x real time, best of `repeats`."""
-    torch.set_num_threads(1)
-    codes = model.encode(torch.from_numpy(wav)[None, None])
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model.decode_overlapped(codes)
-        times.append(time.perf_counter() - t)
-    return len(wav) / model.sample_rate / min(times)
 
 
 def peak_rss_mb(args: list[str]) -> float:
@@ -88,7 +79,7 @@ def main() -> None:
             (f"decode, {threads} thread(s)", f"{d:.0f}x real time"),
         ]
     if (os.cpu_count() or 1) >= 2:
-        x_real_time = overlapped_speed(model, wav, args.repeats)
+        _, x_real_time = speed(model, wav, 1, args.repeats, model.decode_overlapped)  # torch on 1 thread
         rows.append(("decode, 2 threads: network beside re-phasing", f"{x_real_time:.0f}x real time"))
 
     for n in (model.n_stages, model.n_stages // 2, 1):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def onnx_table(pretrained, speech: torch.Tensor, row_counts: list[int], steps: int) -> None:
     """onnxruntime's batched steps at each row count, and whether the first row's outputs depend on it."""
-    import tempfile
-
     hop = pretrained.model.hop_length
     with tempfile.TemporaryDirectory() as folder:
         export_onnx(pretrained, Path(folder))

@@ -364,7 +364,6 @@ class SimVQCodec(StreamingModule):
         run one after another. The chunks stream through one state, and streaming equals offline: the samples
         are `decode`'s, bit for bit. For a caller that runs torch on one thread (`torch.set_num_threads(1)`):
         otherwise, on another device, or for fewer than two chunks, this is `decode`."""
-        self._check_codes(codes)
         if self.is_streaming:
             raise RuntimeError("decode_overlapped() decodes whole codes, not a stream")
         if chunk_frames < 8:
@@ -372,6 +371,7 @@ class SimVQCodec(StreamingModule):
         frames = codes.shape[-1]
         if frames < 2 * chunk_frames or torch.get_num_threads() != 1 or codes.device.type != "cpu":
             return self.decode(codes)
+        self._check_codes(codes)
         # The last chunk takes a short rest, so every chunk has 4 frames or more: matrix products of 1-3 rows
         # take other kernels (codec.batched).
         bounds = list(range(0, frames - chunk_frames // 2, chunk_frames)) + [frames]
