@@ -353,9 +353,15 @@ class SimVQCodec(StreamingModule):
         self._check_codes(codes)
         if codes.shape[-1] == 0:
             return codes.new_zeros(codes.shape[0], 1, 0, dtype=torch.float32)
-        if num_frames is not None and self.is_streaming:
-            raise ValueError("num_frames is for padded offline batches, not streams")
-        return self.decode_latents(self.quantizer.decode(codes), num_frames)
+        if self.is_streaming:
+            if num_frames is not None:
+                raise ValueError("num_frames is for padded offline batches, not streams")
+            return self.decode_latents(self.quantizer.decode(codes))
+        # Inference mode skips autograd's bookkeeping of each of the re-phasing's many small operations: a
+        # tenth of a decode. Its tensors cannot be used by autograd (as a loss's target, say): the copy can.
+        with torch.inference_mode():
+            audio = self.decode_latents(self.quantizer.decode(codes), num_frames)
+        return audio.clone()
 
     @torch.no_grad()
     def decode_overlapped(self, codes: Tensor, chunk_frames: int = 250) -> Tensor:
@@ -379,11 +385,11 @@ class SimVQCodec(StreamingModule):
         state = self.init_streaming_state(codes.shape[0])
 
         def spectrum(start: int, end: int) -> Tensor:
-            with torch.no_grad(), self.streaming(state):  # each thread enters the state (and no_grad) itself
+            with torch.inference_mode(), self.streaming(state):  # each thread enters the state and the mode itself
                 return self.decode_spectrum(latents[:, start:end])
 
         out = []
-        with ThreadPoolExecutor(1) as pool, self.streaming(state):
+        with ThreadPoolExecutor(1) as pool, torch.inference_mode(), self.streaming(state):
             pending = pool.submit(spectrum, bounds[0], bounds[1])
             for k in range(1, len(bounds)):
                 spectrum_k = pending.result()
@@ -391,7 +397,8 @@ class SimVQCodec(StreamingModule):
                     pending = pool.submit(spectrum, bounds[k], bounds[k + 1])
                 out.append(self.synthesis(spectrum_k))
             out.append(self.flush_decoder())
-        return torch.cat(out, dim=-1)
+            audio = torch.cat(out, dim=-1)
+        return audio.clone()  # as in `decode`
 
     def _check_codes(self, codes: Tensor) -> None:
         if codes.dim() != 3:

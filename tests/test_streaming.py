@@ -144,6 +144,12 @@ def test_the_overlapped_decode_gives_decodes_samples(frames):
     model = tiny_codec(seed=6, phase="propagated", rephase_iters=1, carry_share=0.3, pitch_prior=True)
     codes = torch.randint(0, 64, (2, 3, frames), generator=torch.Generator().manual_seed(frames))
     assert torch.get_num_threads() == 1  # conftest's; on more threads decode_overlapped is decode
-    assert torch.equal(model.decode_overlapped(codes, chunk_frames=8), model.decode(codes))
+    overlapped, decoded = model.decode_overlapped(codes, chunk_frames=8), model.decode(codes)
+    assert torch.equal(overlapped, decoded)
     with pytest.raises(ValueError, match="at least 8"):
         model.decode_overlapped(codes, chunk_frames=4)
+    # Both decode in inference mode, but what they return is an ordinary tensor: autograd may take it as a target.
+    estimate = torch.zeros_like(decoded, requires_grad=True)
+    for target in (overlapped, decoded):
+        assert not target.is_inference()
+        torch.nn.functional.mse_loss(estimate, target).backward()
