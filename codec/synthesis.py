@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codec.features import centre_advance, dft_matrix, hann_window, hops_per_window, matrix_stft
-from codec.modules import VECTOR_BLOCK, constant, vectorised
+from codec.modules import constant, vectorised
 from codec.streaming import StreamingModule
 
 
@@ -45,17 +45,10 @@ def unit_phase(z: Tensor) -> Tensor:
 
 
 def _unit_and_last_phase(heard: Tensor) -> tuple[Tensor, Tensor]:
-    """Sub-frames `[B, N, bins]` -> `unit_phase(heard)` and the phase of its last sub-frame `[B, 1, bins]` (float64).
-
-    Without gradients both come from one copy padded to whole SIMD blocks (what `vectorised` gives for each,
-    in fewer calls: this runs once per step of the played re-phasing)."""
-    if heard.requires_grad:
-        unit = unit_phase(heard)
-        return unit, vectorised(torch.angle, unit[:, -1:]).double()
-    n = heard.numel()
-    padded = torch.sgn(torch.constant_pad_nd((heard + 1e-30).reshape(-1), (0, -n % VECTOR_BLOCK)))
-    phases = torch.angle(padded)[:n].view(heard.shape)
-    return padded[:n].view(heard.shape), phases[:, -1:].double()
+    """Sub-frames `[B, N, bins]` -> `unit_phase(heard)` and the phase of its last sub-frame `[B, 1, bins]` (float64),
+    the only one the running phase needs (this runs once per step of the played re-phasing)."""
+    unit = unit_phase(heard)
+    return unit, vectorised(torch.angle, unit[:, -1:]).double()
 
 
 @dataclass
