@@ -22,13 +22,12 @@ samples, as `model.decode` gives it in streaming mode.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from codec.model import CALLER_STATE, SimVQCodec
+from codec.model import HALVES, SimVQCodec, half_state
 from codec.modules import MIN_ROWS
 from codec.streaming import StreamingState
 
@@ -40,15 +39,13 @@ class StreamBatch:
         self.model = model
         self._batch = model.init_streaming_state(MIN_ROWS)  # the model runs on this state, the rows of a step
         # Every per-row state tensor by (layer, field), stacked in a table whose first MIN_ROWS - 1 rows stay
-        # fresh, to pad small steps.
+        # fresh, to pad small steps. A step moves only the tensors of its own half of the model.
         self._pad = MIN_ROWS - 1
+        self._halves = {half: [tuple(n.rsplit(".", 1)) for n in half_state(model, half)] for half in HALVES}
         self._table = {}
-        for layer, state in self._batch.layers.items():
-            for f in dataclasses.fields(state):
-                if (f"{layer}.{f.name}" if layer else f.name) not in CALLER_STATE:
-                    fresh = getattr(state, f.name)
-                    self._table[layer, f.name] = fresh.new_zeros(self._pad + capacity, *fresh.shape[1:])
-        self._fields = list(self._table)
+        for layer, field in (key for half in HALVES for key in self._halves[half]):
+            fresh = getattr(self._batch.layers[layer], field)
+            self._table[layer, field] = fresh.new_zeros(self._pad + capacity, *fresh.shape[1:])
         self._device = next(iter(self._table.values())).device
         self._free = list(range(self._pad + capacity - 1, self._pad - 1, -1))
         self._skip: dict[int, int] = {}  # slot -> leading decoded samples it still drops
@@ -73,8 +70,8 @@ class StreamBatch:
     def state(self, slot: int) -> StreamingState:
         """A copy of a slot's state as a stream of batch size 1 (`CodecStream(model, state)` goes on from it)."""
         state = self.model.init_streaming_state(1)
-        for layer, field in self._fields:
-            setattr(state.layers[layer], field, self._table[layer, field][slot : slot + 1].clone())
+        for (layer, field), table in self._table.items():
+            setattr(state.layers[layer], field, table[slot : slot + 1].clone())
         synthesis = state.layers.get("synthesis")
         if synthesis is not None:
             synthesis.skip = torch.full_like(synthesis.skip, self._skip[slot])
@@ -90,11 +87,11 @@ class StreamBatch:
             raise ValueError(
                 f"expected one frame of {hop} samples per slot, [{len(slots)}, {hop}]; got {tuple(frames.shape)}"
             )
-        index = self._gather(slots)
+        index = self._gather(slots, "encode")
         wav = _pad_rows(frames.to(index.device), len(index))[:, None]
         with torch.inference_mode(), self.model.streaming(self._batch):
             codes = self.model.encode(wav, n_stages)
-        self._scatter(index, len(slots))
+        self._scatter(index, len(slots), "encode")
         return codes[: len(slots), :, 0]
 
     def decode(self, slots: Sequence[int], codes: Tensor, stages: Sequence[int] | None = None) -> list[Tensor]:
@@ -105,14 +102,14 @@ class StreamBatch:
         the row is ignored (the frame decodes as it would alone)."""
         if codes.dim() != 2 or codes.shape[0] != len(slots):
             raise ValueError(f"expected codes [{len(slots)}, S], one frame per slot; got {tuple(codes.shape)}")
-        index = self._gather(slots)
+        index = self._gather(slots, "decode")
         codes = _pad_rows(codes.to(index.device), len(index))
         used = None if stages is None else [*stages, *[codes.shape[1]] * (len(index) - len(slots))]
         with torch.inference_mode():
             latents = self._latents(codes, used)[:, None]
             with self.model.streaming(self._batch):
                 audio = self.model.decode_latents(latents)[:, 0]
-        self._scatter(index, len(slots))
+        self._scatter(index, len(slots), "decode")
         out = []
         for b, slot in enumerate(slots):
             drop = min(self._skip[slot], audio.shape[-1])
@@ -134,15 +131,16 @@ class StreamBatch:
             latents = part if latents is None else latents + part
         return latents
 
-    def _gather(self, slots: Sequence[int]) -> Tensor:
-        """Load the slots' rows, padded with fresh rows to at least MIN_ROWS, into the batch state: their index."""
+    def _gather(self, slots: Sequence[int], half: str) -> Tensor:
+        """Load the slots' rows of `half`'s state, padded with fresh rows to at least MIN_ROWS, into the batch
+        state: their index."""
         if not slots:
             raise ValueError("a step needs at least one stream")
         for slot in slots:
             if slot not in self._skip:
                 raise ValueError(f"slot {slot} is not open")
         index = torch.tensor([*slots, *range(max(0, MIN_ROWS - len(slots)))], device=self._device)
-        for layer, field in self._fields:
+        for layer, field in self._halves[half]:
             setattr(self._batch.layers[layer], field, self._table[layer, field].index_select(0, index))
         self._batch.batch_size = len(index)
         root, synthesis = self._batch.layers[""], self._batch.layers.get("synthesis")
@@ -151,9 +149,9 @@ class StreamBatch:
             synthesis.skip = torch.zeros_like(synthesis.skip)  # each stream drops its own first samples
         return index
 
-    def _scatter(self, index: Tensor, rows: int) -> None:
-        """Write the batch state's first `rows` rows back to their slots."""
-        for layer, field in self._fields:
+    def _scatter(self, index: Tensor, rows: int, half: str) -> None:
+        """Write the first `rows` rows of `half`'s batch state back to their slots."""
+        for layer, field in self._halves[half]:
             self._table[layer, field].index_copy_(0, index[:rows], getattr(self._batch.layers[layer], field)[:rows])
 
     def _grow(self) -> None:

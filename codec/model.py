@@ -86,6 +86,19 @@ CALLER_STATE = ("samples", "synthesis.skip")
 partial frame (always empty then) and the decoder's count of leading samples still to drop. The ONNX graphs
 (`codec.onnx_export`) and the batched step (`codec.batched`) leave both out."""
 
+HALVES = ("encode", "decode")
+ENCODER_STATE = ("features.", "encoder.")
+"""Name prefixes of the streaming state that encoding reads and writes; decoding's is the rest (`half_state`)."""
+
+
+def half_state(model: SimVQCodec, half: str) -> list[str]:
+    """The state one half of `model` carries from step to step, `StreamingState.tensors()` names in their order,
+    `CALLER_STATE` left out: "encode" (the features and the encoder) or "decode" (the decoder and synthesis)."""
+    if half not in HALVES:
+        raise ValueError(f"half must be 'encode' or 'decode', got {half!r}")
+    names = [n for n in model.init_streaming_state(1).tensors() if n not in CALLER_STATE]
+    return [n for n in names if n.startswith(ENCODER_STATE) == (half == "encode")]
+
 
 class SimVQCodec(StreamingModule):
     """The streaming SimVQ speech codec.

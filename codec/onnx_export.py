@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from codec.errors import CodecError, OutputError
 from codec.features import dft_matrix, hops_per_window, matrix_stft
-from codec.model import CALLER_STATE, SimVQCodec
+from codec.model import SimVQCodec, half_state
 from codec.output import output_error
 from codec.pretrained import Pretrained
 from codec.streaming import StreamingState
@@ -54,11 +54,6 @@ ENCODER_FILE, DECODER_FILE, CONTRACT_FILE = "encoder.onnx", "decoder.onnx", "cod
 
 class OnnxUnavailableError(CodecError):
     """The `onnx` package (the exporter's dependency) is not installed."""
-
-
-def _state_names(model: SimVQCodec, prefixes: tuple[str, ...]) -> list[str]:
-    names = model.init_streaming_state(1).tensors()
-    return [n for n in names if n not in CALLER_STATE and n.startswith(prefixes)]
 
 
 def _bind(model: SimVQCodec, names: list[str], tensors: tuple[Tensor, ...]) -> StreamingState:
@@ -77,7 +72,7 @@ class EncoderStep(nn.Module):
     def __init__(self, model: SimVQCodec):
         super().__init__()
         self.model = model
-        self.state_names = ["features.history", *_state_names(model, ("encoder.",))]
+        self.state_names = half_state(model, "encode")  # "features.history" first, then the encoder's
         features = model.features
         self.hop, self.context = features.hop, features.context
         hops_per_window(features.n_fft, features.hop)  # refused here, before tracing starts
@@ -109,7 +104,7 @@ class DecoderStep(nn.Module):
     def __init__(self, model: SimVQCodec):
         super().__init__()
         self.model = model
-        self.state_names = _state_names(model, ("decoder.", "synthesis."))
+        self.state_names = half_state(model, "decode")
         # Every stage's codes in the latent, one table: stage s, code c is row offset[s] + c.
         quantizer = model.quantizer
         offsets = [0, *itertools.accumulate(quantizer.codebook_sizes)][:-1]

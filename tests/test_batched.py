@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from codec.batched import StreamBatch
-from codec.model import CodecStream
+from codec.model import CALLER_STATE, CodecStream, half_state
 from codec.modules import MIN_ROWS, VECTOR_BLOCK, Linear, vectorised
 from tests.conftest import speechlike, tiny_codec
 
@@ -129,3 +129,15 @@ def test_packed_linear_rows_agree_whatever_their_number_and_training_uses_f_line
         assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
     trained = layer(x)  # gradients on: F.linear itself
     assert trained.requires_grad and torch.equal(trained, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_the_two_halves_share_out_the_state_a_caller_does_not_keep(model):
+    """A batched step moves only its own half's state (`half_state`): together the halves are every tensor of
+    the streaming state but the caller's, each in one half."""
+    encode, decode = half_state(model, "encode"), half_state(model, "decode")
+    assert encode[0] == "features.history" and all(n.startswith("encoder.") for n in encode[1:])
+    assert "synthesis.tail" in decode and not set(encode) & set(decode)
+    every = model.init_streaming_state(1).tensors()
+    assert sorted(encode + decode) == sorted(n for n in every if n not in CALLER_STATE)
+    with pytest.raises(ValueError, match="encode"):
+        half_state(model, "both")
