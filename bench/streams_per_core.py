@@ -7,10 +7,10 @@ A two-way stream is one side of a call: an encode stream (16-bit PCM in, tokens 
 tokens (each stream from its own point of the 10.4 s clip, wrapping round it). For each N the bench opens N of
 them (2N WebSocket connections) on loopback, paces them from random phases for `--seconds`, and takes each
 frame's delay: when its output arrived minus when the client's real-time schedule sent the frame (so a late
-client counts against the server), and the server's CPU time, with the share of its main thread (the event
-loop: the WebSocket traffic; the rest is the scheduler's model steps). The first second is warm-up. A run
-passes when the p99 delay is at most 20 ms and no stream was refused or closed; the figure is the largest N
-that passes.
+client counts against the server). Over the paced part it also reports the server's CPU, the share of it
+its batched model steps took (from /metrics; the rest is the WebSocket traffic), the frames a step carried
+on average, and the clients' CPU. The first second is warm-up. A run passes when the p99 delay is at most
+20 ms and no stream was refused or closed; the figure is the largest N that passes.
 
 The server is `python -m server serve` (one worker, torch on one thread, the bundled model unless `--model`)
 under `taskset -c <server core>`, with the stream cap lifted; the clients run here, on the other cores. The
@@ -57,8 +57,9 @@ class Run:
     lost: int = 0  # connections refused or closed before their end
     frames_expected: int = 0
     server_cpu: float = float("nan")  # share of its core the server used over the run
-    loop_cpu: float = float("nan")  # of which its main thread: the event loop, WebSocket traffic
-    client_cpu: float = float("nan")  # cores this process used
+    step_cpu: float = float("nan")  # of which the scheduler's model steps (the rest: the WebSocket traffic)
+    frames_per_step: float = float("nan")
+    client_cpu: float = float("nan")  # cores the clients (this process) used over the paced part
 
     @property
     def p99(self) -> float:
@@ -144,20 +145,32 @@ async def measure(base: str, pairs: int, seconds: float, pcm: np.ndarray, codes:
             tasks.append(asyncio.create_task(_connection(ws + path, start, frames, out_bytes, t0, run, ready, go)))
             run.frames_expected += n - int(WARMUP_S / FRAME_S)
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), timeout=60)
-    cpu = _cpu_seconds(server_pid), _cpu_seconds(server_pid, main_thread=True), time.monotonic()
+    cpu = _cpu_seconds(server_pid), _step_counters(base), time.process_time(), time.monotonic()
     go.set()
     await asyncio.gather(*tasks)
-    wall = time.monotonic() - cpu[2]
+    wall = time.monotonic() - cpu[3]
     run.server_cpu = (_cpu_seconds(server_pid) - cpu[0]) / wall
-    run.loop_cpu = (_cpu_seconds(server_pid, main_thread=True) - cpu[1]) / wall
+    steps, frames, seconds = (after - before for after, before in zip(_step_counters(base), cpu[1]))
+    run.step_cpu, run.frames_per_step = seconds / wall, frames / max(steps, 1)
+    run.client_cpu = (time.process_time() - cpu[2]) / wall
     return run
 
 
-def _cpu_seconds(pid: int, main_thread: bool = False) -> float:
-    """User and system CPU seconds a process has used, or only its main thread (Linux /proc)."""
-    stat = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat")
-    fields = stat.read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _step_counters(base: str) -> tuple[float, float, float]:
+    """The server's batched streaming steps so far, both directions: (steps, frames, CPU seconds), from /metrics."""
+    totals = dict.fromkeys(("simvq_stream_steps_total", "simvq_stream_step_frames_total"), 0.0)
+    totals["simvq_stream_step_cpu_seconds_total"] = 0.0
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return tuple(totals.values())
 
 
 def opus_frame_us(pcm: np.ndarray, frames: int = 2000, repeats: int = 3) -> float | None:
@@ -224,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     try:
         for pairs in (int(x) for x in args.streams.split(",")):
-            start, client = time.monotonic(), time.process_time()
             run = asyncio.run(measure(base, pairs, args.seconds, pcm, codes, proc.pid))
-            wall = time.monotonic() - start
-            run.client_cpu = (time.process_time() - client) / wall
             runs.append(run)
             if not run.passed and not args.keep_going:
                 break
@@ -240,15 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "\n| two-way streams | WebSocket streams | frames | p50 ms | p99 ms | max ms | lost | server CPU | "
-        "of which the event loop | real time |"
+        "of which model steps | frames a step | client CPU | real time |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
         d = np.array(r.delays_ms) if r.delays_ms else np.array([np.inf])
         print(
             f"| {r.pairs} | {2 * r.pairs} | {len(r.delays_ms)} / {r.frames_expected} | {np.percentile(d, 50):.1f} | "
             f"{np.percentile(d, 99):.1f} | {d.max():.1f} | {r.lost} | {100 * r.server_cpu:.0f} % | "
-            f"{100 * r.loop_cpu:.0f} % | "
+            f"{100 * r.step_cpu:.0f} % | {r.frames_per_step:.1f} | {100 * r.client_cpu:.0f} % | "
             f"{'yes' if r.passed else 'no'} |"
         )
     best = max((r.pairs for r in runs if r.passed), default=0)

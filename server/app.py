@@ -46,7 +46,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings, models, batcher)
+        runtime = Runtime(settings, metrics, models, batcher)
         app.state.runtime = runtime
         loop = asyncio.get_running_loop()
         loading = loop.run_in_executor(runtime.pool, runtime.load)

@@ -46,6 +46,15 @@ class Metrics:
             registry=r,
         )
         self.streams = Gauge("simvq_streams_open", "WebSocket streams open.", ["direction"], registry=r)
+        self.stream_steps = Counter(
+            "simvq_stream_steps", "Batched steps of the stream scheduler, by direction.", ["direction"], registry=r
+        )
+        self.stream_step_frames = Counter(
+            "simvq_stream_step_frames", "Frames those steps carried, one per stream.", ["direction"], registry=r
+        )
+        self.stream_step_seconds = Counter(
+            "simvq_stream_step_cpu_seconds", "CPU time those steps took.", ["direction"], registry=r
+        )
         self.work_in_flight = Gauge(
             "simvq_work_slots_busy", "Admitted encode/decode requests holding a slot.", registry=r
         )

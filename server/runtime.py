@@ -19,6 +19,7 @@ from codec.errors import CodecError
 from codec.model import SimVQCodec
 from codec.pretrained import Pretrained
 from server.errors import ProblemError
+from server.metrics import Metrics
 from server.scheduler import Scheduler, measure_capacity
 from server.settings import Settings
 
@@ -150,7 +151,11 @@ class Runtime:
     """Everything model-related the routers need, built once per app and loaded in the lifespan."""
 
     def __init__(
-        self, settings: Settings, models: dict[str, Pretrained] | None = None, batcher: ClipBatcher | None = None
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        models: dict[str, Pretrained] | None = None,
+        batcher: ClipBatcher | None = None,
     ) -> None:
         self.settings = settings
         self.batcher = batcher
@@ -162,7 +167,7 @@ class Runtime:
         self.pool = ThreadPoolExecutor(max_workers=settings.resolved_pool_size(), thread_name_prefix="simvq-work")
         self.slots = Slots(settings.max_concurrency)
         self.stream_slots = Slots(settings.max_streams or UNMEASURED_STREAMS)  # measured in `load` when not set
-        self.scheduler = Scheduler(asyncio.get_running_loop(), settings.stream_max_lag_s)
+        self.scheduler = Scheduler(settings.stream_max_lag_s, metrics)
         self.upload_bytes = Slots(settings.max_upload_bytes)  # bodies being received, before a work slot
         self.active = 0  # HTTP requests and streams being served, for draining
         self._idle = asyncio.Event()

@@ -1,11 +1,18 @@
-"""One scheduler per worker: the next frame of every live stream in one batched model step per tick.
+"""One scheduler per worker: the next frame of every live stream in one batched model step.
 
 The WebSocket handlers (server.routers.stream) cut what arrives into whole frames and queue them on their
-`Stream`; the scheduler's thread takes the next frame of every stream that has one, runs all encode frames
-of a model as one `codec.batched.StreamBatch` step and all its decode frames as another, and hands each
-stream its output on the event loop. A tick never waits for a stream: one that joins is in the next tick,
-one that leaves simply has no frame, and a client that reads slowly only fills its own outbox. A stream's
-output is bit for bit what it would get alone (`codec.batched`).
+`Stream`; the scheduler takes the next frame of every stream that has one and runs all encode frames of a
+model as one `codec.batched.StreamBatch` step, then all its decode frames as another, handing each stream its
+output after each step. A step never waits for a stream: one that joins is in the next step, one that leaves
+simply has no frame, and a client that reads slowly only fills its own outbox. A stream's output is bit for
+bit what it would get alone (`codec.batched`).
+
+The steps run on the event loop itself, as one task, and between two steps the loop does its own work: it
+reads the frames that arrived during the step and sends the outputs. On a thread of their own, the steps and
+the loop handed the core and the GIL to each other at every tensor operation, and a step took a third longer
+than alone; with 30 two-way streams on one core, running them on the loop cut the p99 frame delay from about
+25 ms to 20 (docs/service.md, "Capacity"). A step holds the loop for a few milliseconds (5 at 20 streams a
+step on a 2-core AMD EPYC): HTTP requests wait that long at most, and their codec work runs in the worker pool.
 
 Each frame carries the time real time wants its output by (`due`: when it arrived, or later for a client
 sending ahead of real time). A stream whose output falls `max_lag_s` behind that, because the worker is
@@ -17,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,18 +36,24 @@ import torch
 from codec.audio import to_pcm16
 from codec.batched import StreamBatch
 from codec.model import CodecStream
+from server.metrics import Metrics
 
 log = logging.getLogger("server")
 
 END = object()
 """Queued after a stream's last frame: the scheduler answers it in order, after the last frame's output."""
 
-STEP_BUDGET = 0.4
+STEP_BUDGET = 0.5
 """Share of a frame's duration that a batched encode step and decode step of a full worker may take together
 (`measure_capacity`); the rest is for the WebSocket traffic and jitter. Set so that the cap a worker measures
 agreed with what bench/streams_per_core.py found it carries at p99 <= 20 ms on the development machine
 (docs/service.md, "Capacity")."""
 
+
+LOOP_PASSES = 4
+"""Event-loop passes between two steps. The first runs the callbacks of the data that arrived during the step,
+which wake the handlers; the next run the handlers, which queue its frames, and the pumps, which send the
+outputs the step delivered. With fewer, the next step starts before the frames that arrived are queued."""
 
 CLOSE_INTERNAL, CLOSE_TRY_LATER = 1011, 1013  # WebSocket close codes (RFC 6455 section 7.4.1)
 
@@ -58,8 +70,8 @@ class StreamFailed(Exception):
 class Stream:
     """One WebSocket stream's place in the scheduler: its slot, its frames in and its outputs out.
 
-    Frames are queued by the event loop (`submit`) and taken one per tick by the scheduler's thread; outputs
-    (`bytes`, then `END`) come back to `outbox` on the event loop, where the handler sends them.
+    Frames are queued by its handler (`submit`) and taken one per step; outputs (`bytes`, then `END`) come
+    back to `outbox`, which its handler sends.
     """
 
     direction: Literal["encode", "decode"]
@@ -67,7 +79,7 @@ class Stream:
     stages: int
     frame_s: float
     task: asyncio.Task | None = None  # the handler, cancelled when the stream fails
-    slot: int = -1  # its row in `batch` (set by the scheduler's thread at the stream's first step)
+    slot: int = -1  # its row in `batch` (set at the stream's first step)
     queue: deque = field(default_factory=deque)  # (frame, due) or END
     outbox: deque = field(default_factory=deque)  # bytes, then END
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # outbox has something
@@ -99,36 +111,30 @@ class Stream:
 class Scheduler:
     """The worker's stream scheduler: `open` streams, `submit` their frames, read their `outbox`; `close`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_lag_s: float, max_queued: int = 250) -> None:
-        self.loop, self.max_lag_s, self.max_queued = loop, max_lag_s, max_queued
+    def __init__(self, max_lag_s: float, metrics: Metrics | None = None, max_queued: int = 250) -> None:
+        """On the running event loop, whose task it starts; `metrics` counts the steps."""
+        self.max_lag_s, self.metrics, self.max_queued = max_lag_s, metrics, max_queued
         self._batches: dict[int, StreamBatch] = {}
-        self._groups: dict[tuple[int, str], tuple[Stream, ...]] = {}  # replaced, never mutated: read lock-free
-        self._closed: deque[Stream] = deque()  # their slots are freed by the scheduler's thread, between steps
-        self._lock = threading.Lock()
-        self._work = threading.Event()
-        self._running = True
-        self._thread = threading.Thread(target=self._run, name="simvq-streams", daemon=True)
-        self._thread.start()
+        self._groups: dict[tuple[int, str], list[Stream]] = {}
+        self._closed: deque[Stream] = deque()  # their slots are freed between steps
+        self._work = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="simvq-streams")
 
-    # --- the event loop's side ------------------------------------------------------------------------
     def open(self, model: torch.nn.Module, direction: Literal["encode", "decode"], stages: int) -> Stream:
-        """A new stream of `model` (its next tick includes it); its handler is the current task."""
-        with self._lock:
-            batch = self._batches.get(id(model))
-            if batch is None:
-                batch = self._batches[id(model)] = StreamBatch(model)
-            stream = Stream(direction, batch, stages, model.hop_length / model.sample_rate, task=asyncio.current_task())
-            key = (id(model), direction)
-            self._groups[key] = self._groups.get(key, ()) + (stream,)
+        """A new stream of `model` (its next step includes it); its handler is the current task."""
+        batch = self._batches.get(id(model))
+        if batch is None:
+            batch = self._batches[id(model)] = StreamBatch(model)
+        stream = Stream(direction, batch, stages, model.hop_length / model.sample_rate, task=asyncio.current_task())
+        self._groups.setdefault((id(model), direction), []).append(stream)
         return stream
 
     def close(self, stream: Stream) -> None:
-        """Drop a stream (at once: a tick that is running discards its output; its slot is freed after)."""
+        """Drop a stream (at once; its slot is freed before the next step)."""
         stream.closed = True
-        with self._lock:
-            for key, group in self._groups.items():
-                if stream in group:
-                    self._groups[key] = tuple(s for s in group if s is not stream)
+        for group in self._groups.values():
+            if stream in group:
+                group.remove(stream)
         self._closed.append(stream)
 
     def submit(self, stream: Stream, frames: np.ndarray, end: bool = False) -> None:
@@ -144,42 +150,49 @@ class Scheduler:
         self._work.set()
 
     def stop(self) -> None:
-        self._running = False
-        self._work.set()
-        self._thread.join(timeout=10)
+        self._task.cancel()
 
-    # --- the scheduler's thread -----------------------------------------------------------------------
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while self._running:
-            self._work.wait()
+    async def _run(self) -> None:
+        """Steps while any stream has a frame, each model and direction in turn, the loop's work between them."""
+        while True:
+            await self._work.wait()
             self._work.clear()
-            while self._running and self.tick():
-                pass
+            busy = True
+            while busy:
+                busy = False
+                for key in list(self._groups):
+                    if self._step_group(key):
+                        busy = True
+                        for _ in range(LOOP_PASSES):
+                            await asyncio.sleep(0)
 
-    def tick(self) -> bool:
-        """One batched step per model and direction over the streams that have a frame: whether any had."""
+    def _step_group(self, key: tuple[int, str]) -> bool:
+        """One batched step over the streams of a model and direction that have a frame: whether any had."""
         while self._closed:
             stream = self._closed.popleft()
             if stream.slot >= 0:
                 stream.batch.close(stream.slot)
-        busy = False
-        for (_, direction), group in list(self._groups.items()):
-            heads = [(s, s.queue.popleft()) for s in group if s.queue]
-            if not heads:
-                continue
-            busy = True
-            try:
+        heads = [(s, s.queue.popleft()) for s in self._groups.get(key, ()) if s.queue]
+        if not heads:
+            return False
+        direction, start = key[1], time.thread_time()
+        try:
+            with torch.no_grad():
                 done = self._step(direction, heads)
-            except Exception:
-                log.exception("a batched %s step failed", direction)
-                error = StreamFailed(
-                    CLOSE_INTERNAL, "internal-error", "the server failed on this stream; it has been logged"
-                )
-                self.loop.call_soon_threadsafe(_fail_all, [s for s, _ in heads], error)
-                continue
-            self.loop.call_soon_threadsafe(self._deliver, done)
-        return busy
+        except Exception:
+            log.exception("a batched %s step failed", direction)
+            detail = "the server failed on this stream; it has been logged"
+            error = StreamFailed(CLOSE_INTERNAL, "internal-error", detail)
+            for stream, _ in heads:
+                stream.fail(error)
+            return True
+        if self.metrics is not None:
+            self.metrics.stream_steps.labels(direction=direction).inc()
+            frames = sum(item is not END for _, item in heads)
+            self.metrics.stream_step_frames.labels(direction=direction).inc(frames)
+            self.metrics.stream_step_seconds.labels(direction=direction).inc(time.thread_time() - start)
+        self._deliver(done)
+        return True
 
     def _step(self, direction: str, heads: list[tuple[Stream, Any]]) -> list[tuple[Stream, Any, float | None]]:
         """Run one step: (stream, bytes or END, due; None for what follows the end) for each head, in order."""
@@ -220,7 +233,6 @@ class Scheduler:
                 done.append((s, *out[id(s)]))
         return done
 
-    # --- back on the event loop -----------------------------------------------------------------------
     def _deliver(self, done: list[tuple[Stream, Any, float | None]]) -> None:
         now = time.monotonic()
         for stream, payload, due in done:
@@ -294,9 +306,3 @@ def measure_capacity(
     per_row = max((t_large - t_small) / (large - small), 1e-6)
     rows = max(1, int((budget * frame_ms - (t_small - per_row * small)) / per_row))
     return 2 * rows, t_small + per_row * (rows - small)
-
-
-def _fail_all(streams: list[Stream], error: StreamFailed) -> None:
-    """End each of `streams` with `error` (on the event loop, after a failed step)."""
-    for stream in streams:
-        stream.fail(error)

@@ -41,7 +41,7 @@ def _run(model, script, max_lag_s: float = 60.0) -> list[tuple[list[bytes], str 
     results = []
 
     async def main():
-        scheduler = Scheduler(asyncio.get_running_loop(), max_lag_s)
+        scheduler = Scheduler(max_lag_s)
         tasks = []
 
         def open_stream(direction: str, stages: int = 4) -> dict:
@@ -124,7 +124,7 @@ def test_a_client_that_does_not_read_holds_no_one_else_and_is_told_it_fell_behin
     results = []
 
     async def main():
-        scheduler = Scheduler(asyncio.get_running_loop(), max_lag_s=0.2)
+        scheduler = Scheduler(max_lag_s=0.2)
         never = asyncio.Event()
 
         async def stuck_send(data: bytes) -> None:  # a client whose socket never drains

@@ -287,7 +287,16 @@ def test_open_streams_share_the_model_and_each_gets_the_bytes_it_gets_alone(tiny
         ]
         together = _run_streams(c, streams)
         alone = [_run_streams(c, [s])[0] for s in streams]
+        counts = {
+            line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in c.get("/metrics").text.splitlines()
+            if line.startswith("simvq_stream_step") and 'direction="encode"' in line
+        }
     assert together == alone
+    # /metrics counts the batched steps: together, the two encode streams shared some of theirs.
+    encode_frames = 2 * sum(-(-len(x) // 320) for x in (a, b))  # each stream's frames, together and alone
+    assert counts["simvq_stream_step_frames_total"] == encode_frames
+    assert counts["simvq_stream_steps_total"] < encode_frames and counts["simvq_stream_step_cpu_seconds_total"] > 0
     assert np.array_equal(np.frombuffer(together[1], "<u2").reshape(-1, 2).T, codes[:2])  # the offline tokens
 
 
