@@ -12,6 +12,10 @@ its batched model steps took (from /metrics; the rest is the WebSocket traffic),
 on average, and the clients' CPU. The first second is warm-up. A run passes when the p99 delay is at most
 20 ms and no stream was refused or closed; the figure is the largest N that passes.
 
+The figure depends on the machine's speed at the time, which on a shared or virtual machine moves with what
+other tenants do: on the development machine, an encode and a decode step of 16 streams took from 6.7 to 9.7
+ms. So the bench also times that step pair alone on the server's core, before and after the runs.
+
 The server is `python -m server serve` (one worker, torch on one thread, the bundled model unless `--model`)
 under `taskset -c <server core>`, with the stream cap lifted; the clients run here, on the other cores. The
 cap the server measures for itself during its warm-up (`max_streams` in /readyz) is printed too. Beside it,
@@ -173,6 +177,29 @@ def _step_counters(base: str) -> tuple[float, float, float]:
     return tuple(totals.values())
 
 
+def step_pair_ms(model, speech: np.ndarray, core: int, rows: int = 16, steps: int = 50) -> float:
+    """A batched encode step and decode step of `rows` streams, alone on `core` with torch on one thread:
+    milliseconds, the best of three runs of `steps` (the machine's own speed, for the runs beside it)."""
+    import torch
+
+    from codec.batched import StreamBatch
+
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    batch = StreamBatch(model, capacity=2 * rows)
+    enc, dec = [batch.open() for _ in range(rows)], [batch.open() for _ in range(rows)]
+    clip = torch.from_numpy(speech[: len(speech) // HOP * HOP]).reshape(-1, HOP)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for k in range(steps):
+            batch.decode(dec, batch.encode(enc, clip[[(r * 37 + k) % len(clip) for r in range(rows)]]))
+        best = min(best, (time.perf_counter() - start) / steps)
+    os.sched_setaffinity(0, affinity)
+    return 1000 * best
+
+
 def opus_frame_us(pcm: np.ndarray, frames: int = 2000, repeats: int = 3) -> float | None:
     """libopus encode + decode of one 20 ms 16 kHz mono frame at 6 kbit/s, microseconds (best of `repeats`)."""
     name = ctypes.util.find_library("opus")
@@ -221,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.inference_mode():
         codes = model.encode(torch.from_numpy(speech)[None, None])[0].T.numpy().astype("<u2")  # [F, stages]
-    del model
     opus = opus_frame_us(pcm)
+    reference = [step_pair_ms(model, speech, args.server_core)]
 
     settings = {"SIMVQ_TORCH_THREADS": "1", "SIMVQ_POOL_SIZE": "1", "SIMVQ_MAX_STREAMS": "10000"}
     if args.model:
@@ -243,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
     finally:
         stop_server(proc)
+    reference.append(step_pair_ms(model, speech, args.server_core))
 
     print(
         f"server: one worker pinned to core {args.server_core}, torch on 1 thread; clients on cores {cores}; "
@@ -265,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nstreams per core: {best} two-way real-time 20 ms streams at p99 <= 20 ms "
         f"(the server's own cap, measured at its warm-up: {own_cap} WebSocket streams = {own_cap // 2} two-way)"
+    )
+    print(
+        f"reference: an encode and a decode step of 16 streams, alone on core {args.server_core}, took "
+        f"{reference[0]:.1f} ms before the runs and {reference[1]:.1f} ms after"
     )
     if opus is not None:
         print(

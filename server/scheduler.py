@@ -9,10 +9,10 @@ bit what it would get alone (`codec.batched`).
 
 The steps run on the event loop itself, as one task, and between two steps the loop does its own work: it
 reads the frames that arrived during the step and sends the outputs. On a thread of their own, the steps and
-the loop handed the core and the GIL to each other at every tensor operation, and a step took a third longer
-than alone; with 30 two-way streams on one core, running them on the loop cut the p99 frame delay from about
-25 ms to 20 (docs/service.md, "Capacity"). A step holds the loop for a few milliseconds (5 at 20 streams a
-step on a 2-core AMD EPYC): HTTP requests wait that long at most, and their codec work runs in the worker pool.
+the loop handed the core and the GIL to each other at every tensor operation: with 30 two-way streams on one
+core, an encode and a decode step of 18 streams each took 12.1 ms beside the WebSocket traffic, against 9.3 ms
+on the loop and 7 ms alone (docs/service.md, "Capacity"). A step holds the loop for a few milliseconds: HTTP
+requests wait that long at most, and their codec work runs in the worker pool.
 
 Each frame carries the time real time wants its output by (`due`: when it arrived, or later for a client
 sending ahead of real time). A stream whose output falls `max_lag_s` behind that, because the worker is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import os
 import time
@@ -472,6 +473,7 @@ def test_readiness_while_loading_then_ready(tiny):
         assert ready.pop("max_streams") >= 2  # measured during the warm-up
         assert ready == {"status": "ready", "models": ["tiny-test"]}
         assert "simvq_ready 1.0" in c.get("/metrics").text
+        assert gc.get_freeze_count() > 0  # what was loaded is out of the collector's way
 
 
 def test_failed_model_load_is_reported(monkeypatch):
