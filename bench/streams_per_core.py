@@ -149,8 +149,9 @@ async def measure(base: str, pairs: int, seconds: float, pcm: np.ndarray, codes:
             tasks.append(asyncio.create_task(_connection(ws + path, start, frames, out_bytes, t0, run, ready, go)))
             run.frames_expected += n - int(WARMUP_S / FRAME_S)
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), timeout=60)
-    cpu = _cpu_seconds(server_pid), _step_counters(base), time.process_time(), time.monotonic()
     go.set()
+    await asyncio.sleep(max(0.0, start_at - loop.time()))  # the paced part starts
+    cpu = _cpu_seconds(server_pid), _step_counters(base), time.process_time(), time.monotonic()
     await asyncio.gather(*tasks)
     wall = time.monotonic() - cpu[3]
     run.server_cpu = (_cpu_seconds(server_pid) - cpu[0]) / wall
