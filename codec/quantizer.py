@@ -342,7 +342,8 @@ class Codebook(nn.Module):
         rows = max(MIN_ROWS, SEARCH_BLOCK // codebook.shape[0]) if z.device.type == "cpu" else max(n, 1)
         bounds = [*range(0, max(n - rows, 1), rows), n]
         blocks = zip(bounds, bounds[1:])
-        return torch.cat([first_argmin(torch.addmm(norms[None], z[a:b], codebook.t(), alpha=-2.0)) for a, b in blocks])
+        found = [first_argmin(torch.addmm(norms[None], z[a:b], codebook.t(), alpha=-2.0)) for a, b in blocks]
+        return found[0] if len(found) == 1 else torch.cat(found)  # one block (a streaming step): no copy
 
     def forward(self, x: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Training search for latents `x [N, D]`; `weight [N]` (0 or 1) marks the rows that count.
@@ -371,7 +372,19 @@ class Codebook(nn.Module):
         """Indices `[N]` of the nearest codes for latents `x [N, D]` (inference)."""
         if torch.is_grad_enabled():
             return self.nearest(self.lookup_input(x), self.codebook())
-        frozen = self._cached()  # once: reading it walks the stage's tensors
+        return self._encode_frozen(x, self._cached())
+
+    def encode_with_contribution(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`encode(x)` and what those codes contribute to the latent, `lookup` of them (inference): the residual
+        quantizer's step, which reads the stage's cached codes once (reading them walks the stage's tensors)."""
+        if torch.is_grad_enabled():
+            indices = self.encode(x)
+            return indices, self.lookup(indices)
+        frozen = self._cached()
+        indices = self._encode_frozen(x, frozen)
+        return indices, F.embedding(indices, frozen.output)
+
+    def _encode_frozen(self, x: Tensor, frozen: _Frozen) -> Tensor:
         return self.nearest(self._to_lookup(self.in_proj(x), frozen.matrices), frozen.codes, frozen.norms)
 
     def lookup(self, indices: Tensor) -> Tensor:
@@ -617,7 +630,7 @@ class ResidualQuantizer(nn.Module):
                 keep = torch.ones(len(residual), dtype=torch.bool, device=residual.device)
                 keep[stage.draw_from(residual, generator)] = False
                 drawn.append(stage.codebook_size)
-            residual = residual - stage.lookup(stage.encode(residual))
+            residual = residual - stage.encode_with_contribution(residual)[1]
             if keep is not None:
                 residual = residual[keep]
         return drawn
@@ -634,7 +647,7 @@ class ResidualQuantizer(nn.Module):
         for stage in self.stages:
             if stage.whitener is not None:
                 stage.whitener.set_statistics(stage.in_proj(residual))
-            residual = residual - stage.lookup(stage.encode(residual))
+            residual = residual - stage.encode_with_contribution(residual)[1]
 
     def encode(self, z: Tensor, n_stages: int | None = None) -> Tensor:
         """Indices `[B, S, T]` for `z [B, T, D]` (inference: no losses, no dropout)."""
@@ -643,8 +656,8 @@ class ResidualQuantizer(nn.Module):
         residual = z.reshape(batch * steps, dim)
         codes = []
         for stage in self.stages[:n]:
-            idx = stage.encode(residual)
-            residual = residual - stage.lookup(idx)
+            idx, contribution = stage.encode_with_contribution(residual)
+            residual = residual - contribution
             codes.append(idx)
         return torch.stack(codes, 1).reshape(batch, steps, n).transpose(1, 2)
 
