@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from load_server import serve, stop_server  # noqa: E402
 
+from server.scheduler import LAG_WINDOW_S  # noqa: E402
+
 FRAME_S = 0.02
 HOP = 320
 WARMUP_S = 1.0
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     try:
         for pairs in (int(x) for x in args.streams.split(",")):
+            time.sleep(2 * LAG_WINDOW_S)  # the last count's lag leaves the window the server admits streams by
             run = asyncio.run(measure(base, pairs, args.seconds, pcm, codes, proc.pid))
             runs.append(run)
             if not run.passed and not args.keep_going:

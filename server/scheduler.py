@@ -55,6 +55,13 @@ LOOP_PASSES = 4
 which wake the handlers; the next run the handlers, which queue its frames, and the pumps, which send the
 outputs the step delivered. With fewer, the next step starts before the frames that arrived are queued."""
 
+BEHIND_S = 0.02
+"""How late a worker's outputs may come before it takes no new stream (`Scheduler.lag_s`): one frame. The cap
+measured at the warm-up describes the machine as it was then; a machine that slows down later (other work,
+other tenants) would otherwise take streams until all of them fell behind together."""
+
+LAG_WINDOW_S = 1.0
+
 CLOSE_INTERNAL, CLOSE_TRY_LATER = 1011, 1013  # WebSocket close codes (RFC 6455 section 7.4.1)
 
 
@@ -117,6 +124,7 @@ class Scheduler:
         self._batches: dict[int, StreamBatch] = {}
         self._groups: dict[tuple[int, str], list[Stream]] = {}
         self._closed: deque[Stream] = deque()  # their slots are freed between steps
+        self._lags: deque[tuple[float, float]] = deque()  # (when, the latest output of a step), the last second
         self._work = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="simvq-streams")
 
@@ -151,6 +159,14 @@ class Scheduler:
 
     def stop(self) -> None:
         self._task.cancel()
+
+    def lag_s(self) -> float:
+        """How far behind real time the worker runs: of the steps of the last `LAG_WINDOW_S`, the median of
+        each one's latest output (0 when idle). A stream joins when this is at most `BEHIND_S`."""
+        horizon = time.monotonic() - LAG_WINDOW_S
+        while self._lags and self._lags[0][0] < horizon:
+            self._lags.popleft()
+        return float(np.median([lag for _, lag in self._lags])) if self._lags else 0.0
 
     async def _run(self) -> None:
         """Steps while any stream has a frame, each model and direction in turn, the loop's work between them."""
@@ -235,6 +251,7 @@ class Scheduler:
 
     def _deliver(self, done: list[tuple[Stream, Any, float | None]]) -> None:
         now = time.monotonic()
+        self._lags.append((now, max((now - due for _, _, due in done if due is not None), default=0.0)))
         for stream, payload, due in done:
             if stream.closed or stream.error is not None:
                 continue

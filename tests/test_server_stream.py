@@ -14,7 +14,8 @@ from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from codec.tokfile import read_tok
-from server import Settings, create_app
+from server import Settings, create_app, scheduler
+from server.routers import stream as stream_router
 from tests.support import audio_bytes, make_tiny_model, speech_like
 
 torch.set_num_threads(1)
@@ -246,6 +247,30 @@ def test_streams_beyond_the_cap_are_refused_with_503(tiny):
             first.send_text('{"type": "end"}')
             assert drain(first)[1] == 1000
         with c.websocket_connect("/v1/stream/decode") as again:  # the slot is free again
+            again.send_text('{"type": "start"}')
+            assert again.receive_json()["type"] == "ready"
+
+
+def test_a_worker_behind_real_time_refuses_new_streams(tiny, monkeypatch):
+    """Past `BEHIND_S` of lag (here any lag at all), a new stream gets 503 `streams-behind` while the ones
+    already open go on; an idle worker takes streams again once the lag has left its window."""
+    monkeypatch.setattr(stream_router, "BEHIND_S", 0.0)
+    with make_client(tiny, retry_after_s=3) as c:
+        with c.websocket_connect("/v1/stream/encode") as first:
+            first.send_text('{"type": "start"}')
+            first.receive_json()
+            first.send_bytes(pcm16(speech_like(0.02, seed=3)).tobytes())  # one frame (more would be ahead of time)
+            assert len(first.receive_bytes()) > 0  # its step ran, a little behind real time as every step is
+            with pytest.raises(WebSocketDenialResponse) as denied:
+                with c.websocket_connect("/v1/stream/decode"):
+                    pass
+            r = denied.value
+            assert r.status_code == 503 and r.headers["retry-after"] == "3"
+            assert r.json()["type"].endswith(":streams-behind") and "behind real time" in r.json()["detail"]
+            first.send_text('{"type": "end"}')
+            assert drain(first)[1] == 1000
+        monkeypatch.setattr(scheduler, "LAG_WINDOW_S", 0.0)
+        with c.websocket_connect("/v1/stream/decode") as again:
             again.send_text('{"type": "start"}')
             assert again.receive_json()["type"] == "ready"
 

@@ -24,7 +24,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from codec.stages import MAX_STAGES, StageError, resolve_stages, shared_width
 from server.errors import ProblemError, codec_error_problem, problem_body, problem_response
 from server.runtime import Phase, Runtime, ServedModel
-from server.scheduler import CLOSE_INTERNAL, CLOSE_TRY_LATER, Stream, StreamFailed, pump
+from server.scheduler import BEHIND_S, CLOSE_INTERNAL, CLOSE_TRY_LATER, Stream, StreamFailed, pump
 
 log = logging.getLogger("server")
 router = APIRouter()
@@ -136,12 +136,19 @@ def _stages(model: Any, stages: int | None, bitrate: float | None) -> int:
 
 
 async def _admit(websocket: WebSocket, runtime: Runtime | None, direction: str) -> bool:
-    """Refuse the handshake with 503 problem+json when not ready or every stream slot is taken."""
+    """Refuse the handshake with 503 problem+json when not ready, behind real time or every stream slot is
+    taken."""
     problem = None
     settings = websocket.app.state.settings
     if runtime is None or runtime.phase is not Phase.READY:
         phase = runtime.phase.value if runtime is not None else "starting"
         problem = ("not-ready", f"the server is {phase}; retry shortly")
+    elif (lag := runtime.scheduler.lag_s()) > BEHIND_S:
+        problem = (
+            "streams-behind",
+            f"this worker's streams run {lag * 1000:.0f} ms behind real time; retry after the Retry-After delay "
+            "or use another instance",
+        )
     elif not runtime.stream_slots.try_acquire():
         problem = (
             "streams-full",
