@@ -299,9 +299,12 @@ class SimVQCodec(StreamingModule):
         trust = vectorised(torch.sigmoid, trust_logit) * (f0 > 0)[..., None]
         batch, steps, _ = spectrum.shape
         parts = spectrum.reshape(batch, prior.shape[1], 2, self.synthesis.bins)
-        deviation = parts[:, :, 1].float()
-        deviation = deviation + trust * (prior - deviation)
-        parts = torch.stack([parts[:, :, 0], deviation.to(parts.dtype)], dim=2)
+        deviation = parts[:, :, 1]
+        pull = trust * (prior - deviation.float())
+        if spectrum.requires_grad or torch.jit.is_tracing():  # (the ONNX export has no in-place slices)
+            parts = torch.stack([parts[:, :, 0], (deviation.float() + pull).to(parts.dtype)], dim=2)
+        else:  # the same sums in place: no copy of the whole spectrum
+            deviation.add_(pull)
         return parts.reshape(batch, steps, -1), (f0_logits, log_f0, voicing_logit)
 
     # --- streaming ---------------------------------------------------------------------------------

@@ -149,9 +149,11 @@ class ISTFTSynthesis(StreamingModule):
         voiced = f0 > 0
         f0 = torch.where(voiced, f0, torch.ones_like(f0)).double()[..., None]
         centre = _bin_centres(self.bins, self.n_fft, f0.device)  # cycles/sample
-        harmonic = torch.round(centre / f0).clamp_min(1) * f0
-        deviation = 2 * math.pi * self.hop * (harmonic - centre)
-        return torch.where(voiced[..., None], deviation, torch.zeros_like(deviation))
+        # In place, one float64 tensor as large as the spectrum: a minute of audio makes it 15 MB, and each new
+        # one cost as much in fresh pages as in arithmetic. f0 carries no gradient.
+        deviation = (centre / f0).round_().clamp_min_(1).mul_(f0)  # the nearest harmonic, cycles/sample
+        deviation.sub_(centre).mul_(2 * math.pi * self.hop)
+        return deviation.masked_fill_(~voiced[..., None], 0.0)
 
     def _centre_advance(self, device: torch.device) -> Tensor:
         return centre_advance(self.n_fft, self.hop, device)
