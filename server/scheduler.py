@@ -53,7 +53,8 @@ agreed with what bench/streams_per_core.py found it carries at p99 <= 20 ms on t
 LOOP_PASSES = 4
 """Event-loop passes between two steps. The first runs the callbacks of the data that arrived during the step,
 which wake the handlers; the next run the handlers, which queue its frames, and the pumps, which send the
-outputs the step delivered. With fewer, the next step starts before the frames that arrived are queued."""
+outputs the step delivered. With one pass, the next step started before the frames that arrived were queued,
+and a frame waited about two steps."""
 
 BEHIND_S = 0.02
 """How late a worker's outputs may come before it takes no new stream (`Scheduler.lag_s`): one frame. The cap
