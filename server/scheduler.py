@@ -128,6 +128,7 @@ class Scheduler:
         self._lags: deque[tuple[float, float]] = deque()  # (when, the latest output of a step), the last second
         self._work = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="simvq-streams")
+        self._task.add_done_callback(_log_failure)
 
     def open(self, model: torch.nn.Module, direction: Literal["encode", "decode"], stages: int) -> Stream:
         """A new stream of `model` (its next step includes it); its handler is the current task."""
@@ -324,3 +325,9 @@ def measure_capacity(
     per_row = max((t_large - t_small) / (large - small), 1e-6)
     rows = max(1, int((budget * frame_ms - (t_small - per_row * small)) / per_row))
     return 2 * rows, t_small + per_row * (rows - small)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """The scheduler's task ended other than by `stop`: no stream would be served again, so say why."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the stream scheduler stopped", exc_info=task.exception())
