@@ -62,6 +62,7 @@ measured at the warm-up describes the machine as it was then; a machine that slo
 other tenants) would otherwise take streams until all of them fell behind together."""
 
 LAG_WINDOW_S = 1.0
+"""The seconds of steps `Scheduler.lag_s` looks back over."""
 
 CLOSE_INTERNAL, CLOSE_TRY_LATER = 1011, 1013  # WebSocket close codes (RFC 6455 section 7.4.1)
 
