@@ -13,7 +13,7 @@ on average, and the clients' CPU. The first second is warm-up. A run passes when
 20 ms and no stream was refused or closed; the figure is the largest N that passes.
 
 The figure depends on the machine's speed at the time, which on a shared or virtual machine moves with what
-other tenants do: on the development machine, an encode and a decode step of 16 streams took from 6.7 to 9.7
+other tenants do: on the development machine, an encode and a decode step of 16 streams took from 6.7 to 12
 ms. So the bench also times that step pair alone on the server's core, before and after the runs.
 
 The server is `python -m server serve` (one worker, torch on one thread, the bundled model unless `--model`)
@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from load_server import serve, stop_server  # noqa: E402
+from step_profile import frames_of  # noqa: E402
 
 from server.scheduler import LAG_WINDOW_S  # noqa: E402
 
@@ -192,12 +193,12 @@ def step_pair_ms(model, speech: np.ndarray, core: int, rows: int = 16, steps: in
     torch.set_num_threads(1)
     batch = StreamBatch(model, capacity=2 * rows)
     enc, dec = [batch.open() for _ in range(rows)], [batch.open() for _ in range(rows)]
-    clip = torch.from_numpy(speech[: len(speech) // HOP * HOP]).reshape(-1, HOP)
+    frames = frames_of(torch.from_numpy(speech), rows, steps, HOP)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        for k in range(steps):
-            batch.decode(dec, batch.encode(enc, clip[[(r * 37 + k) % len(clip) for r in range(rows)]]))
+        for x in frames:
+            batch.decode(dec, batch.encode(enc, x))
         best = min(best, (time.perf_counter() - start) / steps)
     os.sched_setaffinity(0, affinity)
     return 1000 * best

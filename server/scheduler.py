@@ -166,10 +166,14 @@ class Scheduler:
     def lag_s(self) -> float:
         """How far behind real time the worker runs: of the steps of the last `LAG_WINDOW_S`, the median of
         each one's latest output (0 when idle). A stream joins when this is at most `BEHIND_S`."""
-        horizon = time.monotonic() - LAG_WINDOW_S
-        while self._lags and self._lags[0][0] < horizon:
-            self._lags.popleft()
+        self._forget_lags(time.monotonic())
         return float(np.median([lag for _, lag in self._lags])) if self._lags else 0.0
+
+    def _forget_lags(self, now: float) -> None:
+        """Drop the lags older than `LAG_WINDOW_S` (here as well as when one is recorded, so that a worker no
+        handshake asks keeps one window of them, not every step's)."""
+        while self._lags and self._lags[0][0] < now - LAG_WINDOW_S:
+            self._lags.popleft()
 
     async def _run(self) -> None:
         """Steps while any stream has a frame, each model and direction in turn, the loop's work between them."""
@@ -254,6 +258,7 @@ class Scheduler:
 
     def _deliver(self, done: list[tuple[Stream, Any, float | None]]) -> None:
         now = time.monotonic()
+        self._forget_lags(now)
         self._lags.append((now, max((now - due for _, _, due in done if due is not None), default=0.0)))
         for stream, payload, due in done:
             if stream.closed or stream.error is not None:
