@@ -7,7 +7,7 @@ import torch
 
 from codec.batched import StreamBatch
 from codec.model import CALLER_STATE, CodecStream, half_state
-from codec.modules import MIN_ROWS, VECTOR_BLOCK, Linear, vectorised
+from codec.modules import MIN_ROWS, TRANSPOSED_ROW_BY_ROW, VECTOR_BLOCK, Linear, channels_first, vectorised
 from tests.conftest import speechlike, tiny_codec
 
 HOP = 320
@@ -115,6 +115,16 @@ def test_vectorised_results_do_not_depend_on_the_position_in_the_tensor(fn):
     for i in list(range(8)) + list(range(len(z) - 8, len(z))):
         assert torch.equal(vectorised(fn, z[i : i + 1])[0], whole[i])
     assert torch.equal(whole[: 3 * VECTOR_BLOCK], fn(z)[: 3 * VECTOR_BLOCK])  # the body is the kernel's own
+
+
+@pytest.mark.parametrize("frames", [1, TRANSPOSED_ROW_BY_ROW - 1, TRANSPOSED_ROW_BY_ROW + 3])
+def test_channels_first_holds_the_transposes_values(frames):
+    x = torch.randn(3, frames, 16)
+    moved = channels_first(x)
+    assert torch.equal(moved, x.transpose(1, 2))
+    long = frames >= TRANSPOSED_ROW_BY_ROW
+    assert moved.is_contiguous() if long else moved.data_ptr() == x.data_ptr()  # copied, or a view
+    assert channels_first(x.requires_grad_()).grad_fn is not None
 
 
 def test_packed_linear_rows_agree_whatever_their_number_and_training_uses_f_linear():
