@@ -65,4 +65,6 @@ def test_the_overlap_add_sums_as_fold_does_bit_for_bit(count, batch):
     got = FFTSpectra(synthesis).overlap_add(spec, None)
     (got_grad,) = torch.autograd.grad((got * weight).sum(), spec)
     assert torch.equal(got, folded.reshape(weight.shape))
-    assert torch.equal(got_grad, want_grad)  # training trains through it
+    # Training trains through it: the same gradient, to rounding (on some CPUs the backward FFT's last bits
+    # depend on the gradient's memory layout, which differs between the two).
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-6 * float(want_grad.abs().max()))
