@@ -14,6 +14,11 @@ from codec.features import centre_advance, dft_matrix, hann_window, hops_per_win
 from codec.modules import constant, vectorised
 from codec.streaming import StreamingModule
 
+try:  # every installation has numba (pyproject.toml); a bare GPU training machine may not (training/bundle_run.py)
+    from codec import rephasing
+except ImportError:
+    rephasing = None  # then PyTorch's steps everywhere
+
 
 @constant
 def _bin_centres(bins: int, n_fft: int, device: torch.device) -> Tensor:
@@ -197,6 +202,8 @@ class ISTFTSynthesis(StreamingModule):
         -> `[B, N * hop + delay]` samples, the first `delay` of them completing `tail`, the last `delay` the
         next tail. Streaming, the running phase moves on. `spectra` computes with the sub-frames: `FFTSpectra`
         unless given (ONNX export gives `TraceableSpectra`)."""
+        if self.rephase_iters and spectra is None and rephasing and rephasing.runs_compiled(mag, phase):
+            return self._played_compiled(mag, phase, tail)
         spectra = FFTSpectra(self) if spectra is None else spectra
         if self.rephase_iters:
             return self._played(spectra, mag, phase, tail)[1]
@@ -222,8 +229,7 @@ class ISTFTSynthesis(StreamingModule):
         unrolls the loop over the steps: a traced graph takes the number of steps it was traced with."""
         batch, n, hop = mag.shape[0], self.frames_per_step, self.hop
         state = self._streaming_state
-        phase = state.phase if state is not None else mag.new_zeros(batch, self.bins, dtype=torch.float64)
-        phase = phase[:, None]  # [B, 1, bins] through the steps
+        phase = self._running_phase(mag)[:, None]  # [B, 1, bins] through the steps
         played = tail if tail is not None else mag.new_zeros(batch, self.delay)
         advance = deviation.double() + self._centre_advance(deviation.device)
         advance = advance.reshape(batch, -1, n, self.bins).cumsum(2)  # each step's advances from its start
@@ -242,6 +248,31 @@ class ISTFTSynthesis(StreamingModule):
         if state is not None:
             state.phase = phase[:, 0].detach()
         return played_spectra, torch.cat([*out, played], dim=-1)
+
+    def _played_compiled(self, mag: Tensor, deviation: Tensor, tail: Tensor | None) -> Tensor:
+        """`_played`'s samples through `codec.rephasing`'s compiled steps (CPU inference)."""
+        tail = tail if tail is not None else mag.new_zeros(mag.shape[0], self.delay)
+        samples, phase = rephasing.played(
+            mag,
+            deviation,
+            self._centre_advance(mag.device),
+            self._running_phase(mag),
+            tail,
+            self.window,
+            self.analysis_window,
+            self.hop,
+            self.frames_per_step,
+            self.rephase_iters,
+            self.carry_share,
+        )
+        if self._streaming_state is not None:
+            self._streaming_state.phase = phase
+        return samples
+
+    def _running_phase(self, like: Tensor) -> Tensor:
+        """`[B, bins]` float64: the phase the next step starts from (0 at a stream's start and offline)."""
+        state = self._streaming_state
+        return state.phase if state is not None else like.new_zeros(like.shape[0], self.bins, dtype=torch.float64)
 
     def flush(self) -> Tensor:
         """End of a stream: the last `delay` samples (`[B, 1, delay]`, or none before any input)."""

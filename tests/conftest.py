@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from codec.features import causal_stft, hann_window
 from codec.model import SimVQCodec
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -57,6 +58,18 @@ def speechlike(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.nd
     voiced = sum(np.sin(k * phase) / k for k in range(1, 20))
     envelope = 0.5 * (1 + np.sin(2 * np.pi * 3 * t)) ** 2
     return (0.1 * envelope * voiced + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def voice_with_disagreeing_advances(synth, seconds: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A voice's own STFT magnitudes with its phase advances each up to 1 rad off, as the synthesis' input
+    `[1, steps, in_dim]`, and those magnitudes `[N, bins]`."""
+    voice = torch.from_numpy(speechlike(seconds)).float()
+    spec = causal_stft(voice, hann_window(synth.n_fft), synth.hop)  # [N, bins]
+    n = spec.shape[0] - spec.shape[0] % synth.frames_per_step
+    advance = torch.diff(spec.angle()[:n], dim=0, prepend=torch.zeros(1, synth.bins))
+    deviation = advance - synth.phase_advances(torch.zeros(n, synth.bins)) + (torch.rand(n, synth.bins) - 0.5) * 2
+    log_mag = spec.abs()[:n].clamp_min(1e-6).log()
+    return torch.stack([log_mag, deviation], dim=1).reshape(1, n // synth.frames_per_step, -1), spec.abs()[:n]
 
 
 def example_speech(name: str = "speech.wav") -> np.ndarray:

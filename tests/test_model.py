@@ -12,7 +12,7 @@ from codec.model import SimVQCodec
 from codec.features import causal_stft, hann_window
 from codec.synthesis import PHASE_GRADIENT_FLOOR, unit_phase
 from codec.quantizer import ResidualQuantizer, RunningWhitener, SimVQCodebook
-from tests.conftest import speechlike, tiny_codec
+from tests.conftest import tiny_codec, voice_with_disagreeing_advances
 
 HOP = 320
 
@@ -173,10 +173,12 @@ def test_rephasing_options_are_checked(options, message):
 
 
 @pytest.mark.parametrize("chunks", [[1] * 9, [3, 2, 4], [7, 2]])
-def test_played_rephasing_streams_like_offline_bit_for_bit(chunks):
-    """From the same decoder output, streaming runs the same steps in the same order as offline."""
+@pytest.mark.parametrize("grad", [False, True], ids=["compiled", "pytorch"])
+def test_played_rephasing_streams_like_offline_bit_for_bit(chunks, grad):
+    """From the same decoder output, streaming runs the same steps in the same order as offline, in either
+    form of the steps (`codec.rephasing`: inference on the CPU; PyTorch's: training, other devices)."""
     synth = SimVQCodec().synthesis
-    x = torch.randn(2, 9, synth.in_dim) * 0.5
+    x = (torch.randn(2, 9, synth.in_dim) * 0.5).requires_grad_(grad)
     out, start = [], 0
     with synth.streaming(2):
         for size in chunks:
@@ -186,25 +188,13 @@ def test_played_rephasing_streams_like_offline_bit_for_bit(chunks):
     assert torch.equal(torch.cat(out, dim=-1), synth(x))
 
 
-def _voice_with_disagreeing_advances(synth, seconds: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
-    """A voice's own STFT magnitudes with its phase advances each up to 1 rad off, as the synthesis' input
-    `[1, steps, in_dim]`, and those magnitudes `[N, bins]`."""
-    voice = torch.from_numpy(speechlike(seconds)).float()
-    spec = causal_stft(voice, hann_window(synth.n_fft), synth.hop)  # [N, bins]
-    n = spec.shape[0] - spec.shape[0] % synth.frames_per_step
-    advance = torch.diff(spec.angle()[:n], dim=0, prepend=torch.zeros(1, synth.bins))
-    deviation = advance - synth.phase_advances(torch.zeros(n, synth.bins)) + (torch.rand(n, synth.bins) - 0.5) * 2
-    log_mag = spec.abs()[:n].clamp_min(1e-6).log()
-    return torch.stack([log_mag, deviation], dim=1).reshape(1, n // synth.frames_per_step, -1), spec.abs()[:n]
-
-
 def test_rephasing_makes_disagreeing_frames_agree_with_the_magnitudes_they_were_given():
     """A voice's own STFT magnitudes played with its phase advances each up to 1 rad off: overlapping frames
     disagree, and the played audio's STFT misses the magnitudes it was given. Re-phasing each step brings
     the two together, more with more iterations, and leaves earlier steps as they were (causal)."""
     torch.manual_seed(0)
     synth = SimVQCodec().synthesis
-    x, magnitudes = _voice_with_disagreeing_advances(synth)
+    x, magnitudes = voice_with_disagreeing_advances(synth)
     given = magnitudes[3:-3]  # frames 0-2 reach before the start, the last 3 past the end
 
     def mismatch(audio):
@@ -227,7 +217,7 @@ def test_played_rephasing_does_not_amplify_rounding_differences():
     last bits of the decoder's output stays a small change in the audio instead of growing step by step."""
     torch.manual_seed(1)
     synth = SimVQCodec().synthesis
-    x, _ = _voice_with_disagreeing_advances(synth, seconds=2.0)
+    x, _ = voice_with_disagreeing_advances(synth, seconds=2.0)
     audio = synth(x)
     moved = synth(x + 1e-6 * torch.randn_like(x)) - audio
     snr_db = 10 * torch.log10(audio.square().sum() / moved.square().sum())
