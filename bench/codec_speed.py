@@ -3,8 +3,7 @@
     python bench/codec_speed.py [--model ID|DIR] [--seconds 60] [--long-minutes 60]
 
 Speed is measured on a real recording repeated to `--seconds` (examples/speech.wav), with 1 and 2 threads,
-best of `--repeats`; on two cores also `decode_overlapped`, which runs torch on one thread and the decoder
-network on a second thread beside the re-phasing. Peak memory is the max RSS of `simvq-codec compress` and
+best of `--repeats`. Peak memory is the max RSS of `simvq-codec compress` and
 `decompress` subprocesses on a generated file of `--long-minutes` minutes. Prints a Markdown table.
 """
 
@@ -28,20 +27,18 @@ from codec.presets import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def speed(model, wav: np.ndarray, threads: int, repeats: int, decode=None) -> tuple[float, float]:
-    """Encode and decode (`decode`, default `model.decode`) x real time on `threads` torch threads, best of
-    `repeats`."""
-    decode = decode or model.decode
+def speed(model, wav: np.ndarray, threads: int, repeats: int) -> tuple[float, float]:
+    """Encode and decode x real time on `threads` torch threads, best of `repeats`."""
     torch.set_num_threads(threads)
     x = torch.from_numpy(wav)[None, None]
-    decode(model.encode(x[..., :16000]))  # warm-up
+    model.decode(model.encode(x[..., :16000]))  # warm-up (and the re-phasing compiled, if not cached)
     enc, dec = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         codes = model.encode(x)
         enc.append(time.perf_counter() - t)
         t = time.perf_counter()
-        decode(codes)
+        model.decode(codes)
         dec.append(time.perf_counter() - t)
     seconds = len(wav) / model.sample_rate
     return seconds / min(enc), seconds / min(dec)
@@ -78,9 +75,6 @@ def main() -> None:
             (f"encode, {threads} thread(s)", f"{e:.0f}x real time"),
             (f"decode, {threads} thread(s)", f"{d:.0f}x real time"),
         ]
-    if (os.cpu_count() or 1) >= 2:
-        _, x_real_time = speed(model, wav, 1, args.repeats, model.decode_overlapped)  # torch on 1 thread
-        rows.append(("decode, 2 threads: network beside re-phasing", f"{x_real_time:.0f}x real time"))
 
     for n in (model.n_stages, model.n_stages // 2, 1):
         header, codes = encode_array(speech, rate, release, n_stages=n)

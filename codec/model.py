@@ -11,7 +11,6 @@ only other delay. The algorithmic latency is 35 ms.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -378,43 +377,6 @@ class SimVQCodec(StreamingModule):
         with torch.inference_mode():
             audio = self.decode_latents(self.quantizer.decode(codes), num_frames)
         return audio.clone()
-
-    @torch.no_grad()
-    def decode_overlapped(self, codes: Tensor, chunk_frames: int = 250) -> Tensor:
-        """`decode` of whole codes `[B, S, F]` on two CPU cores: a second thread runs the decoder network on the
-        next `chunk_frames` frames while this one plays the current chunk through the re-phasing, whose steps
-        run one after another. The chunks stream through one state, and streaming equals offline: the samples
-        are `decode`'s, bit for bit. For a caller that runs torch on one thread (`torch.set_num_threads(1)`):
-        otherwise, on another device, or for fewer than two chunks, this is `decode`."""
-        if self.is_streaming:
-            raise RuntimeError("decode_overlapped() decodes whole codes, not a stream")
-        if chunk_frames < 8:
-            raise ValueError(f"chunk_frames must be at least 8, got {chunk_frames}")
-        frames = codes.shape[-1]
-        if frames < 2 * chunk_frames or torch.get_num_threads() != 1 or codes.device.type != "cpu":
-            return self.decode(codes)
-        self._check_codes(codes)
-        # The last chunk takes a short rest, so every chunk has 4 frames or more: matrix products of 1-3 rows
-        # take other kernels (codec.batched).
-        bounds = list(range(0, frames - chunk_frames // 2, chunk_frames)) + [frames]
-        latents = self.quantizer.decode(codes)
-        state = self.init_streaming_state(codes.shape[0])
-
-        def spectrum(start: int, end: int) -> Tensor:
-            with torch.inference_mode(), self.streaming(state):  # each thread enters the state and the mode itself
-                return self.decode_spectrum(latents[:, start:end])
-
-        out = []
-        with ThreadPoolExecutor(1) as pool, torch.inference_mode(), self.streaming(state):
-            pending = pool.submit(spectrum, bounds[0], bounds[1])
-            for k in range(1, len(bounds)):
-                spectrum_k = pending.result()
-                if k + 1 < len(bounds):
-                    pending = pool.submit(spectrum, bounds[k], bounds[k + 1])
-                out.append(self.synthesis(spectrum_k))
-            out.append(self.flush_decoder())
-            audio = torch.cat(out, dim=-1)
-        return audio.clone()  # as in `decode`
 
     def _check_codes(self, codes: Tensor) -> None:
         if codes.dim() != 3:
