@@ -8,8 +8,9 @@ through rocket-fft), which releases the GIL while it runs.
 It computes what `ISTFTSynthesis._played` computes, with other FFT and cosine kernels: one step agrees with
 PyTorch's to rounding, and over many steps the running phases drift apart as they do between PyTorch and the
 ONNX export: the same sound, not the same samples (tests/test_rephasing.py). Training (gradients), other
-devices and dtypes, and tracing run PyTorch's steps (`runs_compiled`). Rows run one after another and each
-step's FFTs are calls of their own, so a row's samples do not depend on the rest of its batch (`codec.batched`).
+devices and dtypes, and tracing run PyTorch's steps (`codec.synthesis.runs_compiled`). Rows run one after
+another and each step's FFTs are calls of their own, so a row's samples do not depend on the rest of its
+batch (`codec.batched`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,6 @@ def _compiled(fn):
         return numba.njit(nogil=True, cache=True)(fn)
     except RuntimeError:  # no writable cache folder
         return numba.njit(nogil=True)(fn)
-
-
-def runs_compiled(*tensors: Tensor) -> bool:
-    """Whether the compiled steps can take these tensors: float32 on the CPU, no gradient, not tracing."""
-    return not torch.jit.is_tracing() and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors
-    )
 
 
 def played(

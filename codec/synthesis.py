@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -13,11 +14,6 @@ from torch import Tensor, nn
 from codec.features import centre_advance, dft_matrix, hann_window, hops_per_window, matrix_stft
 from codec.modules import constant, vectorised
 from codec.streaming import StreamingModule
-
-try:  # every installation has numba (pyproject.toml); a bare GPU training machine may not (training/bundle_run.py)
-    from codec import rephasing
-except ImportError:
-    rephasing = None  # then PyTorch's steps everywhere
 
 
 @constant
@@ -54,6 +50,27 @@ def _unit_and_last_phase(heard: Tensor) -> tuple[Tensor, Tensor]:
     the only one the running phase needs (this runs once per step of the played re-phasing)."""
     unit = unit_phase(heard)
     return unit, vectorised(torch.angle, unit[:, -1:]).double()
+
+
+def runs_compiled(*tensors: Tensor) -> bool:
+    """Whether the re-phasing's steps run compiled (`codec.rephasing`) on these tensors: inference on the CPU
+    (float32, no gradient, not tracing) where numba is installed. Elsewhere PyTorch's steps run."""
+    return (
+        not torch.jit.is_tracing()
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+        and _compiled_steps() is not None
+    )
+
+
+@functools.cache
+def _compiled_steps():
+    """`codec.rephasing`, imported on first use (numba adds about 80 MB to a process), or None without numba:
+    every installation has it (pyproject.toml), a bare GPU training machine may not (training/bundle_run.py)."""
+    try:
+        from codec import rephasing
+    except ImportError:
+        return None
+    return rephasing
 
 
 @dataclass
@@ -202,7 +219,7 @@ class ISTFTSynthesis(StreamingModule):
         -> `[B, N * hop + delay]` samples, the first `delay` of them completing `tail`, the last `delay` the
         next tail. Streaming, the running phase moves on. `spectra` computes with the sub-frames: `FFTSpectra`
         unless given (ONNX export gives `TraceableSpectra`)."""
-        if self.rephase_iters and spectra is None and rephasing and rephasing.runs_compiled(mag, phase):
+        if self.rephase_iters and spectra is None and runs_compiled(mag, phase):
             return self._played_compiled(mag, phase, tail)
         spectra = FFTSpectra(self) if spectra is None else spectra
         if self.rephase_iters:
@@ -252,7 +269,7 @@ class ISTFTSynthesis(StreamingModule):
     def _played_compiled(self, mag: Tensor, deviation: Tensor, tail: Tensor | None) -> Tensor:
         """`_played`'s samples through `codec.rephasing`'s compiled steps (CPU inference)."""
         tail = tail if tail is not None else mag.new_zeros(mag.shape[0], self.delay)
-        samples, phase = rephasing.played(
+        samples, phase = _compiled_steps().played(
             mag,
             deviation,
             self._centre_advance(mag.device),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from codec import rephasing, synthesis
+from codec import synthesis
 from codec.model import SimVQCodec
 from tests.conftest import voice_with_disagreeing_advances
 
@@ -22,9 +22,9 @@ def _snr_db(reference, other) -> float:
 
 def test_the_compiled_steps_are_taken_for_inference_only():
     x = torch.zeros(2, 3)
-    assert rephasing.runs_compiled(x, x)
-    assert not rephasing.runs_compiled(x, x.clone().requires_grad_())
-    assert not rephasing.runs_compiled(x, x.double())
+    assert synthesis.runs_compiled(x, x)
+    assert not synthesis.runs_compiled(x, x.clone().requires_grad_())
+    assert not synthesis.runs_compiled(x, x.double())
 
 
 @pytest.mark.parametrize("iters", [1, 2])
@@ -80,7 +80,7 @@ def test_without_numba_the_steps_are_pytorchs(monkeypatch):
     calls = []
     pytorchs = synthesis.ISTFTSynthesis._played
     monkeypatch.setattr(synthesis.ISTFTSynthesis, "_played", lambda *args: calls.append(1) or pytorchs(*args))
-    monkeypatch.setattr(synthesis, "rephasing", None)
+    monkeypatch.setattr(synthesis, "_compiled_steps", lambda: None)
     fallback = synth(x)
     assert calls
     torch.testing.assert_close(fallback, reference, rtol=0, atol=1e-6 * float(reference.abs().max()))
