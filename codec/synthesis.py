@@ -218,7 +218,8 @@ class ISTFTSynthesis(StreamingModule):
         """Magnitudes and phase parameters `[B, N, bins]` and the pending sums `tail` `[B, delay]` (None: silence)
         -> `[B, N * hop + delay]` samples, the first `delay` of them completing `tail`, the last `delay` the
         next tail. Streaming, the running phase moves on. `spectra` computes with the sub-frames: `FFTSpectra`
-        unless given (ONNX export gives `TraceableSpectra`)."""
+        unless given (ONNX export gives `TraceableSpectra`); at inference on the CPU the re-phasing's steps
+        run compiled instead (`runs_compiled`)."""
         if self.rephase_iters and spectra is None and runs_compiled(mag, phase):
             return self._played_compiled(mag, phase, tail)
         spectra = FFTSpectra(self) if spectra is None else spectra
