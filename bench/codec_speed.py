@@ -3,8 +3,8 @@
     python bench/codec_speed.py [--model ID|DIR] [--seconds 60] [--long-minutes 60]
 
 Speed is measured on a real recording repeated to `--seconds` (examples/speech.wav), with 1 and 2 threads,
-best of `--repeats`. Peak memory is the max RSS of `simvq-codec compress` and
-`decompress` subprocesses on a generated file of `--long-minutes` minutes. Prints a Markdown table.
+best of `--repeats`. Peak memory is the max RSS of `simvq-codec compress` and `decompress` subprocesses on a
+generated file of `--long-minutes` minutes. Prints a Markdown table.
 """
 
 from __future__ import annotations

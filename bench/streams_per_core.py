@@ -154,13 +154,14 @@ async def measure(base: str, pairs: int, seconds: float, pcm: np.ndarray, codes:
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), timeout=60)
     go.set()
     await asyncio.sleep(max(0.0, start_at - loop.time()))  # the paced part starts
-    cpu = _cpu_seconds(server_pid), _step_counters(base), time.process_time(), time.monotonic()
+    server_before, steps_before, client_before = _cpu_seconds(server_pid), _step_counters(base), time.process_time()
+    paced_from = time.monotonic()
     await asyncio.gather(*tasks)
-    wall = time.monotonic() - cpu[3]
-    run.server_cpu = (_cpu_seconds(server_pid) - cpu[0]) / wall
-    steps, frames, seconds = (after - before for after, before in zip(_step_counters(base), cpu[1]))
+    wall = time.monotonic() - paced_from
+    run.server_cpu = (_cpu_seconds(server_pid) - server_before) / wall
+    steps, frames, seconds = (after - before for after, before in zip(_step_counters(base), steps_before))
     run.step_cpu, run.frames_per_step = seconds / wall, frames / max(steps, 1)
-    run.client_cpu = (time.process_time() - cpu[2]) / wall
+    run.client_cpu = (time.process_time() - client_before) / wall
     return run
 
 
@@ -172,8 +173,8 @@ def _cpu_seconds(pid: int) -> float:
 
 def _step_counters(base: str) -> tuple[float, float, float]:
     """The server's batched streaming steps so far, both directions: (steps, frames, CPU seconds), from /metrics."""
-    totals = dict.fromkeys(("simvq_stream_steps_total", "simvq_stream_step_frames_total"), 0.0)
-    totals["simvq_stream_step_cpu_seconds_total"] = 0.0
+    names = ("simvq_stream_steps_total", "simvq_stream_step_frames_total", "simvq_stream_step_cpu_seconds_total")
+    totals = dict.fromkeys(names, 0.0)
     for line in httpx.get(base + "/metrics").text.splitlines():
         name = line.split("{", 1)[0]
         if name in totals:

@@ -189,7 +189,7 @@ def decompress(
         seconds = None if header.num_samples is None else header.num_samples / header.sample_rate
         stream = codec.stream(1)
         with (
-            torch.inference_mode(),  # as `SimVQCodec.decode`: a tenth less time in the re-phasing's small steps
+            torch.inference_mode(),  # as `SimVQCodec.decode`: no autograd bookkeeping of each operation
             open_output(dst) as sink,
             _progress(progress, seconds, "decompress") as bar,
             AudioWriter(sink, codec.sample_rate, format, num_frames=header.num_samples) as writer,

@@ -372,8 +372,8 @@ class SimVQCodec(StreamingModule):
             if num_frames is not None:
                 raise ValueError("num_frames is for padded offline batches, not streams")
             return self.decode_latents(self.quantizer.decode(codes))
-        # Inference mode skips autograd's bookkeeping of each of the re-phasing's many small operations: a
-        # tenth of a decode. Its tensors cannot be used by autograd (as a loss's target, say): the copy can.
+        # Inference mode skips autograd's bookkeeping of each operation. Its tensors cannot be used by autograd
+        # (as a loss's target, say): the copy can.
         with torch.inference_mode():
             audio = self.decode_latents(self.quantizer.decode(codes), num_frames)
         return audio.clone()

@@ -105,6 +105,9 @@ class ConvNeXtBlock(nn.Module):
         return x + self.scale * y
 
 
+TRANSPOSED_ROW_BY_ROW = 256  # frames: from here on `channels_first` copies
+
+
 def channels_first(x: Tensor) -> Tensor:
     """`[B, T, C]` -> `[B, C, T]`. A long one on the CPU is copied row by row: PyTorch copies a 2-D transpose
     in cache-sized blocks, and a 3-D one element by element, 4 times slower for a minute of frames. The values
@@ -115,9 +118,6 @@ def channels_first(x: Tensor) -> Tensor:
     for row, transposed in zip(x, out):
         transposed.copy_(row.mT)
     return out
-
-
-TRANSPOSED_ROW_BY_ROW = 256  # frames
 
 
 def constant(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -56,13 +56,13 @@ def played(
         raise ValueError(f"the compiled steps re-phase at least once, got iters={iters}")
     rows, frames, _ = mag.shape
     out = np.empty((rows, frames * hop + tail.shape[1]), np.float32)
-    phase = phase.double().contiguous().numpy().copy()
+    phase = phase.contiguous().numpy().copy()  # moved on in place
     _played_steps(
-        mag.detach().contiguous().numpy(),
-        deviation.detach().contiguous().numpy(),
+        mag.contiguous().numpy(),
+        deviation.contiguous().numpy(),
         centre_advance.numpy(),
         phase,
-        tail.detach().contiguous().numpy(),
+        tail.contiguous().numpy(),
         window.numpy(),
         analysis_window.numpy(),
         hop,
